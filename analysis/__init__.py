@@ -1,0 +1,1 @@
+"""Analysis jobs: generation, rollouts, link tables, sweeps, plots and reports."""

@@ -1,0 +1,1 @@
+"""Calibration jobs: collect records, fit the uncertainty-to-rejection model, derive thresholds."""
