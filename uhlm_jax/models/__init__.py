@@ -1,0 +1,28 @@
+"""Llama-family decoders (llama, qwen2): config, params, KV cache and inference."""
+
+from uhlm_jax.models.cache import KVCache, cache_bytes, init_cache
+from uhlm_jax.models.config import Architecture, ModelConfig
+from uhlm_jax.models.llama import (
+    ModelParams,
+    Padding,
+    decode,
+    forward,
+    init_params,
+    params_from_hf,
+    prefill,
+)
+
+__all__ = [
+    "Architecture",
+    "KVCache",
+    "ModelConfig",
+    "ModelParams",
+    "Padding",
+    "cache_bytes",
+    "decode",
+    "forward",
+    "init_cache",
+    "init_params",
+    "params_from_hf",
+    "prefill",
+]

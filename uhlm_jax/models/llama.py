@@ -1,0 +1,540 @@
+"""Llama-family decoder (llama, qwen2) as pure functions over explicit pytrees.
+
+The network is defined with Flax linen modules, but callers only see pure functions:
+`prefill`, `decode` and `forward` take a `ModelParams` pytree (and a `KVCache`) as
+arguments and return new values; nothing is closed over or mutated. Apply `jax.jit` at
+the call site, donating the cache:
+
+    step = jax.jit(decode, donate_argnums=2)
+    logits, cache = step(params, tokens, cache)
+
+Shapes (see `uhlm_jax.types`): `b` batch, `t` prompt tokens, `s` cache slots, `v`
+vocabulary, `h` hidden, `k` kv heads, `g` query heads per kv head, `d` head dim.
+
+Numerics: weights, activations and the cache use the parameter dtype (float32 or
+bfloat16); RMSNorm, RoPE, attention scores and softmax run in float32. Masked keys get
+weight exactly zero, so padding never leaks into a row's logits.
+
+Reference: Touvron et al., "LLaMA: Open and Efficient Foundation Language Models" (2023);
+the parameterisation follows Hugging Face transformers' LlamaForCausalLM and
+Qwen2ForCausalLM.
+"""
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from uhlm_jax.models.cache import KVCache
+from uhlm_jax.models.config import ModelConfig
+
+# Standard deviation of the normal initialiser of all matrices (HF `initializer_range`).
+INIT_STD = 0.02
+
+# Score given to masked keys: finite, so an all-masked (padding) query yields a uniform
+# average instead of NaN, and exp(_MASKED - max) underflows to exactly 0 otherwise.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+class Padding(enum.Enum):
+    """Where the padding of a batch of prompts sits.
+
+    RIGHT: row `b` holds its prompt in columns `[0, lengths[b])`.
+    LEFT: row `b` holds its prompt in columns `[t - lengths[b], t)`.
+    """
+
+    LEFT = "left"
+    RIGHT = "right"
+
+
+@flax.struct.dataclass
+class ModelParams:
+    """Weights of a decoder, as a pytree whose config is static aux data.
+
+    Attributes:
+        config: the architecture; part of the treedef, so `jit` specialises on it.
+        weights: the Flax `params` collection, with per-layer subtrees `layers_0`, ...:
+            `embed_tokens/embedding [v, h]`, `layers_i/{input_layernorm,
+            post_attention_layernorm}/scale [h]`, `layers_i/self_attn/{q,k,v,o}_proj/kernel`
+            (`[h, out]`, input first), `.../bias` when `config.qkv_bias`,
+            `layers_i/mlp/{gate,up,down}_proj/kernel`, `norm/scale [h]`, and
+            `lm_head/kernel [h, v]` unless the head is tied to the embedding.
+    """
+
+    config: ModelConfig = flax.struct.field(pytree_node=False)
+    weights: dict
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """Storage and compute dtype of the weights."""
+        return self.weights["embed_tokens"]["embedding"].dtype
+
+
+# ---------------------------------------------------------------------------------------
+# Network definition.
+
+
+class _RMSNorm(nn.Module):
+    """RMSNorm computed in float32, scaled in the compute dtype (as in HF)."""
+
+    eps: float
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Float[Array, "... h"]) -> Float[Array, "... h"]:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale
+
+
+def _rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def _rope_tables(
+    positions: Int[Array, "b t"], head_dim: int, theta: float
+) -> tuple[Float[Array, "b t d"], Float[Array, "b t d"]]:
+    """cos and sin of RoPE angles (non-interleaved halves, as in HF Llama)."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates `x [..., t, d]` by the angles in `cos, sin [..., t, d]` (float32 maths)."""
+    x32 = x.astype(jnp.float32)
+    return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
+
+
+def _attend(
+    q: Float[Array, "b k g t d"],
+    keys: Float[Array, "b k s d"],
+    values: Float[Array, "b k s d"],
+    mask: Array,
+) -> Float[Array, "b k g t d"]:
+    """Grouped-query attention of queries over keys where `mask [b, t, s]` is true."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(values.dtype), values)
+
+
+def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nn.initializers.normal(INIT_STD),
+        name=name,
+    )
+
+
+class _Attention(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, index):
+        """Self-attention of new tokens over the cache (or over themselves).
+
+        Args:
+            x: `[b, t, h]` normalised hidden states of the new tokens.
+            cos, sin: `[b, t, d]` RoPE tables of the new tokens.
+            mask: `[b, t, s]` which keys each new token may attend to (`s = t` without a
+                cache).
+            kv: `(keys, values)` of this layer's cache, each `[b, k, s, d]`, or None to
+                attend only among the new tokens.
+            index: int32 slot where the new keys are written (unused without a cache).
+
+        Returns:
+            The attention output `[b, t, h]` and `(keys, values)`: the updated cache, or
+            the new tokens' own keys and values `[b, k, t, d]` without one.
+        """
+        cfg = self.config
+        b, t, _ = x.shape
+        kh, g, d = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+        q = _dense(cfg.num_heads * d, cfg.qkv_bias, self.dtype, "q_proj")(x)
+        k = _dense(kh * d, cfg.qkv_bias, self.dtype, "k_proj")(x)
+        v = _dense(kh * d, cfg.qkv_bias, self.dtype, "v_proj")(x)
+        # Query head kh * g + j belongs to kv head kh, as in HF's repeat_kv.
+        q = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4)
+        k = k.reshape(b, t, kh, d).transpose(0, 2, 1, 3)
+        v = v.reshape(b, t, kh, d).transpose(0, 2, 1, 3)
+        q = _apply_rope(q, cos[:, None, None], sin[:, None, None])
+        k = _apply_rope(k, cos[:, None], sin[:, None])
+        if kv is None:
+            keys, values = k, v
+        else:
+            keys = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
+            values = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index, 0))
+        out = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
+        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)
+        return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(out), (keys, values)
+
+
+class _MLP(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg.intermediate_size, False, self.dtype, "gate_proj")(x)
+        up = _dense(cfg.intermediate_size, False, self.dtype, "up_proj")(x)
+        return _dense(cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
+
+
+class _DecoderLayer(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, kv, index):
+        """Pre-norm layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+        eps = self.config.rms_norm_eps
+        y = _RMSNorm(eps, self.dtype, name="input_layernorm")(x)
+        att, kv = _Attention(self.config, self.dtype, name="self_attn")(
+            y, cos, sin, mask, kv, index
+        )
+        x = x + att
+        y = _RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
+        return x + _MLP(self.config, self.dtype, name="mlp")(y), kv
+
+
+class _Decoder(nn.Module):
+    config: ModelConfig
+    dtype: Any
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            param_dtype=self.dtype,
+            embedding_init=nn.initializers.normal(INIT_STD),
+        )
+        self.layers = [_DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+        self.norm = _RMSNorm(cfg.rms_norm_eps, self.dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, False, self.dtype, "lm_head")
+
+    def __call__(self, tokens, positions, mask, kvs, index, last_only):
+        """Runs the new tokens through all layers.
+
+        Args:
+            tokens: `[b, t]` token ids.
+            positions: `[b, t]` RoPE positions.
+            mask: `[b, t, s]` attention mask.
+            kvs: per-layer `(keys, values)` caches, or None (attend among new tokens).
+            index: int32 write slot of the new tokens in the cache.
+            last_only: compute logits for the last column only (prefill).
+
+        Returns:
+            Float32 logits `[b, t, v]` (`[b, 1, v]` if `last_only`) and the per-layer
+            `(keys, values)`.
+        """
+        cfg = self.config
+        cos, sin = _rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x = self.embed_tokens(tokens)
+        new_kvs = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if kvs is None else kvs[i], index)
+            new_kvs.append(kv)
+        if last_only:
+            x = x[:, -1:]
+        x = self.norm(x)
+        if cfg.tie_word_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return logits.astype(jnp.float32), new_kvs
+
+
+# ---------------------------------------------------------------------------------------
+# Parameters.
+
+
+def _module(params_or_config: ModelParams | ModelConfig, dtype=None) -> _Decoder:
+    if isinstance(params_or_config, ModelParams):
+        return _Decoder(params_or_config.config, params_or_config.dtype)
+    return _Decoder(params_or_config, dtype)
+
+
+def _abstract_weights(config: ModelConfig, dtype) -> dict:
+    """Shapes and dtypes of the weights of `config`, without allocating them."""
+    module = _module(config, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    variables = jax.eval_shape(
+        lambda key: module.init(key, tokens, tokens, mask, None, 0, False),
+        jax.random.key(0),
+    )
+    return variables["params"]
+
+
+def init_params(config: ModelConfig, key: Array, dtype=jnp.float32) -> ModelParams:
+    """Random weights: matrices ~ Normal(0, INIT_STD²), norm scales 1, biases 0.
+
+    Args:
+        config: the architecture.
+        key: PRNG key.
+        dtype: storage and compute dtype (float32 or bfloat16).
+
+    Returns:
+        The `ModelParams`.
+    """
+    module = _module(config, dtype)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    mask = jnp.ones((1, 1, 1), bool)
+    variables = module.init(key, tokens, tokens, mask, None, 0, False)
+    return ModelParams(config=config, weights=dict(variables["params"]))
+
+
+# Flax path -> HF tensor name. Kernels are stored transposed ([in, out]) relative to HF.
+_LAYER_PATH = re.compile(r"layers_(\d+)")
+
+
+def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
+    """HF tensor name of a Flax parameter path, and whether the tensor is transposed."""
+    *modules, leaf = path
+    if modules == ["embed_tokens"]:
+        return "model.embed_tokens.weight", False
+    if modules == ["lm_head"]:
+        return "lm_head.weight", True
+    parts = [
+        f"layers.{m.group(1)}" if (m := _LAYER_PATH.fullmatch(name)) else name for name in modules
+    ]
+    suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
+    return ".".join(["model", *parts, suffix]), leaf == "kernel"
+
+
+# Tensors some HF checkpoints carry that the decoder does not need.
+_IGNORED_HF_TENSOR = re.compile(r".*\.rotary_emb\.inv_freq")
+
+
+def params_from_hf(
+    config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32
+) -> ModelParams:
+    """Builds params from Hugging Face tensors (names as in LlamaForCausalLM).
+
+    Args:
+        config: the architecture the tensors belong to.
+        tensors: HF name -> array, e.g. `model.layers.0.self_attn.q_proj.weight` of shape
+            `[out, in]`. A tied checkpoint may include or omit `lm_head.weight`.
+        dtype: storage and compute dtype of the result.
+
+    Returns:
+        The `ModelParams`.
+
+    Raises:
+        ValueError: naming the tensor, if one is missing, unexpected, or has a shape that
+            does not match `config`.
+    """
+    abstract = _abstract_weights(config, dtype)
+    flat = flax.traverse_util.flatten_dict(abstract)
+    expected = {}
+    for path, leaf in flat.items():
+        name, transpose = _hf_name(path)
+        expected[name] = (path, transpose, leaf.shape)
+    unexpected = [
+        name
+        for name in tensors
+        if name not in expected
+        and not _IGNORED_HF_TENSOR.fullmatch(name)
+        and not (name == "lm_head.weight" and config.tie_word_embeddings)
+    ]
+    if unexpected:
+        raise ValueError(
+            f"Tensors not part of a {config.architecture.value} model with "
+            f"{config.num_layers} layers, qkv_bias={config.qkv_bias}, "
+            f"tie_word_embeddings={config.tie_word_embeddings}: {sorted(unexpected)[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}"
+        )
+    missing = [name for name in expected if name not in tensors]
+    if missing:
+        raise ValueError(
+            f"Missing tensors for the configured model: {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}"
+        )
+    weights = {}
+    for name, (path, transpose, shape) in expected.items():
+        array = np.asarray(tensors[name])
+        hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
+        if array.shape != hf_shape:
+            raise ValueError(
+                f"Tensor {name} has shape {array.shape}, but the config implies {hf_shape}."
+            )
+        weights[path] = jnp.asarray(array.T if transpose else array, dtype=dtype)
+    return ModelParams(config=config, weights=flax.traverse_util.unflatten_dict(weights))
+
+
+# ---------------------------------------------------------------------------------------
+# Inference.
+
+
+def _check_batch(name: str, tokens: Array, rank: int) -> None:
+    if tokens.ndim != rank:
+        raise ValueError(f"{name}: tokens must have rank {rank}, got shape {tokens.shape}.")
+
+
+def _left_aligned(tokens: Int[Array, "b t"], lengths: Int[Array, " b"]) -> Int[Array, "b t"]:
+    """Moves right-padded prompts to the end of their rows (padding first)."""
+    t = tokens.shape[1]
+    shift = t - lengths
+    columns = (jnp.arange(t)[None, :] - shift[:, None]) % t
+    return jnp.take_along_axis(tokens, columns, axis=1)
+
+
+def _block_mask(start: Int[Array, " b"], t: int) -> Array:
+    """`[b, t, t]`: query i sees key j iff start[b] <= j <= i."""
+    slots = jnp.arange(t)
+    causal = slots[None, :] <= slots[:, None]
+    return causal[None] & (slots[None, None, :] >= start[:, None, None])
+
+
+def forward(
+    params: ModelParams,
+    tokens: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    padding: Padding = Padding.RIGHT,
+) -> Float[Array, "b t v"]:
+    """Scores whole sequences without a cache (for NLL and tests).
+
+    Args:
+        params: the model.
+        tokens: `[b, t]` token ids; row `b` holds `lengths[b]` real tokens placed as
+            `padding` says.
+        lengths: `[b]` real tokens per row, in `[1, t]`.
+        padding: where each row's padding sits.
+
+    Returns:
+        Float32 logits `[b, t, v]`; column `j` predicts the token after column `j`.
+        Columns of padding hold finite values that mean nothing.
+    """
+    _check_batch("forward", tokens, 2)
+    b, t = tokens.shape
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if padding is Padding.LEFT:
+        start = t - lengths
+    else:
+        start = jnp.zeros((b,), jnp.int32)
+    positions = jnp.arange(t)[None, :] - start[:, None]
+    logits, _ = _module(params).apply(
+        {"params": params.weights}, tokens, positions, _block_mask(start, t), None, 0, False
+    )
+    return logits
+
+
+def prefill(
+    params: ModelParams,
+    tokens: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    cache: KVCache,
+    padding: Padding = Padding.RIGHT,
+) -> tuple[Float[Array, "b v"], KVCache]:
+    """Runs the prompts and fills the cache from slot 0 (earlier contents are dropped).
+
+    Rows are stored right-aligned in slots `[t - lengths[b], t)`; the cache's next write
+    slot becomes `t`.
+
+    Args:
+        params: the model.
+        tokens: `[b, t]` prompt ids; row `b` holds `lengths[b]` real tokens placed as
+            `padding` says. Padding ids must be valid ids (their values do not matter).
+        lengths: `[b]` prompt lengths, in `[1, t]`.
+        cache: a cache with `b` rows and at least `t` slots.
+        padding: where each row's padding sits.
+
+    Returns:
+        Float32 logits `[b, v]` at each row's last prompt token, and the filled cache.
+
+    Raises:
+        ValueError: if the prompts are longer than the cache or the batch sizes differ.
+    """
+    _check_batch("prefill", tokens, 2)
+    b, t = tokens.shape
+    if t > cache.max_length:
+        raise ValueError(
+            f"prefill: prompt length {t} exceeds the cache's max_length "
+            f"{cache.max_length}; allocate the cache with init_cache(..., max_length>={t})."
+        )
+    if b != cache.batch_size:
+        raise ValueError(
+            f"prefill: {b} prompts but the cache has {cache.batch_size} rows; allocate it "
+            f"with init_cache(..., batch_size={b})."
+        )
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if padding is Padding.RIGHT:
+        tokens = _left_aligned(tokens, lengths)
+    start = t - lengths
+    positions = jnp.arange(t)[None, :] - start[:, None]
+    logits, kvs = _module(params).apply(
+        {"params": params.weights}, tokens, positions, _block_mask(start, t), None, 0, True
+    )
+    zero = (0, 0, 0, 0)
+    keys = tuple(
+        lax.dynamic_update_slice(c, k.astype(c.dtype), zero)
+        for c, (k, _) in zip(cache.keys, kvs, strict=True)
+    )
+    values = tuple(
+        lax.dynamic_update_slice(c, v.astype(c.dtype), zero)
+        for c, (_, v) in zip(cache.values, kvs, strict=True)
+    )
+    cache = KVCache(keys=keys, values=values, index=jnp.asarray(t, jnp.int32), start=start)
+    return logits[:, 0], cache
+
+
+def decode(
+    params: ModelParams, tokens: Int[Array, " b"], cache: KVCache
+) -> tuple[Float[Array, "b v"], KVCache]:
+    """Appends one token per row and returns the next-token logits.
+
+    Args:
+        params: the model.
+        tokens: `[b]` the newest token of each row.
+        cache: the cache after `prefill` (and earlier `decode` steps).
+
+    Returns:
+        Float32 logits `[b, v]` and the cache with the new keys and values written at
+        slot `cache.index`, which advances by one. If the cache was already full
+        (`index == max_length`), the logits are NaN instead of silently wrong.
+    """
+    _check_batch("decode", tokens, 1)
+    if tokens.shape[0] != cache.batch_size:
+        raise ValueError(
+            f"decode: {tokens.shape[0]} tokens but the cache has {cache.batch_size} rows."
+        )
+    index, start, s = cache.index, cache.start, cache.max_length
+    positions = (index - start)[:, None]
+    slots = jnp.arange(s)
+    mask = ((slots[None, :] >= start[:, None]) & (slots[None, :] <= index))[:, None, :]
+    kvs = list(zip(cache.keys, cache.values, strict=True))
+    logits, kvs = _module(params).apply(
+        {"params": params.weights}, tokens[:, None], positions, mask, kvs, index, False
+    )
+    logits = jnp.where(index < s, logits[:, 0], jnp.nan)
+    cache = KVCache(
+        keys=tuple(k for k, _ in kvs),
+        values=tuple(v for _, v in kvs),
+        index=index + 1,
+        start=start,
+    )
+    return logits, cache
