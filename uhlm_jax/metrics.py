@@ -1,0 +1,102 @@
+"""Metrics of a rollout, computed from its per-token records.
+
+Every function takes arrays shaped like the fields of `uhlm_jax.rollout.Records` (any
+leading shape, usually `[n, b]`) and counts only `valid` tokens. Ratios whose denominator
+is zero are NaN (e.g. the acceptance rate of a run that transmitted nothing), never a
+division error.
+
+Definitions (U-HLM, arXiv 2412.12687, §V):
+  transmission rate  TR = transmitted / valid tokens; skip rate = 1 − TR.
+  acceptance rate    accepted / transmitted.
+  true skip rate     among skipped tokens, the share the LLM would have accepted. The
+                     acceptance of a skipped draft is counterfactual; its probability is
+                     `1 − β`, which the rollout records for every token, so the rate is the
+                     mean of `1 − β` over skipped tokens (an unbiased, lower-variance
+                     estimate of the share).
+  realised risk      the mean of `β` over skipped tokens, per generated token
+                     (`E[β · 1{skip}]`) and conditional on skipping (`E[β | skip]`).
+"""
+# ruff: noqa: F722
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+__all__ = ["TokenMetrics", "safe_ratio", "token_metrics"]
+
+
+def safe_ratio(numerator: Float[Array, "..."], denominator: Float[Array, "..."]) -> Array:
+    """`numerator / denominator`, NaN where the denominator is zero."""
+    denominator = jnp.asarray(denominator, jnp.float32)
+    safe = jnp.where(denominator > 0, denominator, 1.0)
+    return jnp.where(denominator > 0, numerator / safe, jnp.nan)
+
+
+class TokenMetrics(NamedTuple):
+    """Counts and rates of one rollout (or one grid point of a sweep).
+
+    Attributes:
+        tokens: valid generated tokens.
+        transmitted: tokens whose draft was uploaded and verified (LLM calls).
+        skipped: tokens emitted without uplink (`tokens − transmitted`).
+        transmission_rate: `transmitted / tokens`.
+        skip_rate: `skipped / tokens`.
+        acceptance_rate: accepted drafts over transmitted ones.
+        true_skip_rate: mean `1 − β` over skipped tokens.
+        risk_per_token: `Σ β · skip / tokens`.
+        risk_conditional: `Σ β · skip / skipped`.
+        mean_beta: mean `β` over all valid tokens.
+    """
+
+    tokens: Array
+    transmitted: Array
+    skipped: Array
+    transmission_rate: Array
+    skip_rate: Array
+    acceptance_rate: Array
+    true_skip_rate: Array
+    risk_per_token: Array
+    risk_conditional: Array
+    mean_beta: Array
+
+
+def token_metrics(
+    beta: Float[Array, "..."],
+    transmitted: Bool[Array, "..."],
+    accepted: Bool[Array, "..."],
+    valid: Bool[Array, "..."],
+) -> TokenMetrics:
+    """Rates of a rollout from its records (reduces over all axes).
+
+    Args:
+        beta: rejection probability of each draft.
+        transmitted: the draft was verified.
+        accepted: the draft was verified and accepted.
+        valid: the token is real (not after a stop token or the row's end).
+
+    Returns:
+        `TokenMetrics` of float32 scalars.
+    """
+    valid = jnp.asarray(valid, bool)
+    sent = transmitted & valid
+    skip = ~transmitted & valid
+    beta = jnp.where(valid, jnp.asarray(beta, jnp.float32), 0.0)
+    tokens = jnp.sum(valid, dtype=jnp.float32)
+    num_sent = jnp.sum(sent, dtype=jnp.float32)
+    num_skip = jnp.sum(skip, dtype=jnp.float32)
+    skipped_beta = jnp.sum(jnp.where(skip, beta, 0.0))
+    return TokenMetrics(
+        tokens=tokens,
+        transmitted=num_sent,
+        skipped=num_skip,
+        transmission_rate=safe_ratio(num_sent, tokens),
+        skip_rate=safe_ratio(num_skip, tokens),
+        acceptance_rate=safe_ratio(jnp.sum(accepted & sent, dtype=jnp.float32), num_sent),
+        true_skip_rate=safe_ratio(num_skip - skipped_beta, num_skip),
+        risk_per_token=safe_ratio(skipped_beta, tokens),
+        risk_conditional=safe_ratio(skipped_beta, num_skip),
+        mean_beta=safe_ratio(jnp.sum(beta), tokens),
+    )
