@@ -323,11 +323,13 @@ def test_risk_bounded_threshold_is_more_cautious_with_wider_posterior():
     u = jax.random.uniform(jax.random.key(8), (500,))
     grid = jnp.linspace(0.0, 1.0, 101)
     key_a, key_b = jax.random.split(jax.random.key(9))
-    narrow = 0.82 + 0.01 * jax.random.normal(key_a, (400,)), -0.06 + 0.01 * jax.random.normal(
-        key_b, (400,)
+    narrow = (
+        0.82 + 0.01 * jax.random.normal(key_a, (400,)),
+        -0.06 + 0.01 * jax.random.normal(key_b, (400,)),
     )
-    wide = 0.82 + 0.2 * jax.random.normal(key_a, (400,)), -0.06 + 0.1 * jax.random.normal(
-        key_b, (400,)
+    wide = (
+        0.82 + 0.2 * jax.random.normal(key_a, (400,)),
+        -0.06 + 0.1 * jax.random.normal(key_b, (400,)),
     )
     t_narrow = float(T.risk_bounded_threshold(*narrow, u, grid, f32(0.05), f32(0.05)))
     t_wide = float(T.risk_bounded_threshold(*wide, u, grid, f32(0.05), f32(0.05)))

@@ -36,6 +36,8 @@ References:
     (arXiv 2101.02703), for the Hoeffding–Bentkus bound.
 """
 
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
 from __future__ import annotations
 
 import math
@@ -228,9 +230,7 @@ def _risk(mean_beta: Array, skipped: Array) -> Risk:
     return Risk(per_token=per_token, given_skip=given_skip, skip_share=share)
 
 
-def empirical_risk(
-    u: Float[Array, " n"], beta: Float[Array, " n"], u_th: Float[Array, ""]
-) -> Risk:
+def empirical_risk(u: Float[Array, " n"], beta: Float[Array, " n"], u_th: Float[Array, ""]) -> Risk:
     """Realised rejection risk of skipping `u ≤ u_th` on observed tokens.
 
     `R = (1/n) Σ_j β_j · 1{u_j ≤ u_th}` per token, and `R / skip_share`
