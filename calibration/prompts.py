@@ -1,0 +1,71 @@
+"""Prompt files: JSON Lines with `{"prompt": ...}` or Alpaca-style records.
+
+Alpaca records have `instruction`, an optional `input` and an optional `output`; the
+prompt is the instruction followed by the input, and `output` is kept as the reference
+answer (used for accuracy metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import NamedTuple
+
+__all__ = ["Prompt", "read_prompts"]
+
+
+class Prompt(NamedTuple):
+    """One prompt and its reference answer (empty when the file has none)."""
+
+    text: str
+    reference: str
+
+
+def _parse(line_number: int, record: object, path: str) -> Prompt:
+    where = f"{path}, line {line_number}"
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    if "prompt" in record:
+        text, reference = record["prompt"], record.get("reference", record.get("output", ""))
+    elif "instruction" in record:
+        text = record["instruction"]
+        if record.get("input"):
+            text = f"{text}\n\n{record['input']}"
+        reference = record.get("output", "")
+    else:
+        raise ValueError(
+            f"{where}: a record needs a 'prompt' key, or Alpaca-style 'instruction' (with "
+            f"optional 'input' and 'output'); found keys {sorted(record)}."
+        )
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{where}: the prompt is empty or not a string: {text!r}.")
+    return Prompt(text=text, reference=str(reference or ""))
+
+
+def read_prompts(path: str | os.PathLike) -> list[Prompt]:
+    """Reads a JSON Lines prompt file (blank lines are skipped).
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        ValueError: naming the file and line, for malformed JSON, a record without a
+            prompt, or a file with no prompts at all.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Prompt file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg}).") from err
+            prompts.append(_parse(number, record, path))
+    if not prompts:
+        raise ValueError(
+            f"Prompt file {path} contains no prompts; add JSON Lines such as "
+            '{"prompt": "What is the capital of France?"}.'
+        )
+    return prompts

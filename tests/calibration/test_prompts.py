@@ -1,0 +1,50 @@
+"""Prompt files: both formats, and clear errors for bad files."""
+
+import json
+
+import pytest
+
+from calibration.prompts import Prompt, read_prompts
+
+
+def _write(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_plain_and_alpaca_records(tmp_path):
+    path = _write(
+        tmp_path / "p.jsonl",
+        [
+            json.dumps({"prompt": "Hi there"}),
+            "",
+            json.dumps({"instruction": "Translate", "input": "chat", "output": "cat"}),
+            json.dumps({"instruction": "Name a colour", "output": "red"}),
+        ],
+    )
+    assert read_prompts(path) == [
+        Prompt("Hi there", ""),
+        Prompt("Translate\n\nchat", "cat"),
+        Prompt("Name a colour", "red"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ([], "contains no prompts"),
+        (["{not json"], "line 1: not valid JSON"),
+        ([json.dumps({"text": "x"})], "needs a 'prompt' key"),
+        ([json.dumps({"prompt": "ok"}), json.dumps({"prompt": "  "})], "line 2: the prompt is empty"),
+        ([json.dumps(["a"])], "expected a JSON object"),
+    ],
+)
+def test_bad_files_name_the_problem(tmp_path, lines, message):
+    path = _write(tmp_path / "bad.jsonl", lines)
+    with pytest.raises(ValueError, match=message):
+        read_prompts(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Prompt file not found"):
+        read_prompts(tmp_path / "nope.jsonl")
