@@ -178,7 +178,8 @@ def test_roofline_picks_the_binding_limit():
     compute_bound = ch.compute_latency_s(ch.Deployment(model, fast_memory))
     assert compute_bound == pytest.approx(flops / 1e9)
     memory_bound = ch.compute_latency_s(LLAMA7B_ON_A100)
-    assert memory_bound == pytest.approx(ch.decode_bytes(model, ch.Precision.FLOAT16, 512) / 2.039e12)
+    memory_bytes = ch.decode_bytes(model, ch.Precision.FLOAT16, 512)
+    assert memory_bound == pytest.approx(memory_bytes / 2.039e12)
 
 
 def test_worked_example_latency_and_throughput():
