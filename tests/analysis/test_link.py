@@ -1,0 +1,98 @@
+"""Tests for the `uhlm link` job (analysis.link)."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from analysis import link
+from uhlm_jax import channel as ch
+
+# float32 arithmetic inside the job.
+FLOAT32_RTOL = 1e-5
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    link.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_poor_preset_json_smoke(capsys):
+    # Given the command of the acceptance criterion, When it runs,
+    # Then it prints one JSON object with every mode, HLM as the unit, and the bound.
+    assert link.main(_parse(["--preset", "poor", "--skip-share", "0.46", "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    modes = {row["mode"]: row for row in out["modes"]}
+    assert set(modes) == {"llm_only", "slm_only", "hlm", "uhlm", "rand_hlm"}
+    assert modes["hlm"]["speedup_vs_hlm"] == 1.0
+    assert out["speedup_bound"] == pytest.approx(1 / 0.54)
+    assert 1.0 < out["uhlm_speedup_vs_hlm"] <= out["speedup_bound"]
+    assert out["uhlm_speedup_vs_hlm"] == modes["uhlm"]["speedup_vs_hlm"]
+    for row in out["modes"]:
+        assert row["tokens_per_s"] == pytest.approx(1e3 / row["latency_ms_per_token"])
+    assert out["config"]["preset"] == "poor"
+    assert out["link"]["mean_snr_db"] == pytest.approx(ch.mean_snr_db(ch.LinkPreset.POOR.value))
+
+
+def test_table_output_states_the_bound(capsys):
+    assert link.main(_parse(["--preset", "good", "--top-k", "30", "--bits-per-prob", "8"])) == 0
+    out = capsys.readouterr().out
+    assert "CU-HLM top-30 = 690 bits" in out
+    assert "bound 1/(1-s) = 1.849x" in out
+    for mode in ("llm_only", "slm_only", "hlm", "uhlm", "rand_hlm"):
+        assert f"\n{mode} " in out
+
+
+def test_run_reproduces_the_worked_example():
+    # Static 10 MHz link at 10 dB, V = 32000, b = 8: HLM costs 41.134 ms per token and
+    # U-HLM at 46% skipped 34.688 ms (worked out in tests/test_channel.py).
+    cfg = link.Config(
+        snr_db=10.0, bandwidth_hz=10e6, fading=ch.Fading.NONE, skip_share=0.46,
+        bits_per_prob=8.0,
+    )
+    result = link.run(cfg)
+    rows = {row.mode.value: row for row in result.rows}
+    assert rows["hlm"].latency_ms == pytest.approx(41.134, abs=1e-3)
+    assert rows["uhlm"].latency_ms == pytest.approx(34.688, abs=1e-3)
+    assert result.uplink_bits == 256000.0
+    assert result.downlink_bits == 15
+    assert result.outage_probability == 0.0
+    rate = 10e6 * math.log2(11.0)
+    assert result.breakdown_ms["uplink"] == pytest.approx(256000 / rate * 1e3, rel=FLOAT32_RTOL)
+
+
+def test_bandwidth_override_moves_the_snr():
+    wide = link.run(link.Config(preset=ch.LinkPreset.MEDIUM, bandwidth_hz=40e6))
+    base = link.run(link.Config(preset=ch.LinkPreset.MEDIUM))
+    assert base.mean_snr_db - wide.mean_snr_db == pytest.approx(10 * math.log10(2))
+
+
+def test_unknown_preset_is_rejected_with_its_name(capsys):
+    with pytest.raises(ValueError, match=r"'awful'.*good, medium, poor"):
+        link.config_from_args(_parse(["--preset", "awful"]))
+    assert link.main(_parse(["--preset", "awful"])) == 2
+    assert "'awful'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--slm-device", "toaster"], r"'toaster'"),
+        (["--llm-model", "gpt-5"], r"'gpt-5'"),
+        (["--fading", "rician"], r"'rician'"),
+        (["--snr-db", "120"], r"mean_snr_db=120"),
+        (["--bandwidth-hz=-1e6"], r"bandwidth_hz=-1000000"),
+        (["--top-k", "0"], r"top_k=0"),
+        (["--skip-share", "1.0"], r"skip_share=1.0"),
+    ],
+)
+def test_bad_values_are_rejected_by_name(argv, message):
+    with pytest.raises(ValueError, match=message):
+        link.config_from_args(_parse(argv))
+
+
+def test_config_rejects_strings_for_enums():
+    with pytest.raises(ValueError, match=r"preset='poor'.*LinkPreset"):
+        link.Config(preset="poor")
