@@ -163,11 +163,11 @@ def test_emitted_distribution_is_p_without_truncation(seed):
     )
 
 
-def _verify_many(log_q, log_x_hat, log_p, key, n):
+def _verify_many(log_q, rule, log_p, key, n):
     def one(key):
         draft_key, verify_key = jax.random.split(key)
         draft = jax.random.categorical(draft_key, log_q)
-        return speculative.verify(verify_key, log_x_hat, log_p, draft)
+        return tr.verify_compressed(verify_key, rule, log_q, log_p, draft)[0]
 
     return jax.jit(jax.vmap(one))(jax.random.split(key, n))
 
@@ -182,6 +182,12 @@ def test_full_vocabulary_truncation_reproduces_untruncated_verification_exactly(
     truncated = verify(keys, tr.truncate(log_q, 40), log_p, drafts)
     for a, b in zip(plain, truncated, strict=True):
         np.testing.assert_array_equal(a, b)
+    # The same through the rule-based entry point with k = V.
+    compressed = jax.jit(
+        jax.vmap(tr.verify_compressed, in_axes=(0, None, None, None, 0))
+    )(keys, tr.FixedK(40), log_q, log_p, drafts)
+    for a, b in zip(plain, compressed[0], strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_verification_against_truncation_emits_the_predicted_distribution():
@@ -191,7 +197,7 @@ def test_verification_against_truncation_emits_the_predicted_distribution():
     log_p = _log([0.1, 0.2, 0.3, 0.25, 0.15])
     log_x_hat = tr.truncate(log_q, 2)
     n = 100_000
-    result = _verify_many(log_q, log_x_hat, log_p, jax.random.key(42), n)
+    result = _verify_many(log_q, tr.FixedK(2), log_p, jax.random.key(42), n)
     freq = np.bincount(np.asarray(result.token), minlength=5) / n
     e = np.asarray(tr.emitted_distribution(log_q, log_x_hat, log_p))
     standard_error = np.sqrt(e * (1 - e) / n)

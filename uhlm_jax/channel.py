@@ -572,6 +572,8 @@ def sample_transmission_latency_s(
         g_th > 1.0, jnp.log1p(-jnp.exp(-g_th)), jnp.log(-jnp.expm1(-jnp.minimum(g_th, 1.0)))
     )
     uniform = 1.0 - jax.random.uniform(retry_key, (), jnp.float32)  # in (0, 1]
+    # Certain outage (p_out rounds to 1) gives infinitely many failures, never 0/0.
+    log_p_out = jnp.minimum(log_p_out, -jnp.finfo(jnp.float32).tiny)
     failures = jnp.floor(jnp.log(uniform) / log_p_out)
     gain = g_th + jax.random.exponential(gain_key, (), jnp.float32)
     rate = w_hz * jnp.log1p(snr * gain) * _LOG2_E
@@ -942,7 +944,7 @@ def expected_breakdown(
         uplink_s=expected_transmission_latency_s(ul_bits, profile.link),
         llm_s=as_f32(llm_s),
         downlink_s=expected_transmission_latency_s(
-            downlink_bits(profile.vocab_size), profile.link
+            float(downlink_bits(profile.vocab_size)), profile.link
         ),
     )
 

@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from uhlm_jax.types import Array, Bool, Float, Int
+from uhlm_jax import speculative
+from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
     "FixedK",
@@ -61,6 +62,7 @@ __all__ = [
     "offline_k",
     "smallest_k",
     "truncate",
+    "verify_compressed",
 ]
 
 
@@ -244,6 +246,25 @@ def compress(rule: FixedK | ToleranceK, log_q: Float[Array, " v"]) -> Truncated:
     log_x_hat = truncate(log_q, k)
     tv = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_q) - jnp.exp(log_x_hat)))
     return Truncated(log_x_hat=log_x_hat, k=k, distortion_tv=tv)
+
+
+def verify_compressed(
+    key: PRNGKeyArray,
+    rule: FixedK | ToleranceK,
+    log_q: Float[Array, " v"],
+    log_p: Float[Array, " v"],
+    draft: Int[Array, ""],
+) -> tuple[speculative.Verification, Truncated]:
+    """CU-HLM verification of one draft ``d ~ q``: compress ``q``, verify against ``x̂``.
+
+    The emitted token follows `emitted_distribution`, not ``p`` (see the module
+    docstring); the returned ``beta`` is ``max(0, 1 − p_d / x̂_d)``.
+
+    Returns:
+      The verification and the compressed uplink (its ``k`` sets the payload).
+    """
+    truncated = compress(rule, log_q)
+    return speculative.verify(key, truncated.log_x_hat, log_p, draft), truncated
 
 
 def emitted_distribution(
