@@ -144,11 +144,16 @@ def sample_draft(key: PRNGKeyArray, log_q: Float[Array, " v"]) -> Int[Array, ""]
     return jax.random.categorical(key, log_q).astype(jnp.int32)
 
 
-def _log_ratio(log_q_d: Float[Array, ""], log_p_d: Float[Array, ""]) -> Float[Array, ""]:
-    """`log p_d − log q_d`, with `+inf` where `q_d = 0` (so `-inf − -inf` never occurs)."""
+def _log_ratio(log_q_d: Float[Array, "*v"], log_p_d: Float[Array, "*v"]) -> Float[Array, "*v"]:
+    """`log p_d − log q_d`, never forming `-inf − -inf`.
+
+    Where `p_d = 0` the result is `-inf` (rejected for sure), even if `q_d = 0`; where
+    `q_d = 0 < p_d` it is `+inf` (accepted for sure).
+    """
+    p_is_zero = jnp.isneginf(log_p_d)
     q_is_zero = jnp.isneginf(log_q_d)
     safe_log_q_d = jnp.where(q_is_zero, 0.0, log_q_d)
-    return jnp.where(q_is_zero, jnp.inf, log_p_d - safe_log_q_d)
+    return jnp.where(p_is_zero, -jnp.inf, jnp.where(q_is_zero, jnp.inf, log_p_d - safe_log_q_d))
 
 
 def rejection_probability(
@@ -158,9 +163,11 @@ def rejection_probability(
 
     Computed as `β = −expm1(min(0, log p_d − log q_d))`, never as a ratio. Conventions
     at zero probabilities:
-      * `q_d = 0` (whatever `p_d`): `β = 0`. Such a token cannot be drafted, and the
-        convention keeps `E_{d~q}[β(d)] = Σ_v q_v β(v) = TV(p, q)`.
-      * `p_d = 0 < q_d`: `β = 1` (always rejected).
+      * `p_d = 0`: `β = 1`, the verifier never emits a token it gives probability zero
+        (this takes precedence, also for the undraftable `q_d = 0`);
+      * `q_d = 0 < p_d`: `β = 0`. Such a token cannot be drafted; either way the
+        conventions keep `E_{d~q}[β(d)] = Σ_v q_v β(v) = TV(p, q)`, as `q_d = 0` has no
+        weight there.
 
     Args:
       log_q: `[v]` draft log-probabilities.
