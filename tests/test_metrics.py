@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhlm_jax.metrics import safe_ratio, token_metrics
+from uhlm_jax.metrics import cosine_similarity, response_nll, safe_ratio, token_metrics
 
 EXACT = 1e-6
 
@@ -55,3 +55,22 @@ def test_vmap_over_grid_equals_loop():
                 getattr(batched, name)[i], getattr(single, name), rtol=1e-6, equal_nan=True
             )
     assert jnp.all(batched.tokens == 12)
+
+
+def test_response_nll_hand_computed():
+    # Given: vocabulary 2, uniform logits except a confident prediction at column 1.
+    logits = np.zeros((1, 4, 2), np.float32)
+    logits[0, 1] = [np.log(3.0), 0.0]  # P(token 0 | column 1) = 3/4
+    tokens = np.array([[1, 1, 0, 1]])
+    # Response = columns 2..3 (predicted by columns 1 and 2).
+    nll = response_nll(jnp.asarray(logits), tokens, np.array([2]), np.array([4]))
+    np.testing.assert_allclose(nll, [(-np.log(0.75) + np.log(2.0)) / 2], rtol=1e-6)
+    # An empty response is NaN, not an error.
+    assert np.isnan(response_nll(jnp.asarray(logits), tokens, np.array([4]), np.array([4]))[0])
+
+
+def test_cosine_similarity_cases():
+    np.testing.assert_allclose(cosine_similarity([1.0, 0.0], [2.0, 0.0]), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(cosine_similarity([1.0, 0.0], [0.0, 3.0]), 0.0, atol=1e-7)
+    np.testing.assert_allclose(cosine_similarity([1.0, 1.0], [-1.0, -1.0]), -1.0, rtol=1e-6)
+    assert float(cosine_similarity([0.0, 0.0], [1.0, 0.0])) == 0.0

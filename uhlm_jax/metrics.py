@@ -22,10 +22,17 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
-__all__ = ["TokenMetrics", "safe_ratio", "token_metrics"]
+__all__ = [
+    "TokenMetrics",
+    "cosine_similarity",
+    "response_nll",
+    "safe_ratio",
+    "token_metrics",
+]
 
 
 def safe_ratio(numerator: Float[Array, "..."], denominator: Float[Array, "..."]) -> Array:
@@ -100,3 +107,35 @@ def token_metrics(
         risk_conditional=safe_ratio(skipped_beta, num_skip),
         mean_beta=safe_ratio(jnp.sum(beta), tokens),
     )
+
+
+def response_nll(
+    llm_logits: Float[Array, "b t v"],
+    tokens: Int[Array, "b t"],
+    response_start: Int[Array, " b"],
+    lengths: Int[Array, " b"],
+) -> Float[Array, " b"]:
+    """The LLM's mean per-token negative log-likelihood of each row's response.
+
+    Row `b` holds a prompt in columns `[0, response_start[b])` and the generated response
+    in `[response_start[b], lengths[b])`; `llm_logits[b, j]` predicts `tokens[b, j + 1]`
+    (e.g. from `uhlm_jax.models.llama.forward` with right padding).
+
+    Returns:
+        `[b]` mean NLL in nats per response token; NaN for an empty response.
+    """
+    log_probs = jax.nn.log_softmax(llm_logits[:, :-1].astype(jnp.float32), axis=-1)
+    targets = tokens[:, 1:]
+    token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    columns = jnp.arange(1, tokens.shape[1])[None, :]
+    in_response = (columns >= response_start[:, None]) & (columns < lengths[:, None])
+    total = -jnp.sum(jnp.where(in_response, token_log_probs, 0.0), axis=-1)
+    return safe_ratio(total, jnp.sum(in_response, axis=-1))
+
+
+def cosine_similarity(a: Float[Array, "... h"], b: Float[Array, "... h"]) -> Float[Array, "..."]:
+    """Cosine of the angle between embeddings along the last axis (0 for a zero vector)."""
+    a = jnp.asarray(a, jnp.float32)
+    b = jnp.asarray(b, jnp.float32)
+    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
+    return jnp.where(norms > 0, jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0), 0.0)
