@@ -342,3 +342,29 @@ def test_posterior_draws_map_through_thresholds_with_vmap():
     np.testing.assert_allclose(jax.vmap(T.risk_averse)(a, b), [0.1, 0.1, 0.05], atol=F32_TOL)
     means = jax.vmap(T.linear_mean, in_axes=(0, 0, None))(a, b, f32([0.0, 0.5]))
     np.testing.assert_allclose(means, [[0.0, 0.32], [0.0, 0.36], [0.0, 0.45]], atol=F32_TOL)
+
+
+@pytest.mark.parametrize(
+    "slope, intercept",
+    [(0.82, -0.06), (2.5, -0.5), (-0.7, 0.9), (-0.5, 1.3), (0.0, 0.3), (0.0, -0.2), (4.0, 0.2)],
+)
+def test_linear_risk_curve_matches_token_sum(slope, intercept):
+    # Given u on a coarse lattice (ties at the grid and at the clip points) and weights
+    rng = np.random.default_rng(10)
+    u = jnp.asarray(rng.integers(0, 21, 500) / 20, jnp.float32)
+    weight = jnp.asarray(rng.integers(0, 4, 500), jnp.float32)
+    grid = jnp.linspace(0.0, 1.0, 41)
+    a, b = f32(slope), f32(intercept)
+    # When the curve comes from cumulative sums
+    fast = T.linear_risk_curve(a, b, T.weighted_sample(u, weight), grid)
+    # Then it equals the token-by-token sum of clip(a u + b, 0, 1).
+    slow = T.risk_curve(T.linear_mean(a, b, u), u, grid, weight)
+    np.testing.assert_allclose(fast, slow, atol=1e-5)
+
+
+def test_threshold_grid_points_equal_stored_fractions():
+    grid = np.asarray(T.threshold_grid(101))
+    assert grid[0] == 0.0 and grid[-1] == 1.0 and np.all(np.diff(grid) > 0)
+    # u = j/20 stored as float32 sits exactly on the grid point 5j/100.
+    for j in range(21):
+        assert grid[5 * j] == np.float32(j / 20)

@@ -46,6 +46,7 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import betainc, xlogy
 
 from uhlm_jax.types import Array, Float, Int
@@ -55,6 +56,7 @@ __all__ = [
     "NO_SKIP",
     "LTTResult",
     "Risk",
+    "WeightedSample",
     "check_linear_model",
     "empirical_risk",
     "fixed_sequence_index",
@@ -64,6 +66,7 @@ __all__ = [
     "linear_mean",
     "linear_model_risk",
     "linear_model_risk_density",
+    "linear_risk_curve",
     "ltt_threshold",
     "prompt_risk_curves",
     "rejection_share",
@@ -73,6 +76,8 @@ __all__ = [
     "risk_curve",
     "risk_prone",
     "skip_share",
+    "threshold_grid",
+    "weighted_sample",
 ]
 
 # β is computed as 1 − exp(min(0, log p_d − log q_d)) in float32, which is exactly
@@ -349,6 +354,17 @@ def linear_model_risk_density(
     return Risk(per_token=per_token, given_skip=given_skip, skip_share=share)
 
 
+def threshold_grid(size: int) -> Float[Array, " p"]:
+    """`size` thresholds `k / (size − 1)`, `k = 0 … size − 1`, each correctly rounded.
+
+    Computed in float64 on the host and rounded once, so a grid point equals the
+    float32 value of the same fraction stored elsewhere (e.g. a perturbation
+    uncertainty `u = j/K`) and `u ≤ u_th` includes it; `linspace` and XLA's
+    float32 division can land one ulp below.
+    """
+    return jnp.asarray(np.arange(size) / (size - 1), jnp.float32)
+
+
 def _grid_bins(u: Array, grid: Array) -> Array:
     """Smallest `k` with `u ≤ grid[k]` (`p` when `u > grid[-1]` or is NaN)."""
     return jnp.searchsorted(grid, u, side="left")
@@ -560,6 +576,96 @@ def risk_bounded_index(
     return fixed_sequence_index(1.0 - within, delta)
 
 
+class WeightedSample(NamedTuple):
+    """An empirical law of `u` in cumulative form, for exact linear-model risk curves.
+
+    Attributes:
+      u: `(n,)` uncertainties, sorted increasingly.
+      weight: `(n + 1,)` `W[j] = Σ_{i<j} w_i` over the sorted sample.
+      weighted_u: `(n + 1,)` `U[j] = Σ_{i<j} w_i u_i`.
+      total: `Σ_i w_i`.
+    """
+
+    u: Float[Array, " n"]
+    weight: Float[Array, " n1"]
+    weighted_u: Float[Array, " n1"]
+    total: Float[Array, ""]
+
+
+def weighted_sample(
+    u: Float[Array, " n"], weight: Float[Array, " n"] | None = None
+) -> WeightedSample:
+    """Sorts a sample of `u` and accumulates its weights (all ones if omitted)."""
+    chex.assert_rank(u, 1)
+    if weight is None:
+        weight = jnp.ones_like(u)
+    order = jnp.argsort(u)
+    sorted_u, sorted_w = u[order], weight[order]
+    zero = jnp.zeros((1,), u.dtype)
+    return WeightedSample(
+        u=sorted_u,
+        weight=jnp.concatenate([zero, jnp.cumsum(sorted_w)]),
+        weighted_u=jnp.concatenate([zero, jnp.cumsum(sorted_w * sorted_u)]),
+        total=jnp.sum(weight),
+    )
+
+
+def linear_risk_curve(
+    slope: Float[Array, ""],
+    intercept: Float[Array, ""],
+    sample: WeightedSample,
+    grid: Float[Array, " p"],
+) -> Float[Array, " p"]:
+    """Exact linear-model risk at every grid threshold, in `O(p log n)`.
+
+    `R(t) = Σ_j w_j clip(a·u_j + b, 0, 1) 1{u_j ≤ t} / Σ_j w_j`, the weighted
+    form of `linear_model_risk`. The line lies strictly between 0 and 1 on an
+    interval `(l, h]`, is 1 on one side of it and 0 on the other, so with the
+    cumulative sums `W(x) = Σ_{u_j ≤ x} w_j` and `U(x) = Σ_{u_j ≤ x} w_j u_j`
+
+        R(t)·Σw = a·(U(min(t, h)) − U(min(t, l))) + b·(W(min(t, h)) − W(min(t, l)))
+                  + [tokens where the line is ≥ 1 and u ≤ t].
+
+    Identical to `risk_curve(linear_mean(a, b, u), u, grid, w)` up to rounding,
+    but its cost does not grow with the number of draws times tokens.
+
+    Args:
+      slope: `a`, scalar (any sign).
+      intercept: `b`, scalar.
+      sample: the law of `u` (`weighted_sample`).
+      grid: `(p,)` thresholds (any order).
+
+    Returns:
+      `(p,)` risk per token at each threshold; 0 if the total weight is 0.
+    """
+    chex.assert_rank([slope, intercept, grid], [0, 0, 1])
+
+    def cumulative(cum: Array, x: Array) -> Array:
+        return cum[jnp.searchsorted(sample.u, x, side="right")]
+
+    rising = slope > 0
+    safe_slope = jnp.where(slope != 0, slope, 1.0)
+    at_zero, at_one = -intercept / safe_slope, (1.0 - intercept) / safe_slope
+    low = jnp.where(rising, at_zero, at_one)
+    high = jnp.where(rising, at_one, at_zero)
+
+    def at(t: Array) -> Array:
+        lo, hi = jnp.minimum(t, low), jnp.minimum(t, high)
+        inside = slope * (cumulative(sample.weighted_u, hi) - cumulative(sample.weighted_u, lo))
+        inside += intercept * (cumulative(sample.weight, hi) - cumulative(sample.weight, lo))
+        ones = jnp.where(
+            rising,
+            cumulative(sample.weight, t) - cumulative(sample.weight, hi),
+            cumulative(sample.weight, lo),
+        )
+        sloped = inside + ones
+        flat = jnp.clip(intercept, 0.0, 1.0) * cumulative(sample.weight, t)
+        return jnp.where(slope != 0, sloped, flat)
+
+    total = sample.total
+    return jax.vmap(at)(grid) / jnp.where(total > 0, total, 1.0)
+
+
 def risk_bounded_threshold(
     slope: Float[Array, " m"],
     intercept: Float[Array, " m"],
@@ -576,9 +682,6 @@ def risk_bounded_threshold(
     is that of `(a, b)` given the data; the law of `u` is taken as known (the
     empirical law of `u_samples`) and the linear model as correct.
 
-    Memory is `O(m · n)`; for large `m · n` evaluate `risk_curve` in chunks
-    (`jax.lax.map` with `batch_size`) and call `risk_bounded_index`.
-
     Args:
       slope: `(m,)` posterior draws of `a`.
       intercept: `(m,)` posterior draws of `b`.
@@ -591,9 +694,6 @@ def risk_bounded_threshold(
       The threshold, or `NO_SKIP` if no grid point qualifies.
     """
     chex.assert_rank([slope, intercept, u_samples, grid], 1)
-
-    def curve(a: Array, b: Array) -> Array:
-        return risk_curve(linear_mean(a, b, u_samples), u_samples, grid)
-
-    curves = jax.vmap(curve)(slope, intercept)
+    sample = weighted_sample(u_samples)
+    curves = jax.vmap(linear_risk_curve, in_axes=(0, 0, None, None))(slope, intercept, sample, grid)
     return grid_threshold(grid, risk_bounded_index(curves, eps, delta))

@@ -1,0 +1,654 @@
+"""Skip thresholds with a stated risk, analytically or from a calibration run.
+
+Analytic (no files): `uhlm threshold --slope A --intercept B [--delta D]` prints the
+risk-averse threshold `−b/a` and, given `Δ = P(β > 0)`, the risk-prone threshold
+`(Δ − b)/a` of the paper's linear link `β ≈ a·u + b` (U-HLM, arXiv 2412.12687).
+
+From a run: `uhlm threshold --run RUN_DIR --risk ε --confidence 1−δ` reads the
+records and the fit (running `uhlm fit` first if `fit.json` is missing) and
+writes `thresholds.json` with, on a grid of thresholds `u_th ∈ [0, 1]`:
+
+* **analytic**: least-squares `a, b` and the empirical `Δ` pushed through the
+  paper's formulas, with the realised risk of each threshold on the records;
+* **posterior**: credible intervals of the risk-averse and risk-prone thresholds
+  (every NUTS draw of `(a, b)`, with `Δ` drawn by a Bayesian bootstrap over
+  prompts), and the risk-bounded threshold, the largest `u_th` with
+  `P(R(u_th) ≤ ε | data) ≥ 1 − δ`, for the linear and the hurdle model;
+* **ltt**: the distribution-free Learn-then-Test threshold (Hoeffding–Bentkus
+  p-values, fixed-sequence testing, prompts as the exchangeable unit), for which
+  `P(R(û_th) ≤ ε) ≥ 1 − δ` over the draw of calibration prompts, where `R` is
+  the per-prompt risk `E_prompt[(1/T) Σ_t β_t 1{u_t ≤ u_th}]`;
+* **validation**: over `num_splits` random prompt splits, each method is
+  calibrated on one part and its realised risk measured on the other, per token
+  (pooled) and per prompt; the share of splits whose realised risk exceeds `ε`
+  is reported with every realised value. Per split, the linear posterior is the
+  exact conjugate posterior of the NUTS model (`calibration.fit`), and the
+  analytic thresholds are refitted by least squares.
+
+Risk means the expected rejection probability of skipped tokens per generated
+token, `E[β · 1{u ≤ u_th}]`. A threshold of `null` in the output means "skip
+nothing": no grid point met the requirement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import uhlm_jax
+from calibration import fit, records
+from uhlm_jax import threshold as T
+
+__all__ = ["THRESHOLDS_FILE", "Config", "Mode", "Result", "add_arguments", "main", "run"]
+
+THRESHOLDS_FILE = "thresholds.json"
+# Uncertainties may exceed [0, 1] by float32 rounding only.
+U_RANGE_TOL = 1e-5
+# Splits evaluated per batch inside `lax.map` (bounds memory to a few splits' tokens).
+SPLIT_BATCH = 8
+# Posterior draws per batch for hurdle risk curves.
+DRAW_BATCH = 64
+METHODS = ("ltt", "posterior_linear", "analytic_risk_averse", "analytic_risk_prone")
+
+
+class Mode(enum.Enum):
+    """What `uhlm threshold` computes."""
+
+    ANALYTIC = "analytic"  # from a given slope and intercept
+    RUN = "run"  # from a run directory's records and fit
+
+
+def _in_open_unit(name: str, value: Any, fix: str) -> None:
+    if not (isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1):
+        raise ValueError(f"{name} must lie in (0, 1), got {value!r}; {fix}")
+
+
+def _int_at_least(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of `uhlm threshold`.
+
+    Attributes:
+      slope, intercept: `a, b` of `β ≈ a·u + b` (analytic mode; both or neither).
+      delta: `Δ = P(β > 0)` for the risk-prone threshold (analytic mode, optional).
+      run_dir: a run directory (run mode).
+      risk: `ε`, the risk level, in (0, 1).
+      confidence: `1 − δ`, in (0, 1).
+      measure: the uncertainty measure; `None` takes the fit's (or the fit default).
+      grid_size: thresholds `k / (grid_size − 1)` (`threshold_grid`).
+      num_splits: prompt splits of the validation (at least 100).
+      calibration_share: share of prompts calibrating in each split.
+      num_posterior_draws: most posterior draws used (thinned evenly).
+      credible_mass: central mass of the credible intervals.
+      seed: seed of the splits, the bootstrap and the per-split posterior draws.
+    """
+
+    slope: float | None = None
+    intercept: float | None = None
+    delta: float | None = None
+    run_dir: str | None = None
+    risk: float = 0.05
+    confidence: float = 0.9
+    measure: str | None = None
+    grid_size: int = 101
+    num_splits: int = 200
+    calibration_share: float = 0.5
+    num_posterior_draws: int = 1000
+    credible_mass: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self):
+        analytic = self.slope is not None or self.intercept is not None
+        if analytic and self.run_dir is not None:
+            raise ValueError(
+                "give either --slope/--intercept (analytic) or --run RUN_DIR, not both"
+            )
+        if not analytic and self.run_dir is None:
+            raise ValueError("give --slope A --intercept B, or --run RUN_DIR")
+        if analytic:
+            if self.slope is None or self.intercept is None:
+                raise ValueError(
+                    f"analytic thresholds need both slope and intercept, got slope "
+                    f"{self.slope!r} and intercept {self.intercept!r}"
+                )
+            T.check_linear_model(float(self.slope), float(self.intercept))
+            if self.delta is not None and not (
+                isinstance(self.delta, int | float) and 0 <= self.delta <= 1
+            ):
+                raise ValueError(
+                    f"delta (the rejection share P(beta > 0)) must lie in [0, 1], "
+                    f"got {self.delta!r}"
+                )
+        elif self.delta is not None:
+            raise ValueError("--delta goes with --slope/--intercept; a run estimates it")
+        _in_open_unit("risk", self.risk, "pass --risk EPS with 0 < EPS < 1 (e.g. 0.05)")
+        _in_open_unit(
+            "confidence",
+            self.confidence,
+            "pass --confidence 1-DELTA with 0 < 1-DELTA < 1 (e.g. 0.9)",
+        )
+        _in_open_unit("calibration_share", self.calibration_share, "e.g. 0.5")
+        _in_open_unit("credible_mass", self.credible_mass, "e.g. 0.9")
+        if self.measure is not None and not (
+            isinstance(self.measure, str) and self.measure.isidentifier()
+        ):
+            raise ValueError(f"measure must be a measure name, got {self.measure!r}")
+        _int_at_least("grid_size", self.grid_size, 2)
+        _int_at_least("num_splits", self.num_splits, 100)
+        _int_at_least("num_posterior_draws", self.num_posterior_draws, 10)
+        _int_at_least("seed", self.seed, 0)
+
+    @property
+    def mode(self) -> Mode:
+        return Mode.RUN if self.run_dir is not None else Mode.ANALYTIC
+
+    @property
+    def error_level(self) -> float:
+        """`δ = 1 − confidence`."""
+        return 1.0 - self.confidence
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Outcome of `uhlm threshold`: the summary, and where it was written (run mode)."""
+
+    summary: dict[str, Any]
+    path: Path | None
+
+
+def _json_threshold(t: float) -> float | None:
+    return None if not math.isfinite(t) else float(t)
+
+
+def _interval(x: np.ndarray, mass: float) -> list[float]:
+    tail = (1 - mass) / 2
+    return [float(v) for v in np.quantile(x, [tail, 1 - tail])]
+
+
+def analytic(cfg: Config) -> dict[str, Any]:
+    """The paper's thresholds for a given link."""
+    a, b = jnp.float32(cfg.slope), jnp.float32(cfg.intercept)
+    out = {
+        "mode": Mode.ANALYTIC.value,
+        "slope": float(cfg.slope),
+        "intercept": float(cfg.intercept),
+        "risk_averse": float(T.risk_averse(a, b)),
+    }
+    if cfg.delta is not None:
+        out["delta"] = float(cfg.delta)
+        out["risk_prone"] = float(T.risk_prone(a, b, jnp.float32(cfg.delta)))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """All tokens of a run for one measure.
+
+    Attributes:
+      u, beta: `(n,)` float32.
+      prompt: `(n,)` prompt index `0 … P−1`.
+      num_prompts: `P`.
+    """
+
+    u: np.ndarray
+    beta: np.ndarray
+    prompt: np.ndarray
+    num_prompts: int
+
+
+def _load_data(df, measure: str) -> RunData:
+    column = records.MEASURE_PREFIX + measure
+    if column not in df.columns:
+        raise ValueError(
+            f"measure {measure!r} is not in the records (no column {column!r}); "
+            f"recorded measures: {records.measure_names(df.columns)}"
+        )
+    u = df[column].to_numpy(np.float32)
+    beta = df["beta"].to_numpy(np.float32)
+    if not (np.isfinite(u).all() and np.isfinite(beta).all()):
+        raise ValueError(f"records have non-finite {column} or beta; fix or re-collect them")
+    if u.min() < -U_RANGE_TOL or u.max() > 1 + U_RANGE_TOL:
+        raise ValueError(
+            f"measure {measure!r} ranges over [{u.min():.4g}, {u.max():.4g}]; thresholds "
+            "need an uncertainty in [0, 1]: pick a normalised measure with --measure"
+        )
+    _, prompt = np.unique(df["prompt_id"].to_numpy(), return_inverse=True)
+    num_prompts = int(prompt.max()) + 1
+    if num_prompts < 2:
+        raise ValueError(
+            f"the run has {num_prompts} prompt; split validation needs at least 2, collect more"
+        )
+    return RunData(
+        u=np.clip(u, 0.0, 1.0),
+        beta=np.clip(beta, 0.0, 1.0),
+        prompt=prompt.astype(np.int32),
+        num_prompts=num_prompts,
+    )
+
+
+def _ensure_fit(cfg: Config, run_dir: Path) -> tuple[fit.Posterior, str]:
+    """The run's posterior, fitting it first if `fit.json` is missing."""
+    fit_path = run_dir / fit.FIT_FILE
+    if not fit_path.exists():
+        measure = cfg.measure or fit.Config(run_dir=str(run_dir)).measure
+        fit.run(fit.Config(run_dir=str(run_dir), measure=measure, seed=cfg.seed))
+    posterior = fit.load_posterior(run_dir)
+    fitted = posterior.summary["measure"]
+    if cfg.measure is not None and cfg.measure != fitted:
+        raise ValueError(
+            f"{fit_path} was fitted for measure {fitted!r}, not {cfg.measure!r}; run "
+            f"`uhlm fit {run_dir} --measure {cfg.measure}` first"
+        )
+    return posterior, fitted
+
+
+def _thin(draws: dict[str, np.ndarray], num: int) -> dict[str, jnp.ndarray]:
+    total = next(iter(draws.values())).size
+    index = np.linspace(0, total - 1, min(num, total)).astype(int)
+    return {k: jnp.asarray(v[index], jnp.float32) for k, v in draws.items()}
+
+
+def _empirical(u: jnp.ndarray, beta: jnp.ndarray, t: float) -> dict[str, float]:
+    risk = T.empirical_risk(u, beta, jnp.float32(t))
+    return {
+        "per_token": float(risk.per_token),
+        "given_skip": float(risk.given_skip),
+        "skip_share": float(risk.skip_share),
+    }
+
+
+def _bounded_summary(
+    curves: jnp.ndarray, grid: jnp.ndarray, cfg: Config, u: jnp.ndarray, beta: jnp.ndarray
+) -> dict[str, Any]:
+    index = int(T.risk_bounded_index(curves, jnp.float32(cfg.risk), jnp.float32(cfg.error_level)))
+    out: dict[str, Any] = {"threshold": None, "probability_within_risk": None}
+    if index >= 0:
+        t = float(grid[index])
+        at = np.asarray(curves[:, index])
+        out = {
+            "threshold": t,
+            "probability_within_risk": float(np.mean(at <= cfg.risk)),
+            "posterior_risk": {
+                "mean": float(at.mean()),
+                "interval": _interval(at, cfg.credible_mass),
+            },
+            "empirical": _empirical(u, beta, t),
+        }
+    return out
+
+
+def _hurdle_curves(draws: dict[str, jnp.ndarray], u: np.ndarray, grid: jnp.ndarray) -> jnp.ndarray:
+    """`(m, p)` hurdle-model risk curves, tokens grouped by distinct `u` (exact)."""
+    values, counts = np.unique(u, return_counts=True)
+    values = jnp.asarray(values, jnp.float32)
+    counts = jnp.asarray(counts, jnp.float32)
+
+    def curve(d):
+        mean = T.hurdle_mean(
+            d["positive_slope"],
+            d["positive_intercept"],
+            d["mean_slope"],
+            d["mean_intercept"],
+            values,
+        )
+        return T.risk_curve(mean, values, grid, counts)
+
+    return jax.jit(lambda ds: jax.lax.map(curve, ds, batch_size=DRAW_BATCH))(draws)
+
+
+def _posterior(
+    cfg: Config, posterior: fit.Posterior, data: RunData, grid: jnp.ndarray
+) -> dict[str, Any]:
+    u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
+    linear = _thin(posterior.linear, cfg.num_posterior_draws)
+    hurdle_draws = _thin(posterior.hurdle, cfg.num_posterior_draws)
+    num_draws = linear["slope"].shape[0]
+    # Bayesian bootstrap of Δ over prompts, one Dirichlet weight vector per draw.
+    tokens = np.bincount(data.prompt, minlength=data.num_prompts)
+    positives = np.bincount(
+        data.prompt, weights=data.beta > T.BETA_POSITIVE_TOL, minlength=data.num_prompts
+    )
+    dirichlet = np.random.default_rng((cfg.seed, 4)).dirichlet(np.ones(data.num_prompts), num_draws)
+    delta_draws = jnp.asarray(dirichlet @ positives / (dirichlet @ tokens), jnp.float32)
+    averse = np.asarray(jax.vmap(T.risk_averse)(linear["slope"], linear["intercept"]))
+    prone = np.asarray(jax.vmap(T.risk_prone)(linear["slope"], linear["intercept"], delta_draws))
+    sample = T.weighted_sample(u)
+    linear_curves = jax.jit(jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None)))(
+        linear["slope"], linear["intercept"], sample, grid
+    )
+    hurdle_curves = _hurdle_curves(hurdle_draws, data.u, grid)
+    return {
+        "num_draws": num_draws,
+        "credible_mass": cfg.credible_mass,
+        "linear": {
+            "risk_averse": {
+                "mean": float(averse.mean()),
+                "interval": _interval(averse, cfg.credible_mass),
+            },
+            "risk_prone": {
+                "mean": float(prone.mean()),
+                "interval": _interval(prone, cfg.credible_mass),
+            },
+            "rejection_share": {
+                "mean": float(delta_draws.mean()),
+                "interval": _interval(np.asarray(delta_draws), cfg.credible_mass),
+                "method": "Bayesian bootstrap over prompts",
+            },
+            "risk_bounded": _bounded_summary(linear_curves, grid, cfg, u, beta),
+        },
+        "hurdle": {"risk_bounded": _bounded_summary(hurdle_curves, grid, cfg, u, beta)},
+    }
+
+
+def _ltt(cfg: Config, prompt_risks: jnp.ndarray, grid: jnp.ndarray, u, beta) -> dict[str, Any]:
+    result = T.ltt_threshold(
+        prompt_risks, grid, jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
+    )
+    index = int(result.index)
+    out: dict[str, Any] = {
+        "threshold": _json_threshold(float(result.threshold)),
+        "certified": index >= 0,
+        "num_prompts": int(result.num_prompts),
+        "estimand": "per-prompt risk E_prompt[(1/T) sum_t beta_t 1{u_t <= u_th}]",
+        "pvalue_first": float(result.pvalues[0]),
+    }
+    if index >= 0:
+        out["pvalue"] = float(result.pvalues[index])
+        out["risk_hat"] = float(result.risk_hat[index])
+        out["empirical"] = _empirical(u, beta, float(result.threshold))
+    return out
+
+
+def _per_prompt_sums(data: RunData) -> np.ndarray:
+    """`(P, 6)` per-prompt `n, Σu, Σβ, Σu², Σuβ, Σβ²` in float64."""
+    u, beta = data.u.astype(np.float64), data.beta.astype(np.float64)
+    columns = [np.ones_like(u), u, beta, u * u, u * beta, beta * beta]
+    return np.stack(
+        [np.bincount(data.prompt, weights=c, minlength=data.num_prompts) for c in columns], 1
+    )
+
+
+def _validation(
+    cfg: Config, data: RunData, prompt_risks: jnp.ndarray, grid: jnp.ndarray, prior: fit.LinearPrior
+) -> dict[str, Any]:
+    rng = np.random.default_rng((cfg.seed, 5))
+    p = data.num_prompts
+    num_cal = int(np.clip(round(cfg.calibration_share * p), 1, p - 1))
+    order = np.argsort(rng.uniform(size=(cfg.num_splits, p)), axis=1)
+    masks = np.zeros((cfg.num_splits, p))
+    np.put_along_axis(masks, order[:, :num_cal], 1.0, axis=1)
+
+    sums = masks @ _per_prompt_sums(data)  # (S, 6) over calibration prompts
+    post = fit.conjugate_posterior(*sums.T, prior=prior)
+    slope, intercept, _ = fit.sample_conjugate(rng, post, min(cfg.num_posterior_draws, 500))
+    ls_slope, ls_intercept = post.mean[:, 0], post.mean[:, 1]
+    positives = np.bincount(data.prompt, weights=data.beta > T.BETA_POSITIVE_TOL, minlength=p)
+    delta_cal = masks @ positives / sums[:, 0]
+    averse = jax.vmap(T.risk_averse)(
+        jnp.asarray(ls_slope, jnp.float32), jnp.asarray(ls_intercept, jnp.float32)
+    )
+    prone = jax.vmap(T.risk_prone)(
+        jnp.asarray(ls_slope, jnp.float32),
+        jnp.asarray(ls_intercept, jnp.float32),
+        jnp.asarray(delta_cal, jnp.float32),
+    )
+
+    u, beta, prompt = jnp.asarray(data.u), jnp.asarray(data.beta), jnp.asarray(data.prompt)
+    tokens_per_prompt = jax.ops.segment_sum(jnp.ones_like(beta), prompt, num_segments=p)
+    eps, delta = jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
+
+    def one_split(args):
+        mask, a, b, t_averse, t_prone = args
+        cal_tokens = mask[prompt]
+        test_tokens = 1.0 - cal_tokens
+        sample = T.weighted_sample(u, cal_tokens)
+        curves = jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(a, b, sample, grid)
+        t_posterior = T.grid_threshold(grid, T.risk_bounded_index(curves, eps, delta))
+        t_ltt = T.ltt_threshold(prompt_risks, grid, eps, delta, mask).threshold
+        thresholds = jnp.stack([t_ltt, t_posterior, t_averse, t_prone])
+
+        def realised(t):
+            skipped = (u <= t).astype(beta.dtype)
+            per_token = jnp.sum(test_tokens * beta * skipped) / jnp.sum(test_tokens)
+            per_prompt_sum = jax.ops.segment_sum(beta * skipped, prompt, num_segments=p)
+            per_prompt = per_prompt_sum / jnp.maximum(tokens_per_prompt, 1.0)
+            test_prompts = 1.0 - mask
+            prompt_mean = jnp.sum(test_prompts * per_prompt) / jnp.sum(test_prompts)
+            skip = jnp.sum(test_tokens * skipped) / jnp.sum(test_tokens)
+            return per_token, prompt_mean, skip
+
+        per_token, per_prompt, skip = jax.vmap(realised)(thresholds)
+        return thresholds, per_token, per_prompt, skip
+
+    xs = (
+        jnp.asarray(masks, jnp.float32),
+        jnp.asarray(slope, jnp.float32),
+        jnp.asarray(intercept, jnp.float32),
+        averse,
+        prone,
+    )
+    thresholds, per_token, per_prompt, skip = (
+        np.asarray(x)
+        for x in jax.jit(lambda xs: jax.lax.map(one_split, xs, batch_size=SPLIT_BATCH))(xs)
+    )
+    methods = {}
+    for k, name in enumerate(METHODS):
+        t = thresholds[:, k]
+        methods[name] = {
+            "exceed_frequency_per_token": float(np.mean(per_token[:, k] > cfg.risk)),
+            "exceed_frequency_per_prompt": float(np.mean(per_prompt[:, k] > cfg.risk)),
+            "no_skip_frequency": float(np.mean(~np.isfinite(t))),
+            "mean_skip_share": float(skip[:, k].mean()),
+            "thresholds": [_json_threshold(x) for x in t],
+            "realised_risk_per_token": [float(x) for x in per_token[:, k]],
+            "realised_risk_per_prompt": [float(x) for x in per_prompt[:, k]],
+            "skip_share": [float(x) for x in skip[:, k]],
+        }
+    return {
+        "num_splits": cfg.num_splits,
+        "calibration_prompts": num_cal,
+        "test_prompts": p - num_cal,
+        "allowed_exceed_frequency": cfg.error_level,
+        "posterior_per_split": "exact conjugate posterior of the linear-Gaussian model",
+        "guarantee": {
+            "ltt": "P(R <= eps) >= 1 - delta for the per-prompt risk of new prompts",
+            "posterior_linear": "none beyond the model: linear link, independent tokens",
+            "analytic_risk_averse": "none (plug-in)",
+            "analytic_risk_prone": "none (plug-in)",
+        },
+        "methods": methods,
+    }
+
+
+def from_run(cfg: Config) -> dict[str, Any]:
+    """Everything `thresholds.json` holds, computed from a run directory."""
+    run_dir = records.require_run_dir(cfg.run_dir)
+    df = records.read_records(run_dir)
+    posterior, measure = _ensure_fit(cfg, run_dir)
+    data = _load_data(df, measure)
+    grid = T.threshold_grid(cfg.grid_size)
+    u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
+
+    ls = fit.least_squares(data.u, data.beta)
+    share = float(T.rejection_share(beta))
+    a, b = jnp.float32(ls["slope"]), jnp.float32(ls["intercept"])
+    analytic_section: dict[str, Any] = {
+        "slope": ls["slope"],
+        "intercept": ls["intercept"],
+        "rejection_share": share,
+        "fit": "least squares on all records",
+    }
+    if ls["slope"] > 0:
+        t_averse = float(T.risk_averse(a, b))
+        t_prone = float(T.risk_prone(a, b, jnp.float32(share)))
+        analytic_section["risk_averse"] = {
+            "threshold": t_averse,
+            "empirical": _empirical(u, beta, t_averse),
+        }
+        analytic_section["risk_prone"] = {
+            "threshold": t_prone,
+            "empirical": _empirical(u, beta, t_prone),
+        }
+    else:
+        analytic_section["note"] = (
+            f"slope {ls['slope']:.4g} <= 0: rejection does not grow with this measure, "
+            "the paper's thresholds do not apply"
+        )
+
+    prompt_risks = jax.jit(T.prompt_risk_curves, static_argnums=3)(
+        u, beta, jnp.asarray(data.prompt), data.num_prompts, grid
+    )
+    return {
+        "mode": Mode.RUN.value,
+        "run_dir": str(run_dir),
+        "measure": measure,
+        "risk": cfg.risk,
+        "confidence": cfg.confidence,
+        "versions": {"uhlm_jax": uhlm_jax.__version__, "jax": jax.__version__},
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None},
+        "grid": {"size": cfg.grid_size, "low": 0.0, "high": 1.0},
+        "data": {
+            "num_tokens": int(data.u.size),
+            "num_prompts": data.num_prompts,
+            "mean_beta": float(data.beta.mean()),
+        },
+        "analytic": analytic_section,
+        "posterior": _posterior(cfg, posterior, data, grid),
+        "ltt": _ltt(cfg, prompt_risks, grid, u, beta),
+        "validation": _validation(
+            cfg,
+            data,
+            prompt_risks,
+            grid,
+            fit.LinearPrior(**posterior.summary["linear"]["prior"]),
+        ),
+    }
+
+
+def run(cfg: Config) -> Result:
+    """Computes the thresholds; in run mode writes `RUN_DIR/thresholds.json` atomically."""
+    if cfg.mode is Mode.ANALYTIC:
+        return Result(summary=analytic(cfg), path=None)
+    summary = from_run(cfg)
+    path = Path(cfg.run_dir) / THRESHOLDS_FILE
+    records.write_json(path, summary)
+    return Result(summary=summary, path=path)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `uhlm threshold` options."""
+    d = Config(slope=1.0, intercept=0.0)
+    parser.add_argument("--slope", type=float, help="a in beta ~ a*u + b (analytic mode)")
+    parser.add_argument("--intercept", type=float, help="b in beta ~ a*u + b (analytic mode)")
+    parser.add_argument("--delta", type=float, help="rejection share P(beta > 0) (analytic mode)")
+    parser.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="a calibration run")
+    parser.add_argument(
+        "--risk",
+        type=float,
+        default=d.risk,
+        help=f"risk level eps of E[beta 1{{u <= u_th}}] (default: {d.risk})",
+    )
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=d.confidence,
+        help=f"1 - delta, the probability the risk bound holds (default: {d.confidence})",
+    )
+    parser.add_argument("--measure", help="uncertainty measure (default: the fit's)")
+    parser.add_argument(
+        "--splits",
+        type=int,
+        default=d.num_splits,
+        help=f"prompt splits of the validation, >= 100 (default: {d.num_splits})",
+    )
+    parser.add_argument("--grid-size", type=int, default=d.grid_size, help="threshold grid points")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The `Config` the parsed command line describes."""
+    return Config(
+        slope=args.slope,
+        intercept=args.intercept,
+        delta=args.delta,
+        run_dir=args.run_dir,
+        risk=args.risk,
+        confidence=args.confidence,
+        measure=args.measure,
+        num_splits=args.splits,
+        grid_size=args.grid_size,
+        seed=args.seed,
+    )
+
+
+def _fmt(t: float | None) -> str:
+    return "none (skip nothing)" if t is None else f"{t:.4f}"
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable report."""
+    if summary["mode"] == Mode.ANALYTIC.value:
+        lines = [f"risk-averse threshold -b/a = {summary['risk_averse']:.4f}"]
+        if "risk_prone" in summary:
+            lines.append(f"risk-prone threshold (delta-b)/a = {summary['risk_prone']:.4f}")
+        return "\n".join(lines)
+    eps, conf = summary["risk"], summary["confidence"]
+    lines = [
+        f"{summary['data']['num_tokens']} tokens, {summary['data']['num_prompts']} prompts, "
+        f"measure {summary['measure']}; risk {eps}, confidence {conf}"
+    ]
+    an = summary["analytic"]
+    if "risk_averse" in an:
+        lines.append(
+            f"analytic (a={an['slope']:.4f}, b={an['intercept']:.4f}, delta="
+            f"{an['rejection_share']:.3f}): risk-averse {an['risk_averse']['threshold']:.4f}, "
+            f"risk-prone {an['risk_prone']['threshold']:.4f}"
+        )
+    lin = summary["posterior"]["linear"]
+    lo, hi = lin["risk_averse"]["interval"]
+    lo2, hi2 = lin["risk_prone"]["interval"]
+    lines.append(f"posterior risk-averse [{lo:.4f}, {hi:.4f}], risk-prone [{lo2:.4f}, {hi2:.4f}]")
+    lines.append(
+        f"risk-bounded: linear {_fmt(lin['risk_bounded']['threshold'])}, hurdle "
+        f"{_fmt(summary['posterior']['hurdle']['risk_bounded']['threshold'])}"
+    )
+    lines.append(f"Learn-then-Test: {_fmt(summary['ltt']['threshold'])}")
+    val = summary["validation"]
+    for name, m in val["methods"].items():
+        lines.append(
+            f"  {name:>22}: realised risk > {eps} in {m['exceed_frequency_per_token']:.3f} "
+            f"(per token) / {m['exceed_frequency_per_prompt']:.3f} (per prompt) of "
+            f"{val['num_splits']} splits; mean skip share {m['mean_skip_share']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs `uhlm threshold`; returns the exit status (2 on bad input)."""
+    try:
+        result = run(config_from_args(args))
+    except ValueError as err:
+        print(f"uhlm threshold: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.summary))
+    else:
+        print(format_summary(result.summary))
+        if result.path is not None:
+            print(f"wrote {result.path}")
+    return 0
