@@ -1,0 +1,768 @@
+"""Train the exit head of an early-exit draft by distilling the full model (`uhlm train-draft`).
+
+The draft is the full model's first L layers, one trainable decoder layer (the exit
+block) and a trainable final RMSNorm in front of the shared output head
+(`uhlm_jax.models.early_exit`). Training data are offline:
+
+1. the full model's own replies to the `train` prompts of the prompt file (chat template
+   applied, `samples_per_prompt` replies each, sampled at `temperature`, at most
+   `max_new_tokens` tokens), together with the prompts;
+2. since the first L layers are frozen, one pass of the full model per sequence gives the
+   layer-L hidden states (the exit block's input) and the final-normed hidden states (the
+   teacher; its logits are recomputed per batch instead of stored).
+
+The loss is the mean over tokens of `KL(p || q)`, teacher `p` and draft `q` at
+temperature 1, minimised with AdamW (warm-up, cosine decay, gradient clipping). Orbax
+checkpoints in `workdir` let an interrupted run resume where it stopped; the sampled
+sequences are cached there too.
+
+Acceptance is measured on the full model's replies to the held-out prompts (splits other
+than `train`): the mean over reply positions of `1 − TV(p, q)`, the expected acceptance of
+speculative verification, with a standard error clustered by reply. It is measured for
+the initial head and for the trained head as written to `output` (float16), and stored
+next to it in a JSON file.
+
+Reproduce the embedded head with
+`uhlm train-draft --output uhlm_jax/data/smollm2_exit_head.safetensors`.
+"""
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from uhlm_jax.models.cache import init_cache
+from uhlm_jax.models.early_exit import (
+    ExitHead,
+    draft_flops_fraction,
+    exit_logits,
+    init_exit_head,
+    layer_hidden_states,
+    load_exit_head,
+    save_exit_head,
+    tied_logits,
+)
+from uhlm_jax.models.llama import ModelParams, decode, prefill
+from uhlm_jax.models.tokenizer import Tokenizer
+from uhlm_jax.speculative import total_variation
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TRAIN_SPLIT = "train"
+# Sequences are padded to a multiple of this, so few shapes are compiled.
+_PAD_MULTIPLE = 32
+# Rows per batch of the sampling and feature passes.
+_SAMPLE_BATCH = 36
+_FEATURE_BATCH = 4
+
+
+def default_prompts_path() -> str:
+    """The prompt set shipped with the package (`uhlm_jax/data/prompts.jsonl`)."""
+    return str(resources.files("uhlm_jax") / "data" / "prompts.jsonl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of one training run.
+
+    Attributes:
+        model: the full model (a name or path `load_model` accepts).
+        prompts: JSON Lines file with `prompt` and `split` fields.
+        exit_layer: L, the full model's layers kept by the draft.
+        source_layer: the full model's layer that initialises the exit block (default L).
+        samples_per_prompt: replies sampled per training prompt.
+        max_new_tokens: most reply tokens per sample.
+        temperature: sampling temperature of the replies (> 0).
+        epochs: passes over the training sequences.
+        batch_size: sequences per optimiser step.
+        learning_rate: peak AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_steps: linear warm-up steps.
+        seed: seed of sampling and shuffling.
+        workdir: folder for the cached sequences and the orbax checkpoints.
+        output: the exit-head safetensors file to write (a JSON sidecar goes next to it).
+        checkpoint_every: optimiser steps between checkpoints.
+        max_steps: stop after this many steps in total (None: all epochs); a later run with
+            the same workdir resumes.
+        max_heldout: use at most this many held-out prompts (None: all).
+        max_train_prompts: use at most this many training prompts (None: all).
+    """
+
+    model: str = DEFAULT_MODEL
+    prompts: str = dataclasses.field(default_factory=default_prompts_path)
+    exit_layer: int = 9
+    source_layer: int | None = None
+    samples_per_prompt: int = 2
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    epochs: int = 4
+    batch_size: int = 4
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    seed: int = 0
+    workdir: str = "runs/train-draft"
+    output: str = "runs/train-draft/exit_head.safetensors"
+    checkpoint_every: int = 25
+    max_steps: int | None = None
+    max_heldout: int | None = None
+    max_train_prompts: int | None = None
+
+    def __post_init__(self):
+        positive = (
+            "samples_per_prompt",
+            "max_new_tokens",
+            "epochs",
+            "batch_size",
+            "checkpoint_every",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"Config.{name} must be a positive int, got {value!r}.")
+        if not isinstance(self.exit_layer, int) or self.exit_layer < 0:
+            raise ValueError(
+                f"Config.exit_layer must be a non-negative int, got {self.exit_layer!r}."
+            )
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"Config.temperature must be a positive number, got {self.temperature!r}."
+            )
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"Config.learning_rate must be positive, got {self.learning_rate!r}.")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"Config.weight_decay ({self.weight_decay!r}) and warmup_steps "
+                f"({self.warmup_steps!r}) must be >= 0."
+            )
+        for name in ("max_steps", "max_heldout", "max_train_prompts"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"Config.{name} must be a positive int or None, got {value!r}.")
+        if not os.path.isfile(self.prompts):
+            raise ValueError(f"Config.prompts: no such file {self.prompts!r}; pass a JSONL file.")
+
+
+class Sequences(NamedTuple):
+    """Token sequences: prompt (chat template applied) followed by a sampled reply.
+
+    Attributes:
+        tokens: per sequence, int32 ids `[t_i]`.
+        prompt_lengths: per sequence, the number of prompt ids.
+    """
+
+    tokens: list[np.ndarray]
+    prompt_lengths: list[int]
+
+
+class Features(NamedTuple):
+    """Per sequence: layer-L hidden states `[t_i, h]` and teacher hidden states `[t_i, h]`."""
+
+    hidden: list[np.ndarray]
+    final: list[np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+    """Mean `1 − TV(p, q)` over reply positions of held-out sequences.
+
+    Attributes:
+        mean: the acceptance.
+        se: its standard error, clustered by sequence.
+        tokens: number of positions averaged.
+        sequences: number of sequences.
+    """
+
+    mean: float
+    se: float
+    tokens: int
+    sequences: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Outcome of a run."""
+
+    exit_layer: int
+    steps: int
+    final_loss: float
+    acceptance_initial: Acceptance
+    acceptance_trained: Acceptance
+    flops_fraction: float
+    train_tokens: int
+    data_s: float
+    train_s: float
+    output: str
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# Data.
+
+
+def read_split(path: str, splits: Sequence[str] | None, exclude: bool = False) -> list[str]:
+    """Prompts of a JSONL file whose `split` is (or, with `exclude`, is not) in `splits`."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            if "prompt" not in record:
+                raise ValueError(f"{path}, line {number}: a record needs a 'prompt' key.")
+            split = record.get("split", TRAIN_SPLIT)
+            if splits is None or ((split in splits) != exclude):
+                prompts.append(record["prompt"])
+    if not prompts:
+        raise ValueError(f"{path} has no prompts in splits {splits} (exclude={exclude}).")
+    return prompts
+
+
+def _padded_length(n: int) -> int:
+    return -(-n // _PAD_MULTIPLE) * _PAD_MULTIPLE
+
+
+def _pad(rows: Sequence[np.ndarray], length: int, value=0) -> np.ndarray:
+    out = np.full((len(rows), length, *rows[0].shape[1:]), value, rows[0].dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def _sample_batch(
+    params: ModelParams,
+    tokens: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    key: Array,
+    temperature: Float[Array, ""],
+    max_new_tokens: int,
+    num_ids: int,
+    stop_ids: tuple[int, ...],
+) -> tuple[Int[Array, "b n"], Int[Array, " b"]]:
+    """Samples replies to right-padded prompts; returns the ids and each reply's length.
+
+    A reply ends after its first stop id (included in its length).
+    """
+    b, t = tokens.shape
+    cache = init_cache(params.config, b, t + max_new_tokens, params.dtype)
+    logits, cache = prefill(params, tokens, lengths, cache)
+    ids = jnp.arange(logits.shape[-1])
+    stops = jnp.asarray(stop_ids, jnp.int32)
+
+    def step(carry, step_key):
+        logits, cache, done = carry
+        logits = jnp.where(ids < num_ids, logits, -jnp.inf) / temperature
+        token = jax.random.categorical(step_key, logits, axis=-1).astype(jnp.int32)
+        logits, cache = decode(params, token, cache)
+        finished = done | jnp.isin(token, stops)
+        return (logits, cache, finished), (token, done)
+
+    keys = jax.random.split(key, max_new_tokens)
+    done = jnp.zeros((b,), bool)
+    _, (new, was_done) = lax.scan(step, (logits, cache, done), keys)
+    return new.T, jnp.sum(~was_done, axis=0)
+
+
+_sample_batch_jit = jax.jit(
+    _sample_batch, static_argnames=("max_new_tokens", "num_ids", "stop_ids")
+)
+
+
+def sample_sequences(
+    params: ModelParams,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    samples_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int,
+    progress: bool = True,
+) -> Sequences:
+    """The full model's replies to `prompts` (chat template applied), with the prompts.
+
+    Batch `j` of sample round `r` uses the key `fold_in(fold_in(key(seed), r), j)`.
+    """
+    from tqdm import tqdm
+
+    encoded = [
+        np.asarray(
+            tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}])),
+            np.int32,
+        )
+        for p in prompts
+    ]
+    base = jax.random.key(seed)
+    tokens, prompt_lengths = [], []
+    batches = [
+        (r, j, encoded[j * _SAMPLE_BATCH : (j + 1) * _SAMPLE_BATCH])
+        for r in range(samples_per_prompt)
+        for j in range(-(-len(encoded) // _SAMPLE_BATCH))
+    ]
+    for r, j, rows in tqdm(batches, desc="sampling replies", disable=not progress):
+        length = _padded_length(max(len(x) for x in rows))
+        key = jax.random.fold_in(jax.random.fold_in(base, r), j)
+        new, reply_lengths = _sample_batch_jit(
+            params,
+            jnp.asarray(_pad(rows, length)),
+            jnp.asarray([len(x) for x in rows], jnp.int32),
+            key,
+            jnp.asarray(temperature, jnp.float32),
+            max_new_tokens=max_new_tokens,
+            num_ids=tokenizer.vocab_size,
+            stop_ids=tuple(int(i) for i in tokenizer.stop_ids),
+        )
+        new, reply_lengths = np.asarray(new), np.asarray(reply_lengths)
+        for row, reply, n in zip(rows, new, reply_lengths, strict=True):
+            tokens.append(np.concatenate([row, reply[:n]]).astype(np.int32))
+            prompt_lengths.append(len(row))
+    return Sequences(tokens=tokens, prompt_lengths=prompt_lengths)
+
+
+def cached_sequences(workdir: str, name: str, fingerprint: dict, make) -> Sequences:
+    """Loads sequences from `workdir/name.npz` if made with the same settings, else makes them."""
+    digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(workdir, f"{name}-{digest}.npz")
+    if os.path.isfile(path):
+        with np.load(path) as data:
+            flat, offsets, prompt_lengths = data["tokens"], data["offsets"], data["prompt_lengths"]
+        tokens = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        return Sequences(tokens=tokens, prompt_lengths=[int(n) for n in prompt_lengths])
+    sequences = make()
+    os.makedirs(workdir, exist_ok=True)
+    offsets = np.cumsum([0] + [len(x) for x in sequences.tokens])
+    tmp = path + ".tmp.npz"
+    np.savez(
+        tmp,
+        tokens=np.concatenate(sequences.tokens),
+        offsets=offsets,
+        prompt_lengths=np.asarray(sequences.prompt_lengths),
+    )
+    os.replace(tmp, path)
+    return sequences
+
+
+_hidden_states_jit = jax.jit(layer_hidden_states, static_argnames=("exit_layers",))
+
+
+def compute_features(
+    params: ModelParams,
+    sequences: Sequences,
+    exit_layers: Sequence[int],
+    progress: bool = True,
+) -> dict[int, Features]:
+    """Layer-L and final-normed hidden states of every sequence, for each L (one pass)."""
+    from tqdm import tqdm
+
+    exit_layers = tuple(sorted(set(exit_layers)))
+    hidden = {layer: [] for layer in exit_layers}
+    final = []
+    order = np.argsort([len(x) for x in sequences.tokens])
+    rows_of = {}
+    for start in tqdm(
+        range(0, len(order), _FEATURE_BATCH), desc="hidden states", disable=not progress
+    ):
+        index = order[start : start + _FEATURE_BATCH]
+        rows = [sequences.tokens[i] for i in index]
+        lengths = np.asarray([len(x) for x in rows], np.int32)
+        states = _hidden_states_jit(
+            params,
+            jnp.asarray(_pad(rows, _padded_length(int(lengths.max())))),
+            jnp.asarray(lengths),
+            exit_layers=exit_layers,
+        )
+        exits, last = np.asarray(states.exits), np.asarray(states.final)
+        for r, (i, n) in enumerate(zip(index, lengths, strict=True)):
+            rows_of[int(i)] = (exits[:, r, :n], last[r, :n])
+    for i in range(len(sequences.tokens)):
+        exits, last = rows_of[i]
+        final.append(last)
+        for k, layer in enumerate(exit_layers):
+            hidden[layer].append(exits[k])
+    return {layer: Features(hidden=hidden[layer], final=final) for layer in exit_layers}
+
+
+# ---------------------------------------------------------------------------------------
+# Loss, acceptance and training.
+
+
+def distillation_loss(
+    head: ExitHead,
+    params: ModelParams,
+    hidden: Float[Array, "b t h"],
+    final: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+    weights: Float[Array, "b t"],
+) -> Float[Array, ""]:
+    """Weighted mean over positions of `KL(p || q)`: teacher `p`, draft `q` (temperature 1).
+
+    `KL = Σ_v p_v (log p_v − log q_v)`, from log-softmaxed float32 logits.
+    """
+    log_q = jax.nn.log_softmax(exit_logits(params, head, hidden, lengths), axis=-1)
+    log_p = jax.nn.log_softmax(tied_logits(params, final), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _acceptance_batch(
+    head: ExitHead,
+    params: ModelParams,
+    hidden: Float[Array, "b t h"],
+    final: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+) -> Float[Array, "b t"]:
+    log_q = jax.nn.log_softmax(exit_logits(params, head, hidden, lengths), axis=-1)
+    log_p = jax.nn.log_softmax(tied_logits(params, final), axis=-1)
+    tv = jax.vmap(jax.vmap(total_variation))(log_q, log_p)
+    return 1.0 - tv
+
+
+_acceptance_batch_jit = jax.jit(_acceptance_batch)
+
+
+def _reply_weights(lengths: Sequence[int], prompt_lengths: Sequence[int], t: int) -> np.ndarray:
+    """`[b, t]`: 1 where column j predicts a reply token (prompt_len − 1 <= j < len − 1)."""
+    columns = np.arange(t)[None, :]
+    start = np.asarray(prompt_lengths)[:, None] - 1
+    stop = np.asarray(lengths)[:, None] - 1
+    return ((columns >= start) & (columns < stop)).astype(np.float32)
+
+
+def measure_acceptance(
+    params: ModelParams, head: ExitHead, sequences: Sequences, features: Features
+) -> Acceptance:
+    """Mean `1 − TV(p, q)` over the reply positions of `sequences`.
+
+    The standard error treats sequences as clusters (ratio estimator):
+    `se² = m/(m−1) Σ_i (a_i − ā n_i)² / (Σ_i n_i)²`, with `a_i` the summed acceptance and
+    `n_i` the positions of sequence `i`.
+    """
+    sums, counts = [], []
+    n = len(sequences.tokens)
+    for start in range(0, n, _FEATURE_BATCH):
+        index = range(start, min(n, start + _FEATURE_BATCH))
+        lengths = [len(sequences.tokens[i]) for i in index]
+        t = _padded_length(max(lengths))
+        values = np.asarray(
+            _acceptance_batch_jit(
+                head,
+                params,
+                jnp.asarray(_pad([features.hidden[i] for i in index], t)),
+                jnp.asarray(_pad([features.final[i] for i in index], t)),
+                jnp.asarray(lengths, jnp.int32),
+            )
+        )
+        weights = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t)
+        sums.extend((values * weights).sum(axis=1).tolist())
+        counts.extend(weights.sum(axis=1).tolist())
+    sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
+    total = counts.sum()
+    mean = sums.sum() / max(total, 1.0)
+    m = len(sums)
+    se = math.sqrt(m / max(m - 1, 1) * np.sum((sums - mean * counts) ** 2)) / max(total, 1.0)
+    return Acceptance(mean=float(mean), se=float(se), tokens=int(total), sequences=m)
+
+
+def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up, cosine decay to 10% of the peak, and clipping at norm 1."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=min(cfg.warmup_steps, max(total_steps - 1, 0)),
+        decay_steps=max(total_steps, 1),
+        end_value=0.1 * cfg.learning_rate,
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(schedule, weight_decay=cfg.weight_decay),
+    )
+
+
+def _batches(cfg: Config, n: int) -> list[np.ndarray]:
+    """Sequence indices of every step: one seeded permutation per epoch."""
+    out = []
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        out.extend(order[i : i + cfg.batch_size] for i in range(0, n, cfg.batch_size))
+    return out
+
+
+def train_head(
+    cfg: Config,
+    params: ModelParams,
+    head: ExitHead,
+    sequences: Sequences,
+    features: Features,
+    checkpoint_dir: str,
+    progress: bool = True,
+) -> tuple[ExitHead, int, float]:
+    """Trains `head` by distillation; resumes from the latest checkpoint in `checkpoint_dir`.
+
+    Returns:
+        The trained head, the number of steps done in total, and the last step's loss.
+    """
+    import orbax.checkpoint as ocp
+    from tqdm import tqdm
+
+    batches = _batches(cfg, len(sequences.tokens))
+    total = len(batches)
+    optimizer = make_optimizer(cfg, total)
+    opt_state = optimizer.init(head)
+
+    def step_fn(head, opt_state, hidden, final, lengths, weights):
+        loss, grads = jax.value_and_grad(distillation_loss)(
+            head, params, hidden, final, lengths, weights
+        )
+        updates, opt_state = optimizer.update(grads, opt_state, head)
+        return optax.apply_updates(head, updates), opt_state, loss
+
+    step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
+    manager = ocp.CheckpointManager(
+        os.path.abspath(checkpoint_dir),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+    )
+    done = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        state = manager.restore(
+            latest, args=ocp.args.StandardRestore({"head": head, "opt_state": opt_state})
+        )
+        head, opt_state, done = state["head"], state["opt_state"], int(latest)
+    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    loss = float("nan")
+    bar = tqdm(
+        total=total, initial=done, desc=f"training L={head.exit_layer}", disable=not progress
+    )
+    for step in range(done, stop):
+        index = batches[step]
+        lengths = [len(sequences.tokens[i]) for i in index]
+        t = _padded_length(max(lengths))
+        weights = _pad([np.ones(n - 1, np.float32) for n in lengths], t)
+        head, opt_state, loss_value = step_jit(
+            head,
+            opt_state,
+            jnp.asarray(_pad([features.hidden[i] for i in index], t)),
+            jnp.asarray(_pad([features.final[i] for i in index], t)),
+            jnp.asarray(lengths, jnp.int32),
+            jnp.asarray(weights),
+        )
+        loss = float(loss_value)
+        bar.update(1)
+        bar.set_postfix(kl=f"{loss:.3f}")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
+            manager.save(
+                step + 1, args=ocp.args.StandardSave({"head": head, "opt_state": opt_state})
+            )
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    return head, stop, loss
+
+
+# ---------------------------------------------------------------------------------------
+# The job.
+
+
+def sequence_settings(cfg: Config) -> dict[str, Any]:
+    """What determines the sampled sequences (the cache key)."""
+    return {
+        "model": cfg.model,
+        "prompts": os.path.abspath(cfg.prompts),
+        "samples_per_prompt": cfg.samples_per_prompt,
+        "max_new_tokens": cfg.max_new_tokens,
+        "temperature": cfg.temperature,
+        "seed": cfg.seed,
+        "max_heldout": cfg.max_heldout,
+        "max_train_prompts": cfg.max_train_prompts,
+    }
+
+
+def load_sequences(cfg: Config, params: ModelParams, tokenizer: Tokenizer, progress: bool = True):
+    """Training and held-out sequences, sampled once and cached in `cfg.workdir`.
+
+    Held-out replies: one per prompt outside the `train` split, with seed `seed + 1`.
+    """
+    settings = sequence_settings(cfg)
+    train_prompts = read_split(cfg.prompts, [TRAIN_SPLIT])[: cfg.max_train_prompts]
+    heldout_prompts = read_split(cfg.prompts, [TRAIN_SPLIT], exclude=True)[: cfg.max_heldout]
+    train = cached_sequences(
+        cfg.workdir,
+        "train",
+        {**settings, "part": "train"},
+        lambda: sample_sequences(
+            params,
+            tokenizer,
+            train_prompts,
+            cfg.samples_per_prompt,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.seed,
+            progress,
+        ),
+    )
+    heldout = cached_sequences(
+        cfg.workdir,
+        "heldout",
+        {**settings, "part": "heldout"},
+        lambda: sample_sequences(
+            params,
+            tokenizer,
+            heldout_prompts,
+            1,
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.seed + 1,
+            progress,
+        ),
+    )
+    return train, heldout
+
+
+def sidecar_path(output: str) -> str:
+    """The JSON file written next to an exit-head file."""
+    return os.path.splitext(output)[0] + ".json"
+
+
+def run(cfg: Config, progress: bool = True) -> Result:
+    """Samples (or reuses) the data, trains, writes the head and its JSON, and measures."""
+    from uhlm_jax.models.registry import load_model
+
+    model = load_model(cfg.model)
+    params = model.params
+    if cfg.exit_layer >= params.config.num_layers:
+        raise ValueError(
+            f"Config.exit_layer={cfg.exit_layer} must be below the model's "
+            f"{params.config.num_layers} layers."
+        )
+    start = time.perf_counter()
+    train, heldout = load_sequences(cfg, params, model.tokenizer, progress)
+    train_features = compute_features(params, train, [cfg.exit_layer], progress)[cfg.exit_layer]
+    heldout_features = compute_features(params, heldout, [cfg.exit_layer], progress)[cfg.exit_layer]
+    data_s = time.perf_counter() - start
+
+    head = init_exit_head(params, cfg.exit_layer, cfg.source_layer)
+    initial = measure_acceptance(params, head, heldout, heldout_features)
+    start = time.perf_counter()
+    checkpoints = os.path.join(cfg.workdir, f"checkpoints-L{cfg.exit_layer}")
+    head, steps, loss = train_head(cfg, params, head, train, train_features, checkpoints, progress)
+    train_s = time.perf_counter() - start
+
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
+    save_exit_head(cfg.output, head, params.config, metadata={"base_model": cfg.model})
+    stored, _ = load_exit_head(cfg.output, params.config, params.dtype)
+    trained = measure_acceptance(params, stored, heldout, heldout_features)
+    result = Result(
+        exit_layer=cfg.exit_layer,
+        steps=steps,
+        final_loss=loss,
+        acceptance_initial=initial,
+        acceptance_trained=trained,
+        flops_fraction=draft_flops_fraction(params.config, cfg.exit_layer),
+        train_tokens=int(sum(len(x) for x in train.tokens)),
+        data_s=data_s,
+        train_s=train_s,
+        output=cfg.output,
+    )
+    config = dataclasses.asdict(cfg)
+    config["prompts"] = os.path.basename(cfg.prompts)
+    config.pop("workdir")
+    config.pop("output")
+    sidecar = {
+        "exit_layer": cfg.exit_layer,
+        "storage_dtype": "float16",
+        "acceptance": trained.mean,
+        "acceptance_se": trained.se,
+        "heldout_tokens": trained.tokens,
+        "heldout_sequences": trained.sequences,
+        "acceptance_untrained": initial.mean,
+        "flops_fraction": result.flops_fraction,
+        "measurement": (
+            "mean of 1 - TV(p, q) over the reply positions of the full model's replies to the "
+            "prompts outside the train split (temperature-1 distributions; replies sampled at "
+            "`temperature` with seed + 1)"
+        ),
+        "train_config": config,
+        "steps": steps,
+        "train_tokens": result.train_tokens,
+    }
+    with open(sidecar_path(cfg.output), "w") as f:
+        json.dump(sidecar, f, indent=2)
+        f.write("\n")
+    return result
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `uhlm train-draft`; defaults are those of `Config`."""
+    d = Config()
+    parser.add_argument("--model", default=d.model, help="full model (name or path)")
+    parser.add_argument("--prompts", default=d.prompts, help="JSONL prompts with a split field")
+    parser.add_argument("--exit-layer", type=int, default=d.exit_layer, help="layers kept (L)")
+    parser.add_argument(
+        "--source-layer",
+        type=int,
+        default=None,
+        help="layer copied into the exit block (default L)",
+    )
+    parser.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=d.temperature)
+    parser.add_argument("--epochs", type=int, default=d.epochs)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--workdir", default=d.workdir, help="cache and checkpoint folder")
+    parser.add_argument("--output", default=d.output, help="exit-head safetensors to write")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop early (resumable)")
+    parser.add_argument("--max-heldout", type=int, default=None)
+    parser.add_argument("--max-train-prompts", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Builds the `Config` from parsed flags."""
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs the job and prints the result."""
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = run(cfg, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    a0, a1 = result.acceptance_initial, result.acceptance_trained
+    print(
+        f"exit layer {result.exit_layer}: {result.flops_fraction:.1%} of the full model's FLOPs\n"
+        f"acceptance 1-TV on {a1.tokens} held-out tokens: untrained {a0.mean:.3f} ± {a0.se:.3f}, "
+        f"trained {a1.mean:.3f} ± {a1.se:.3f}\n"
+        f"{result.steps} steps on {result.train_tokens} tokens in {result.train_s:.0f} s "
+        f"(data {result.data_s:.0f} s); final KL {result.final_loss:.3f}\n"
+        f"wrote {result.output} and {sidecar_path(result.output)}"
+    )
+    return 0

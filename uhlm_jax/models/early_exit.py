@@ -1,0 +1,426 @@
+"""Early-exit drafts: a model's first L layers plus a trained exit head.
+
+The draft of a decoder with `N` layers is itself a standard decoder (`ModelParams`) with
+`L + 1` layers: layers `0 .. L-1` are the full model's (shared, bit for bit), layer `L` is
+the trainable *exit block* (a full decoder layer), followed by a trainable final RMSNorm
+and the full model's output head (tied to the embedding for SmolLM2). `prefill`,
+`decode` and `forward` therefore run the draft unchanged. This is self-speculative /
+early-exit drafting (Zhang et al., "Draft & Verify", 2023; Elhoushi et al., "LayerSkip",
+2024; Liu et al., "Kangaroo", 2024).
+
+An `ExitHead` holds only the trainable tensors (the exit block and the norm scale), which
+is what `save_exit_head` writes to a safetensors file (float16 by default: one SmolLM2
+layer is 3.5 M parameters, 7.1 MB).
+
+For training, `layer_hidden_states` runs the full model once and returns the residual
+stream after chosen layers plus the final-normed hidden state (the teacher), and
+`exit_logits` runs an exit head on stored layer-L states. Both are written here as pure
+functions over the same weight dictionaries as `uhlm_jax.models.llama`, and the tests
+check them against `llama.forward`.
+
+Shapes (see `uhlm_jax.types`): `b` batch, `t` tokens, `v` vocabulary, `h` hidden.
+"""
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Mapping, Sequence
+
+import flax.struct
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, Int
+
+from uhlm_jax.models.config import ModelConfig
+from uhlm_jax.models.llama import ModelParams
+
+__all__ = [
+    "ExitHead",
+    "HiddenStates",
+    "build_draft",
+    "draft_flops_fraction",
+    "exit_head_from_draft",
+    "exit_logits",
+    "init_exit_head",
+    "layer_hidden_states",
+    "load_exit_head",
+    "save_exit_head",
+    "tied_logits",
+]
+
+# Metadata keys of the safetensors file.
+_META_EXIT_LAYER = "exit_layer"
+_META_HIDDEN = "hidden_size"
+_META_INTERMEDIATE = "intermediate_size"
+_META_LAYERS = "base_num_layers"
+_META_FORMAT = "format"
+_FORMAT = "uhlm_jax.early_exit/1"
+_LAYER_PREFIX = "exit_block"
+_NORM_NAME = "norm/scale"
+
+# Score given to masked keys (as in llama.py): finite, so a padding query never yields NaN.
+_MASKED = float(np.finfo(np.float32).min)
+
+
+@flax.struct.dataclass
+class ExitHead:
+    """The trainable part of an early-exit draft.
+
+    Attributes:
+        exit_layer: L, the number of the full model's layers the draft keeps (static).
+        layer: weights of the exit block, the same subtree as `weights["layers_i"]` of a
+            `ModelParams` (`input_layernorm`, `self_attn`, `post_attention_layernorm`,
+            `mlp`).
+        norm: `{"scale": [h]}`, the final RMSNorm in front of the output head.
+    """
+
+    exit_layer: int = flax.struct.field(pytree_node=False)
+    layer: dict
+    norm: dict
+
+
+@flax.struct.dataclass
+class HiddenStates:
+    """Residual stream of the full model at chosen depths.
+
+    Attributes:
+        exits: `[n, b, t, h]` hidden state after layers `L_1 .. L_n` (input of layer L_i).
+        final: `[b, t, h]` final-normed hidden state (the input of the output head).
+    """
+
+    exits: Float[Array, "n b t h"]
+    final: Float[Array, "b t h"]
+
+
+# ---------------------------------------------------------------------------------------
+# Building drafts.
+
+
+def _check_exit_layer(config: ModelConfig, exit_layer: int) -> None:
+    if isinstance(exit_layer, bool) or not isinstance(exit_layer, int):
+        raise ValueError(f"exit_layer must be an int, got {exit_layer!r}.")
+    if not 0 <= exit_layer < config.num_layers:
+        raise ValueError(
+            f"exit_layer={exit_layer} must be in [0, {config.num_layers - 1}] for a model "
+            f"with {config.num_layers} layers (the draft keeps that many full layers and "
+            "adds one exit block)."
+        )
+
+
+def init_exit_head(
+    params: ModelParams, exit_layer: int, source_layer: int | None = None
+) -> ExitHead:
+    """An exit head initialised from the full model.
+
+    Args:
+        params: the full model.
+        exit_layer: L, the number of leading layers the draft shares.
+        source_layer: the full model's layer copied into the exit block; default `L` (the
+            layer the exit block replaces), so an untrained head runs layers `0..L` and the
+            final norm of the full model.
+
+    Returns:
+        The `ExitHead` (a copy; training it leaves `params` unchanged).
+    """
+    _check_exit_layer(params.config, exit_layer)
+    source = exit_layer if source_layer is None else source_layer
+    _check_exit_layer(params.config, source)
+    copy = lambda tree: jax.tree.map(jnp.array, tree)
+    return ExitHead(
+        exit_layer=exit_layer,
+        layer=copy(dict(params.weights[f"layers_{source}"])),
+        norm=copy(dict(params.weights["norm"])),
+    )
+
+
+def _draft_config(config: ModelConfig, exit_layer: int) -> ModelConfig:
+    return dataclasses.replace(config, num_layers=exit_layer + 1)
+
+
+def build_draft(params: ModelParams, head: ExitHead) -> ModelParams:
+    """The draft decoder: the first L layers of `params`, the exit block and its norm.
+
+    The shared tensors are the same arrays as in `params` (no copy), so the first L layers
+    and the output head are bit-identical to the full model's.
+
+    Args:
+        params: the full model.
+        head: its exit head.
+
+    Returns:
+        `ModelParams` with `config.num_layers == head.exit_layer + 1`.
+
+    Raises:
+        ValueError: if the head's shapes or dtype do not match `params`.
+    """
+    exit_layer = head.exit_layer
+    _check_exit_layer(params.config, exit_layer)
+    reference = params.weights[f"layers_{exit_layer}"]
+    expected = jax.tree.map(
+        lambda w: (w.shape, w.dtype), (dict(reference), dict(params.weights["norm"]))
+    )
+    got = jax.tree.map(lambda w: (w.shape, w.dtype), (dict(head.layer), dict(head.norm)))
+    if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
+        raise ValueError(
+            "The exit head does not match the model: its tensors' names, shapes or dtypes "
+            f"differ from those of layer {exit_layer} and the final norm of a "
+            f"{params.config.num_layers}-layer model with hidden size "
+            f"{params.config.hidden_size} and dtype {params.dtype}. Retrain it for this "
+            "model with `uhlm train-draft`."
+        )
+    weights = {
+        name: value
+        for name, value in params.weights.items()
+        if not name.startswith("layers_") and name != "norm"
+    }
+    for i in range(exit_layer):
+        weights[f"layers_{i}"] = params.weights[f"layers_{i}"]
+    weights[f"layers_{exit_layer}"] = head.layer
+    weights["norm"] = head.norm
+    return ModelParams(config=_draft_config(params.config, exit_layer), weights=weights)
+
+
+def exit_head_from_draft(draft: ModelParams) -> ExitHead:
+    """The exit head of a draft made by `build_draft` (its last layer and its norm)."""
+    exit_layer = draft.config.num_layers - 1
+    return ExitHead(
+        exit_layer=exit_layer,
+        layer=draft.weights[f"layers_{exit_layer}"],
+        norm=draft.weights["norm"],
+    )
+
+
+def draft_flops_fraction(config: ModelConfig, exit_layer: int, context_length: int = 0) -> float:
+    """FLOPs per token of the draft (L layers + exit block + head) over the full model's.
+
+    Args:
+        config: the full model's config.
+        exit_layer: L.
+        context_length: positions attended to (see `ModelConfig.flops_per_token`).
+
+    Returns:
+        The ratio, in (0, 1] (1 when L + 1 equals the full depth).
+    """
+    _check_exit_layer(config, exit_layer)
+    draft = _draft_config(config, exit_layer).flops_per_token(context_length)
+    return draft / config.flops_per_token(context_length)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure-function network pieces over the weight dictionaries (training and measurement).
+
+
+def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
+    x32 = x.astype(jnp.float32)
+    normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(scale.dtype) * scale
+
+
+def _dense(x: Array, p: Mapping[str, Array]) -> Array:
+    y = x @ p["kernel"]
+    return y + p["bias"] if "bias" in p else y
+
+
+def _rope(x: Float[Array, "b t n d"], positions: Int[Array, "b t"], theta: float) -> Array:
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., d // 2 :], x32[..., : d // 2]], axis=-1)
+    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
+
+
+def _decoder_layer(
+    config: ModelConfig, layer: Mapping, x: Float[Array, "b t h"], lengths: Int[Array, " b"]
+) -> Float[Array, "b t h"]:
+    """One pre-norm decoder layer over right-padded rows with causal attention."""
+    b, t, _ = x.shape
+    kh, g, d = config.num_kv_heads, config.num_groups, config.head_dim
+    positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
+    slots = jnp.arange(t)
+    mask = (slots[None, :] <= slots[:, None])[None] & (
+        slots[None, None, :] < lengths[:, None, None]
+    )
+    attn = layer["self_attn"]
+    y = _rms_norm(x, layer["input_layernorm"]["scale"], config.rms_norm_eps)
+    q = _rope(_dense(y, attn["q_proj"]).reshape(b, t, kh * g, d), positions, config.rope_theta)
+    k = _rope(_dense(y, attn["k_proj"]).reshape(b, t, kh, d), positions, config.rope_theta)
+    v = _dense(y, attn["v_proj"]).reshape(b, t, kh, d)
+    q = q.reshape(b, t, kh, g, d)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores / math.sqrt(d), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, kh * g * d)
+    x = x + _dense(out, attn["o_proj"])
+    mlp = layer["mlp"]
+    y = _rms_norm(x, layer["post_attention_layernorm"]["scale"], config.rms_norm_eps)
+    hidden = jax.nn.silu(_dense(y, mlp["gate_proj"])) * _dense(y, mlp["up_proj"])
+    return x + _dense(hidden, mlp["down_proj"])
+
+
+def layer_hidden_states(
+    params: ModelParams,
+    tokens: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    exit_layers: Sequence[int],
+) -> HiddenStates:
+    """Runs the full model on right-padded rows and keeps the residual stream.
+
+    Args:
+        params: the full model.
+        tokens: `[b, t]` ids; row `b` holds `lengths[b]` real tokens from column 0.
+        lengths: `[b]` real tokens per row.
+        exit_layers: static depths L (each in `[0, num_layers)`); `exits[i]` is the
+            input of layer `exit_layers[i]`.
+
+    Returns:
+        `HiddenStates` in the parameter dtype. Padding columns hold meaningless values.
+    """
+    for exit_layer in exit_layers:
+        _check_exit_layer(params.config, exit_layer)
+    config, weights = params.config, params.weights
+    lengths = jnp.asarray(lengths, jnp.int32)
+    x = weights["embed_tokens"]["embedding"][tokens]
+    exits = {}
+    for i in range(config.num_layers):
+        if i in exit_layers:
+            exits[i] = x
+        x = _decoder_layer(config, weights[f"layers_{i}"], x, lengths)
+    final = _rms_norm(x, weights["norm"]["scale"], config.rms_norm_eps)
+    return HiddenStates(exits=jnp.stack([exits[i] for i in exit_layers]), final=final)
+
+
+def tied_logits(params: ModelParams, hidden: Float[Array, "... h"]) -> Float[Array, "... v"]:
+    """Float32 logits of final-normed hidden states through the model's output head."""
+    if params.config.tie_word_embeddings:
+        table = params.weights["embed_tokens"]["embedding"]
+        return jnp.einsum("...h,vh->...v", hidden, table).astype(jnp.float32)
+    return (hidden @ params.weights["lm_head"]["kernel"]).astype(jnp.float32)
+
+
+def exit_logits(
+    params: ModelParams,
+    head: ExitHead,
+    hidden: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+) -> Float[Array, "b t v"]:
+    """The draft's logits from the full model's residual stream after layer L.
+
+    Equal to `llama.forward(build_draft(params, head), ...)` (up to float rounding), at a
+    fraction of the cost when `hidden` is precomputed.
+
+    Args:
+        params: the full model (only its output head is used).
+        head: the exit head.
+        hidden: `[b, t, h]` input of layer `head.exit_layer` (from `layer_hidden_states`).
+        lengths: `[b]` real tokens per right-padded row.
+
+    Returns:
+        Float32 logits `[b, t, v]`.
+    """
+    config = params.config
+    x = _decoder_layer(config, head.layer, hidden.astype(params.dtype), jnp.asarray(lengths))
+    return tied_logits(params, _rms_norm(x, head.norm["scale"], config.rms_norm_eps))
+
+
+# ---------------------------------------------------------------------------------------
+# Files.
+
+
+def _flat_tensors(head: ExitHead) -> dict[str, Array]:
+    flat = flax.traverse_util.flatten_dict(dict(head.layer), sep="/")
+    tensors = {f"{_LAYER_PREFIX}/{name}": value for name, value in flat.items()}
+    tensors[_NORM_NAME] = head.norm["scale"]
+    return tensors
+
+
+def save_exit_head(
+    path: str | os.PathLike,
+    head: ExitHead,
+    config: ModelConfig,
+    dtype=np.float16,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
+    """Writes the exit head's tensors to a safetensors file.
+
+    Args:
+        path: destination file.
+        head: the exit head.
+        config: the full model's config (its sizes are stored to check on loading).
+        dtype: storage dtype (float16 by default; float32 for exact round trips).
+        metadata: extra string metadata to store.
+    """
+    from safetensors.numpy import save_file
+
+    tensors = {
+        name: np.asarray(jnp.asarray(value, jnp.float32)).astype(dtype)
+        for name, value in _flat_tensors(head).items()
+    }
+    meta = {
+        _META_FORMAT: _FORMAT,
+        _META_EXIT_LAYER: str(head.exit_layer),
+        _META_HIDDEN: str(config.hidden_size),
+        _META_INTERMEDIATE: str(config.intermediate_size),
+        _META_LAYERS: str(config.num_layers),
+        **dict(metadata or {}),
+    }
+    save_file(tensors, os.fspath(path), metadata=meta)
+
+
+def load_exit_head(
+    path: str | os.PathLike, config: ModelConfig, dtype=jnp.float32
+) -> tuple[ExitHead, dict[str, str]]:
+    """Reads an exit head written by `save_exit_head` and checks it against a model.
+
+    Args:
+        path: the safetensors file.
+        config: the full model's config.
+        dtype: parameter dtype of the result.
+
+    Returns:
+        The `ExitHead` and the file's string metadata.
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if the file is not an exit head, or its sizes do not match `config`.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Exit-head weights not found: {path}. Reinstall the package, or train them with "
+            "`uhlm train-draft --output <file>`."
+        )
+    with safe_open(path, framework="numpy") as f:
+        meta = dict(f.metadata() or {})
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    if meta.get(_META_FORMAT) != _FORMAT or _NORM_NAME not in tensors:
+        raise ValueError(f"{path} is not an exit-head file written by save_exit_head.")
+    exit_layer = int(meta[_META_EXIT_LAYER])
+    sizes = (int(meta[_META_HIDDEN]), int(meta[_META_INTERMEDIATE]), int(meta[_META_LAYERS]))
+    expected = (config.hidden_size, config.intermediate_size, config.num_layers)
+    if sizes != expected or not 0 <= exit_layer < config.num_layers:
+        raise ValueError(
+            f"The exit head in {path} does not match the model: it was trained for hidden "
+            f"size {sizes[0]}, intermediate size {sizes[1]} and {sizes[2]} layers (exit "
+            f"layer {exit_layer}), but the model has {expected[0]}, {expected[1]} and "
+            f"{expected[2]}. Retrain it with `uhlm train-draft`."
+        )
+    prefix = _LAYER_PREFIX + "/"
+    layer = flax.traverse_util.unflatten_dict(
+        {
+            tuple(name[len(prefix) :].split("/")): jnp.asarray(value, dtype)
+            for name, value in tensors.items()
+            if name.startswith(prefix)
+        }
+    )
+    norm = {"scale": jnp.asarray(tensors[_NORM_NAME], dtype)}
+    return ExitHead(exit_layer=exit_layer, layer=layer, norm=norm), meta
