@@ -9,6 +9,7 @@ from uhlm_jax.models.llama import (
     forward,
     init_params,
     params_from_hf,
+    params_to_hf,
     prefill,
 )
 
@@ -24,5 +25,6 @@ __all__ = [
     "init_cache",
     "init_params",
     "params_from_hf",
+    "params_to_hf",
     "prefill",
 ]

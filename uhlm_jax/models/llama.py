@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax.models.cache import KVCache
 from uhlm_jax.models.config import ModelConfig
@@ -65,12 +65,14 @@ class ModelParams:
 
     Attributes:
         config: the architecture; part of the treedef, so `jit` specialises on it.
-        weights: the Flax `params` collection, with per-layer subtrees `layers_0`, ...:
-            `embed_tokens/embedding [v, h]`, `layers_i/{input_layernorm,
-            post_attention_layernorm}/scale [h]`, `layers_i/self_attn/{q,k,v,o}_proj/kernel`
-            (`[h, out]`, input first), `.../bias` when `config.qkv_bias`,
-            `layers_i/mlp/{gate,up,down}_proj/kernel`, `norm/scale [h]`, and
-            `lm_head/kernel [h, v]` unless the head is tied to the embedding.
+        weights: the Flax `params` collection, one subtree per layer (`layers_0`, ...):
+            `embed_tokens/embedding [v, h]`; per layer `input_layernorm/scale [h]`,
+            `self_attn/qkv_proj/kernel [h, (q + 2k) d]` (q, k and v projections side by
+            side, plus `bias` when `config.qkv_bias`), `self_attn/o_proj/kernel [q d, h]`,
+            `post_attention_layernorm/scale [h]`, `mlp/gate_up_proj/kernel [h, 2 i]`,
+            `mlp/down_proj/kernel [i, h]`; then `norm/scale [h]` and, unless the head is
+            tied to the embedding, `lm_head/kernel [h, v]`. Kernels are `[in, out]`
+            (transposed relative to HF); `params_from_hf`/`params_to_hf` convert.
     """
 
     config: ModelConfig = flax.struct.field(pytree_node=False)
@@ -108,7 +110,11 @@ def _rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
 def _rope_tables(
     positions: Int[Array, "b t"], head_dim: int, theta: float
 ) -> tuple[Float[Array, "b t d"], Float[Array, "b t d"]]:
-    """cos and sin of RoPE angles (non-interleaved halves, as in HF Llama)."""
+    """cos and sin of the RoPE angles `position / theta^(2i/d)`, halves concatenated.
+
+    This is the non-interleaved layout of HF Llama (`rotate_half`), not the interleaved
+    pairs of the RoFormer paper (Su et al., 2021, arXiv 2104.09864).
+    """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)
@@ -116,23 +122,56 @@ def _rope_tables(
 
 
 def _apply_rope(x: Array, cos: Array, sin: Array) -> Array:
-    """Rotates `x [..., t, d]` by the angles in `cos, sin [..., t, d]` (float32 maths)."""
+    """Rotates the last axis of `x` by angles `cos, sin` broadcast to it (float32 maths)."""
     x32 = x.astype(jnp.float32)
     return (x32 * cos + _rotate_half(x32) * sin).astype(x.dtype)
 
 
 def _attend(
-    q: Float[Array, "b k g t d"],
+    q: Float[Array, "b t k g d"],
     keys: Float[Array, "b k s d"],
     values: Float[Array, "b k s d"],
-    mask: Array,
-) -> Float[Array, "b k g t d"]:
-    """Grouped-query attention of queries over keys where `mask [b, t, s]` is true."""
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, keys, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bkgts,bksd->bkgtd", probs.astype(values.dtype), values)
+    mask: Bool[Array, "b t s"],
+) -> Float[Array, "b t k g d"]:
+    """Grouped-query attention of queries over the keys where `mask` is true.
+
+    Query head `k * g + j` uses kv head `k` (HF's `repeat_kv`). Scores and softmax are
+    float32; masked keys get probability exactly 0.
+
+    Two formulations with equal results, chosen by the static query length:
+    - one query (decode, memory-bound): multiply-reduce over the cache in its stored
+      layout. XLA:CPU then streams the cache once and updates it in place; the dot
+      formulation made it copy the cache (twice per layer at batch 1, where degenerate
+      dims are dropped).
+    - several queries (prefill, compute-bound): batched matrix products, with the keys
+      as the left operand so they are contracted over their minor axis without a
+      transposed copy.
+    """
+    b, t, kh, g, d = q.shape
+    s = keys.shape[2]
+    scale = 1.0 / math.sqrt(d)
+    queries = q.transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, d)
+    batch = ((0, 1), (0, 1))
+    if t == 1:
+        q32, k32 = queries.astype(jnp.float32), keys.astype(jnp.float32)
+        scores = (q32[:, :, :, None, :] * k32[:, :, None, :, :]).sum(-1)
+    else:
+        scores = lax.dot_general(
+            keys, queries, (((3,), (3,)), batch), preferred_element_type=jnp.float32
+        ).transpose(0, 1, 3, 2)
+    scores = scores.reshape(b, kh, g, t, s)
+    scores = jnp.where(mask[:, None, None], scores * scale, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).reshape(b, kh, g * t, s)
+    if t == 1:
+        out = (probs[..., None] * values[:, :, None].astype(jnp.float32)).sum(3)
+    else:
+        out = lax.dot_general(
+            probs.astype(values.dtype),
+            values,
+            (((3,), (2,)), batch),
+            preferred_element_type=jnp.float32,
+        )
+    return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
 def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
@@ -147,12 +186,14 @@ def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
 
 
 class _Attention(nn.Module):
+    """Self-attention with fused q/k/v projection (one matrix product instead of three)."""
+
     config: ModelConfig
     dtype: Any
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, index):
-        """Self-attention of new tokens over the cache (or over themselves).
+        """Attends the new tokens over the cache (or over themselves).
 
         Args:
             x: `[b, t, h]` normalised hidden states of the new tokens.
@@ -170,34 +211,34 @@ class _Attention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         kh, g, d = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
-        q = _dense(cfg.num_heads * d, cfg.qkv_bias, self.dtype, "q_proj")(x)
-        k = _dense(kh * d, cfg.qkv_bias, self.dtype, "k_proj")(x)
-        v = _dense(kh * d, cfg.qkv_bias, self.dtype, "v_proj")(x)
-        # Query head kh * g + j belongs to kv head kh, as in HF's repeat_kv.
-        q = q.reshape(b, t, kh, g, d).transpose(0, 2, 3, 1, 4)
-        k = k.reshape(b, t, kh, d).transpose(0, 2, 1, 3)
+        q_width, kv_width = cfg.num_heads * d, kh * d
+        qkv = _dense(q_width + 2 * kv_width, cfg.qkv_bias, self.dtype, "qkv_proj")(x)
+        q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+        q = _apply_rope(q.reshape(b, t, kh, g, d), cos[:, :, None, None], sin[:, :, None, None])
+        k = _apply_rope(k.reshape(b, t, kh, d), cos[:, :, None], sin[:, :, None])
+        k = k.transpose(0, 2, 1, 3)
         v = v.reshape(b, t, kh, d).transpose(0, 2, 1, 3)
-        q = _apply_rope(q, cos[:, None, None], sin[:, None, None])
-        k = _apply_rope(k, cos[:, None], sin[:, None])
         if kv is None:
             keys, values = k, v
         else:
-            keys = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, 0, index, 0))
-            values = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, 0, index, 0))
-        out = _attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask)
-        out = out.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads * d)
+            start = (0, 0, index, 0)
+            keys = lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), start)
+            values = lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), start)
+        out = _attend(q, keys, values, mask).reshape(b, t, q_width)
         return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(out), (keys, values)
 
 
 class _MLP(nn.Module):
+    """SwiGLU MLP `down(silu(gate(x)) * up(x))`, gate and up fused in one product."""
+
     config: ModelConfig
     dtype: Any
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg.intermediate_size, False, self.dtype, "gate_proj")(x)
-        up = _dense(cfg.intermediate_size, False, self.dtype, "up_proj")(x)
+        gate_up = _dense(2 * cfg.intermediate_size, False, self.dtype, "gate_up_proj")(x)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
         return _dense(cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
 
 
@@ -231,6 +272,8 @@ class _Decoder(nn.Module):
             param_dtype=self.dtype,
             embedding_init=nn.initializers.normal(INIT_STD),
         )
+        # Separate per-layer parameters (layers_0, layers_1, ...), not a stacked array:
+        # on XLA:CPU slicing a stacked array inside the unrolled loop is slower.
         self.layers = [_DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
         self.norm = _RMSNorm(cfg.rms_norm_eps, self.dtype)
         if not cfg.tie_word_embeddings:
@@ -262,10 +305,11 @@ class _Decoder(nn.Module):
             x = x[:, -1:]
         x = self.norm(x)
         if cfg.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
-        else:
-            logits = self.lm_head(x)
-        return logits.astype(jnp.float32), new_kvs
+            # Table first, contracted over its minor axis: `x @ table.T` would make
+            # XLA:CPU copy the transposed table (113 MB for SmolLM2) on every call.
+            table = self.embed_tokens.embedding
+            return jnp.einsum("vh,bth->btv", table, x, preferred_element_type=jnp.float32), new_kvs
+        return self.lm_head(x).astype(jnp.float32), new_kvs
 
 
 # ---------------------------------------------------------------------------------------
@@ -284,14 +328,17 @@ def _abstract_weights(config: ModelConfig, dtype) -> dict:
     tokens = jnp.zeros((1, 1), jnp.int32)
     mask = jnp.ones((1, 1, 1), bool)
     variables = jax.eval_shape(
-        lambda key: module.init(key, tokens, tokens, mask, None, 0, False),
-        jax.random.key(0),
+        lambda key: module.init(key, tokens, tokens, mask, None, 0, False), jax.random.key(0)
     )
     return variables["params"]
 
 
 def init_params(config: ModelConfig, key: Array, dtype=jnp.float32) -> ModelParams:
     """Random weights: matrices ~ Normal(0, INIT_STD²), norm scales 1, biases 0.
+
+    Each array is drawn from `fold_in(key, i)` for its position `i` in the flattened
+    tree, without running the network, so even a 135M-parameter config initialises in
+    seconds.
 
     Args:
         config: the architecture.
@@ -301,29 +348,67 @@ def init_params(config: ModelConfig, key: Array, dtype=jnp.float32) -> ModelPara
     Returns:
         The `ModelParams`.
     """
-    module = _module(config, dtype)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    mask = jnp.ones((1, 1, 1), bool)
-    variables = module.init(key, tokens, tokens, mask, None, 0, False)
-    return ModelParams(config=config, weights=dict(variables["params"]))
+    flat = flax.traverse_util.flatten_dict(_abstract_weights(config, dtype))
+    weights = {}
+    for i, (path, leaf) in enumerate(sorted(flat.items())):
+        if path[-1] in ("kernel", "embedding"):
+            normal = jax.random.normal(jax.random.fold_in(key, i), leaf.shape, jnp.float32)
+            weights[path] = (INIT_STD * normal).astype(dtype)
+        elif path[-1] == "scale":
+            weights[path] = jnp.ones(leaf.shape, dtype)
+        else:
+            weights[path] = jnp.zeros(leaf.shape, dtype)
+    return ModelParams(config=config, weights=flax.traverse_util.unflatten_dict(weights))
 
 
-# Flax path -> HF tensor name. Kernels are stored transposed ([in, out]) relative to HF.
-_LAYER_PATH = re.compile(r"layers_(\d+)")
-
-
-def _hf_name(path: tuple[str, ...]) -> tuple[str, bool]:
-    """HF tensor name of a Flax parameter path, and whether the tensor is transposed."""
-    *modules, leaf = path
-    if modules == ["embed_tokens"]:
-        return "model.embed_tokens.weight", False
-    if modules == ["lm_head"]:
-        return "lm_head.weight", True
-    parts = [
-        f"layers.{m.group(1)}" if (m := _LAYER_PATH.fullmatch(name)) else name for name in modules
-    ]
-    suffix = {"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf]
-    return ".".join(["model", *parts, suffix]), leaf == "kernel"
+def _hf_layout(config: ModelConfig) -> dict[tuple[str, ...], tuple[list[str], bool, list[tuple]]]:
+    """Flax path -> (HF tensor names concatenated along the output axis, transposed, HF
+    shapes). HF stores matrices as `[out, in]`; Flax kernels are `[in, out]`."""
+    h, d = config.hidden_size, config.head_dim
+    q_width, kv_width = config.num_heads * d, config.num_kv_heads * d
+    layout: dict = {
+        ("embed_tokens", "embedding"): (
+            ["model.embed_tokens.weight"],
+            False,
+            [(config.vocab_size, h)],
+        )
+    }
+    for i in range(config.num_layers):
+        hf, fx = f"model.layers.{i}", f"layers_{i}"
+        attn = f"{hf}.self_attn"
+        qkv = [f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"]
+        layout[(fx, "self_attn", "qkv_proj", "kernel")] = (
+            [f"{n}.weight" for n in qkv],
+            True,
+            [(q_width, h), (kv_width, h), (kv_width, h)],
+        )
+        if config.qkv_bias:
+            layout[(fx, "self_attn", "qkv_proj", "bias")] = (
+                [f"{n}.bias" for n in qkv],
+                False,
+                [(q_width,), (kv_width,), (kv_width,)],
+            )
+        layout[(fx, "self_attn", "o_proj", "kernel")] = (
+            [f"{attn}.o_proj.weight"],
+            True,
+            [(h, q_width)],
+        )
+        layout[(fx, "mlp", "gate_up_proj", "kernel")] = (
+            [f"{hf}.mlp.gate_proj.weight", f"{hf}.mlp.up_proj.weight"],
+            True,
+            [(config.intermediate_size, h)] * 2,
+        )
+        layout[(fx, "mlp", "down_proj", "kernel")] = (
+            [f"{hf}.mlp.down_proj.weight"],
+            True,
+            [(h, config.intermediate_size)],
+        )
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            layout[(fx, norm, "scale")] = ([f"{hf}.{norm}.weight"], False, [(h,)])
+    layout[("norm", "scale")] = (["model.norm.weight"], False, [(h,)])
+    if not config.tie_word_embeddings:
+        layout[("lm_head", "kernel")] = (["lm_head.weight"], True, [(config.vocab_size, h)])
+    return layout
 
 
 # Tensors some HF checkpoints carry that the decoder does not need.
@@ -348,42 +433,61 @@ def params_from_hf(
         ValueError: naming the tensor, if one is missing, unexpected, or has a shape that
             does not match `config`.
     """
-    abstract = _abstract_weights(config, dtype)
-    flat = flax.traverse_util.flatten_dict(abstract)
-    expected = {}
-    for path, leaf in flat.items():
-        name, transpose = _hf_name(path)
-        expected[name] = (path, transpose, leaf.shape)
-    unexpected = [
+    layout = _hf_layout(config)
+    expected = {name for names, _, _ in layout.values() for name in names}
+    unexpected = sorted(
         name
         for name in tensors
         if name not in expected
         and not _IGNORED_HF_TENSOR.fullmatch(name)
         and not (name == "lm_head.weight" and config.tie_word_embeddings)
-    ]
+    )
     if unexpected:
         raise ValueError(
             f"Tensors not part of a {config.architecture.value} model with "
             f"{config.num_layers} layers, qkv_bias={config.qkv_bias}, "
-            f"tie_word_embeddings={config.tie_word_embeddings}: {sorted(unexpected)[:8]}"
+            f"tie_word_embeddings={config.tie_word_embeddings}: {unexpected[:8]}"
             f"{' ...' if len(unexpected) > 8 else ''}"
         )
-    missing = [name for name in expected if name not in tensors]
+    missing = sorted(expected - set(tensors))
     if missing:
         raise ValueError(
             f"Missing tensors for the configured model: {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
     weights = {}
-    for name, (path, transpose, shape) in expected.items():
-        array = np.asarray(tensors[name])
-        hf_shape = tuple(reversed(shape)) if transpose else tuple(shape)
-        if array.shape != hf_shape:
-            raise ValueError(
-                f"Tensor {name} has shape {array.shape}, but the config implies {hf_shape}."
-            )
-        weights[path] = jnp.asarray(array.T if transpose else array, dtype=dtype)
+    for path, (names, transpose, shapes) in layout.items():
+        parts = []
+        for name, shape in zip(names, shapes, strict=True):
+            array = np.asarray(tensors[name])
+            if array.shape != shape:
+                raise ValueError(
+                    f"Tensor {name} has shape {array.shape}, but the config implies {shape}."
+                )
+            parts.append(array.T if transpose else array)
+        joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
+        weights[path] = jnp.asarray(joined, dtype=dtype)
     return ModelParams(config=config, weights=flax.traverse_util.unflatten_dict(weights))
+
+
+def params_to_hf(params: ModelParams) -> dict[str, np.ndarray]:
+    """The inverse of `params_from_hf`: HF tensor name -> `[out, in]` array.
+
+    Args:
+        params: the model.
+
+    Returns:
+        A dict of NumPy arrays in the params' dtype, without `lm_head.weight` for a tied
+        head.
+    """
+    flat = flax.traverse_util.flatten_dict(params.weights)
+    tensors = {}
+    for path, (names, transpose, shapes) in _hf_layout(params.config).items():
+        array = np.asarray(flat[path])
+        widths = np.cumsum([shape[0] for shape in shapes])[:-1]
+        for name, part in zip(names, np.split(array, widths, axis=-1), strict=True):
+            tensors[name] = np.ascontiguousarray(part.T if transpose else part)
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------
