@@ -170,3 +170,17 @@ def test_threshold_sweep_compiles_once():
 def test_bad_grid_points_raise(kwargs):
     with pytest.raises(ValueError, match="grid point"):
         rp.GridPoints.create(**kwargs)
+
+
+def test_jackknife_of_a_mean_is_the_standard_error():
+    # Given per-prompt sums with one token each, the ratio is a plain mean
+    rng = np.random.default_rng(3)
+    beta = rng.random(50).astype(np.float32)
+    ones = np.ones(50, np.float32)
+    sums = rp.TokenSums(tokens=ones, transmitted=ones, accepted=ones, skipped_beta=beta,
+                        beta=beta)
+    loo = rp.leave_one_out(sums)
+    estimates = loo.skipped_beta / loo.tokens
+    # Then the jackknife SE equals s / sqrt(n) exactly (up to float32)
+    expected = beta.std(ddof=1) / np.sqrt(50)
+    np.testing.assert_allclose(rp.jackknife_se(estimates), expected, rtol=1e-4)

@@ -63,6 +63,8 @@ __all__ = [
     "TokenSums",
     "Tokens",
     "grid_size",
+    "jackknife_se",
+    "leave_one_out",
     "metrics_from_sums",
     "replay_grid",
     "replay_point",
@@ -453,3 +455,23 @@ def replay_grid(
         points,
         batch_size=min(chunk_size, grid_size(points)),
     )
+
+
+def leave_one_out(sums: TokenSums) -> TokenSums:
+    """Sums without each unit: from per-prompt sums (leaves `[P]`) to `[P]` leave-one-outs."""
+    return jax.tree.map(lambda x: jnp.sum(x, axis=0) - x, sums)
+
+
+def jackknife_se(values: Float[Array, " P"]) -> Float[Array, ""]:
+    """Jackknife standard error from leave-one-out estimates `θ_(i)`.
+
+    `SE = sqrt((P − 1)/P · Σ_i (θ_(i) − θ̄)²)` (Efron & Tibshirani, *An Introduction to
+    the Bootstrap*, 1993, eq. 11.5). Prompts are the unit: tokens of one prompt are
+    dependent, prompts are not. NaN when any `θ_(i)` is NaN or `P < 2`.
+    """
+    chex.assert_rank(values, 1)
+    p = values.shape[0]
+    if p < 2:
+        return jnp.float32(jnp.nan)
+    centred = values - jnp.mean(values)
+    return jnp.sqrt((p - 1) / p * jnp.sum(centred**2))

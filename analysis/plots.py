@@ -1,0 +1,370 @@
+"""Figures of a calibration run and its sweep (matplotlib, Agg backend, PNG files).
+
+Every function draws one figure from arrays or tables, writes it to `path` as a PNG of
+`FIGSIZE_IN × DPI` pixels (layout is constrained, never cropped, so sizes are fixed), and
+returns the path. None reads files: `analysis.report` gathers the data of a run directory
+and calls them.
+
+* `u_beta` — uncertainty against rejection probability, with binned means, the fitted
+  line, its posterior band and the thresholds;
+* `threshold_posteriors` — posterior draws of the analytic thresholds;
+* `threshold_curves` — transmission rate, LLM agreement and acceptance, realised risk and
+  throughput against the threshold (replay lines, rollout points with error bars);
+* `throughput_vs_snr` — every mode's token throughput against the link's mean SNR;
+* `pareto` — LLM agreement against throughput, per mode and threshold;
+* `risk_histograms` — realised risk on held-out prompts over random splits, with `ε`;
+* `measure_comparison` — uncertainty measures by correlation with `β` and AUROC of `β > 0`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+__all__ = [
+    "DPI",
+    "FIGSIZE_IN",
+    "HEXBIN_MIN_POINTS",
+    "MODE_STYLE",
+    "measure_comparison",
+    "pareto",
+    "risk_histograms",
+    "threshold_curves",
+    "threshold_posteriors",
+    "throughput_vs_snr",
+    "u_beta",
+]
+
+FIGSIZE_IN = (8.0, 5.0)
+DPI = 100
+# Above this many tokens the u-β plot is a hexbin (a scatter would be a solid blob).
+HEXBIN_MIN_POINTS = 5000
+# Credible band of the fitted line.
+BAND_MASS = 0.9
+# Mode -> (label, colour, marker), one style per mode in every figure.
+MODE_STYLE = {
+    "llm_only": ("LLM only", "tab:purple", "*"),
+    "slm_only": ("SLM only", "tab:gray", "X"),
+    "hlm": ("HLM", "tab:blue", "s"),
+    "uhlm": ("U-HLM", "tab:red", "o"),
+    "rand_hlm": ("Rand-HLM", "tab:green", "^"),
+}
+_THRESHOLD_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
+
+
+def _figure(nrows: int = 1, ncols: int = 1):
+    fig, axes = plt.subplots(nrows, ncols, figsize=FIGSIZE_IN, dpi=DPI, layout="constrained")
+    return fig, axes
+
+
+def _save(fig, path: str | os.PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, format="png")
+    plt.close(fig)
+    return path
+
+
+def _pretty(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def u_beta(
+    u: np.ndarray,
+    beta: np.ndarray,
+    path: str | os.PathLike,
+    *,
+    measure: str,
+    slope: float | None = None,
+    intercept: float | None = None,
+    slope_draws: np.ndarray | None = None,
+    intercept_draws: np.ndarray | None = None,
+    thresholds: Mapping[str, float] | None = None,
+    num_bins: int = 20,
+) -> Path:
+    """Uncertainty `u` against rejection probability `β` of every token.
+
+    Args:
+        u, beta: `(n,)` per-token values.
+        path: the PNG to write.
+        measure: the measure's name (axis label).
+        slope, intercept: the fitted line `β = a·u + b` (e.g. least squares).
+        slope_draws, intercept_draws: posterior draws of `(a, b)` for a `BAND_MASS` band.
+        thresholds: name -> threshold, drawn as vertical lines.
+        num_bins: equal-width `u` bins of the binned means.
+    """
+    u = np.asarray(u, np.float64)
+    beta = np.asarray(beta, np.float64)
+    fig, ax = _figure()
+    if u.size >= HEXBIN_MIN_POINTS:
+        hb = ax.hexbin(u, beta, gridsize=40, bins="log", cmap="Greys", mincnt=1)
+        fig.colorbar(hb, ax=ax, label="tokens per cell (log scale)")
+    else:
+        ax.scatter(u, beta, s=8, alpha=0.25, color="0.4", edgecolors="none",
+                   label=f"tokens (n = {u.size})")
+    lo, hi = float(np.min(u)), float(np.max(u))
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, num_bins + 1)
+    which = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, num_bins - 1)
+    counts = np.bincount(which, minlength=num_bins)
+    means = np.bincount(which, weights=beta, minlength=num_bins) / np.maximum(counts, 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax.plot(centres[counts > 0], means[counts > 0], "o", color="black", ms=5,
+            label="mean β per u bin")
+    grid = np.linspace(lo, hi if hi > lo else lo + 1.0, 200)
+    if slope_draws is not None and intercept_draws is not None:
+        lines = np.outer(np.asarray(slope_draws), grid) + np.asarray(intercept_draws)[:, None]
+        tail = (1 - BAND_MASS) / 2
+        band_lo, band_hi = np.quantile(lines, [tail, 1 - tail], axis=0)
+        ax.fill_between(grid, band_lo, band_hi, color="tab:red", alpha=0.25,
+                        label=f"posterior {BAND_MASS:.0%} band of a·u + b")
+    if slope is not None and intercept is not None:
+        ax.plot(grid, slope * grid + intercept, color="tab:red", lw=2,
+                label=f"fit β = {slope:.3f}·u {intercept:+.3f}")
+    for (name, t), colour in zip((thresholds or {}).items(), _THRESHOLD_COLOURS, strict=False):
+        if t is not None and np.isfinite(t):
+            ax.axvline(t, color=colour, ls="--", lw=1.5, label=f"{name}: u_th = {t:.3f}")
+    ax.set_xlabel(f"uncertainty u ({_pretty(measure)})")
+    ax.set_ylabel("rejection probability β = max(0, 1 − p_d / q_d)")
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title("SLM uncertainty against LLM rejection")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, path)
+
+
+def threshold_posteriors(
+    draws: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    point_estimates: Mapping[str, float] | None = None,
+) -> Path:
+    """Histograms of posterior draws of thresholds (e.g. risk-averse `−b/a`).
+
+    Args:
+        draws: name -> `(m,)` draws of a threshold.
+        path: the PNG to write.
+        point_estimates: name -> value drawn as a dashed line (e.g. least squares).
+    """
+    fig, ax = _figure()
+    for (name, values), colour in zip(draws.items(), _THRESHOLD_COLOURS, strict=False):
+        values = np.asarray(values, np.float64)
+        values = values[np.isfinite(values)]
+        if not values.size:
+            continue
+        lo, hi = np.quantile(values, [0.05, 0.95])
+        ax.hist(values, bins=50, density=True, alpha=0.5, color=colour,
+                label=f"{name}: mean {values.mean():.3f}, 90% [{lo:.3f}, {hi:.3f}]")
+    for (name, t), colour in zip((point_estimates or {}).items(), _THRESHOLD_COLOURS,
+                                 strict=False):
+        if t is not None and np.isfinite(t):
+            ax.axvline(t, color=colour, ls="--", lw=1.5, label=f"{name} (point) = {t:.3f}")
+    ax.set_xlabel("threshold u_th")
+    ax.set_ylabel("posterior density")
+    ax.set_title("Posterior of the skip thresholds")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def threshold_curves(
+    replay: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    rollout: pd.DataFrame | None = None,
+    references: pd.DataFrame | None = None,
+    link: str = "",
+) -> Path:
+    """Transmission rate, agreement/acceptance, realised risk and throughput vs threshold.
+
+    Args:
+        replay: tidy U-HLM rows of one link and payload (`threshold`, `measure`,
+            `metric`, `value`), one line per measure.
+        path: the PNG to write.
+        rollout: tidy U-HLM rollout rows (`value`, `se`) drawn as points with ±2 SE.
+        references: tidy rows of the other modes at the same link, drawn as
+            horizontal lines in the throughput panel.
+        link: the link's label, for the title.
+    """
+    panels = [
+        ("transmission_rate", "transmission rate TR", None),
+        ("llm_agreement", "LLM agreement 1 − R", "acceptance_rate"),
+        ("risk_per_token", "realised risk R per token", None),
+        ("throughput_tokens_per_s", "throughput (tokens/s)", None),
+    ]
+    fig, axes = _figure(2, 2)
+    measures = list(dict.fromkeys(replay["measure"].dropna()))
+    for ax, (metric, label, extra) in zip(axes.ravel(), panels, strict=True):
+        for measure in measures:
+            rows = replay[(replay["measure"] == measure) & (replay["metric"] == metric)]
+            rows = rows.sort_values("threshold")
+            ax.plot(rows["threshold"], rows["value"], lw=1.5, label=_pretty(measure))
+            if extra is not None and measure == measures[0]:
+                acc = replay[(replay["measure"] == measure) & (replay["metric"] == extra)]
+                acc = acc.sort_values("threshold")
+                ax.plot(acc["threshold"], acc["value"], lw=1.2, ls=":", color="black",
+                        label=f"acceptance ({_pretty(measure)})")
+        if rollout is not None and len(rollout):
+            rows = rollout[rollout["metric"] == metric]
+            ax.errorbar(rows["threshold"], rows["value"], yerr=2 * rows["se"], fmt="D",
+                        color="black", ms=4, capsize=3, label="rollout ± 2 SE")
+        if metric == "throughput_tokens_per_s" and references is not None:
+            for mode, (name, colour, _) in MODE_STYLE.items():
+                rows = references[(references["mode"] == mode) & (references["metric"] == metric)]
+                if mode != "uhlm" and len(rows) == 1:
+                    ax.axhline(float(rows["value"].iloc[0]), color=colour, ls="--", lw=1,
+                               label=name)
+            ax.set_yscale("log")
+        ax.set_xlabel("threshold u_th (skip when u ≤ u_th)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=7)
+    axes[1, 1].legend(fontsize=6, ncols=2)
+    axes[0, 1].legend(fontsize=7)
+    fig.suptitle(f"U-HLM against the threshold (trace replay{', ' + link if link else ''})")
+    return _save(fig, path)
+
+
+def throughput_vs_snr(
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    *,
+    threshold_label: str = "",
+) -> Path:
+    """Token throughput of every mode against the link's mean SNR.
+
+    Args:
+        table: tidy rows of one payload with `mode`, `snr_db` and metric
+            `throughput_tokens_per_s`; U-HLM and Rand-HLM rows of one operating point.
+        path: the PNG to write.
+        threshold_label: U-HLM's operating point, for the legend.
+    """
+    fig, ax = _figure()
+    rows = table[table["metric"] == "throughput_tokens_per_s"]
+    for mode, (name, colour, marker) in MODE_STYLE.items():
+        mode_rows = rows[rows["mode"] == mode].sort_values("snr_db")
+        if not len(mode_rows):
+            continue
+        label = name + (f" ({threshold_label})" if mode == "uhlm" and threshold_label else "")
+        ax.plot(mode_rows["snr_db"], mode_rows["value"], marker=marker, color=colour,
+                label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("mean uplink SNR (dB)")
+    ax.set_ylabel("token throughput (tokens/s, log scale)")
+    ax.set_title("Throughput against link quality (Rayleigh fading, expected latency)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _frontier(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of points no other point beats in both x and y (higher is better)."""
+    order = np.argsort(-x, kind="stable")
+    best, keep = -np.inf, []
+    for i in order:
+        if y[i] > best:
+            keep.append(i)
+            best = y[i]
+    return np.array(keep, int)
+
+
+def pareto(table: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> Path:
+    """LLM agreement against throughput, per mode (and U-HLM threshold).
+
+    Args:
+        table: tidy rows of one link and payload with metrics `llm_agreement` and
+            `throughput_tokens_per_s` (U-HLM rows of one measure).
+        path: the PNG to write.
+        link: the link's label, for the title.
+    """
+    wide = table.pivot_table(index=["point", "mode"], columns="metric", values="value")
+    wide = wide.reset_index()
+    fig, ax = _figure()
+    for mode, (name, colour, marker) in MODE_STYLE.items():
+        rows = wide[wide["mode"] == mode].sort_values("throughput_tokens_per_s")
+        if not len(rows):
+            continue
+        ax.plot(rows["throughput_tokens_per_s"], 100 * rows["llm_agreement"], marker=marker,
+                color=colour, ls="-" if len(rows) > 1 else "none", ms=6 if len(rows) > 1 else 11,
+                label=name)
+    x = wide["throughput_tokens_per_s"].to_numpy()
+    y = wide["llm_agreement"].to_numpy()
+    ok = np.isfinite(x) & np.isfinite(y)
+    front = _frontier(x[ok], y[ok])
+    if front.size:
+        fx, fy = x[ok][front], y[ok][front]
+        order = np.argsort(fx)
+        ax.plot(fx[order], 100 * fy[order], color="black", lw=0.8, ls=":", label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("token throughput (tokens/s, log scale)")
+    ax.set_ylabel("LLM agreement 1 − R (% of LLM)")
+    ax.set_title(f"Accuracy against throughput{' (' + link + ')' if link else ''}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def risk_histograms(
+    realised: Mapping[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    eps: float,
+    delta: float | None = None,
+) -> Path:
+    """Realised risk on held-out prompts over random splits, one histogram per method.
+
+    Args:
+        realised: method -> `(splits,)` realised risk per token on the held-out prompts.
+        path: the PNG to write.
+        eps: the risk level `ε`.
+        delta: the allowed exceedance share `δ` (for the legend).
+    """
+    fig, ax = _figure()
+    values = [np.asarray(v, np.float64) for v in realised.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.array([eps])])
+    bins = np.linspace(0.0, max(float(finite.max()), eps) * 1.05 + 1e-12, 40)
+    for (name, v), colour in zip(realised.items(), _THRESHOLD_COLOURS, strict=False):
+        v = np.asarray(v, np.float64)
+        exceed = float(np.mean(v > eps)) if v.size else float("nan")
+        ax.hist(v, bins=bins, alpha=0.45, color=colour,
+                label=f"{_pretty(name)}: exceeds ε in {exceed:.0%} of splits")
+    ax.axvline(eps, color="black", ls="--", lw=1.5,
+               label=f"ε = {eps:g}" + (f" (allowed share δ = {delta:g})" if delta else ""))
+    ax.set_xlabel("realised risk per token on held-out prompts")
+    ax.set_ylabel("splits")
+    ax.set_title("Risk control over random prompt splits")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def measure_comparison(scores: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Uncertainty measures by Pearson and Spearman correlation with `β` and AUROC.
+
+    Args:
+        scores: one row per measure with columns `measure`, `pearson`, `spearman`,
+            `auroc` (AUROC of `u` for `β > 0`).
+        path: the PNG to write.
+    """
+    fig, ax = _figure()
+    x = np.arange(len(scores))
+    width = 0.27
+    columns = [("pearson", "Pearson r(u, β)"), ("spearman", "Spearman ρ(u, β)"),
+               ("auroc", "AUROC of u for β > 0")]
+    for k, (column, label) in enumerate(columns):
+        values = scores[column].to_numpy(np.float64)
+        bars = ax.bar(x + (k - 1) * width, values, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(0.5, color="black", ls=":", lw=1, label="AUROC of a random score")
+    ax.set_xticks(x, [_pretty(m) for m in scores["measure"]], rotation=15, fontsize=8)
+    ax.set_ylabel("score (higher predicts rejection better)")
+    ax.set_ylim(min(0.0, float(np.nanmin(scores[["pearson", "spearman"]].to_numpy())) - 0.05),
+                1.08)
+    ax.set_title("Which uncertainty measure predicts rejection?")
+    ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, path)

@@ -1,0 +1,861 @@
+"""Sweep every mode over a grid of thresholds, measures, links and payloads.
+
+`uhlm sweep RUN_DIR [--config sweep.toml] [flags]` evaluates, from a calibration run's
+records, the product of
+
+    thresholds × uncertainty measures          (U-HLM)
+    transmit probabilities                     (Rand-HLM)
+    links (presets, and custom mean SNRs) × bandwidths × top-k × bits per probability
+
+for every mode, by **trace replay** (`uhlm_jax.replay`): per-token independence, as in the
+paper's analysis, vectorized over the grid in fixed-size chunks compiled once, so grids of
+millions of points run in seconds with bounded memory.
+
+With `rollout_thresholds` (and `rollout_modes`) it also runs **real rollouts** of the
+run's pair on the run's calibration prompts, with the same seed and prompt ids, at those
+points (U-HLM thresholds as one vmapped rollout, compiled once), and reports, per metric,
+replay against rollout: the difference and its Monte Carlo error, a jackknife standard
+error over prompts (prompts are paired, so the error is that of the difference). They
+differ where a skip changes what follows: replay keeps the recorded trajectory, a rollout
+that skips a draft the LLM would have rejected continues from another token, with other
+uncertainties and rejection probabilities.
+
+Outputs, written atomically into RUN_DIR:
+
+* `sweep.parquet`: the tidy table, one row per grid point and metric, with columns
+  `source` (replay or rollout), `point`, `mode`, `measure`, `threshold`,
+  `transmit_probability`, `link`, `snr_db`, `bandwidth_hz`, `top_k` (0: full
+  distribution), `bits_per_prob`, `metric`, `value`, `se` (NaN for replay);
+* `sweep_comparison.parquet` (with rollouts): per rollout point and metric, `replay`,
+  `rollout`, `difference`, `se`, `z`;
+* `sweep.json`: the configuration, grid sizes and timings.
+
+The TOML file holds the `Config` fields (lists for the axes); flags override it. Example:
+
+    thresholds = [0.0, 0.1, 0.2, 0.3]
+    measures = ["temperature_perturbation", "entropy"]
+    presets = ["good", "poor"]
+    snr_db = [0, 10, 20]
+    rollout_thresholds = [0.2, 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+import uhlm_jax
+from analysis.link import Config as LinkConfig
+from calibration import records
+from uhlm_jax import channel as ch
+from uhlm_jax import replay as rp
+from uhlm_jax.modes import Mode
+from uhlm_jax.uncertainty import DEFAULT_MEASURES
+
+__all__ = [
+    "COMPARISON_FILE",
+    "KNOWN_MEASURES",
+    "SUMMARY_FILE",
+    "SWEEP_FILE",
+    "Config",
+    "Result",
+    "add_arguments",
+    "auroc",
+    "average_ranks",
+    "config_from_toml",
+    "link_points",
+    "load_tokens",
+    "main",
+    "measure_scores",
+    "replay_frame",
+    "run",
+]
+
+SWEEP_FILE = "sweep.parquet"
+COMPARISON_FILE = "sweep_comparison.parquet"
+SUMMARY_FILE = "sweep.json"
+KNOWN_MEASURES = tuple(m.name for m in DEFAULT_MEASURES)
+DEFAULT_THRESHOLDS = tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, 41), 6))
+DEFAULT_SNR_DB = tuple(float(x) for x in range(-10, 45, 5))
+# Metrics compared between replay and rollout (costs follow from the transmission rate).
+COMPARED_METRICS = (
+    "transmission_rate",
+    "acceptance_rate",
+    "true_skip_rate",
+    "risk_per_token",
+    "risk_conditional",
+    "mean_beta",
+    "llm_agreement",
+    "throughput_tokens_per_s",
+)
+# Custom-SNR links take every other parameter (bandwidth, outage) from this preset.
+SNR_BASE_PRESET = ch.LinkPreset.MEDIUM
+
+
+def _tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, list | tuple) else (value,)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A sweep of a calibration run.
+
+    Attributes:
+        run_dir: the calibration run directory (records, `config.json`).
+        thresholds: U-HLM thresholds (skip when `u ≤ threshold`).
+        measures: uncertainty measures U-HLM gates on (record columns `u_<measure>`);
+            empty: every recorded measure.
+        modes: modes to evaluate.
+        transmit_probabilities: Rand-HLM transmit probabilities.
+        presets: named links.
+        snr_db: custom mean SNRs in dB, each a link with `SNR_BASE_PRESET`'s other
+            parameters (links are the presets followed by these).
+        bandwidths_hz: link bandwidths; empty keeps each link's own (the presets' SNR
+            then follows the bandwidth; a custom SNR stays).
+        top_k: CU-HLM uplink truncation `k`; 0 uploads the full distribution.
+        bits_per_prob: bits per uploaded probability.
+        slm_model, slm_device, llm_model, llm_device: the cost profile (independent of
+            the models that made the records).
+        chunk_size: grid points per vectorized chunk (bounds memory).
+        rollout_thresholds: U-HLM thresholds to also run as real rollouts.
+        rollout_modes: other modes to run as real rollouts.
+        rollout_measure: the measure real U-HLM rollouts gate on.
+        rollout_transmit_probability: Rand-HLM's probability in rollouts.
+        rollout_link: the link whose costs the comparison reports.
+        max_rollout_prompts: run rollouts on the first this many calibration prompts.
+        prompts: the prompt file, if not where `config.json` says.
+    """
+
+    run_dir: str
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    measures: tuple[str, ...] = ()
+    modes: tuple[Mode, ...] = tuple(Mode)
+    transmit_probabilities: tuple[float, ...] = tuple(float(x) for x in np.linspace(0, 1, 11))
+    presets: tuple[ch.LinkPreset, ...] = tuple(ch.LinkPreset)
+    snr_db: tuple[float, ...] = DEFAULT_SNR_DB
+    bandwidths_hz: tuple[float, ...] = ()
+    top_k: tuple[int, ...] = (rp.FULL_DISTRIBUTION,)
+    bits_per_prob: tuple[float, ...] = (16.0,)
+    slm_model: ch.ModelSize = ch.ModelSize.TINYLLAMA_1_1B
+    slm_device: ch.Device = ch.Device.PHONE_SOC
+    llm_model: ch.ModelSize = ch.ModelSize.LLAMA_2_7B
+    llm_device: ch.Device = ch.Device.DATACENTER_GPU
+    chunk_size: int = 4096
+    rollout_thresholds: tuple[float, ...] = ()
+    rollout_modes: tuple[Mode, ...] = ()
+    rollout_measure: str = "temperature_perturbation"
+    rollout_transmit_probability: float = 0.5
+    rollout_link: ch.LinkPreset = ch.LinkPreset.MEDIUM
+    max_rollout_prompts: int | None = None
+    prompts: str | None = None
+
+    def __post_init__(self):
+        axes = {
+            "thresholds": self.thresholds,
+            "modes": self.modes,
+            "transmit_probabilities": self.transmit_probabilities,
+            "top_k": self.top_k,
+            "bits_per_prob": self.bits_per_prob,
+        }
+        for name, values in axes.items():
+            if not isinstance(values, tuple) or not values:
+                raise ValueError(
+                    f"{name}={values!r} is an empty grid axis; give at least one value "
+                    "(a tuple, or a TOML list)"
+                )
+        if not self.presets and not self.snr_db:
+            raise ValueError("no link: give at least one preset or one snr_db value")
+        for name in self.measures + (self.rollout_measure,):
+            if name not in KNOWN_MEASURES:
+                raise ValueError(
+                    f"unknown measure {name!r}; use one of: {', '.join(KNOWN_MEASURES)}"
+                )
+        for mode in self.modes + self.rollout_modes:
+            if not isinstance(mode, Mode):
+                raise ValueError(f"mode {mode!r} is not a Mode; parse names with Mode.from_name")
+        for preset in self.presets + (self.rollout_link,):
+            if not isinstance(preset, ch.LinkPreset):
+                raise ValueError(
+                    f"preset {preset!r} is not a LinkPreset; parse names with "
+                    "LinkPreset.from_name ('good', 'medium', 'poor')"
+                )
+        for t in self.thresholds + self.rollout_thresholds:
+            if not math.isfinite(t):
+                raise ValueError(f"threshold {t!r} must be finite")
+        for p in self.transmit_probabilities + (self.rollout_transmit_probability,):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"transmit probability {p!r} must lie in [0, 1]")
+        if any(k < 0 for k in self.top_k):
+            raise ValueError(f"top_k={self.top_k!r}: each k must be >= 1, or 0 for no truncation")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size={self.chunk_size} must be >= 1")
+        if self.max_rollout_prompts is not None and self.max_rollout_prompts < 2:
+            raise ValueError(
+                f"max_rollout_prompts={self.max_rollout_prompts} must be >= 2 (the Monte "
+                "Carlo error is estimated across prompts)"
+            )
+        # Builds every link and the cost profile, validating SNRs, bandwidths and k.
+        for link in link_points(self):
+            ch.link_from_budget(link[1], bandwidth_hz=link[3], snr_db=link[2])
+        self.cost_profile()
+
+    def cost_profile(self, preset: ch.LinkPreset = ch.LinkPreset.MEDIUM) -> ch.CostProfile:
+        """The cost profile (the grid point replaces its link and payload)."""
+        return LinkConfig(
+            preset=preset,
+            slm_model=self.slm_model,
+            slm_device=self.slm_device,
+            llm_model=self.llm_model,
+            llm_device=self.llm_device,
+        ).cost_profile()
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready fields (enums by value)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, tuple):
+                value = [v.value if isinstance(v, Mode) else _enum_name(v) for v in value]
+            else:
+                value = _enum_name(value)
+            out[f.name] = value
+        return out
+
+
+def _enum_name(value: Any) -> Any:
+    if isinstance(value, Mode):
+        return value.value
+    if isinstance(value, ch.LinkPreset):
+        return value.name.lower()
+    if isinstance(value, ch.ModelSize | ch.Device):
+        return value.value.name
+    return value
+
+
+def link_points(cfg: Config) -> list[tuple[str, ch.LinkPreset, float | None, float | None]]:
+    """The links of the grid: `(label, budget preset, SNR override, bandwidth override)`."""
+    bandwidths = cfg.bandwidths_hz or (None,)
+    links = [(p.name.lower(), p, None) for p in cfg.presets]
+    links += [(f"snr {s:g} dB", SNR_BASE_PRESET, float(s)) for s in cfg.snr_db]
+    return [(label, preset, snr, w) for (label, preset, snr) in links for w in bandwidths]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a sweep wrote.
+
+    Attributes:
+        table: the tidy table (`sweep.parquet`).
+        comparison: replay against rollout (empty without rollouts).
+        num_points: replayed grid points.
+        replay_seconds: wall time of the replay (including compilation).
+        paths: files written.
+    """
+
+    table: pd.DataFrame
+    comparison: pd.DataFrame
+    num_points: int
+    replay_seconds: float
+    paths: tuple[Path, ...]
+
+
+def load_tokens(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.Tokens:
+    """Replay inputs from a record table.
+
+    Raises:
+        ValueError: naming a measure that is not recorded.
+    """
+    recorded = records.measure_names(df.columns)
+    for name in measures:
+        if name not in recorded:
+            raise ValueError(
+                f"measure {name!r} is not in the records (no column "
+                f"{records.MEASURE_PREFIX}{name}); recorded measures: {recorded}"
+            )
+    u = np.stack([df[records.MEASURE_PREFIX + m].to_numpy(np.float32) for m in measures])
+    return rp.Tokens(
+        u=jnp.asarray(u),
+        beta=jnp.asarray(np.clip(df["beta"].to_numpy(np.float32), 0.0, 1.0)),
+        accepted=jnp.asarray(df["accepted"].to_numpy(bool)),
+    )
+
+
+def _mode_axes(cfg: Config, mode: Mode, measures: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Grid points of one mode as dicts; axes that do not affect the mode are dropped."""
+    links = link_points(cfg)
+    nan = float("nan")
+    if mode is Mode.UHLM:
+        gate = [(t, m, nan) for t in cfg.thresholds for m in measures]
+    elif mode is Mode.RAND_HLM:
+        gate = [(nan, None, p) for p in cfg.transmit_probabilities]
+    else:
+        gate = [(nan, None, nan)]
+    payload = (
+        [(0, nan)]
+        if mode in (Mode.SLM_ONLY, Mode.LLM_ONLY)
+        else list(itertools.product(cfg.top_k, cfg.bits_per_prob))
+    )
+    points = []
+    for (t, m, p), (label, preset, snr, w), (k, b) in itertools.product(gate, links, payload):
+        link = ch.link_from_budget(preset, bandwidth_hz=w, snr_db=snr)
+        points.append(
+            {
+                "mode": mode.value,
+                "measure": m,
+                "threshold": t,
+                "transmit_probability": p,
+                "link": label,
+                "snr_db": float(link.mean_snr_db),
+                "bandwidth_hz": float(link.bandwidth_hz),
+                "top_k": int(k),
+                "bits_per_prob": float(b),
+            }
+        )
+    return points
+
+
+def _grid_points(points: pd.DataFrame, measures: tuple[str, ...]) -> rp.GridPoints:
+    index = {m: i for i, m in enumerate(measures)}
+    return rp.GridPoints.create(
+        threshold=np.nan_to_num(points["threshold"].to_numpy(np.float32), nan=0.0),
+        measure=np.array([index.get(m, 0) for m in points["measure"]], np.int32),
+        transmit_probability=np.nan_to_num(
+            points["transmit_probability"].to_numpy(np.float32), nan=0.0
+        ),
+        snr_db=points["snr_db"].to_numpy(np.float32),
+        bandwidth_hz=points["bandwidth_hz"].to_numpy(np.float32),
+        top_k=points["top_k"].to_numpy(np.int32),
+        bits_per_prob=np.where(points["bits_per_prob"].isna(), 16.0, points["bits_per_prob"]),
+    )
+
+
+_REPLAY_JIT = jax.jit(rp.replay_grid, static_argnames=("mode", "chunk_size"))
+
+
+def _tidy(points: pd.DataFrame, values: dict[str, np.ndarray], se: dict | None) -> pd.DataFrame:
+    """One row per point and metric."""
+    frames = []
+    for metric, value in values.items():
+        frame = points.copy()
+        frame["metric"] = metric
+        frame["value"] = np.asarray(value, np.float64)
+        frame["se"] = np.nan if se is None else np.asarray(se[metric], np.float64)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def replay_frame(
+    cfg: Config, tokens: rp.Tokens, measures: tuple[str, ...], progress: bool = True
+) -> pd.DataFrame:
+    """Replays every mode over the grid; returns the tidy table (source `replay`)."""
+    sorted_tokens = jax.jit(rp.sort_tokens)(tokens)
+    base = cfg.cost_profile()
+    frames = []
+    offset = 0
+    for mode in cfg.modes:
+        points = pd.DataFrame(_mode_axes(cfg, mode, measures))
+        grid = _grid_points(points, measures)
+        size = len(points)
+        chunk = min(cfg.chunk_size, size)
+        padded = -(-size // chunk) * chunk
+        # Pad to whole chunks (repeating the last point) so every chunk has one shape.
+        extra = padded - size
+        grid = jax.tree.map(lambda x, e=extra: jnp.concatenate([x, jnp.repeat(x[-1:], e)]), grid)
+        parts = []
+        for start in tqdm(
+            range(0, padded, chunk), desc=f"replay {mode.value}", unit="chunk",
+            disable=not progress or None,
+        ):
+            block = jax.tree.map(lambda x, s=start, c=chunk: x[s : s + c], grid)
+            parts.append(
+                jax.device_get(_REPLAY_JIT(mode, sorted_tokens, base, block, chunk_size=chunk))
+            )
+        values = {
+            name: np.concatenate([getattr(p, name) for p in parts])[:size]
+            for name in rp.ReplayMetrics._fields
+        }
+        points.insert(0, "point", np.arange(offset, offset + size))
+        offset += size
+        frames.append(_tidy(points, values, None))
+    table = pd.concat(frames, ignore_index=True)
+    table.insert(0, "source", "replay")
+    return table
+
+
+# ------------------------------------------------------------------ measure scores
+
+
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 1..n of `x`, ties sharing their average rank."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(x.size, np.float64)
+    ranks[order] = np.arange(1, x.size + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / counts)[inverse]
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve of `score` for a binary `label` (Mann–Whitney U).
+
+    `AUROC = (R₁ − n₁(n₁ + 1)/2) / (n₁ n₀)` with `R₁` the sum of the positives' average
+    ranks: the probability that a random positive scores above a random negative, ties
+    counting one half. NaN when a class is empty.
+    """
+    label = np.asarray(label, bool)
+    n1, n0 = int(label.sum()), int((~label).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = average_ranks(score)
+    return float((ranks[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+def measure_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Each recorded measure's Pearson and Spearman correlation with `β` and AUROC for
+    `β > 0` (`uhlm_jax.threshold.BETA_POSITIVE_TOL`), one row per measure."""
+    from uhlm_jax.threshold import BETA_POSITIVE_TOL
+
+    beta = df["beta"].to_numpy(np.float64)
+    positive = beta > BETA_POSITIVE_TOL
+    rows = []
+    for name in records.measure_names(df.columns):
+        u = df[records.MEASURE_PREFIX + name].to_numpy(np.float64)
+        constant = np.std(u) == 0 or np.std(beta) == 0
+        rows.append(
+            {
+                "measure": name,
+                "pearson": float("nan") if constant else float(np.corrcoef(u, beta)[0, 1]),
+                "spearman": float("nan") if constant else float(
+                    np.corrcoef(average_ranks(u), average_ranks(beta))[0, 1]
+                ),
+                "auroc": auroc(u, positive),
+                "num_tokens": int(u.size),
+                "share_positive": float(positive.mean()),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------- real rollouts
+
+
+def _prompt_sums_replay(
+    df: pd.DataFrame, prompt_ids: np.ndarray, mode: Mode, u_column: str, threshold: float,
+    probability: float,
+) -> rp.TokenSums:
+    """Per-prompt replay sums of the calibration records, `[P]` leaves in `prompt_ids` order."""
+    sub = df[df["prompt_id"].isin(prompt_ids)]
+    beta = np.clip(sub["beta"].to_numpy(np.float64), 0, 1)
+    u = sub[u_column].to_numpy(np.float32)
+    w = np.asarray(
+        jax.vmap(rp.transmit_weight, in_axes=(None, 0, None, None))(
+            mode, jnp.asarray(u), jnp.float32(threshold), jnp.float32(probability)
+        ),
+        np.float64,
+    )
+    acc = sub["accepted"].to_numpy(np.float64)
+    frame = pd.DataFrame(
+        {
+            "prompt_id": sub["prompt_id"].to_numpy(),
+            "tokens": 1.0,
+            "transmitted": w,
+            "accepted": w * acc,
+            "skipped_beta": (1 - w) * beta,
+            "beta": beta,
+        }
+    )
+    sums = frame.groupby("prompt_id").sum().reindex(prompt_ids, fill_value=0.0)
+    return rp.TokenSums(*(sums[f].to_numpy(np.float32) for f in rp.TokenSums._fields))
+
+
+def _prompt_sums_rollout(records_: Any, mode: Mode) -> rp.TokenSums:
+    """Per-prompt sums of a rollout's `Records` (`[n, b]` leaves) in row order."""
+    valid = records_.valid.astype(np.float64)
+    beta = np.where(records_.valid, np.clip(records_.beta, 0, 1), 0.0)
+    # LLM-only emits the LLM's tokens: count every token as the LLM's, as replay does.
+    sent = valid if mode is Mode.LLM_ONLY else (records_.transmitted & records_.valid)
+    sent = sent.astype(np.float64)
+    return rp.TokenSums(
+        tokens=valid.sum(0).astype(np.float32),
+        transmitted=sent.sum(0).astype(np.float32),
+        accepted=(records_.accepted & records_.valid).sum(0).astype(np.float32),
+        skipped_beta=((1 - sent) * beta).sum(0).astype(np.float32),
+        beta=beta.sum(0).astype(np.float32),
+    )
+
+
+def _estimate(mode: Mode, sums: rp.TokenSums, base: ch.CostProfile, point: rp.GridPoints):
+    """Pooled metrics and their leave-one-prompt-out values."""
+    total = rp.TokenSums(*(jnp.sum(jnp.asarray(x)) for x in sums))
+    loo = rp.leave_one_out(rp.TokenSums(*(jnp.asarray(x) for x in sums)))
+    pooled = rp.metrics_from_sums(mode, total, base, point)
+    jack = jax.vmap(rp.metrics_from_sums, in_axes=(None, 0, None, None))(mode, loo, base, point)
+    return pooled, jack
+
+
+def _rollout_prompts(cfg: Config, settings: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    from calibration.prompts import read_prompts
+
+    path = cfg.prompts or settings.get("prompts")
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            f"the calibration prompt file {path!r} (from config.json) is not found; pass "
+            "--prompts FILE with the prompts the run was collected on"
+        )
+    first = int(settings.get("first_prompt", 0))
+    prompts = read_prompts(path)[first:]
+    if settings.get("num_prompts") is not None:
+        prompts = prompts[: int(settings["num_prompts"])]
+    if cfg.max_rollout_prompts is not None:
+        prompts = prompts[: cfg.max_rollout_prompts]
+    if len(prompts) < 2:
+        raise ValueError("rollouts need at least 2 prompts to estimate a Monte Carlo error")
+    ids = np.arange(first, first + len(prompts))
+    return [p.text for p in prompts], ids
+
+
+def rollout_frames(
+    cfg: Config, df: pd.DataFrame, run_config: dict[str, Any]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Real rollouts at the chosen points, and their comparison with replay."""
+    from uhlm_jax.pair import load_pair
+    from uhlm_jax.rollout import RolloutConfig, RolloutParams, run_rollout
+
+    settings = run_config.get("settings", {})
+    texts, ids = _rollout_prompts(cfg, settings)
+    pair = load_pair(run_config.get("pair", {}).get("name") or settings["pair"])
+    gate = KNOWN_MEASURES.index(cfg.rollout_measure)
+    temperatures = {
+        "draft_temperature": float(settings.get("draft_temperature", 1.0)),
+        "llm_temperature": float(settings.get("llm_temperature", 1.0)),
+    }
+    max_new = int(settings.get("max_new_tokens", 64))
+    seed = int(settings.get("seed", 0))
+    base = cfg.cost_profile(cfg.rollout_link)
+    link = base.link
+    jobs: list[tuple[Mode, float, float, Any]] = []
+    if cfg.rollout_thresholds:
+        out = run_rollout(
+            pair, texts,
+            RolloutConfig(mode=Mode.UHLM, max_new_tokens=max_new, gate_measure=gate),
+            RolloutParams.create(threshold=np.asarray(cfg.rollout_thresholds), **temperatures),
+            seed=seed, prompt_ids=ids,
+        )
+        for i, t in enumerate(cfg.rollout_thresholds):
+            jobs.append(
+                (Mode.UHLM, t, float("nan"), jax.tree.map(lambda x, i=i: x[i], out.records))
+            )
+    for mode in cfg.rollout_modes:
+        if mode is Mode.UHLM:
+            continue
+        out = run_rollout(
+            pair, texts, RolloutConfig(mode=mode, max_new_tokens=max_new),
+            RolloutParams.create(
+                transmit_probability=cfg.rollout_transmit_probability, **temperatures
+            ),
+            seed=seed, prompt_ids=ids,
+        )
+        probability = cfg.rollout_transmit_probability if mode is Mode.RAND_HLM else float("nan")
+        jobs.append((mode, float("nan"), probability, out.records))
+
+    rows, comparison = [], []
+    u_column = records.MEASURE_PREFIX + cfg.rollout_measure
+    for k, (mode, t, p, recs) in enumerate(jobs):
+        point = rp.GridPoints.create(
+            threshold=0.0 if math.isnan(t) else t,
+            transmit_probability=0.0 if math.isnan(p) else p,
+            snr_db=link.mean_snr_db, bandwidth_hz=link.bandwidth_hz,
+        )
+        ro_value, ro_loo = _estimate(mode, _prompt_sums_rollout(recs, mode), base, point)
+        rp_value, rp_loo = _estimate(
+            mode,
+            _prompt_sums_replay(df, ids, mode, u_column, 0.0 if math.isnan(t) else t,
+                                0.0 if math.isnan(p) else p),
+            base, point,
+        )
+        info = {
+            "point": k,
+            "mode": mode.value,
+            "measure": cfg.rollout_measure if mode is Mode.UHLM else None,
+            "threshold": t,
+            "transmit_probability": p,
+            "link": cfg.rollout_link.name.lower(),
+            "snr_db": float(link.mean_snr_db),
+            "bandwidth_hz": float(link.bandwidth_hz),
+            "top_k": rp.FULL_DISTRIBUTION,
+            "bits_per_prob": float(base.bits_per_prob),
+        }
+        for metric in rp.ReplayMetrics._fields:
+            value = float(getattr(ro_value, metric))
+            se = float(rp.jackknife_se(getattr(ro_loo, metric)))
+            rows.append({**info, "metric": metric, "value": value, "se": se})
+            if metric in COMPARED_METRICS:
+                replay_value = float(getattr(rp_value, metric))
+                diff_se = float(
+                    rp.jackknife_se(getattr(ro_loo, metric) - getattr(rp_loo, metric))
+                )
+                difference = value - replay_value
+                comparison.append(
+                    {
+                        **info,
+                        "metric": metric,
+                        "replay": replay_value,
+                        "rollout": value,
+                        "difference": difference,
+                        "se": diff_se,
+                        "z": difference / diff_se if diff_se > 0 else
+                        (0.0 if difference == 0 else float("inf")),
+                        "num_prompts": len(ids),
+                    }
+                )
+    table = pd.DataFrame(rows)
+    table.insert(0, "source", "rollout")
+    return table, pd.DataFrame(comparison)
+
+
+# ------------------------------------------------------------------------- the job
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Writes a table atomically: a temporary sibling, then `os.replace`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def run(cfg: Config, progress: bool = True) -> Result:
+    """Replays the grid (and runs the chosen rollouts) and writes the tables."""
+    run_dir = records.require_run_dir(cfg.run_dir)
+    df = records.read_records(run_dir)
+    config_path = run_dir / records.CONFIG_FILE
+    run_config = records.read_json(config_path) if config_path.is_file() else {}
+    measures = cfg.measures or tuple(records.measure_names(df.columns))
+    tokens = load_tokens(df, measures)
+    start = time.perf_counter()
+    table = replay_frame(cfg, tokens, measures, progress)
+    replay_seconds = time.perf_counter() - start
+    comparison = pd.DataFrame()
+    if cfg.rollout_thresholds or cfg.rollout_modes:
+        if cfg.rollout_measure not in records.measure_names(df.columns):
+            raise ValueError(
+                f"rollout measure {cfg.rollout_measure!r} is not in the records; recorded: "
+                f"{records.measure_names(df.columns)}"
+            )
+        rollout_table, comparison = rollout_frames(cfg, df, run_config)
+        rollout_table["point"] += int(table["point"].max()) + 1
+        table = pd.concat([table, rollout_table], ignore_index=True)
+    paths = [run_dir / SWEEP_FILE]
+    _write_parquet(table, paths[0])
+    if len(comparison):
+        paths.append(run_dir / COMPARISON_FILE)
+        _write_parquet(comparison, paths[-1])
+    num_points = int(table.loc[table["source"] == "replay", "point"].nunique())
+    records.write_json(
+        run_dir / SUMMARY_FILE,
+        {
+            "job": "sweep",
+            "config": cfg.as_json(),
+            "measures": list(measures),
+            "num_tokens": len(df),
+            "num_prompts": int(df["prompt_id"].nunique()),
+            "num_replay_points": num_points,
+            "replay_seconds": replay_seconds,
+            "versions": {"uhlm_jax": uhlm_jax.__version__, "jax": jax.__version__},
+            "files": [p.name for p in paths],
+        },
+    )
+    paths.append(run_dir / SUMMARY_FILE)
+    return Result(
+        table=table,
+        comparison=comparison,
+        num_points=num_points,
+        replay_seconds=replay_seconds,
+        paths=tuple(paths),
+    )
+
+
+# ---------------------------------------------------------------------- config input
+
+_PARSERS = {
+    "modes": Mode.from_name,
+    "rollout_modes": Mode.from_name,
+    "presets": ch.LinkPreset.from_name,
+    "rollout_link": ch.LinkPreset.from_name,
+    "slm_model": ch.ModelSize.from_name,
+    "llm_model": ch.ModelSize.from_name,
+    "slm_device": ch.Device.from_name,
+    "llm_device": ch.Device.from_name,
+}
+_TUPLE_FIELDS = {
+    f.name for f in dataclasses.fields(Config) if str(f.type).startswith("tuple")
+}
+_INT_FIELDS = {"top_k", "chunk_size", "max_rollout_prompts"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    parse = _PARSERS.get(name)
+    if name in _TUPLE_FIELDS:
+        items = _tuple(value)
+        if parse is not None:
+            return tuple(parse(v) if isinstance(v, str) else v for v in items)
+        if name in _INT_FIELDS:
+            return tuple(int(v) for v in items)
+        if name == "measures":
+            return tuple(str(v) for v in items)
+        return tuple(float(v) for v in items)
+    if parse is not None and isinstance(value, str):
+        return parse(value)
+    return value
+
+
+def config_from_mapping(run_dir: str, mapping: dict[str, Any], where: str = "config") -> Config:
+    """A `Config` from a mapping of field names to values (TOML or flags).
+
+    Raises:
+        ValueError: naming a key that is not a `Config` field, or a bad value.
+    """
+    valid = [f.name for f in dataclasses.fields(Config) if f.name != "run_dir"]
+    unknown = [k for k in mapping if k not in valid]
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown sweep key(s) {unknown}; valid keys: {', '.join(valid)}"
+        )
+    return Config(run_dir=run_dir, **{k: _coerce(k, v) for k, v in mapping.items()})
+
+
+def config_from_toml(run_dir: str, path: str | os.PathLike, **overrides: Any) -> Config:
+    """A `Config` from a TOML file of `Config` fields, with `overrides` on top."""
+    try:
+        with open(path, "rb") as f:
+            mapping = tomllib.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"sweep config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"sweep config file {str(path)!r} is not valid TOML: {err}") from None
+    mapping.pop("run_dir", None)
+    return config_from_mapping(run_dir, {**mapping, **overrides}, where=str(path))
+
+
+def parse_values(text: str) -> list[float]:
+    """`"0,0.1,0.5"` as a list, or `"START:STOP:NUM"` as `NUM` evenly spaced values."""
+    text = text.strip()
+    if text.count(":") == 2:
+        start, stop, num = text.split(":")
+        return [float(x) for x in np.linspace(float(start), float(stop), int(num))]
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# flag -> (Config field, parser of the flag's text)
+_FLAGS: dict[str, tuple[str, Any]] = {
+    "thresholds": ("thresholds", parse_values),
+    "measures": ("measures", _names),
+    "modes": ("modes", _names),
+    "transmit_probabilities": ("transmit_probabilities", parse_values),
+    "presets": ("presets", _names),
+    "snr_db": ("snr_db", parse_values),
+    "bandwidths_hz": ("bandwidths_hz", parse_values),
+    "top_k": ("top_k", parse_values),
+    "bits_per_prob": ("bits_per_prob", parse_values),
+    "slm_model": ("slm_model", str),
+    "slm_device": ("slm_device", str),
+    "llm_model": ("llm_model", str),
+    "llm_device": ("llm_device", str),
+    "chunk_size": ("chunk_size", int),
+    "rollout_thresholds": ("rollout_thresholds", parse_values),
+    "rollout_modes": ("rollout_modes", _names),
+    "rollout_measure": ("rollout_measure", str),
+    "rollout_transmit_probability": ("rollout_transmit_probability", float),
+    "rollout_link": ("rollout_link", str),
+    "max_rollout_prompts": ("max_rollout_prompts", int),
+    "prompts": ("prompts", str),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `uhlm sweep` options (lists: comma-separated, or START:STOP:NUM)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="calibration run directory")
+    parser.add_argument("--config", metavar="FILE", help="TOML file of sweep settings")
+    helps = {
+        "thresholds": "U-HLM thresholds, e.g. 0:1:41",
+        "measures": f"measures to gate on ({', '.join(KNOWN_MEASURES)}); default: all recorded",
+        "modes": f"modes ({', '.join(m.value for m in Mode)})",
+        "presets": "link presets (good, medium, poor)",
+        "snr_db": "custom mean SNRs in dB, e.g. -10:40:11",
+        "top_k": "CU-HLM top-k values; 0 uploads the full distribution",
+        "rollout_thresholds": "U-HLM thresholds to also run as real rollouts",
+        "rollout_modes": "other modes to run as real rollouts",
+    }
+    for flag, (field, _) in _FLAGS.items():
+        parser.add_argument(
+            "--" + flag.replace("_", "-"), dest=field, default=None,
+            help=helps.get(flag, f"Config.{field}"),
+        )
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The `Config` of parsed flags (over the TOML file, if given)."""
+    overrides = {}
+    for field, parse in _FLAGS.values():
+        text = getattr(args, field, None)
+        if text is not None:
+            overrides[field] = parse(text)
+    if args.config:
+        return config_from_toml(args.run_dir, args.config, **overrides)
+    return config_from_mapping(args.run_dir, overrides, where="flags")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs `uhlm sweep`; returns the exit status (2 on bad input)."""
+    try:
+        cfg = config_from_args(args)
+        result = run(cfg, progress=not args.no_progress)
+    except ValueError as err:
+        print(f"uhlm sweep: error: {err}", file=sys.stderr)
+        return 2
+    summary = {
+        "num_points": result.num_points,
+        "replay_seconds": round(result.replay_seconds, 3),
+        "rows": len(result.table),
+        "files": [str(p) for p in result.paths],
+    }
+    if len(result.comparison):
+        c = result.comparison
+        summary["max_abs_z"] = float(np.nanmax(np.abs(c["z"])))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"replayed {result.num_points} grid points in {result.replay_seconds:.2f} s; "
+            f"wrote {', '.join(p.name for p in result.paths)} to {cfg.run_dir}"
+        )
+        if len(result.comparison):
+            cols = ["mode", "threshold", "metric", "replay", "rollout", "difference", "se", "z"]
+            print(result.comparison[cols].to_string(index=False, float_format="%.4f"))
+    return 0
