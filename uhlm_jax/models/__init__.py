@@ -2,6 +2,7 @@
 
 from uhlm_jax.models.cache import KVCache, cache_bytes, init_cache
 from uhlm_jax.models.config import Architecture, ModelConfig
+from uhlm_jax.models.hf import load_hf_checkpoint, load_hf_config, read_hf_tensors, read_safetensors
 from uhlm_jax.models.llama import (
     ModelParams,
     Padding,
@@ -24,7 +25,11 @@ __all__ = [
     "forward",
     "init_cache",
     "init_params",
+    "load_hf_checkpoint",
+    "load_hf_config",
     "params_from_hf",
     "params_to_hf",
     "prefill",
+    "read_hf_tensors",
+    "read_safetensors",
 ]

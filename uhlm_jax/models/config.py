@@ -199,14 +199,13 @@ class ModelConfig:
             )
         except KeyError as err:
             raise ValueError(f"HF config.json lacks the required key {err.args[0]!r}.") from None
-        if d.get("rope_scaling"):
+        rope_theta = _hf_rope_theta(d)
+        layer_types = set(d.get("layer_types") or ["full_attention"])
+        if d.get("use_sliding_window") or layer_types != {"full_attention"}:
             raise ValueError(
-                f"HF config.json sets rope_scaling={d['rope_scaling']!r}; only plain RoPE "
-                "(rope_scaling null) is supported."
-            )
-        if d.get("use_sliding_window"):
-            raise ValueError(
-                "HF config.json sets use_sliding_window=true; only full attention is supported."
+                f"HF config.json asks for sliding-window attention (use_sliding_window="
+                f"{d.get('use_sliding_window')!r}, layer_types {sorted(layer_types)}); only "
+                "full attention is supported."
             )
         if d.get("mlp_bias"):
             raise ValueError("HF config.json sets mlp_bias=true; MLP biases are not supported.")
@@ -221,7 +220,7 @@ class ModelConfig:
             qkv_bias = False
         return cls(
             architecture=architecture,
-            rope_theta=float(d.get("rope_theta", _HF_DEFAULT_ROPE_THETA)),
+            rope_theta=rope_theta,
             rms_norm_eps=float(d.get("rms_norm_eps", _HF_DEFAULT_RMS_NORM_EPS)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -255,3 +254,20 @@ def _architecture_from_hf(d: Mapping[str, Any]) -> Architecture:
                 f"HF config.json model_type {model_type!r} disagrees with architecture {name!r}."
             )
     return architecture
+
+
+def _hf_rope_theta(d: Mapping[str, Any]) -> float:
+    """RoPE base from `rope_theta` (transformers < 5) or `rope_parameters` (>= 5).
+
+    Raises:
+        ValueError: for any RoPE scaling (linear, dynamic, yarn, llama3, ...).
+    """
+    parameters = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling")
+    rope_type = parameters.get("rope_type", "default")
+    if scaling or rope_type != "default":
+        raise ValueError(
+            f"HF config.json sets RoPE scaling (rope_scaling={scaling!r}, "
+            f"rope_type={rope_type!r}); only plain RoPE (rope_type 'default') is supported."
+        )
+    return float(parameters.get("rope_theta", d.get("rope_theta", _HF_DEFAULT_ROPE_THETA)))

