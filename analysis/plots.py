@@ -74,6 +74,15 @@ def _save(fig, path: str | os.PathLike) -> Path:
     return path
 
 
+def _plain_log_axis(axis) -> None:
+    """Log-scale axis with plain numbers (20, 30, 100) instead of powers of ten."""
+    from matplotlib.ticker import LogLocator, ScalarFormatter
+
+    axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ScalarFormatter())
+    axis.set_minor_formatter(plt.NullFormatter())
+
+
 def _pretty(name: str) -> str:
     return name.replace("_", " ")
 
@@ -194,7 +203,7 @@ def threshold_curves(
     """
     panels = [
         ("transmission_rate", "transmission rate TR", None),
-        ("llm_agreement", "LLM agreement 1 − R", "acceptance_rate"),
+        ("llm_agreement", "LLM agreement 1 − R; acceptance", "acceptance_rate"),
         ("risk_per_token", "realised risk R per token", None),
         ("throughput_tokens_per_s", "throughput (tokens/s)", None),
     ]
@@ -221,6 +230,7 @@ def threshold_curves(
                     ax.axhline(float(rows["value"].iloc[0]), color=colour, ls="--", lw=1,
                                label=name)
             ax.set_yscale("log")
+            _plain_log_axis(ax.yaxis)
         ax.set_xlabel("threshold u_th (skip when u ≤ u_th)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -255,6 +265,7 @@ def throughput_vs_snr(
         ax.plot(mode_rows["snr_db"], mode_rows["value"], marker=marker, color=colour,
                 label=label)
     ax.set_yscale("log")
+    _plain_log_axis(ax.yaxis)
     ax.set_xlabel("mean uplink SNR (dB)")
     ax.set_ylabel("token throughput (tokens/s, log scale)")
     ax.set_title("Throughput against link quality (Rayleigh fading, expected latency)")
@@ -300,8 +311,10 @@ def pareto(table: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> P
     if front.size:
         fx, fy = x[ok][front], y[ok][front]
         order = np.argsort(fx)
-        ax.plot(fx[order], 100 * fy[order], color="black", lw=0.8, ls=":", label="Pareto front")
+        ax.plot(fx[order], 100 * fy[order], color="black", lw=1.2, ls=":", zorder=5,
+                label="Pareto front (higher and faster is better)")
     ax.set_xscale("log")
+    _plain_log_axis(ax.xaxis)
     ax.set_xlabel("token throughput (tokens/s, log scale)")
     ax.set_ylabel("LLM agreement 1 − R (% of LLM)")
     ax.set_title(f"Accuracy against throughput{' (' + link + ')' if link else ''}")
@@ -364,7 +377,7 @@ def measure_comparison(scores: pd.DataFrame, path: str | os.PathLike) -> Path:
     ax.set_xticks(x, [_pretty(m) for m in scores["measure"]], rotation=15, fontsize=8)
     ax.set_ylabel("score (higher predicts rejection better)")
     ax.set_ylim(min(0.0, float(np.nanmin(scores[["pearson", "spearman"]].to_numpy())) - 0.05),
-                1.08)
+                1.3)
     ax.set_title("Which uncertainty measure predicts rejection?")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", ncols=2)
     return _save(fig, path)

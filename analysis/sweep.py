@@ -510,6 +510,15 @@ def _estimate(mode: Mode, sums: rp.TokenSums, base: ch.CostProfile, point: rp.Gr
     return pooled, jack
 
 
+def _z_score(difference: float, se: float) -> float:
+    """`difference / se`; 0 for an exact match, NaN when undefined, ±inf for a certain gap."""
+    if not math.isfinite(difference) or math.isnan(se):
+        return float("nan")
+    if se > 0:
+        return difference / se
+    return 0.0 if difference == 0 else math.copysign(math.inf, difference)
+
+
 def _rollout_prompts(cfg: Config, settings: dict[str, Any]) -> tuple[list[str], np.ndarray]:
     from calibration.prompts import read_prompts
 
@@ -555,7 +564,17 @@ def rollout_frames(
         out = run_rollout(
             pair, texts,
             RolloutConfig(mode=Mode.UHLM, max_new_tokens=max_new, gate_measure=gate),
-            RolloutParams.create(threshold=np.asarray(cfg.rollout_thresholds), **temperatures),
+            # Every leaf carries the grid axis (the sweep maps over all of them).
+            RolloutParams.create(
+                threshold=np.asarray(cfg.rollout_thresholds),
+                **{
+                    k: np.full(len(cfg.rollout_thresholds), v)
+                    for k, v in {
+                        **temperatures,
+                        "transmit_probability": cfg.rollout_transmit_probability,
+                    }.items()
+                },
+            ),
             seed=seed, prompt_ids=ids,
         )
         for i, t in enumerate(cfg.rollout_thresholds):
@@ -620,8 +639,7 @@ def rollout_frames(
                         "rollout": value,
                         "difference": difference,
                         "se": diff_se,
-                        "z": difference / diff_se if diff_se > 0 else
-                        (0.0 if difference == 0 else float("inf")),
+                        "z": _z_score(difference, diff_se),
                         "num_prompts": len(ids),
                     }
                 )

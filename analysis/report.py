@@ -1,0 +1,755 @@
+"""Write a run's report: `report.md` and a self-contained `report.html`, from RUN_DIR alone.
+
+`uhlm report RUN_DIR` reads what the run directory holds and writes, with the figures in
+`RUN_DIR/plots/*.png` (embedded in the HTML as base64):
+
+* the paper-style table, one row per mode, at an operating threshold: transmission rate,
+  skip share, acceptance of verified drafts, true skip rate, LLM agreement as a % of the
+  LLM (`1 − R`: the expected share of emitted tokens the LLM would accept; verified
+  tokens are exactly the LLM's), expected throughput, and the speedup over HLM next to
+  its `1/(1 − s)` bound. Rand-HLM transmits the same share as U-HLM. Numbers are trace
+  replays of the calibration records (`uhlm_jax.replay`);
+* replay against real rollouts, if `uhlm sweep` ran rollouts;
+* the thresholds with their risk bounds (`thresholds.json`, from `uhlm threshold`);
+* the fit with its diagnostics (`fit.json`, from `uhlm fit`);
+* the uncertainty measures compared (correlation with `β`, AUROC for `β > 0`);
+* the configuration, versions and seeds.
+
+Only the records (`records/shard-*.parquet`) are required. A missing `fit.json`,
+`thresholds.json` or `sweep.parquet` drops its section with a note (a missing sweep is
+replaced by a default replay computed on the fly, not written).
+
+Operating threshold: `--threshold`, else the analytic risk-prone threshold of
+`thresholds.json`, else the risk-prone threshold `(Δ − b)/a` of a least-squares fit of the
+records (clipped to [0, 1]).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import html
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis import sweep as sw
+from calibration import records
+from uhlm_jax import channel as ch
+from uhlm_jax import replay as rp
+from uhlm_jax import threshold as T
+from uhlm_jax.modes import Mode
+
+__all__ = [
+    "HTML_FILE",
+    "MARKDOWN_FILE",
+    "MODE_TABLE_COLUMNS",
+    "PLOTS_DIR",
+    "Config",
+    "Result",
+    "add_arguments",
+    "main",
+    "mode_table",
+    "run",
+]
+
+MARKDOWN_FILE = "report.md"
+HTML_FILE = "report.html"
+PLOTS_DIR = "plots"
+FIT_FILE = "fit.json"
+LINEAR_FILE = "posterior_linear.npz"
+THRESHOLDS_FILE = "thresholds.json"
+# Posterior draws drawn in the u-β band and threshold histograms.
+MAX_DRAWS = 4000
+MODE_TABLE_COLUMNS = (
+    "Mode",
+    "TR",
+    "Skip %",
+    "Acceptance",
+    "True skip rate",
+    "LLM agreement (% of LLM)",
+    "Throughput (tokens/s)",
+    "Speedup vs HLM",
+    "Bound 1/(1−s)",
+)
+_MODE_ORDER = (Mode.LLM_ONLY, Mode.SLM_ONLY, Mode.HLM, Mode.UHLM, Mode.RAND_HLM)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of `uhlm report`.
+
+    Attributes:
+        run_dir: the run directory.
+        measure: the uncertainty measure U-HLM gates on.
+        threshold: the operating threshold; None picks one (see the module doc).
+        link: the link of the table and the threshold curves.
+    """
+
+    run_dir: str
+    measure: str = "temperature_perturbation"
+    threshold: float | None = None
+    link: ch.LinkPreset = ch.LinkPreset.MEDIUM
+
+    def __post_init__(self):
+        if self.measure not in sw.KNOWN_MEASURES:
+            raise ValueError(
+                f"unknown measure {self.measure!r}; use one of: {', '.join(sw.KNOWN_MEASURES)}"
+            )
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"threshold={self.threshold!r} must be finite")
+        if not isinstance(self.link, ch.LinkPreset):
+            raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Files written by `uhlm report`."""
+
+    markdown: Path
+    html: Path
+    plots: tuple[Path, ...]
+    notes: tuple[str, ...]
+
+
+# ----------------------------------------------------------------------- blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+    """One piece of the report: a heading, a paragraph, a table or an image."""
+
+    kind: str
+    text: str = ""
+    table: pd.DataFrame | None = None
+    path: Path | None = None
+
+
+def _heading(text: str) -> _Block:
+    return _Block("heading", text)
+
+
+def _para(text: str) -> _Block:
+    return _Block("para", text)
+
+
+def _table(df: pd.DataFrame) -> _Block:
+    return _Block("table", table=df)
+
+
+def _image(path: Path, caption: str) -> _Block:
+    return _Block("image", caption, path=path)
+
+
+def _cell(value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    return str(value)
+
+
+def _markdown(blocks: list[_Block], run_dir: Path) -> str:
+    lines = []
+    for b in blocks:
+        if b.kind == "heading":
+            lines += [b.text, ""]
+        elif b.kind == "para":
+            lines += [b.text, ""]
+        elif b.kind == "table":
+            cols = [str(c) for c in b.table.columns]
+            lines.append("| " + " | ".join(cols) + " |")
+            lines.append("|" + "|".join(" --- " for _ in cols) + "|")
+            for row in b.table.itertuples(index=False):
+                lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+            lines.append("")
+        elif b.kind == "image":
+            target = b.path.relative_to(run_dir).as_posix()
+            lines += [f"![{b.text}]({target})", "", f"*{b.text}*", ""]
+    return "\n".join(lines)
+
+
+def _inline(text: str) -> str:
+    """Escapes text and renders `code` spans."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html(blocks: list[_Block], title: str) -> str:
+    out = [
+        "<!DOCTYPE html>",
+        "<html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;"
+        "padding:.25em .6em;text-align:right}th{background:#eee}td:first-child{text-align:left}"
+        "img{max-width:100%}figcaption{font-style:italic;color:#444}</style>",
+        "</head><body>",
+    ]
+    for b in blocks:
+        if b.kind == "heading":
+            level = len(b.text) - len(b.text.lstrip("#"))
+            out.append(f"<h{level}>{_inline(b.text.lstrip('#').strip())}</h{level}>")
+        elif b.kind == "para":
+            out.append(f"<p>{_inline(b.text)}</p>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{html.escape(str(c))}</th>" for c in b.table.columns)
+            rows = "".join(
+                "<tr>" + "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row) + "</tr>"
+                for row in b.table.itertuples(index=False)
+            )
+            out.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "image":
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            out.append(
+                f"<figure><img alt='{html.escape(b.text)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(b.text)}</figcaption></figure>"
+            )
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------ maths
+
+
+def _fmt(x: Any, digits: int = 3) -> str | None:
+    """`x` with `digits` decimals, or None (shown as —) when missing or not finite."""
+    if x is None or not np.isfinite(float(x)):
+        return None
+    return f"{float(x):.{digits}f}"
+
+
+def least_squares(u: np.ndarray, beta: np.ndarray) -> tuple[float, float]:
+    """Ordinary least squares `β ≈ a·u + b` (slope, intercept)."""
+    u = np.asarray(u, np.float64)
+    beta = np.asarray(beta, np.float64)
+    var = np.var(u)
+    slope = float(np.mean((u - u.mean()) * (beta - beta.mean())) / var) if var > 0 else 0.0
+    return slope, float(beta.mean() - slope * u.mean())
+
+
+def mode_table(
+    tokens: rp.Tokens,
+    measure_index: int,
+    thresholds: dict[str, float],
+    profile: ch.CostProfile,
+) -> tuple[pd.DataFrame, dict[str, rp.ReplayMetrics]]:
+    """The paper-style per-mode table, one U-HLM row per named threshold.
+
+    Rand-HLM transmits the share U-HLM transmits at the first threshold.
+
+    Args:
+        tokens: replay inputs.
+        measure_index: the gate measure's row of `tokens.u`.
+        thresholds: name -> U-HLM threshold (the first is the operating point).
+        profile: cost profile (its link and payload are used).
+
+    Returns:
+        The table (`MODE_TABLE_COLUMNS`, formatted strings) and each row's metrics, keyed
+        by mode value (`uhlm:<name>` for U-HLM rows).
+    """
+    sorted_tokens = rp.sort_tokens(tokens)
+    link = profile.link
+
+    def point(threshold: float, probability: float) -> rp.GridPoints:
+        return rp.GridPoints.create(
+            threshold=threshold, measure=measure_index, transmit_probability=probability,
+            snr_db=link.mean_snr_db, bandwidth_hz=link.bandwidth_hz,
+            bits_per_prob=profile.bits_per_prob,
+        )
+
+    def replay(mode: Mode, threshold: float = 0.0, probability: float = 0.0):
+        return jax.device_get(
+            rp.replay_point(mode, sorted_tokens, profile, point(threshold, probability))
+        )
+
+    labels = {m: plots.MODE_STYLE[m.value][0] for m in Mode}
+    metrics: dict[str, rp.ReplayMetrics] = {}
+    named = list(thresholds.items())
+    uhlm = {name: replay(Mode.UHLM, t) for name, t in named}
+    matched = float(uhlm[named[0][0]].transmission_rate)
+    rows_of = [(labels[Mode.LLM_ONLY], "llm_only", replay(Mode.LLM_ONLY)),
+               (labels[Mode.SLM_ONLY], "slm_only", replay(Mode.SLM_ONLY)),
+               (labels[Mode.HLM], "hlm", replay(Mode.HLM))]
+    rows_of += [(f"{labels[Mode.UHLM]}, {name} (u_th = {t:.3f})", f"uhlm:{name}", uhlm[name])
+                for name, t in named]
+    rows_of.append((f"{labels[Mode.RAND_HLM]} (p = {matched:.3f})", "rand_hlm",
+                    replay(Mode.RAND_HLM, 0.0, matched)))
+    rows = []
+    for label, key, m in rows_of:
+        metrics[key] = m
+        rows.append(
+            [
+                label,
+                _fmt(m.transmission_rate),
+                _fmt(100 * m.skip_rate, 1),
+                _fmt(m.acceptance_rate),
+                _fmt(m.true_skip_rate),
+                _fmt(100 * m.llm_agreement, 2),
+                _fmt(m.throughput_tokens_per_s, 2),
+                _fmt(m.speedup_vs_hlm, 3),
+                _fmt(m.speedup_bound, 3),
+            ]
+        )
+    return pd.DataFrame(rows, columns=list(MODE_TABLE_COLUMNS)), metrics
+
+
+# ----------------------------------------------------------------------- sections
+
+
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    return records.read_json(path) if path.is_file() else None
+
+
+def _threshold_rows(th: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+
+    def add(name: str, block: dict | None, guarantee: str):
+        if not block:
+            return
+        emp = block.get("empirical") or {}
+        rows.append(
+            [
+                name,
+                _fmt(block.get("threshold")) if block.get("threshold") is not None else None,
+                _fmt(emp.get("skip_share")),
+                _fmt(emp.get("per_token"), 4),
+                _fmt(emp.get("given_skip"), 4),
+                guarantee,
+            ]
+        )
+
+    analytic = th.get("analytic") or {}
+    add("analytic risk-averse −b/a", analytic.get("risk_averse"), "none (plug-in)")
+    add("analytic risk-prone (Δ−b)/a", analytic.get("risk_prone"), "none (plug-in)")
+    posterior = th.get("posterior") or {}
+    eps, conf = th.get("risk"), th.get("confidence")
+    bound = f"P(R ≤ {eps} | data) ≥ {conf}"
+    add("posterior risk-bounded (linear)", (posterior.get("linear") or {}).get("risk_bounded"),
+        bound + " under the linear model")
+    add("posterior risk-bounded (hurdle)", (posterior.get("hurdle") or {}).get("risk_bounded"),
+        bound + " under the hurdle model")
+    ltt = th.get("ltt") or {}
+    if ltt:
+        add("Learn-then-Test", ltt, f"P(R ≤ {eps}) ≥ {conf}, distribution-free")
+    return pd.DataFrame(
+        rows,
+        columns=["Threshold", "u_th", "Skip share", "Risk per token", "Risk given skip",
+                 "Guarantee"],
+    )
+
+
+def _fit_rows(fit: dict[str, Any]) -> pd.DataFrame:
+    rows = []
+    for model in ("linear", "hurdle"):
+        nuts = (fit.get(model) or {}).get("nuts") or {}
+        for name, p in (nuts.get("params") or {}).items():
+            lo, hi = p.get("interval", [None, None])
+            rows.append(
+                [model, name, _fmt(p.get("mean"), 4), _fmt(p.get("sd"), 4),
+                 f"[{_fmt(lo, 4)}, {_fmt(hi, 4)}]", _fmt(p.get("r_hat"), 3),
+                 _fmt(p.get("ess"), 0), nuts.get("divergences")]
+            )
+    return pd.DataFrame(
+        rows, columns=["Model", "Parameter", "Mean", "SD", "Interval", "r-hat", "ESS",
+                       "Divergences"],
+    )
+
+
+def _posterior_draws(run_dir: Path) -> dict[str, np.ndarray] | None:
+    path = run_dir / LINEAR_FILE
+    if not path.is_file():
+        return None
+    with np.load(path) as f:
+        if "slope" not in f or "intercept" not in f:
+            return None
+        draws = {k: f[k].reshape(-1) for k in ("slope", "intercept")}
+    index = np.linspace(0, draws["slope"].size - 1, min(MAX_DRAWS, draws["slope"].size))
+    return {k: v[index.astype(int)] for k, v in draws.items()}
+
+
+def _comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in comparison.itertuples(index=False):
+        label = plots.MODE_STYLE[r.mode][0]
+        if r.mode == "uhlm":
+            label += f" (u_th = {r.threshold:.3f})"
+        rows.append([label, r.metric.replace("_", " "), _fmt(r.replay, 4), _fmt(r.rollout, 4),
+                     _fmt(r.difference, 4), _fmt(r.se, 4), _fmt(r.z, 2)])
+    return pd.DataFrame(
+        rows, columns=["Point", "Metric", "Replay", "Rollout", "Difference", "SE", "z"]
+    )
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata
+
+    out = {}
+    for name in ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "numpy", "pandas", "matplotlib"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens: rp.Tokens,
+                 notes: list[str]) -> pd.DataFrame:
+    path = run_dir / sw.SWEEP_FILE
+    if path.is_file():
+        return pd.read_parquet(path)
+    notes.append(
+        f"No {sw.SWEEP_FILE}: the threshold and Pareto figures use a default replay "
+        "computed for this report (run `uhlm sweep` to choose the grid and add rollouts)."
+    )
+    cfg = sw.Config(run_dir=str(run_dir), measures=measures, snr_db=())
+    return sw.replay_frame(cfg, tokens, measures, progress=False)
+
+
+def run(cfg: Config) -> Result:
+    """Writes `report.md`, `report.html` and the figures; see the module docstring."""
+    run_dir = records.require_run_dir(cfg.run_dir).absolute()
+    df = records.read_records(run_dir)
+    measures = tuple(records.measure_names(df.columns))
+    if cfg.measure not in measures:
+        raise ValueError(
+            f"measure {cfg.measure!r} is not in the records of {str(run_dir)!r}; recorded: "
+            f"{list(measures)}"
+        )
+    notes: list[str] = []
+    run_config = _read_optional(run_dir / records.CONFIG_FILE) or {}
+    fit = _read_optional(run_dir / FIT_FILE)
+    th = _read_optional(run_dir / THRESHOLDS_FILE)
+    sweep_summary = _read_optional(run_dir / sw.SUMMARY_FILE)
+    tokens = sw.load_tokens(df, measures)
+    gate = measures.index(cfg.measure)
+    u = df[records.MEASURE_PREFIX + cfg.measure].to_numpy(np.float64)
+    beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
+    slope, intercept = least_squares(u, beta)
+    share = float(np.mean(beta > T.BETA_POSITIVE_TOL))
+    averse = float(T.risk_averse(jnp.float32(slope), jnp.float32(intercept)))
+    prone = float(T.risk_prone(jnp.float32(slope), jnp.float32(intercept), jnp.float32(share)))
+    analytic = (th or {}).get("analytic") or {}
+    if cfg.threshold is not None:
+        threshold, source, op_name = cfg.threshold, "given with --threshold", "given"
+    elif th and th.get("measure", cfg.measure) == cfg.measure and (
+        (analytic.get("risk_prone") or {}).get("threshold") is not None
+    ):
+        threshold = float(analytic["risk_prone"]["threshold"])
+        source = f"the analytic risk-prone threshold of {THRESHOLDS_FILE}"
+        op_name = "risk-prone"
+    else:
+        threshold = float(np.clip(prone if np.isfinite(prone) else 0.0, 0.0, 1.0))
+        source = "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records"
+        op_name = "risk-prone"
+    profile = sw.Config(run_dir=str(run_dir)).cost_profile(cfg.link)
+    named = {op_name: threshold}
+    for name, t in (("risk-averse", averse), ("risk-prone", prone)):
+        t = float(np.clip(t, 0.0, 1.0)) if np.isfinite(t) else t
+        if name not in named and np.isfinite(t):
+            named[name] = t
+    table, metrics = mode_table(tokens, gate, named, profile)
+    uh = metrics[f"uhlm:{op_name}"]
+    plot_dir = run_dir / PLOTS_DIR
+    figures: list[tuple[Path, str]] = []
+
+    # u-β figure.
+    marks = {"risk-averse −b/a": averse, "risk-prone (Δ−b)/a": prone}
+    if th:
+        ltt = (th.get("ltt") or {}).get("threshold")
+        bounded = (((th.get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {})
+        if ltt is not None:
+            marks["Learn-then-Test"] = ltt
+        if bounded.get("threshold") is not None:
+            marks["posterior risk-bounded"] = bounded["threshold"]
+    draws = _posterior_draws(run_dir) if fit and fit.get("measure") == cfg.measure else None
+    figures.append(
+        (
+            plots.u_beta(
+                u, beta, plot_dir / "u_beta.png", measure=cfg.measure, slope=slope,
+                intercept=intercept,
+                slope_draws=None if draws is None else draws["slope"],
+                intercept_draws=None if draws is None else draws["intercept"],
+                thresholds=marks,
+            ),
+            "Uncertainty against rejection probability: tokens, mean β per u bin, the "
+            "least-squares line" + (", its posterior band" if draws else "") +
+            " and the thresholds.",
+        )
+    )
+    if draws is not None:
+        a, b = draws["slope"], draws["intercept"]
+        safe = np.where(a > 0, a, np.nan)
+        figures.append(
+            (
+                plots.threshold_posteriors(
+                    {"risk-averse −b/a": -b / safe, "risk-prone (Δ−b)/a": (share - b) / safe},
+                    plot_dir / "threshold_posteriors.png",
+                    point_estimates={"risk-averse −b/a": averse, "risk-prone (Δ−b)/a": prone},
+                ),
+                "Posterior of the analytic thresholds (linear-model NUTS draws; Δ at its "
+                "empirical value).",
+            )
+        )
+    else:
+        notes.append(f"No {FIT_FILE}/{LINEAR_FILE} for this measure: no posterior band or "
+                     "threshold posterior (run `uhlm fit`).")
+
+    # Sweep figures.
+    sweep_table = _sweep_table(run_dir, cfg.measure, measures, tokens, notes)
+    replay = sweep_table[sweep_table["source"] == "replay"]
+    link_label = cfg.link.name.lower()
+    at_link = replay[(replay["link"] == link_label) & (replay["top_k"] == rp.FULL_DISTRIBUTION)]
+    if len(at_link):
+        bits = at_link["bits_per_prob"].dropna()
+        if len(bits):
+            at_link = at_link[at_link["bits_per_prob"].isna() |
+                              (at_link["bits_per_prob"] == bits.iloc[0])]
+        rollout_rows = sweep_table[(sweep_table["source"] == "rollout") &
+                                   (sweep_table["mode"] == "uhlm") &
+                                   (sweep_table["measure"] == cfg.measure)]
+        figures.append(
+            (
+                plots.threshold_curves(
+                    at_link[at_link["mode"] == "uhlm"], plot_dir / "threshold_curves.png",
+                    rollout=rollout_rows if len(rollout_rows) else None,
+                    references=at_link[at_link["mode"] != "uhlm"], link=f"{link_label} link",
+                ),
+                "Transmission rate, LLM agreement and acceptance, realised risk and "
+                "throughput against the threshold" +
+                (", with real rollouts (± 2 SE)." if len(rollout_rows) else "."),
+            )
+        )
+        pareto_rows = at_link[(at_link["mode"] != "uhlm") | (at_link["measure"] == cfg.measure)]
+        figures.append(
+            (
+                plots.pareto(pareto_rows, plot_dir / "pareto.png", link=f"{link_label} link"),
+                f"LLM agreement against throughput: U-HLM over its thresholds ({cfg.measure}), "
+                "Rand-HLM over its transmit probabilities, and the fixed modes.",
+            )
+        )
+    else:
+        notes.append(f"The sweep has no {link_label} link with the full distribution: no "
+                     "threshold or Pareto figure.")
+    snr_cfg = sw.Config(
+        run_dir=str(run_dir), thresholds=(threshold,), measures=(cfg.measure,), presets=(),
+        snr_db=sw.DEFAULT_SNR_DB,
+        transmit_probabilities=(float(uh.transmission_rate),),
+    )
+    snr_table = sw.replay_frame(snr_cfg, tokens, measures, progress=False)
+    figures.append(
+        (
+            plots.throughput_vs_snr(snr_table, plot_dir / "throughput_vs_snr.png",
+                                    threshold_label=f"u_th = {threshold:.3f}"),
+            "Expected token throughput of every mode against the mean uplink SNR "
+            "(Rand-HLM at U-HLM's transmission rate).",
+        )
+    )
+    scores = sw.measure_scores(df)
+    figures.append(
+        (
+            plots.measure_comparison(scores, plot_dir / "measure_comparison.png"),
+            "Uncertainty measures: correlation with β and AUROC for β > 0.",
+        )
+    )
+    validation = (th or {}).get("validation") or {}
+    if validation.get("methods"):
+        realised = {
+            name: np.array(m.get("realised_risk_per_token", []), np.float64)
+            for name, m in validation["methods"].items()
+        }
+        figures.append(
+            (
+                plots.risk_histograms(
+                    realised, plot_dir / "risk_histograms.png", eps=float(th["risk"]),
+                    delta=validation.get("allowed_exceed_frequency"),
+                ),
+                f"Realised risk per token on held-out prompts over "
+                f"{validation.get('num_splits')} random splits.",
+            )
+        )
+
+    # Text.
+    hlm = metrics["hlm"]
+    bound_text = (f"bounded by 1/(1 − s) = {float(uh.speedup_bound):.3f}×"
+                  if np.isfinite(float(uh.speedup_bound)) else "not bounded (s = 1)")
+    blocks = [
+        _heading(f"# U-HLM report: {run_dir.name}"),
+        _para(
+            f"{len(df)} generated tokens from {df['prompt_id'].nunique()} prompts; pair "
+            f"`{(run_config.get('pair') or {}).get('name', 'unknown')}`. Gate measure "
+            f"`{cfg.measure}`; operating threshold u_th = {threshold:.4f} ({source}). "
+            f"Costs: {profile.slm.model_profile.name} on {profile.slm.device_profile.name}, "
+            f"{profile.llm.model_profile.name} on {profile.llm.device_profile.name}, "
+            f"{link_label} link ({float(profile.link.mean_snr_db):.1f} dB mean SNR, "
+            f"{float(profile.link.bandwidth_hz) / 1e6:g} MHz, Rayleigh fading), "
+            f"{float(profile.bits_per_prob):g} bits per probability, V = {profile.vocab_size}."
+        ),
+        _heading("## Modes"),
+        _table(table),
+        _para(
+            f"Trace replay of the calibration records (per-token independence). At the "
+            f"operating threshold U-HLM skips {100 * float(uh.skip_rate):.1f}% of tokens; "
+            f"its speedup over HLM, {float(uh.speedup_vs_hlm):.3f}×, is {bound_text} under "
+            "this latency model. Risk-averse and risk-prone rows use the least-squares "
+            "plug-ins −b/a and (Δ − b)/a (clipped to [0, 1]). LLM agreement is "
+            "1 − R, the expected share of emitted tokens the LLM would accept (R: realised "
+            "rejection risk of skipped drafts per token), a token-level stand-in for "
+            "accuracy relative to the LLM. HLM's expected latency per token is "
+            f"{1e3 * float(hlm.latency_s):.2f} ms."
+        ),
+    ]
+    comparison_path = run_dir / sw.COMPARISON_FILE
+    blocks.append(_heading("## Replay against real rollouts"))
+    if comparison_path.is_file():
+        comparison = pd.read_parquet(comparison_path)
+        blocks += [
+            _table(_comparison_table(comparison)),
+            _para(
+                "Difference = rollout − replay on the same prompts and seeds; SE is its "
+                "jackknife standard error over prompts. Replay keeps the recorded "
+                "trajectory: it ignores how a skipped draft the LLM would have rejected "
+                "changes the later tokens, their uncertainty and their β; a rollout "
+                "continues from the skipped draft. |z| well above 2 marks that effect."
+            ),
+        ]
+    else:
+        blocks.append(_para(f"No {sw.COMPARISON_FILE}: run `uhlm sweep --rollout-thresholds "
+                            "...` to compare replay with real rollouts."))
+    blocks.append(_heading("## Thresholds"))
+    if th:
+        blocks += [
+            _para(
+                f"From {THRESHOLDS_FILE} (measure `{th.get('measure')}`): risk level ε = "
+                f"{th.get('risk')}, confidence 1 − δ = {th.get('confidence')}. Risk is the "
+                "rejection probability of skipped drafts per generated token; empirical "
+                "columns are realised on all records."
+            ),
+            _table(_threshold_rows(th)),
+        ]
+        if validation.get("methods"):
+            rows = [
+                [name.replace("_", " "), _fmt(m.get("exceed_frequency_per_token")),
+                 _fmt(m.get("exceed_frequency_per_prompt")), _fmt(m.get("mean_skip_share")),
+                 _fmt(m.get("no_skip_frequency"))]
+                for name, m in validation["methods"].items()
+            ]
+            blocks += [
+                _para(
+                    f"Validation over {validation.get('num_splits')} random prompt splits "
+                    f"({validation.get('calibration_prompts')} calibration / "
+                    f"{validation.get('test_prompts')} test prompts); allowed exceedance "
+                    f"share δ = {validation.get('allowed_exceed_frequency')}."
+                ),
+                _table(pd.DataFrame(rows, columns=[
+                    "Method", "Exceeds ε (per token)", "Exceeds ε (per prompt)",
+                    "Mean skip share", "Skips nothing"])),
+            ]
+    else:
+        notes.append(f"No {THRESHOLDS_FILE}: thresholds are least-squares plug-ins only "
+                     "(run `uhlm threshold --run RUN_DIR`).")
+        blocks.append(_para(
+            f"No {THRESHOLDS_FILE} (run `uhlm threshold --run RUN_DIR`). Least-squares "
+            f"plug-ins: a = {slope:.4f}, b = {intercept:.4f}, Δ = P(β > 0) = {share:.4f}; "
+            f"risk-averse −b/a = {averse:.4f}, risk-prone (Δ − b)/a = {prone:.4f}; no "
+            "risk bound."
+        ))
+    blocks.append(_heading("## Fit"))
+    if fit:
+        corr = fit.get("correlation") or {}
+        comp = fit.get("comparison") or {}
+        text = [f"From {FIT_FILE} (measure `{fit.get('measure')}`)."]
+        for name in ("pearson", "spearman"):
+            if name in corr:
+                lo, hi = corr[name]["interval"]
+                text.append(f"{name.capitalize()} r(u, β) = {corr[name]['estimate']:.3f} "
+                            f"[{lo:.3f}, {hi:.3f}] (prompt bootstrap).")
+        if comp:
+            text.append(
+                f"WAIC: linear {comp['linear']['waic']:.1f}, hurdle {comp['hurdle']['waic']:.1f}; "
+                f"elpd(hurdle) − elpd(linear) = {comp['elpd_difference_hurdle_minus_linear']:.1f}"
+                f" ± {comp['elpd_difference_se']:.1f}, preferred: {comp['preferred']}."
+            )
+        ppc = fit.get("predictive_checks") or []
+        if ppc:
+            for model in ("linear", "hurdle"):
+                covered = sum(bool((r.get(model) or {}).get("mean_covered")) for r in ppc)
+                text.append(f"Posterior predictive: the {model} model's 90% range covers "
+                            f"the observed mean β in {covered} of {len(ppc)} u bins.")
+        blocks += [_para(" ".join(text)), _table(_fit_rows(fit))]
+    else:
+        notes.append(f"No {FIT_FILE}: the fit section is empty (run `uhlm fit RUN_DIR`).")
+        blocks.append(_para(f"No {FIT_FILE} (run `uhlm fit RUN_DIR`). Least squares on the "
+                            f"records: β ≈ {slope:.4f}·u {intercept:+.4f}."))
+    blocks += [
+        _heading("## Uncertainty measures"),
+        _table(scores.assign(**{c: scores[c].round(4) for c in ("pearson", "spearman",
+                                                                 "auroc", "share_positive")})),
+        _heading("## Figures"),
+    ]
+    blocks += [_image(path, caption) for path, caption in figures]
+    settings = run_config.get("settings") or {}
+    blocks += [
+        _heading("## Configuration"),
+        _para("Calibration settings (config.json): `" + json.dumps(settings) + "`."),
+        _para("Seeds: calibration " + str(settings.get("seed")) +
+              (f", fit {fit['config'].get('seed')}" if fit and "config" in fit else "") +
+              (f", thresholds {th['config'].get('seed')}" if th and "config" in th else "") +
+              "."),
+        _para("Versions (collection): `" + json.dumps(run_config.get("versions") or {}) +
+              "`; (report): `" + json.dumps(_versions()) + "`."),
+    ]
+    if sweep_summary:
+        blocks.append(_para("Sweep configuration (sweep.json): `" +
+                            json.dumps(sweep_summary.get("config")) + "`."))
+    if notes:
+        blocks += [_heading("## Notes"), *(_para(n) for n in notes)]
+    markdown_path = run_dir / MARKDOWN_FILE
+    html_path = run_dir / HTML_FILE
+    _write_text(markdown_path, _markdown(blocks, run_dir))
+    _write_text(html_path, _html(blocks, f"U-HLM report: {run_dir.name}"))
+    return Result(markdown=markdown_path, html=html_path,
+                  plots=tuple(p for p, _ in figures), notes=tuple(notes))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the `uhlm report` options."""
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
+    parser.add_argument("--measure", default="temperature_perturbation",
+                        help="uncertainty measure U-HLM gates on")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="operating threshold (default: the risk-prone threshold)")
+    parser.add_argument("--link", default="medium", help="link preset: good, medium, poor")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Runs `uhlm report`; returns the exit status (2 on bad input)."""
+    try:
+        cfg = Config(run_dir=args.run_dir, measure=args.measure, threshold=args.threshold,
+                     link=ch.LinkPreset.from_name(args.link))
+        result = run(cfg)
+    except ValueError as err:
+        print(f"uhlm report: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"markdown": str(result.markdown), "html": str(result.html),
+                          "plots": [str(p) for p in result.plots], "notes": list(result.notes)}))
+    else:
+        print(f"wrote {result.markdown} and {result.html} ({len(result.plots)} figures)")
+        for note in result.notes:
+            print(f"note: {note}")
+    return 0
