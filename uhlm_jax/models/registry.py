@@ -28,7 +28,6 @@ import pathlib
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 
 from uhlm_jax.models.gguf import GGUFFormatError, load_gguf
@@ -99,9 +98,7 @@ def _load_embedded(dtype: Any) -> tuple[ModelParams, Tokenizer]:
 
 
 def _load_toy(index: int, dtype: Any) -> tuple[ModelParams, Tokenizer]:
-    params = toy_pair()[index]
-    params = jax.tree.map(lambda w: w.astype(dtype), params)
-    return params, toy_tokenizer()
+    return toy_pair(dtype)[index], toy_tokenizer()
 
 
 _NAMED: dict[str, Callable[[Any], tuple[ModelParams, Tokenizer]]] = {

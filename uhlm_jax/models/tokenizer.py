@@ -33,6 +33,14 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 
+from uhlm_jax.models.toy import (
+    TOY_BOS_ID,
+    TOY_EOS_ID,
+    TOY_PAD_ID,
+    TOY_RESERVED_ID,
+    TOY_VOCAB_SIZE,
+)
+
 if TYPE_CHECKING:
     from gguf import GGUFReader
 
@@ -498,11 +506,7 @@ def _byte_level_bpe(
     return backend
 
 
-# Toy vocabulary: ids 0..255 are the bytes themselves, then four specials.
-TOY_BOS_ID = 256
-TOY_EOS_ID = 257
-TOY_PAD_ID = 258
-TOY_RESERVED_ID = 259
+# Texts of the toy vocabulary's specials, ids TOY_BOS_ID..TOY_RESERVED_ID in order.
 TOY_SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>", "<reserved>")
 
 
@@ -515,6 +519,7 @@ def toy_tokenizer() -> Tokenizer:
     """
     alphabet = _gpt2_byte_alphabet()
     tokens = [*alphabet, *TOY_SPECIAL_TOKENS]
+    assert len(tokens) == TOY_VOCAB_SIZE and TOY_RESERVED_ID == TOY_VOCAB_SIZE - 1
     specials = {TOY_BOS_ID + i: TokenType.CONTROL for i in range(len(TOY_SPECIAL_TOKENS))}
     backend = _byte_level_bpe(tokens, [], PreTokenizer.GPT2, specials)
     return Tokenizer(
