@@ -286,6 +286,13 @@ _sample_batch_jit = jax.jit(
 )
 
 
+def prompt_text(tokenizer: Tokenizer, prompt: str) -> str:
+    """The prompt as one user message in the chat template, or as is without a template."""
+    if tokenizer.chat_template is None:
+        return prompt
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+
+
 def sample_sequences(
     params: ModelParams,
     tokenizer: Tokenizer,
@@ -296,19 +303,13 @@ def sample_sequences(
     seed: int,
     progress: bool = True,
 ) -> Sequences:
-    """The full model's replies to `prompts` (chat template applied), with the prompts.
+    """The full model's replies to `prompts` (see `prompt_text`), with the prompts.
 
     Batch `j` of sample round `r` uses the key `fold_in(fold_in(key(seed), r), j)`.
     """
     from tqdm import tqdm
 
-    encoded = [
-        np.asarray(
-            tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p}])),
-            np.int32,
-        )
-        for p in prompts
-    ]
+    encoded = [np.asarray(tokenizer.encode(prompt_text(tokenizer, p)), np.int32) for p in prompts]
     base = jax.random.key(seed)
     tokens, prompt_lengths = [], []
     batches = [
@@ -450,9 +451,7 @@ def measure_acceptance(
 ) -> Acceptance:
     """Mean `1 − TV(p, q)` over the reply positions of `sequences`.
 
-    The standard error treats sequences as clusters (ratio estimator):
-    `se² = m/(m−1) Σ_i (a_i − ā n_i)² / (Σ_i n_i)²`, with `a_i` the summed acceptance and
-    `n_i` the positions of sequence `i`.
+    The standard error treats sequences as clusters (see `clustered_mean`).
     """
     sums, counts = [], []
     n = len(sequences.tokens)
@@ -472,12 +471,21 @@ def measure_acceptance(
         weights = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t)
         sums.extend((values * weights).sum(axis=1).tolist())
         counts.extend(weights.sum(axis=1).tolist())
+    mean, se = clustered_mean(np.asarray(sums), np.asarray(counts))
+    return Acceptance(mean=mean, se=se, tokens=int(np.sum(counts)), sequences=len(sums))
+
+
+def clustered_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Ratio estimate `Σ a_i / Σ n_i` and its standard error with clusters `i`.
+
+    `se² = m/(m−1) Σ_i (a_i − ā n_i)² / (Σ_i n_i)²` for `m` clusters (sequences).
+    """
     sums, counts = np.asarray(sums, np.float64), np.asarray(counts, np.float64)
-    total = counts.sum()
-    mean = sums.sum() / max(total, 1.0)
+    total = max(counts.sum(), 1.0)
+    mean = sums.sum() / total
     m = len(sums)
-    se = math.sqrt(m / max(m - 1, 1) * np.sum((sums - mean * counts) ** 2)) / max(total, 1.0)
-    return Acceptance(mean=float(mean), se=float(se), tokens=int(total), sequences=m)
+    se = math.sqrt(m / max(m - 1, 1) * np.sum((sums - mean * counts) ** 2)) / total
+    return float(mean), float(se)
 
 
 def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:

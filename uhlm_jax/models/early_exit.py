@@ -142,6 +142,48 @@ def init_exit_head(
     )
 
 
+def _split_parts(tree: Mapping, names: Sequence[str], cuts: Sequence[int]) -> dict:
+    """Splits a fused projection (`kernel [h, out]`, `bias [out]`) along `out`."""
+    parts = {name: {} for name in names}
+    for leaf, value in tree.items():
+        for name, piece in zip(names, jnp.split(value, cuts, axis=-1), strict=True):
+            parts[name][leaf] = piece
+    return parts
+
+
+def _fuse_parts(trees: Sequence[Mapping]) -> dict:
+    return {leaf: jnp.concatenate([t[leaf] for t in trees], axis=-1) for leaf in trees[0]}
+
+
+def _separate_layout(layer: Mapping, config: ModelConfig) -> dict:
+    """The layer with separate `q_proj, k_proj, v_proj` and `gate_proj, up_proj` weights.
+
+    This is the layout of exit-head files, so they do not depend on whether the decoder
+    fuses its projections.
+    """
+    attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+    if "qkv_proj" in attn:
+        q_width = config.num_heads * config.head_dim
+        kv_width = config.num_kv_heads * config.head_dim
+        cuts = (q_width, q_width + kv_width)
+        attn.update(_split_parts(attn.pop("qkv_proj"), ("q_proj", "k_proj", "v_proj"), cuts))
+    if "gate_up_proj" in mlp:
+        cuts = (config.intermediate_size,)
+        mlp.update(_split_parts(mlp.pop("gate_up_proj"), ("gate_proj", "up_proj"), cuts))
+    return {**layer, "self_attn": attn, "mlp": mlp}
+
+
+def _layout_like(layer: Mapping, reference: Mapping, config: ModelConfig) -> dict:
+    """`layer` in the weight layout (fused or separate projections) of `reference`."""
+    layer = _separate_layout(layer, config)
+    attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+    if "qkv_proj" in reference["self_attn"]:
+        attn["qkv_proj"] = _fuse_parts([attn.pop(n) for n in ("q_proj", "k_proj", "v_proj")])
+    if "gate_up_proj" in reference["mlp"]:
+        mlp["gate_up_proj"] = _fuse_parts([mlp.pop(n) for n in ("gate_proj", "up_proj")])
+    return {**layer, "self_attn": attn, "mlp": mlp}
+
+
 def _draft_config(config: ModelConfig, exit_layer: int) -> ModelConfig:
     return dataclasses.replace(config, num_layers=exit_layer + 1)
 
@@ -165,10 +207,14 @@ def build_draft(params: ModelParams, head: ExitHead) -> ModelParams:
     exit_layer = head.exit_layer
     _check_exit_layer(params.config, exit_layer)
     reference = params.weights[f"layers_{exit_layer}"]
+    try:
+        layer = _layout_like(head.layer, reference, params.config)
+    except (KeyError, ValueError, TypeError):
+        layer = dict(head.layer)  # reported as a mismatch below
     expected = jax.tree.map(
         lambda w: (w.shape, w.dtype), (dict(reference), dict(params.weights["norm"]))
     )
-    got = jax.tree.map(lambda w: (w.shape, w.dtype), (dict(head.layer), dict(head.norm)))
+    got = jax.tree.map(lambda w: (w.shape, w.dtype), (layer, dict(head.norm)))
     if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
         raise ValueError(
             "The exit head does not match the model: its tensors' names, shapes or dtypes "
@@ -184,7 +230,7 @@ def build_draft(params: ModelParams, head: ExitHead) -> ModelParams:
     }
     for i in range(exit_layer):
         weights[f"layers_{i}"] = params.weights[f"layers_{i}"]
-    weights[f"layers_{exit_layer}"] = head.layer
+    weights[f"layers_{exit_layer}"] = layer
     weights["norm"] = head.norm
     return ModelParams(config=_draft_config(params.config, exit_layer), weights=weights)
 
@@ -353,8 +399,9 @@ def exit_logits(
 # Files.
 
 
-def _flat_tensors(head: ExitHead) -> dict[str, Array]:
-    flat = flax.traverse_util.flatten_dict(dict(head.layer), sep="/")
+def _flat_tensors(head: ExitHead, config: ModelConfig) -> dict[str, Array]:
+    layer = _separate_layout(head.layer, config)
+    flat = flax.traverse_util.flatten_dict(layer, sep="/")
     tensors = {f"{_LAYER_PREFIX}/{name}": value for name, value in flat.items()}
     tensors[_NORM_NAME] = head.norm["scale"]
     return tensors
@@ -380,7 +427,7 @@ def save_exit_head(
 
     tensors = {
         name: np.asarray(jnp.asarray(value, jnp.float32)).astype(dtype)
-        for name, value in _flat_tensors(head).items()
+        for name, value in _flat_tensors(head, config).items()
     }
     meta = {
         _META_FORMAT: _FORMAT,

@@ -30,6 +30,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from uhlm_jax.models.early_exit import load_embedded_draft
 from uhlm_jax.models.gguf import GGUFFormatError, load_gguf
 from uhlm_jax.models.hf import load_hf_checkpoint
 from uhlm_jax.models.llama import ModelParams
@@ -105,6 +106,7 @@ _NAMED: dict[str, Callable[[Any], tuple[ModelParams, Tokenizer]]] = {
     SMOLLM2_135M_INSTRUCT: _load_embedded,
     TOY_LLM: functools.partial(_load_toy, 1),
     TOY_SLM: functools.partial(_load_toy, 0),
+    "smollm2-exit-draft": load_embedded_draft,
 }
 
 

@@ -1,0 +1,182 @@
+"""`uhlm train-draft`: loss and acceptance oracles, and smoke runs on the toy model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from calibration import train_draft
+from uhlm_jax.models import early_exit as ee
+from uhlm_jax.models.llama import forward
+from uhlm_jax.models.registry import load_model
+
+# KL and acceptance of two float32 evaluations of the same network.
+EXACT_ATOL = 1e-4
+# KL computed by two float32 routes (fused logits vs. a NumPy float64 reference).
+KL_RTOL = 1e-4
+
+TOY = "toy-llm"
+PROMPTS = [
+    ("Name a colour.", "train"),
+    ("Count to three.", "train"),
+    ("Say hello.", "train"),
+    ("Spell cat.", "train"),
+    ("Name a fruit.", "calibration"),
+    ("Say goodbye.", "evaluation"),
+]
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return load_model(TOY)
+
+
+@pytest.fixture()
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    with open(path, "w") as f:
+        for prompt, split in PROMPTS:
+            f.write(json.dumps({"prompt": prompt, "reference": "x", "split": split}) + "\n")
+    return str(path)
+
+
+def _config(prompts_file, workdir, toy, **overrides):
+    settings = dict(
+        model=TOY,
+        prompts=prompts_file,
+        exit_layer=max(toy.params.config.num_layers - 2, 0),
+        samples_per_prompt=1,
+        max_new_tokens=6,
+        epochs=2,
+        batch_size=2,
+        warmup_steps=1,
+        checkpoint_every=1,
+        workdir=str(workdir),
+        output=str(workdir / "head.safetensors"),
+    )
+    return train_draft.Config(**{**settings, **overrides})
+
+
+def test_read_split_keeps_splits_disjoint(prompts_file):
+    train = train_draft.read_split(prompts_file, ["train"])
+    heldout = train_draft.read_split(prompts_file, ["train"], exclude=True)
+    assert train == [p for p, s in PROMPTS if s == "train"]
+    assert heldout == ["Name a fruit.", "Say goodbye."]
+
+
+def test_reply_weights_by_hand():
+    # Row 0: prompt of 2 ids, 5 ids in all: columns 1, 2, 3 predict the reply ids 2, 3, 4.
+    weights = train_draft._reply_weights([5, 3], [2, 3], 6)
+    np.testing.assert_array_equal(weights, [[0, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+
+
+def test_clustered_mean_by_hand():
+    # Two sequences of two tokens with acceptance sums 1 and 2: mean 3/4; residuals ±0.5,
+    # se² = 2/1 · 0.5 / 4² = 1/16.
+    mean, se = train_draft.clustered_mean(np.array([1.0, 2.0]), np.array([2.0, 2.0]))
+    assert mean == pytest.approx(0.75) and se == pytest.approx(0.25)
+
+
+def _log_softmax64(logits) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def test_distillation_loss_matches_kl_of_forward_logits(toy):
+    params = toy.params
+    exit_layer = max(params.config.num_layers - 2, 0)
+    head = ee.init_exit_head(params, exit_layer)
+    tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 200)
+    lengths = jnp.asarray([5, 3], jnp.int32)
+    states = ee.layer_hidden_states(params, tokens, lengths, (exit_layer,))
+    weights = (jnp.arange(5)[None, :] < lengths[:, None]).astype(jnp.float32)
+
+    loss = train_draft.distillation_loss(
+        head, params, states.exits[0], states.final, lengths, weights
+    )
+
+    log_p = _log_softmax64(forward(params, tokens, lengths))
+    log_q = _log_softmax64(forward(ee.build_draft(params, head), tokens, lengths))
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    expected = np.sum(kl * np.asarray(weights)) / np.sum(np.asarray(weights))
+    assert float(loss) == pytest.approx(expected, rel=KL_RTOL)
+    assert expected > 0
+
+
+def test_a_draft_equal_to_the_model_has_zero_loss_and_full_acceptance(toy):
+    # Given an exit block that copies the last layer (the draft is the full model),
+    params = toy.params
+    head = ee.init_exit_head(params, params.config.num_layers - 1)
+    rows = [np.array([1, 5, 9, 2, 7], np.int32), np.array([3, 4, 6], np.int32)]
+    sequences = train_draft.Sequences(tokens=rows, prompt_lengths=[2, 1])
+    features = train_draft.compute_features(
+        params, sequences, [params.config.num_layers - 1], progress=False
+    )[params.config.num_layers - 1]
+    # then the acceptance is one on every reply token.
+    got = train_draft.measure_acceptance(params, head, sequences, features)
+    assert got.tokens == 3 + 2 and got.sequences == 2
+    assert got.mean == pytest.approx(1.0, abs=EXACT_ATOL)
+
+
+def test_bad_config_names_the_field(prompts_file):
+    with pytest.raises(ValueError, match="temperature"):
+        train_draft.Config(prompts=prompts_file, temperature=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_draft.Config(prompts=prompts_file, batch_size=0)
+    with pytest.raises(ValueError, match="prompts"):
+        train_draft.Config(prompts="/no/such/file.jsonl")
+
+
+def test_cli_smoke_run_writes_the_head_and_its_json(prompts_file, tmp_path, toy, capsys):
+    parser = argparse.ArgumentParser()
+    train_draft.add_arguments(parser)
+    exit_layer = max(toy.params.config.num_layers - 2, 0)
+    args = parser.parse_args(
+        [
+            "--model", TOY, "--prompts", prompts_file, "--exit-layer", str(exit_layer),
+            "--samples-per-prompt", "1", "--max-new-tokens", "4", "--epochs", "1",
+            "--batch-size", "2", "--workdir", str(tmp_path / "w"),
+            "--output", str(tmp_path / "out" / "head.safetensors"), "--json", "--no-progress",
+        ]
+    )  # fmt: skip
+
+    assert train_draft.main(args) == 0
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["steps"] == 2  # 4 training prompts, batches of 2, one epoch
+    assert 0.0 <= result["acceptance_trained"]["mean"] <= 1.0
+    head, _ = ee.load_exit_head(tmp_path / "out" / "head.safetensors", toy.params.config)
+    assert head.exit_layer == exit_layer
+    with open(tmp_path / "out" / "head.json") as f:
+        sidecar = json.load(f)
+    assert sidecar["acceptance"] == result["acceptance_trained"]["mean"]
+    assert sidecar["storage_dtype"] == "float16"
+
+
+def test_interrupted_run_resumes_to_the_same_head(prompts_file, tmp_path, toy):
+    # Given one uninterrupted run of 4 steps,
+    whole = train_draft.run(_config(prompts_file, tmp_path / "a", toy), progress=False)
+    # and one stopped after a step and then restarted in the same workdir,
+    first = train_draft.run(_config(prompts_file, tmp_path / "b", toy, max_steps=1), progress=False)
+    assert first.steps == 1
+    initial, _ = ee.load_exit_head(first.output, toy.params.config)
+    assert os.listdir(tmp_path / "b" / f"checkpoints-L{whole.exit_layer}")
+    resumed = train_draft.run(_config(prompts_file, tmp_path / "b", toy), progress=False)
+    # then both reach the same head (optimizer state and data order were restored).
+    assert whole.steps == resumed.steps == 4
+    a, _ = ee.load_exit_head(whole.output, toy.params.config)
+    b, _ = ee.load_exit_head(resumed.output, toy.params.config)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    changed = [
+        not np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(initial), jax.tree.leaves(a), strict=True)
+    ]
+    assert any(changed)
