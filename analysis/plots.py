@@ -44,7 +44,7 @@ __all__ = [
     "u_beta",
 ]
 
-FIGSIZE_IN = (8.0, 5.0)
+FIGSIZE_IN = (8.0, 6.0)
 DPI = 100
 # Above this many tokens the u-β plot is a hexbin (a scatter would be a solid blob).
 HEXBIN_MIN_POINTS = 5000
@@ -203,26 +203,32 @@ def threshold_curves(
     """
     panels = [
         ("transmission_rate", "transmission rate TR", None),
-        ("llm_agreement", "LLM agreement 1 − R; acceptance", "acceptance_rate"),
+        ("llm_agreement", "share of tokens", "acceptance_rate"),
         ("risk_per_token", "realised risk R per token", None),
         ("throughput_tokens_per_s", "throughput (tokens/s)", None),
     ]
     fig, axes = _figure(2, 2)
     measures = list(dict.fromkeys(replay["measure"].dropna()))
+    colours = dict(zip(measures, plt.rcParams["axes.prop_cycle"].by_key()["color"],
+                       strict=False))
     for ax, (metric, label, extra) in zip(axes.ravel(), panels, strict=True):
         for measure in measures:
             rows = replay[(replay["measure"] == measure) & (replay["metric"] == metric)]
             rows = rows.sort_values("threshold")
-            ax.plot(rows["threshold"], rows["value"], lw=1.5, label=_pretty(measure))
-            if extra is not None and measure == measures[0]:
-                acc = replay[(replay["measure"] == measure) & (replay["metric"] == extra)]
-                acc = acc.sort_values("threshold")
-                ax.plot(acc["threshold"], acc["value"], lw=1.2, ls=":", color="black",
-                        label=f"acceptance ({_pretty(measure)})")
+            ax.plot(rows["threshold"], rows["value"], lw=1.5, color=colours.get(measure),
+                    label=_pretty(measure) if metric == "transmission_rate" else None)
+        if extra is not None and measures:
+            acc = replay[(replay["measure"] == measures[0]) & (replay["metric"] == extra)]
+            acc = acc.sort_values("threshold")
+            ax.plot(acc["threshold"], acc["value"], lw=1.2, ls=":", color="black",
+                    label=f"acceptance of verified drafts ({_pretty(measures[0])})")
+            ax.plot([], [], color="0.5", label="solid: LLM agreement 1 − R")
+            ax.legend(fontsize=7, loc="best", framealpha=0.6)
         if rollout is not None and len(rollout):
             rows = rollout[rollout["metric"] == metric]
             ax.errorbar(rows["threshold"], rows["value"], yerr=2 * rows["se"], fmt="D",
-                        color="black", ms=4, capsize=3, label="rollout ± 2 SE")
+                        color="black", ms=4, capsize=3,
+                        label="real rollouts ± 2 SE" if metric == "transmission_rate" else None)
         if metric == "throughput_tokens_per_s" and references is not None:
             for mode, (name, colour, _) in MODE_STYLE.items():
                 rows = references[(references["mode"] == mode) & (references["metric"] == metric)]
@@ -231,13 +237,14 @@ def threshold_curves(
                                label=name)
             ax.set_yscale("log")
             _plain_log_axis(ax.yaxis)
+            ax.legend(fontsize=7, loc="center right")
         ax.set_xlabel("threshold u_th (skip when u ≤ u_th)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    axes[1, 1].legend(fontsize=6, ncols=2)
-    axes[0, 1].legend(fontsize=7)
-    fig.suptitle(f"U-HLM against the threshold (trace replay{', ' + link if link else ''})")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=8,
+               title="gate measure (trace replay)", title_fontsize=8)
+    fig.suptitle(f"U-HLM against the threshold{' (' + link + ')' if link else ''}")
     return _save(fig, path)
 
 

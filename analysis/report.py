@@ -68,6 +68,10 @@ PLOTS_DIR = "plots"
 FIT_FILE = "fit.json"
 LINEAR_FILE = "posterior_linear.npz"
 THRESHOLDS_FILE = "thresholds.json"
+# Without a positive slope, the operating threshold is the largest on this grid whose
+# realised risk per token on the records is at most this.
+FALLBACK_GRID = 101
+FALLBACK_RISK = 0.05
 # Posterior draws drawn in the u-β band and threshold histograms.
 MAX_DRAWS = 4000
 MODE_TABLE_COLUMNS = (
@@ -440,8 +444,17 @@ def run(cfg: Config) -> Result:
     beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
     slope, intercept = least_squares(u, beta)
     share = float(np.mean(beta > T.BETA_POSITIVE_TOL))
-    averse = float(T.risk_averse(jnp.float32(slope), jnp.float32(intercept)))
-    prone = float(T.risk_prone(jnp.float32(slope), jnp.float32(intercept), jnp.float32(share)))
+    if slope > 0:
+        averse = float(T.risk_averse(jnp.float32(slope), jnp.float32(intercept)))
+        prone = float(
+            T.risk_prone(jnp.float32(slope), jnp.float32(intercept), jnp.float32(share))
+        )
+    else:
+        averse = prone = float("nan")
+        notes.append(
+            f"The least-squares slope a = {slope:.4f} is not positive: u does not predict "
+            "rejection linearly, so the analytic thresholds −b/a and (Δ − b)/a are undefined."
+        )
     analytic = (th or {}).get("analytic") or {}
     if cfg.threshold is not None:
         threshold, source, op_name = cfg.threshold, "given with --threshold", "given"
@@ -451,10 +464,19 @@ def run(cfg: Config) -> Result:
         threshold = float(analytic["risk_prone"]["threshold"])
         source = f"the analytic risk-prone threshold of {THRESHOLDS_FILE}"
         op_name = "risk-prone"
-    else:
-        threshold = float(np.clip(prone if np.isfinite(prone) else 0.0, 0.0, 1.0))
+    elif np.isfinite(prone):
+        threshold = float(np.clip(prone, 0.0, 1.0))
         source = "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records"
         op_name = "risk-prone"
+    else:
+        grid = jnp.linspace(0.0, 1.0, FALLBACK_GRID)
+        curve = np.asarray(T.risk_curve(jnp.asarray(beta, jnp.float32),
+                                        jnp.asarray(u, jnp.float32), grid))
+        within = np.nonzero(curve <= FALLBACK_RISK)[0]
+        threshold = float(grid[within[-1]]) if within.size else 0.0
+        source = (f"the largest threshold whose realised risk per token on the records is "
+                  f"at most {FALLBACK_RISK} (no analytic threshold)")
+        op_name = f"empirical R ≤ {FALLBACK_RISK}"
     profile = sw.Config(run_dir=str(run_dir)).cost_profile(cfg.link)
     named = {op_name: threshold}
     for name, t in (("risk-averse", averse), ("risk-prone", prone)):

@@ -372,7 +372,8 @@ def replay_frame(
         points = pd.DataFrame(_mode_axes(cfg, mode, measures))
         grid = _grid_points(points, measures)
         size = len(points)
-        chunk = min(cfg.chunk_size, size)
+        # Always whole chunks of `chunk_size`: one compiled shape per mode, whatever the grid.
+        chunk = cfg.chunk_size
         padded = -(-size // chunk) * chunk
         # Pad to whole chunks (repeating the last point) so every chunk has one shape.
         extra = padded - size

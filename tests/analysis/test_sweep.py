@@ -1,0 +1,193 @@
+"""`uhlm sweep`: the tidy table, its config input, bad input, and replay against rollouts."""
+
+import argparse
+import itertools
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import sweep as sw
+from calibration import records
+from uhlm_jax.modes import Mode
+
+# Replay and rollout agree when |difference| ≤ Z_MAX · SE (SE: jackknife over prompts).
+Z_MAX = 3.0
+# Float32 replay against a float64 NumPy oracle.
+ORACLE_RTOL = 1e-5
+
+
+def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
+    """A run directory whose records have a linear u → β link (β ≈ 0.8 u − 0.06)."""
+    rng = np.random.default_rng(seed)
+    n = prompts * tokens
+    u = rng.binomial(20, rng.beta(1, 3, n)) / 20
+    beta = np.clip(0.8 * u - 0.06 + rng.normal(0, 0.1, n), 0, 1)
+    df = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(prompts), tokens),
+            "position": np.tile(np.arange(tokens), prompts),
+            "token": rng.integers(0, 50, n),
+            "draft": rng.integers(0, 50, n),
+            "beta": beta,
+            "tv": beta,
+            "accepted": rng.random(n) > beta,
+            "u_temperature_perturbation": u,
+            "u_entropy": np.clip(u + rng.normal(0, 0.2, n), 0, None),
+        }
+    )
+    records.write_shard(df, run_dir / records.RECORDS_DIR / "shard-000000.parquet")
+    records.write_json(run_dir / records.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
+    return records.read_records(run_dir)
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    sw.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    return tmp_path, write_synthetic_run(tmp_path)
+
+
+def test_smoke_run_writes_one_row_per_point_and_metric(synthetic, capsys):
+    run_dir, df = synthetic
+    code = sw.main(_parse([str(run_dir), "--thresholds", "0:1:5", "--snr-db", "0,20",
+                           "--presets", "good,poor", "--no-progress", "--json"]))
+    assert code == 0, capsys.readouterr().err
+    table = pd.read_parquet(run_dir / sw.SWEEP_FILE)
+    assert set(table["mode"]) == {m.value for m in Mode}
+    assert not table.duplicated(["point", "metric"]).any()
+    metrics = set(table["metric"])
+    assert {"transmission_rate", "throughput_tokens_per_s", "speedup_vs_hlm"} <= metrics
+    # 5 thresholds × 2 measures × 4 links U-HLM points, each with every metric.
+    uhlm = table[table["mode"] == "uhlm"]
+    assert uhlm["point"].nunique() == 5 * 2 * 4
+    assert len(uhlm) == 5 * 2 * 4 * len(metrics)
+    assert (run_dir / sw.SUMMARY_FILE).is_file()
+
+
+def test_table_matches_a_numpy_oracle(synthetic):
+    # Given a sweep over thresholds and both measures
+    run_dir, df = synthetic
+    thresholds = (0.0, 0.15, 0.4, 0.95)
+    result = sw.run(sw.Config(run_dir=str(run_dir), thresholds=thresholds, snr_db=(),
+                              presets=(sw.SNR_BASE_PRESET,), modes=(Mode.UHLM,)),
+                    progress=False)
+    table = result.table.set_index(["measure", "threshold", "metric"])["value"]
+    beta = df["beta"].to_numpy(np.float64)
+    accepted = df["accepted"].to_numpy(bool)
+    # Then each point's metrics equal the definitions computed with NumPy masks
+    for measure, t in itertools.product(("temperature_perturbation", "entropy"), thresholds):
+        sent = df["u_" + measure].to_numpy(np.float32) > np.float32(t)
+        expected = {
+            "transmission_rate": sent.mean(),
+            "acceptance_rate": (accepted & sent).sum() / sent.sum() if sent.any() else np.nan,
+            "risk_per_token": (beta * ~sent).sum() / beta.size,
+            "llm_agreement": 1 - (beta * ~sent).sum() / beta.size,
+        }
+        for metric, value in expected.items():
+            np.testing.assert_allclose(table[(measure, t, metric)], value, rtol=ORACLE_RTOL,
+                                       err_msg=f"{measure} {t} {metric}")
+
+
+def test_chunk_size_does_not_change_the_table(synthetic):
+    run_dir, df = synthetic
+    measures = ("temperature_perturbation", "entropy")
+    tokens = sw.load_tokens(df, measures)
+    kwargs = dict(run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 7)), snr_db=(5.0,))
+    big = sw.replay_frame(sw.Config(**kwargs), tokens, measures, progress=False)
+    small = sw.replay_frame(sw.Config(**kwargs, chunk_size=4), tokens, measures, progress=False)
+    pd.testing.assert_frame_equal(big, small)
+
+
+def test_toml_config_and_flag_override(synthetic, tmp_path_factory):
+    run_dir, _ = synthetic
+    path = tmp_path_factory.mktemp("cfg") / "sweep.toml"
+    path.write_text(
+        'thresholds = [0.1, 0.2]\nmodes = ["uhlm", "hlm"]\npresets = ["poor"]\n'
+        "snr_db = []\ntop_k = [0, 30]\n"
+    )
+    cfg = sw.config_from_toml(str(run_dir), path)
+    assert cfg.thresholds == (0.1, 0.2) and cfg.modes == (Mode.UHLM, Mode.HLM)
+    assert cfg.top_k == (0, 30)
+    args = _parse([str(run_dir), "--config", str(path), "--thresholds", "0.5"])
+    assert sw.config_from_args(args).thresholds == (0.5,)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("threshold = [0.1]\n", "unknown sweep key.*'threshold'"),
+        ("thresholds = []\n", "empty grid axis"),
+        ('measures = ["entropyy"]\n', "unknown measure 'entropyy'"),
+        ('modes = ["uhml"]\n', "unknown mode 'uhml'"),
+        ("thresholds = [0.1\n", "not valid TOML"),
+    ],
+)
+def test_bad_config_files_name_the_problem(synthetic, tmp_path_factory, text, match):
+    run_dir, _ = synthetic
+    path = tmp_path_factory.mktemp("bad") / "sweep.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        sw.config_from_toml(str(run_dir), path)
+
+
+def test_run_dir_without_records_is_a_clear_error(tmp_path, capsys):
+    code = sw.main(_parse([str(tmp_path), "--no-progress"]))
+    assert code == 2
+    assert "no record shards" in capsys.readouterr().err
+
+
+def test_unrecorded_measure_is_a_clear_error(synthetic):
+    run_dir, _ = synthetic
+    with pytest.raises(ValueError, match="'top_two_margin' is not in the records"):
+        sw.run(sw.Config(run_dir=str(run_dir), measures=("top_two_margin",)), progress=False)
+
+
+def test_auroc_equals_pairwise_count_with_ties():
+    rng = np.random.default_rng(0)
+    score = rng.integers(0, 5, 60).astype(float)
+    label = rng.random(60) < 0.4
+    pos, neg = score[label], score[~label]
+    pairs = [(p > q) + 0.5 * (p == q) for p in pos for q in neg]
+    assert sw.auroc(score, label) == pytest.approx(np.mean(pairs), abs=1e-12)
+    np.testing.assert_array_equal(sw.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])),
+                                  [3.5, 1.0, 3.5, 2.0])
+    assert np.isnan(sw.auroc(score, np.ones(60, bool)))
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    from pathlib import Path
+
+    import uhlm_jax
+    from calibration import collect
+
+    prompts = Path(uhlm_jax.__file__).parent / "data" / "prompts.jsonl"
+    run_dir = tmp_path_factory.mktemp("toy") / "run"
+    collect.run(collect.Config(pair="toy", prompts=str(prompts), out=str(run_dir),
+                               num_prompts=8, max_new_tokens=16, batch_size=8, seed=3))
+    return run_dir
+
+
+@pytest.mark.slow
+def test_replay_agrees_with_real_rollouts_on_the_toy_pair(toy_run):
+    # Given a toy calibration run, when U-HLM rollouts run at a few thresholds (and HLM)
+    result = sw.run(
+        sw.Config(run_dir=str(toy_run), thresholds=(0.2,), snr_db=(0.0,), modes=(Mode.HLM,),
+                  rollout_thresholds=(0.05, 0.3, 0.6), rollout_modes=(Mode.HLM,)),
+        progress=False,
+    )
+    c = result.comparison
+    assert len(c) and set(c["mode"]) == {"uhlm", "hlm"}
+    finite = c[np.isfinite(c["difference"])]
+    # Then every metric agrees within the Monte Carlo error of the paired difference
+    assert (finite["difference"].abs() <= Z_MAX * finite["se"]).all(), finite.to_string()
+    # And HLM, which emits the recorded trajectory, matches replay exactly
+    hlm = finite[finite["mode"] == "hlm"].set_index("metric")
+    for metric in ("transmission_rate", "acceptance_rate", "risk_per_token"):
+        assert hlm.loc[metric, "difference"] == 0.0
+    assert (result.table["source"] == "rollout").any()
