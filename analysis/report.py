@@ -72,6 +72,8 @@ THRESHOLDS_FILE = "thresholds.json"
 # realised risk per token on the records is at most this.
 FALLBACK_GRID = 101
 FALLBACK_RISK = 0.05
+# The threshold posterior is drawn when at least this share of slope draws is positive.
+MIN_POSITIVE_SLOPE_SHARE = 0.5
 # Posterior draws drawn in the u-β band and threshold histograms.
 MAX_DRAWS = 4000
 MODE_TABLE_COLUMNS = (
@@ -456,30 +458,39 @@ def run(cfg: Config) -> Result:
             "rejection linearly, so the analytic thresholds −b/a and (Δ − b)/a are undefined."
         )
     analytic = (th or {}).get("analytic") or {}
-    if cfg.threshold is not None:
-        threshold, source, op_name = cfg.threshold, "given with --threshold", "given"
-    elif th and th.get("measure", cfg.measure) == cfg.measure and (
-        (analytic.get("risk_prone") or {}).get("threshold") is not None
-    ):
-        threshold = float(analytic["risk_prone"]["threshold"])
-        source = f"the analytic risk-prone threshold of {THRESHOLDS_FILE}"
-        op_name = "risk-prone"
-    elif np.isfinite(prone):
-        threshold = float(np.clip(prone, 0.0, 1.0))
-        source = "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records"
-        op_name = "risk-prone"
-    else:
+    same_measure = bool(th) and th.get("measure", cfg.measure) == cfg.measure
+    bounded = (((th or {}).get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {}
+    certified = []
+    if same_measure:
+        certified = [("Learn-then-Test", (th.get("ltt") or {}).get("threshold")),
+                     ("posterior risk-bounded", bounded.get("threshold"))]
+    candidates = [
+        (cfg.threshold, "given with --threshold", "given"),
+        ((analytic.get("risk_prone") or {}).get("threshold") if same_measure else None,
+         f"the analytic risk-prone threshold of {THRESHOLDS_FILE}", "risk-prone"),
+        *((t, f"the {name} threshold of {THRESHOLDS_FILE}", name) for name, t in certified),
+        (float(np.clip(prone, 0.0, 1.0)) if np.isfinite(prone) else None,
+         "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records",
+         "risk-prone"),
+    ]
+    chosen = next(((float(t), src, name) for t, src, name in candidates if t is not None), None)
+    if chosen is None:
         grid = jnp.linspace(0.0, 1.0, FALLBACK_GRID)
         curve = np.asarray(T.risk_curve(jnp.asarray(beta, jnp.float32),
                                         jnp.asarray(u, jnp.float32), grid))
         within = np.nonzero(curve <= FALLBACK_RISK)[0]
-        threshold = float(grid[within[-1]]) if within.size else 0.0
-        source = (f"the largest threshold whose realised risk per token on the records is "
-                  f"at most {FALLBACK_RISK} (no analytic threshold)")
-        op_name = f"empirical R ≤ {FALLBACK_RISK}"
+        chosen = (
+            float(grid[within[-1]]) if within.size else 0.0,
+            f"the largest threshold whose realised risk per token on the records is at most "
+            f"{FALLBACK_RISK} (no analytic or certified threshold)",
+            f"empirical R ≤ {FALLBACK_RISK}",
+        )
+    threshold, source, op_name = chosen
     profile = sw.Config(run_dir=str(run_dir)).cost_profile(cfg.link)
     named = {op_name: threshold}
-    for name, t in (("risk-averse", averse), ("risk-prone", prone)):
+    for name, t in [("risk-averse", averse), ("risk-prone", prone)] + [
+        (n, float(v)) for n, v in certified if v is not None
+    ]:
         t = float(np.clip(t, 0.0, 1.0)) if np.isfinite(t) else t
         if name not in named and np.isfinite(t):
             named[name] = t
@@ -492,7 +503,6 @@ def run(cfg: Config) -> Result:
     marks = {"risk-averse −b/a": averse, "risk-prone (Δ−b)/a": prone}
     if th:
         ltt = (th.get("ltt") or {}).get("threshold")
-        bounded = (((th.get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {})
         if ltt is not None:
             marks["Learn-then-Test"] = ltt
         if bounded.get("threshold") is not None:
@@ -512,7 +522,13 @@ def run(cfg: Config) -> Result:
             " and the thresholds.",
         )
     )
-    if draws is not None:
+    positive_share = 0.0 if draws is None else float(np.mean(draws["slope"] > 0))
+    if draws is not None and positive_share < MIN_POSITIVE_SLOPE_SHARE:
+        notes.append(
+            f"Only {positive_share:.1%} of the posterior slope draws are positive: the "
+            "analytic thresholds have no posterior to draw."
+        )
+    elif draws is not None:
         a, b = draws["slope"], draws["intercept"]
         safe = np.where(a > 0, a, np.nan)
         figures.append(
@@ -526,7 +542,7 @@ def run(cfg: Config) -> Result:
                 "empirical value).",
             )
         )
-    else:
+    if draws is None:
         notes.append(f"No {FIT_FILE}/{LINEAR_FILE} for this measure: no posterior band or "
                      "threshold posterior (run `uhlm fit`).")
 
@@ -627,7 +643,8 @@ def run(cfg: Config) -> Result:
             f"operating threshold U-HLM skips {100 * float(uh.skip_rate):.1f}% of tokens; "
             f"its speedup over HLM, {float(uh.speedup_vs_hlm):.3f}×, is {bound_text} under "
             "this latency model. Risk-averse and risk-prone rows use the least-squares "
-            "plug-ins −b/a and (Δ − b)/a (clipped to [0, 1]). LLM agreement is "
+            "plug-ins −b/a and (Δ − b)/a (clipped to [0, 1]); Learn-then-Test and posterior "
+            f"risk-bounded rows use {THRESHOLDS_FILE}. LLM agreement is "
             "1 − R, the expected share of emitted tokens the LLM would accept (R: realised "
             "rejection risk of skipped drafts per token), a token-level stand-in for "
             "accuracy relative to the LLM. HLM's expected latency per token is "
@@ -656,9 +673,9 @@ def run(cfg: Config) -> Result:
         blocks += [
             _para(
                 f"From {THRESHOLDS_FILE} (measure `{th.get('measure')}`): risk level ε = "
-                f"{th.get('risk')}, confidence 1 − δ = {th.get('confidence')}. Risk is the "
-                "rejection probability of skipped drafts per generated token; empirical "
-                "columns are realised on all records."
+                f"{_fmt(th.get('risk'))}, confidence 1 − δ = {_fmt(th.get('confidence'))}. "
+                "Risk is the rejection probability of skipped drafts per generated token; "
+                "empirical columns are realised on all records."
             ),
             _table(_threshold_rows(th)),
         ]
@@ -674,7 +691,7 @@ def run(cfg: Config) -> Result:
                     f"Validation over {validation.get('num_splits')} random prompt splits "
                     f"({validation.get('calibration_prompts')} calibration / "
                     f"{validation.get('test_prompts')} test prompts); allowed exceedance "
-                    f"share δ = {validation.get('allowed_exceed_frequency')}."
+                    f"share δ = {_fmt(validation.get('allowed_exceed_frequency'))}."
                 ),
                 _table(pd.DataFrame(rows, columns=[
                     "Method", "Exceeds ε (per token)", "Exceeds ε (per prompt)",

@@ -297,11 +297,15 @@ def load_tokens(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.Tokens:
 
 
 def _mode_axes(cfg: Config, mode: Mode, measures: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Grid points of one mode as dicts; axes that do not affect the mode are dropped."""
+    """Grid points of one mode as dicts; axes that do not affect the mode are dropped.
+
+    U-HLM gates on `cfg.measures`, or on every measure of `measures` (the rows of the
+    replay tokens) when that is empty.
+    """
     links = link_points(cfg)
     nan = float("nan")
     if mode is Mode.UHLM:
-        gate = [(t, m, nan) for t in cfg.thresholds for m in measures]
+        gate = [(t, m, nan) for t in cfg.thresholds for m in (cfg.measures or measures)]
     elif mode is Mode.RAND_HLM:
         gate = [(nan, None, p) for p in cfg.transmit_probabilities]
     else:
