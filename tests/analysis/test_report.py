@@ -1,0 +1,163 @@
+"""`uhlm report`: the table parses and is right, the figures are embedded, files may be absent."""
+
+import argparse
+import re
+
+import numpy as np
+import pytest
+
+from analysis import report
+from calibration import records
+from tests.analysis.test_sweep import write_synthetic_run
+
+# The table prints rates with 3 decimals and percentages with 1 or 2.
+TABLE_ATOL = 5e-4
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    report.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def parse_mode_table(markdown: str) -> dict[str, dict[str, str]]:
+    """The per-mode table of report.md as {mode label: {column: cell}}."""
+    lines = markdown.splitlines()
+    start = lines.index("| " + " | ".join(report.MODE_TABLE_COLUMNS) + " |")
+    rows = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(report.MODE_TABLE_COLUMNS, cells, strict=True))
+    return rows
+
+
+def _value(cell: str) -> float:
+    return float("nan") if cell == "—" else float(cell)
+
+
+def _check_table(run_dir, df):
+    rows = parse_mode_table((run_dir / report.MARKDOWN_FILE).read_text())
+    assert {"LLM only", "SLM only", "HLM"} <= set(rows)
+    hlm = rows["HLM"]
+    assert _value(hlm["TR"]) == 1.0 and _value(hlm["Skip %"]) == 0.0
+    assert _value(hlm["Speedup vs HLM"]) == 1.0
+    assert _value(rows["LLM only"]["LLM agreement (% of LLM)"]) == 100.0
+    beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
+    u = df["u_temperature_perturbation"].to_numpy(np.float32)
+    # SLM-only emits every draft: its agreement is 1 − mean β.
+    np.testing.assert_allclose(
+        _value(rows["SLM only"]["LLM agreement (% of LLM)"]), 100 * (1 - beta.mean()),
+        atol=100 * TABLE_ATOL,
+    )
+    uhlm_rows = [k for k in rows if k.startswith("U-HLM")]
+    assert uhlm_rows
+    for label in uhlm_rows:
+        t = float(re.search(r"u_th = ([0-9.]+)", label).group(1))
+        row = rows[label]
+        sent = u > np.float32(t)
+        # The label rounds the threshold to 3 decimals; no token may lie in that rounding.
+        assert not np.any((np.abs(u - t) < 5e-4) & (u != np.float32(t))), label
+        np.testing.assert_allclose(_value(row["TR"]), sent.mean(), atol=TABLE_ATOL)
+        skipped_risk = (beta * ~sent).sum() / beta.size
+        np.testing.assert_allclose(_value(row["LLM agreement (% of LLM)"]),
+                                   100 * (1 - skipped_risk), atol=100 * TABLE_ATOL)
+        s = 1 - sent.mean()
+        if s < 1:
+            assert _value(row["Speedup vs HLM"]) <= _value(row["Bound 1/(1−s)"]) + TABLE_ATOL
+            np.testing.assert_allclose(_value(row["Bound 1/(1−s)"]), 1 / (1 - s), atol=2e-3)
+    return rows
+
+
+def _check_html(run_dir, num_plots):
+    text = (run_dir / report.HTML_FILE).read_text()
+    assert text.count("data:image/png;base64,") == num_plots >= 5
+    assert "<img" in text and 'src="plots' not in text and "src='plots" not in text
+    assert "<table>" in text and "HLM" in text
+
+
+def test_report_from_records_alone(tmp_path, capsys):
+    # Given a run directory with records only
+    df = write_synthetic_run(tmp_path)
+    # When the report is written
+    assert report.main(_parse([str(tmp_path), "--json"])) == 0
+    out = capsys.readouterr().out
+    # Then the table is right, the figures are embedded and the absent files are noted
+    plots = sorted((tmp_path / report.PLOTS_DIR).glob("*.png"))
+    _check_table(tmp_path, df)
+    _check_html(tmp_path, len(plots))
+    assert "fit.json" in out and "thresholds.json" in out
+    assert all(p.stat().st_size > 0 for p in plots)
+    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    assert "No fit.json" in markdown and "No thresholds.json" in markdown
+
+
+def test_report_with_fit_and_thresholds(tmp_path):
+    # Given a run with a posterior and thresholds (in the formats `uhlm fit` and
+    # `uhlm threshold` write)
+    df = write_synthetic_run(tmp_path)
+    rng = np.random.default_rng(0)
+    records.write_npz(tmp_path / report.LINEAR_FILE, slope=rng.normal(0.8, 0.02, (2, 100)),
+                      intercept=rng.normal(-0.06, 0.01, (2, 100)),
+                      sigma=np.full((2, 100), 0.1))
+    params = {"mean": 0.8, "sd": 0.02, "median": 0.8, "interval": [0.77, 0.83], "ess": 180.0,
+              "r_hat": 1.001}
+    records.write_json(tmp_path / report.FIT_FILE, {
+        "measure": "temperature_perturbation",
+        "config": {"seed": 7},
+        "correlation": {"pearson": {"estimate": 0.8, "interval": [0.75, 0.85]}},
+        "linear": {"nuts": {"divergences": 0, "params": {"slope": params}}},
+        "hurdle": {"nuts": {"divergences": 1, "params": {"positive_slope": params}}},
+    })
+    records.write_json(tmp_path / report.THRESHOLDS_FILE, {
+        "measure": "temperature_perturbation", "risk": 0.05, "confidence": 0.9,
+        "config": {"seed": 3},
+        "analytic": {"risk_averse": {"threshold": 0.075, "empirical": {
+            "per_token": 0.001, "given_skip": 0.01, "skip_share": 0.1}}},
+        "posterior": {"linear": {"risk_bounded": {"threshold": 0.2, "empirical": {
+            "per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4}}}},
+        "ltt": {"threshold": 0.15, "certified": True},
+        "validation": {"num_splits": 100, "allowed_exceed_frequency": 0.1, "methods": {
+            "ltt": {"exceed_frequency_per_token": 0.02,
+                    "realised_risk_per_token": list(rng.uniform(0, 0.06, 100))}}},
+    })
+    # When the report is written
+    result = report.run(report.Config(run_dir=str(tmp_path)))
+    markdown = result.markdown.read_text()
+    # Then the certified threshold is the operating point, and every section is there
+    rows = _check_table(tmp_path, df)
+    assert "U-HLM, Learn-then-Test (u_th = 0.150)" in rows
+    assert "U-HLM, posterior risk-bounded (u_th = 0.200)" in rows
+    assert "| Learn-then-Test | 0.150 |" in markdown
+    assert "| linear | slope | 0.8000 |" in markdown
+    assert "Seeds: calibration 0, fit 7, thresholds 3." in markdown
+    names = {p.name for p in result.plots}
+    assert {"threshold_posteriors.png", "risk_histograms.png", "u_beta.png"} <= names
+    _check_html(tmp_path, len(result.plots))
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert report.main(_parse([str(tmp_path)])) == 2
+    assert "no record shards" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown measure 'entropyy'"):
+        report.Config(run_dir=str(tmp_path), measure="entropyy")
+    assert report.main(_parse([str(tmp_path), "--link", "bad"])) == 2
+    assert "unknown link preset 'bad'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_renders_from_a_calibration_run(tmp_path):
+    from pathlib import Path
+
+    import uhlm_jax
+    from calibration import collect
+
+    prompts = Path(uhlm_jax.__file__).parent / "data" / "prompts.jsonl"
+    run_dir = tmp_path / "run"
+    collect.run(collect.Config(pair="toy", prompts=str(prompts), out=str(run_dir),
+                               num_prompts=8, max_new_tokens=12, batch_size=8))
+    result = report.run(report.Config(run_dir=str(run_dir)))
+    _check_table(run_dir, records.read_records(run_dir))
+    _check_html(run_dir, len(result.plots))
+    assert "pair `toy`" in result.markdown.read_text()
