@@ -378,6 +378,15 @@ def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> 
 # --- pointwise likelihoods and WAIC ----------------------------------------------------
 
 
+def _beta_log_density(a: Array, b: Array, total: Array, x: Array) -> Array:
+    """`log Beta(x; a, b)` with `total = a + b`, written out in `gammaln`.
+
+    XX
+    """
+    gammaln = jax.scipy.special.gammaln
+    return gammaln(total) - gammaln(a) - gammaln(b) + (a - 1) * jnp.log(x) + (b - 1) * jnp.log1p(-x)
+
+
 def linear_pointwise_loglik(
     params: dict[str, Array], u: Float[Array, " n"], beta: Float[Array, " n"]
 ) -> Float[Array, " n"]:
@@ -406,7 +415,7 @@ def hurdle_pointwise_loglik(
     kappa = params["concentration"]
     positive = beta > BETA_POSITIVE_TOL
     value = jnp.where(positive, jnp.clip(beta, BETA_CLIP, 1 - BETA_CLIP), 0.5)
-    beta_density = dist.Beta(mean * kappa, (1 - mean) * kappa).log_prob(value)
+    beta_density = _beta_log_density(mean * kappa, (1 - mean) * kappa, kappa, value)
     return jnp.where(
         positive, jax.nn.log_sigmoid(logits) + beta_density, jax.nn.log_sigmoid(-logits)
     )
@@ -454,13 +463,17 @@ def waic(loglik, draws: dict[str, Array], u: np.ndarray, beta: np.ndarray) -> Wa
     beta_chunks = jnp.pad(jnp.asarray(beta, jnp.float32), (0, pad)).reshape(-1, WAIC_CHUNK)
     num_draws = next(iter(draws.values())).shape[0]
 
-    def chunk(args):
-        u_c, beta_c = args
-        ll = jax.vmap(loglik, in_axes=(0, None, None))(draws, u_c, beta_c)  # (S, chunk)
-        lppd = jax.nn.logsumexp(ll, axis=0) - jnp.log(num_draws)
-        return lppd, jnp.var(ll, axis=0)
+    def pointwise(draws, xs):
+        def chunk(args):
+            u_c, beta_c = args
+            ll = jax.vmap(loglik, in_axes=(0, None, None))(draws, u_c, beta_c)  # (S, chunk)
+            lppd = jax.nn.logsumexp(ll, axis=0) - jnp.log(num_draws)
+            return lppd, jnp.var(ll, axis=0)
 
-    lppd, p = jax.jit(lambda xs: jax.lax.map(chunk, xs))((u_chunks, beta_chunks))
+        return jax.lax.map(chunk, xs)
+
+    # Draws are arguments, not closed-over constants, which XLA would try to fold.
+    lppd, p = jax.jit(pointwise)(draws, (u_chunks, beta_chunks))
     lppd, p = np.asarray(lppd).reshape(-1)[:n], np.asarray(p).reshape(-1)[:n]
     return Waic(elpd_i=lppd - p, p_i=p)
 

@@ -49,7 +49,19 @@ import uhlm_jax
 from calibration import fit, records
 from uhlm_jax import threshold as T
 
-__all__ = ["THRESHOLDS_FILE", "Config", "Mode", "Result", "add_arguments", "main", "run"]
+__all__ = [
+    "METHODS",
+    "THRESHOLDS_FILE",
+    "Config",
+    "Mode",
+    "Result",
+    "RunData",
+    "add_arguments",
+    "from_run",
+    "main",
+    "run",
+    "split_masks",
+]
 
 THRESHOLDS_FILE = "thresholds.json"
 # Uncertainties may exceed [0, 1] by float32 rounding only.
@@ -382,16 +394,23 @@ def _per_prompt_sums(data: RunData) -> np.ndarray:
     )
 
 
+def split_masks(cfg: Config, num_prompts: int) -> np.ndarray:
+    """`(num_splits, P)` 0/1 masks of the calibration prompts of each split (seeded)."""
+    rng = np.random.default_rng((cfg.seed, 5))
+    num_cal = int(np.clip(round(cfg.calibration_share * num_prompts), 1, num_prompts - 1))
+    order = np.argsort(rng.uniform(size=(cfg.num_splits, num_prompts)), axis=1)
+    masks = np.zeros((cfg.num_splits, num_prompts))
+    np.put_along_axis(masks, order[:, :num_cal], 1.0, axis=1)
+    return masks
+
+
 def _validation(
     cfg: Config, data: RunData, prompt_risks: jnp.ndarray, grid: jnp.ndarray, prior: fit.LinearPrior
 ) -> dict[str, Any]:
-    rng = np.random.default_rng((cfg.seed, 5))
     p = data.num_prompts
-    num_cal = int(np.clip(round(cfg.calibration_share * p), 1, p - 1))
-    order = np.argsort(rng.uniform(size=(cfg.num_splits, p)), axis=1)
-    masks = np.zeros((cfg.num_splits, p))
-    np.put_along_axis(masks, order[:, :num_cal], 1.0, axis=1)
-
+    masks = split_masks(cfg, p)
+    num_cal = int(masks[0].sum())
+    rng = np.random.default_rng((cfg.seed, 6))
     sums = masks @ _per_prompt_sums(data)  # (S, 6) over calibration prompts
     post = fit.conjugate_posterior(*sums.T, prior=prior)
     slope, intercept, _ = fit.sample_conjugate(rng, post, min(cfg.num_posterior_draws, 500))

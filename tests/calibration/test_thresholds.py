@@ -1,0 +1,187 @@
+"""Tests of the `uhlm threshold` job: the paper's hand-checked thresholds, bad input, and
+a run directory end to end with the split validation checked against a direct count."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from calibration import fit, records
+from calibration import thresholds as th
+from tests.calibration import synthetic_records, write_run
+
+# Realised risks are float32 sums over a few thousand tokens.
+RISK_ATOL = 1e-5
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    th.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_paper_thresholds_from_the_command_line(capsys):
+    # Given the paper's fit, When thresholds are asked for as JSON
+    assert th.main(parse(["--slope", "0.82", "--intercept", "-0.06", "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    # Then the risk-averse threshold is 0.0732 and no risk-prone one is computed.
+    assert round(out["risk_averse"], 4) == 0.0732 and "risk_prone" not in out
+    assert (
+        th.main(parse(["--slope", "0.82", "--intercept", "-0.06", "--delta", "0.29", "--json"]))
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert round(out["risk_averse"], 4) == 0.0732 and round(out["risk_prone"], 4) == 0.4268
+    assert th.main(parse(["--slope", "0.82", "--intercept", "-0.06", "--delta", "0.29"])) == 0
+    text = capsys.readouterr().out
+    assert "0.0732" in text and "0.4268" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--slope", "-0.5", "--intercept", "0.1"], "slope -0.5 must be > 0"),
+        (["--slope", "0", "--intercept", "0.1"], "slope 0.0 must be > 0"),
+        (["--slope", "0.8"], "need both slope and intercept"),
+        (["--slope", "0.8", "--intercept", "0", "--delta", "1.2"], "delta .* must lie in"),
+        (["--slope", "0.8", "--intercept", "0", "--risk", "0"], "risk must lie in \\(0, 1\\)"),
+        (["--run", "x", "--risk", "1.5"], "risk must lie in \\(0, 1\\), got 1.5"),
+        (["--run", "x", "--confidence", "1"], "confidence must lie in \\(0, 1\\), got 1.0"),
+        (["--run", "x", "--slope", "1", "--intercept", "0"], "not both"),
+        (["--run", "x", "--splits", "20"], "num_splits must be an int >= 100"),
+        ([], "give --slope A --intercept B, or --run RUN_DIR"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
+    assert th.main(parse(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("uhlm threshold: error: ")
+    assert __import__("re").search(message, err), err
+
+
+def test_missing_run_dir_is_exit_2(tmp_path, capsys):
+    assert th.main(parse(["--run", str(tmp_path / "absent")])) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_batched_conjugate_posterior_matches_one_at_a_time():
+    rng = np.random.default_rng(0)
+    sums = np.abs(rng.normal(size=(4, 6))) * 50 + np.array([200, 0, 0, 100, 0, 100])
+    batched = fit.conjugate_posterior(*sums.T)
+    for k in range(4):
+        one = fit.conjugate_posterior(*sums[k])
+        np.testing.assert_allclose(batched.mean[k], one.mean)
+        np.testing.assert_allclose(batched.rate[k], one.rate)
+
+
+@pytest.fixture(scope="module")
+def fitted_run(tmp_path_factory):
+    """A run of 240 prompts × 12 tokens of hurdle data, fitted with a small NUTS budget."""
+    run_dir = tmp_path_factory.mktemp("run")
+    write_run(run_dir, synthetic_records(np.random.default_rng(7), 240, 12))
+    fit.run(
+        fit.Config(
+            run_dir=str(run_dir), num_warmup=200, num_samples=200, svi_steps=500, num_bootstrap=50
+        )
+    )
+    return run_dir
+
+
+def test_run_mode_writes_thresholds_json(fitted_run, capsys):
+    cfg = ["--run", str(fitted_run), "--risk", "0.05", "--confidence", "0.9", "--splits", "100"]
+    assert th.main(parse(cfg + ["--json"])) == 0
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((fitted_run / th.THRESHOLDS_FILE).read_text())
+    assert printed == summary
+    assert summary["measure"] == "temperature_perturbation"
+    assert summary["data"] == {
+        "num_tokens": 2880,
+        "num_prompts": 240,
+        "mean_beta": pytest.approx(summary["data"]["mean_beta"]),
+    }
+    post = summary["posterior"]["linear"]
+    lo, hi = post["risk_averse"]["interval"]
+    assert 0 <= lo <= post["risk_averse"]["mean"] <= hi <= 1
+    # With 240 prompts the distribution-free bound certifies some skipping.
+    ltt = summary["ltt"]
+    assert ltt["certified"] and ltt["pvalue"] <= 0.1 and ltt["empirical"]["per_token"] <= 0.05
+    for model in ("linear", "hurdle"):
+        bounded = summary["posterior"][model]["risk_bounded"]
+        assert bounded["probability_within_risk"] >= 0.9
+        assert bounded["posterior_risk"]["interval"][1] <= 0.05 + 1e-6
+    validation = summary["validation"]
+    assert validation["num_splits"] == 100 and validation["calibration_prompts"] == 120
+    for method in th.METHODS:
+        m = validation["methods"][method]
+        assert len(m["realised_risk_per_token"]) == 100 and len(m["thresholds"]) == 100
+        assert 0 <= m["exceed_frequency_per_token"] <= 1
+    # The analytic risk-prone threshold carries no guarantee and skips most tokens.
+    assert validation["methods"]["analytic_risk_prone"]["mean_skip_share"] > 0.5
+    # Human-readable form names every method.
+    assert th.main(parse(cfg)) == 0
+    text = capsys.readouterr().out
+    assert all(name in text for name in th.METHODS)
+
+
+def test_split_validation_matches_a_direct_count(fitted_run):
+    cfg = th.Config(run_dir=str(fitted_run), num_splits=100)
+    summary = json.loads((fitted_run / th.THRESHOLDS_FILE).read_text())
+    if summary["validation"]["num_splits"] != 100:
+        summary = th.run(cfg).summary
+    df = records.read_records(fitted_run)
+    _, prompt = np.unique(df["prompt_id"], return_inverse=True)
+    u = df["u_temperature_perturbation"].to_numpy(np.float32)
+    beta = df["beta"].to_numpy(np.float32)
+    masks = th.split_masks(cfg, 240)
+    for split in (0, 57):
+        test_tokens = masks[split][prompt] == 0
+        for method in th.METHODS:
+            m = summary["validation"]["methods"][method]
+            t = m["thresholds"][split]
+            skipped = np.zeros_like(u, bool) if t is None else u <= np.float32(t)
+            expected = (beta * skipped)[test_tokens].sum() / test_tokens.sum()
+            assert m["realised_risk_per_token"][split] == pytest.approx(expected, abs=RISK_ATOL)
+            per_prompt = [
+                (beta * skipped)[prompt == i].mean() for i in range(240) if masks[split][i] == 0
+            ]
+            assert m["realised_risk_per_prompt"][split] == pytest.approx(
+                np.mean(per_prompt), abs=RISK_ATOL
+            )
+        # LTT on the calibration prompts alone gives the same threshold.
+        cal = masks[split][prompt] == 1
+        alone = json.loads(json.dumps(_ltt_alone(u[cal], beta[cal], prompt[cal])))
+        assert summary["validation"]["methods"]["ltt"]["thresholds"][split] == alone
+
+
+def _ltt_alone(u, beta, prompt):
+    import jax.numpy as jnp
+
+    from uhlm_jax import threshold as T
+
+    _, dense = np.unique(prompt, return_inverse=True)
+    grid = T.threshold_grid(101)
+    risks = T.prompt_risk_curves(
+        jnp.asarray(u), jnp.asarray(beta), jnp.asarray(dense), int(dense.max()) + 1, grid
+    )
+    t = float(T.ltt_threshold(risks, grid, jnp.float32(0.05), jnp.float32(0.1)).threshold)
+    return None if t == T.NO_SKIP else t
+
+
+def test_measure_mismatch_is_an_error_and_keeps_files(fitted_run, capsys):
+    before = {p.name: p.read_bytes() for p in fitted_run.iterdir() if p.is_file()}
+    assert th.main(parse(["--run", str(fitted_run), "--measure", "entropy"])) == 2
+    assert "fitted for measure 'temperature_perturbation'" in capsys.readouterr().err
+    after = {p.name: p.read_bytes() for p in fitted_run.iterdir() if p.is_file()}
+    assert after == before
+
+
+@pytest.mark.slow
+def test_run_mode_fits_first_when_fit_is_missing(tmp_path, capsys):
+    write_run(tmp_path, synthetic_records(np.random.default_rng(8), 16, 16))
+    assert th.main(parse(["--run", str(tmp_path), "--json"])) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (tmp_path / fit.FIT_FILE).is_file() and (tmp_path / th.THRESHOLDS_FILE).is_file()
+    assert summary["ltt"]["num_prompts"] == 16
+    # Sixteen prompts are too few to certify anything at the default level.
+    assert summary["ltt"]["threshold"] is None and not summary["ltt"]["certified"]
