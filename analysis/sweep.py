@@ -289,9 +289,14 @@ def load_tokens(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.Tokens:
                 f"{records.MEASURE_PREFIX}{name}); recorded measures: {recorded}"
             )
     u = np.stack([df[records.MEASURE_PREFIX + m].to_numpy(np.float32) for m in measures])
+    beta = df["beta"].to_numpy(np.float32)
+    if not (np.isfinite(u).all() and np.isfinite(beta).all()):
+        raise ValueError(
+            "the records hold non-finite uncertainties or beta; re-collect them (NaN logits?)"
+        )
     return rp.Tokens(
         u=jnp.asarray(u),
-        beta=jnp.asarray(np.clip(df["beta"].to_numpy(np.float32), 0.0, 1.0)),
+        beta=jnp.asarray(np.clip(beta, 0.0, 1.0)),
         accepted=jnp.asarray(df["accepted"].to_numpy(bool)),
     )
 

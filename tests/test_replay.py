@@ -184,3 +184,14 @@ def test_jackknife_of_a_mean_is_the_standard_error():
     # Then the jackknife SE equals s / sqrt(n) exactly (up to float32)
     expected = beta.std(ddof=1) / np.sqrt(50)
     np.testing.assert_allclose(rp.jackknife_se(estimates), expected, rtol=1e-4)
+
+
+def test_count_at_most_equals_searchsorted():
+    rng = np.random.default_rng(4)
+    for n in (1, 2, 7, 64, 1000):
+        u = np.sort(rng.integers(0, 5, (2, n)).astype(np.float32) / 4, axis=1)
+        for measure in (0, 1):
+            for t in (-1.0, 0.0, 0.25, 0.3, 1.0, 2.0):
+                expected = np.searchsorted(u[measure], np.float32(t), side="right")
+                got = rp.count_at_most(jnp.asarray(u), jnp.int32(measure), jnp.float32(t))
+                assert int(got) == expected, (n, measure, t)

@@ -62,6 +62,7 @@ __all__ = [
     "SortedTokens",
     "TokenSums",
     "Tokens",
+    "count_at_most",
     "grid_size",
     "jackknife_se",
     "leave_one_out",
@@ -299,6 +300,32 @@ def sort_tokens(tokens: Tokens) -> SortedTokens:
     )
 
 
+def count_at_most(
+    u_sorted: Float[Array, "m n"], measure: Int[Array, ""], threshold: Float[Array, ""]
+) -> Int[Array, ""]:
+    """`#{j : u_sorted[measure, j] ≤ threshold}` of an ascending row, by binary search.
+
+    Reads one element per step (`⌈log2(n + 1)⌉` steps) rather than the row: under `vmap`
+    over points with different `measure`, indexing the row first would copy `n` values per
+    point.
+    """
+    chex.assert_rank([u_sorted, measure, threshold], [2, 0, 0])
+    n = u_sorted.shape[1]
+    value = jnp.asarray(threshold, u_sorted.dtype)
+
+    def step(_, bounds):
+        lo, hi = bounds  # the answer lies in [lo, hi]
+        mid = (lo + hi) // 2
+        below = u_sorted[measure, jnp.minimum(mid, n - 1)] <= value
+        active = lo < hi
+        return (jnp.where(active & below, mid + 1, lo), jnp.where(active & ~below, mid, hi))
+
+    lo, _ = jax.lax.fori_loop(
+        0, max(1, n).bit_length() + 1, step, (jnp.int32(0), jnp.int32(n))
+    )
+    return lo
+
+
 def threshold_sums(
     sorted_tokens: SortedTokens, measure: Int[Array, ""], threshold: Float[Array, ""]
 ) -> TokenSums:
@@ -307,8 +334,7 @@ def threshold_sums(
     The `k = #{u ≤ u_th}` least uncertain tokens are skipped; the rest are transmitted.
     """
     chex.assert_rank([measure, threshold], 0)
-    u_sorted = sorted_tokens.u_sorted[measure]
-    k = jnp.searchsorted(u_sorted, jnp.asarray(threshold, u_sorted.dtype), side="right")
+    k = count_at_most(sorted_tokens.u_sorted, measure, threshold)
     skipped_accepted = sorted_tokens.cum_accepted[measure, k]
     return TokenSums(
         tokens=sorted_tokens.tokens,
