@@ -14,6 +14,11 @@ import sys
 # subcommand -> (job module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("analysis.generate", "continue a prompt with a named model or a checkpoint path"),
+    "link": (
+        "analysis.link",
+        "per-mode latency, token throughput and U-HLM speedup under a wireless link",
+    ),
+    "rollout": ("analysis.rollout", "run an SLM/LLM pair on prompts in one mode (U-HLM, HLM, ...)"),
 }
 
 

@@ -1,0 +1,144 @@
+"""Run a model pair on prompts in one mode and print the texts and a short summary."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import numpy as np
+
+from calibration.prompts import read_prompts
+from uhlm_jax.metrics import token_metrics
+from uhlm_jax.modes import Mode
+from uhlm_jax.pair import known_pairs, load_pair
+from uhlm_jax.rollout import RolloutConfig, RolloutOutput, RolloutParams, run_rollout
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A rollout of a pair over a few prompts.
+
+    Attributes:
+        pair: a named pair (`uhlm_jax.pair.known_pairs()`).
+        prompts: the prompt texts.
+        mode: how tokens are produced.
+        threshold: U-HLM skip threshold on the temperature-perturbation uncertainty.
+        probability: Rand-HLM transmit probability.
+        max_new_tokens: tokens generated per prompt at most.
+        draft_temperature: SLM draft temperature.
+        llm_temperature: LLM temperature.
+        seed: base seed.
+        chat: apply the chat template of instruct models.
+    """
+
+    pair: str = "toy"
+    prompts: tuple[str, ...] = ("hello",)
+    mode: Mode = Mode.UHLM
+    threshold: float = 0.3
+    probability: float = 0.5
+    max_new_tokens: int = 32
+    draft_temperature: float = 1.0
+    llm_temperature: float = 1.0
+    seed: int = 0
+    chat: bool = True
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("No prompts; pass --prompt TEXT or --prompts FILE.")
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"--probability must be in [0, 1], got {self.probability}.")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Texts and summary of a rollout."""
+
+    output: RolloutOutput
+    summary: dict
+
+
+def run(cfg: Config) -> Result:
+    pair = load_pair(cfg.pair)
+    config = RolloutConfig(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens)
+    params = RolloutParams.create(
+        threshold=cfg.threshold,
+        transmit_probability=cfg.probability,
+        draft_temperature=cfg.draft_temperature,
+        llm_temperature=cfg.llm_temperature,
+    )
+    output = run_rollout(pair, list(cfg.prompts), config, params, seed=cfg.seed, chat=cfg.chat)
+    rec = output.records
+    metrics = token_metrics(rec.beta, rec.transmitted, rec.accepted, rec.valid)
+    gate = config.measures[config.gate_measure].name
+    summary = {
+        "pair": cfg.pair,
+        "mode": cfg.mode.value,
+        "tokens": int(metrics.tokens),
+        "transmission_rate": float(metrics.transmission_rate),
+        "acceptance_rate": float(metrics.acceptance_rate),
+        f"mean_u_{gate}": float(rec.uncertainty[..., config.gate_measure][rec.valid].mean()),
+        "mean_beta": float(metrics.mean_beta),
+    }
+    return Result(output=output, summary=summary)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pair", default="toy", help=f"named pair: {', '.join(known_pairs())}")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    source.add_argument("--prompts", metavar="FILE", help="JSON Lines prompt file")
+    parser.add_argument(
+        "--mode", default="uhlm", choices=[m.value for m in Mode], help="generation mode"
+    )
+    parser.add_argument("--threshold", type=float, default=0.3, help="U-HLM skip threshold")
+    parser.add_argument(
+        "--probability", type=float, default=0.5, help="Rand-HLM transmit probability"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--draft-temperature", type=float, default=1.0)
+    parser.add_argument("--llm-temperature", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-chat", action="store_true", help="do not apply a chat template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        prompts = (
+            tuple(p.text for p in read_prompts(args.prompts))
+            if args.prompts
+            else tuple(args.prompt or ("hello",))
+        )
+        cfg = Config(
+            pair=args.pair,
+            prompts=prompts,
+            mode=Mode.from_name(args.mode),
+            threshold=args.threshold,
+            probability=args.probability,
+            max_new_tokens=args.max_new_tokens,
+            draft_temperature=args.draft_temperature,
+            llm_temperature=args.llm_temperature,
+            seed=args.seed,
+            chat=not args.no_chat,
+        )
+        result = run(cfg)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"uhlm rollout: error: {err}", file=sys.stderr)
+        return 2
+    texts = result.output.texts
+    if args.json:
+        print(json.dumps({"texts": texts, "summary": result.summary}, indent=2))
+        return 0
+    for prompt, text in zip(cfg.prompts, texts, strict=True):
+        print(f"> {prompt}\n{text}\n")
+    s = result.summary
+    print(
+        f"{s['mode']}: {s['tokens']} tokens, transmission rate {s['transmission_rate']:.3f}, "
+        f"acceptance {np.nan_to_num(s['acceptance_rate'], nan=0.0):.3f}, "
+        + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.startswith("mean_"))
+    )
+    return 0
