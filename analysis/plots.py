@@ -137,7 +137,7 @@ def u_beta(
                         label=f"posterior {BAND_MASS:.0%} band of a·u + b")
     if slope is not None and intercept is not None:
         ax.plot(grid, slope * grid + intercept, color="tab:red", lw=2,
-                label=f"fit β = {slope:.3f}·u {intercept:+.3f}")
+                label=f"fit β = {slope:.3f}·u {'−' if intercept < 0 else '+'} {abs(intercept):.3f}")
     for (name, t), colour in zip((thresholds or {}).items(), _THRESHOLD_COLOURS, strict=False):
         if t is not None and np.isfinite(t):
             ax.axvline(t, color=colour, ls="--", lw=1.5, label=f"{name}: u_th = {t:.3f}")

@@ -559,6 +559,17 @@ def run(cfg: Config) -> Result:
         rollout_rows = sweep_table[(sweep_table["source"] == "rollout") &
                                    (sweep_table["mode"] == "uhlm") &
                                    (sweep_table["measure"] == cfg.measure)]
+        # Only rollouts at the calibration's draft temperature, K and θ_max match replay.
+        calibration = {
+            "draft_temperature": float((run_config.get("settings") or {}).get(
+                "draft_temperature", 1.0)),
+            "num_samples": float(sw.DEFAULT_TP.num_samples),
+            "max_temperature": float(sw.DEFAULT_TP.max_temperature),
+        }
+        for column, value in calibration.items():
+            if column in rollout_rows:
+                rollout_rows = rollout_rows[rollout_rows[column].isna() |
+                                            (rollout_rows[column] == value)]
         figures.append(
             (
                 plots.threshold_curves(

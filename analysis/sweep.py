@@ -11,7 +11,8 @@ for every mode, by **trace replay** (`uhlm_jax.replay`): per-token independence,
 paper's analysis, vectorized over the grid in fixed-size chunks compiled once, so grids of
 millions of points run in seconds with bounded memory.
 
-With `rollout_thresholds` (and `rollout_modes`) it also runs **real rollouts** of the
+With `rollout_thresholds` (and `rollout_modes`, `rollout_draft_temperatures`,
+`rollout_uncertainty_samples`, `rollout_max_temperatures`) it also runs **real rollouts** of the
 run's pair on the run's calibration prompts, with the same seed and prompt ids, at those
 points (U-HLM thresholds as one vmapped rollout, compiled once), and reports, per metric,
 replay against rollout: the difference and its Monte Carlo error, a jackknife standard
@@ -25,7 +26,9 @@ Outputs, written atomically into RUN_DIR:
 * `sweep.parquet`: the tidy table, one row per grid point and metric, with columns
   `source` (replay or rollout), `point`, `mode`, `measure`, `threshold`,
   `transmit_probability`, `link`, `snr_db`, `bandwidth_hz`, `top_k` (0: full
-  distribution), `bits_per_prob`, `metric`, `value`, `se` (NaN for replay);
+  distribution), `bits_per_prob`, `metric`, `value`, `se` (NaN for replay); rollout
+  rows add `draft_temperature`, `num_samples` and `max_temperature` (`K` and `θ_max` of
+  the temperature perturbation), axes that replay cannot vary: the records hold one;
 * `sweep_comparison.parquet` (with rollouts): per rollout point and metric, `replay`,
   `rollout`, `difference`, `se`, `z`;
 * `sweep.json`: the configuration, grid sizes and timings.
@@ -66,7 +69,7 @@ from calibration import records
 from uhlm_jax import channel as ch
 from uhlm_jax import replay as rp
 from uhlm_jax.modes import Mode
-from uhlm_jax.uncertainty import DEFAULT_MEASURES
+from uhlm_jax.uncertainty import DEFAULT_MEASURES, TemperaturePerturbation
 
 __all__ = [
     "COMPARISON_FILE",
@@ -91,6 +94,9 @@ SWEEP_FILE = "sweep.parquet"
 COMPARISON_FILE = "sweep_comparison.parquet"
 SUMMARY_FILE = "sweep.json"
 KNOWN_MEASURES = tuple(m.name for m in DEFAULT_MEASURES)
+# The calibration job records the default measures; their temperature perturbation is the
+# paper's (K = 20, θ_max = 2).
+DEFAULT_TP = next(m for m in DEFAULT_MEASURES if isinstance(m, TemperaturePerturbation))
 DEFAULT_THRESHOLDS = tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, 41), 6))
 DEFAULT_SNR_DB = tuple(float(x) for x in range(-10, 45, 5))
 # Metrics compared between replay and rollout (costs follow from the transmission rate).
@@ -136,6 +142,13 @@ class Config:
         rollout_thresholds: U-HLM thresholds to also run as real rollouts.
         rollout_modes: other modes to run as real rollouts.
         rollout_measure: the measure real U-HLM rollouts gate on.
+        rollout_draft_temperatures: SLM draft temperatures of the U-HLM rollouts (a
+            product with `rollout_thresholds`, one vmapped rollout); empty: the
+            calibration's. Records hold one temperature, so replay compares only there.
+        rollout_uncertainty_samples: temperature-perturbation `K` of the U-HLM rollouts
+            (one compiled rollout per value); empty: the calibration's (20).
+        rollout_max_temperatures: temperature-perturbation `θ_max` (one rollout per
+            value); empty: the calibration's (2).
         rollout_transmit_probability: Rand-HLM's probability in rollouts.
         rollout_link: the link whose costs the comparison reports.
         max_rollout_prompts: run rollouts on the first this many calibration prompts.
@@ -160,6 +173,9 @@ class Config:
     rollout_thresholds: tuple[float, ...] = ()
     rollout_modes: tuple[Mode, ...] = ()
     rollout_measure: str = "temperature_perturbation"
+    rollout_draft_temperatures: tuple[float, ...] = ()
+    rollout_uncertainty_samples: tuple[int, ...] = ()
+    rollout_max_temperatures: tuple[float, ...] = ()
     rollout_transmit_probability: float = 0.5
     rollout_link: ch.LinkPreset = ch.LinkPreset.MEDIUM
     max_rollout_prompts: int | None = None
@@ -203,6 +219,22 @@ class Config:
                 raise ValueError(f"transmit probability {p!r} must lie in [0, 1]")
         if any(k < 0 for k in self.top_k):
             raise ValueError(f"top_k={self.top_k!r}: each k must be >= 1, or 0 for no truncation")
+        if any(not d > 0 for d in self.rollout_draft_temperatures + self.rollout_max_temperatures):
+            raise ValueError(
+                "rollout_draft_temperatures and rollout_max_temperatures must be > 0, got "
+                f"{self.rollout_draft_temperatures!r} and {self.rollout_max_temperatures!r}"
+            )
+        if any(k < 1 for k in self.rollout_uncertainty_samples):
+            raise ValueError(
+                f"rollout_uncertainty_samples={self.rollout_uncertainty_samples!r}: K must be >= 1"
+            )
+        if (self.rollout_uncertainty_samples or self.rollout_max_temperatures) and (
+            self.rollout_measure != DEFAULT_TP.name
+        ):
+            raise ValueError(
+                "rollout_uncertainty_samples and rollout_max_temperatures set the "
+                f"'{DEFAULT_TP.name}' measure; use rollout_measure = '{DEFAULT_TP.name}'"
+            )
         if self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be >= 1")
         if self.max_rollout_prompts is not None and self.max_rollout_prompts < 2:
@@ -569,28 +601,45 @@ def rollout_frames(
     seed = int(settings.get("seed", 0))
     base = cfg.cost_profile(cfg.rollout_link)
     link = base.link
-    jobs: list[tuple[Mode, float, float, Any]] = []
+    calibration_temperature = temperatures["draft_temperature"]
+    draft_temperatures = cfg.rollout_draft_temperatures or (calibration_temperature,)
+    samples = cfg.rollout_uncertainty_samples or (DEFAULT_TP.num_samples,)
+    max_temperatures = cfg.rollout_max_temperatures or (float(DEFAULT_TP.max_temperature),)
+    jobs: list[dict[str, Any]] = []
+    nan = float("nan")
     if cfg.rollout_thresholds:
-        out = run_rollout(
-            pair, texts,
-            RolloutConfig(mode=Mode.UHLM, max_new_tokens=max_new, gate_measure=gate),
-            # Every leaf carries the grid axis (the sweep maps over all of them).
-            RolloutParams.create(
-                threshold=np.asarray(cfg.rollout_thresholds),
-                **{
-                    k: np.full(len(cfg.rollout_thresholds), v)
-                    for k, v in {
-                        **temperatures,
-                        "transmit_probability": cfg.rollout_transmit_probability,
-                    }.items()
-                },
-            ),
-            seed=seed, prompt_ids=ids,
-        )
-        for i, t in enumerate(cfg.rollout_thresholds):
-            jobs.append(
-                (Mode.UHLM, t, float("nan"), jax.tree.map(lambda x, i=i: x[i], out.records))
+        grid = list(itertools.product(cfg.rollout_thresholds, draft_temperatures))
+        for k_samples, theta in itertools.product(samples, max_temperatures):
+            # The gate measure's slot keeps its index, so its keys (and, at the
+            # calibration's K and θ_max, its values) are those of the calibration run.
+            measures = tuple(
+                TemperaturePerturbation(num_samples=k_samples, max_temperature=theta)
+                if i == gate and (cfg.rollout_uncertainty_samples or
+                                  cfg.rollout_max_temperatures) else m
+                for i, m in enumerate(DEFAULT_MEASURES)
             )
+            out = run_rollout(
+                pair, texts,
+                RolloutConfig(mode=Mode.UHLM, max_new_tokens=max_new, gate_measure=gate,
+                              measures=measures),
+                # Every leaf carries the grid axis (the sweep maps over all of them).
+                RolloutParams.create(
+                    threshold=np.array([t for t, _ in grid]),
+                    draft_temperature=np.array([d for _, d in grid]),
+                    llm_temperature=np.full(len(grid), temperatures["llm_temperature"]),
+                    transmit_probability=np.full(len(grid), cfg.rollout_transmit_probability),
+                ),
+                seed=seed, prompt_ids=ids,
+            )
+            for i, (t, d) in enumerate(grid):
+                jobs.append({
+                    "mode": Mode.UHLM, "threshold": t, "transmit_probability": nan,
+                    "draft_temperature": d, "num_samples": k_samples, "max_temperature": theta,
+                    "records": jax.tree.map(lambda x, i=i: x[i], out.records),
+                    "comparable": d == calibration_temperature
+                    and k_samples == DEFAULT_TP.num_samples
+                    and theta == float(DEFAULT_TP.max_temperature),
+                })
     for mode in cfg.rollout_modes:
         if mode is Mode.UHLM:
             continue
@@ -601,24 +650,25 @@ def rollout_frames(
             ),
             seed=seed, prompt_ids=ids,
         )
-        probability = cfg.rollout_transmit_probability if mode is Mode.RAND_HLM else float("nan")
-        jobs.append((mode, float("nan"), probability, out.records))
+        jobs.append({
+            "mode": mode, "threshold": nan,
+            "transmit_probability": cfg.rollout_transmit_probability
+            if mode is Mode.RAND_HLM else nan,
+            "draft_temperature": calibration_temperature, "num_samples": nan,
+            "max_temperature": nan, "records": out.records, "comparable": True,
+        })
 
     rows, comparison = [], []
     u_column = records.MEASURE_PREFIX + cfg.rollout_measure
-    for k, (mode, t, p, recs) in enumerate(jobs):
+    for k, job in enumerate(jobs):
+        mode, t, p = job["mode"], job["threshold"], job["transmit_probability"]
         point = rp.GridPoints.create(
             threshold=0.0 if math.isnan(t) else t,
             transmit_probability=0.0 if math.isnan(p) else p,
             snr_db=link.mean_snr_db, bandwidth_hz=link.bandwidth_hz,
         )
-        ro_value, ro_loo = _estimate(mode, _prompt_sums_rollout(recs, mode), base, point)
-        rp_value, rp_loo = _estimate(
-            mode,
-            _prompt_sums_replay(df, ids, mode, u_column, 0.0 if math.isnan(t) else t,
-                                0.0 if math.isnan(p) else p),
-            base, point,
-        )
+        ro_value, ro_loo = _estimate(mode, _prompt_sums_rollout(job["records"], mode), base,
+                                     point)
         info = {
             "point": k,
             "mode": mode.value,
@@ -630,29 +680,39 @@ def rollout_frames(
             "bandwidth_hz": float(link.bandwidth_hz),
             "top_k": rp.FULL_DISTRIBUTION,
             "bits_per_prob": float(base.bits_per_prob),
+            "draft_temperature": job["draft_temperature"],
+            "num_samples": job["num_samples"],
+            "max_temperature": job["max_temperature"],
         }
         for metric in rp.ReplayMetrics._fields:
             value = float(getattr(ro_value, metric))
             se = float(rp.jackknife_se(getattr(ro_loo, metric)))
             rows.append({**info, "metric": metric, "value": value, "se": se})
-            if metric in COMPARED_METRICS:
-                replay_value = float(getattr(rp_value, metric))
-                diff_se = float(
-                    rp.jackknife_se(getattr(ro_loo, metric) - getattr(rp_loo, metric))
-                )
-                difference = value - replay_value
-                comparison.append(
-                    {
-                        **info,
-                        "metric": metric,
-                        "replay": replay_value,
-                        "rollout": value,
-                        "difference": difference,
-                        "se": diff_se,
-                        "z": _z_score(difference, diff_se),
-                        "num_prompts": len(ids),
-                    }
-                )
+        if not job["comparable"]:
+            continue
+        rp_value, rp_loo = _estimate(
+            mode,
+            _prompt_sums_replay(df, ids, mode, u_column, 0.0 if math.isnan(t) else t,
+                                0.0 if math.isnan(p) else p),
+            base, point,
+        )
+        for metric in COMPARED_METRICS:
+            value = float(getattr(ro_value, metric))
+            replay_value = float(getattr(rp_value, metric))
+            diff_se = float(rp.jackknife_se(getattr(ro_loo, metric) - getattr(rp_loo, metric)))
+            difference = value - replay_value
+            comparison.append(
+                {
+                    **info,
+                    "metric": metric,
+                    "replay": replay_value,
+                    "rollout": value,
+                    "difference": difference,
+                    "se": diff_se,
+                    "z": _z_score(difference, diff_se),
+                    "num_prompts": len(ids),
+                }
+            )
     table = pd.DataFrame(rows)
     table.insert(0, "source", "rollout")
     return table, pd.DataFrame(comparison)
@@ -738,7 +798,7 @@ _PARSERS = {
 _TUPLE_FIELDS = {
     f.name for f in dataclasses.fields(Config) if str(f.type).startswith("tuple")
 }
-_INT_FIELDS = {"top_k", "chunk_size", "max_rollout_prompts"}
+_INT_FIELDS = {"top_k", "chunk_size", "max_rollout_prompts", "rollout_uncertainty_samples"}
 
 
 def _coerce(name: str, value: Any) -> Any:
@@ -817,6 +877,9 @@ _FLAGS: dict[str, tuple[str, Any]] = {
     "rollout_thresholds": ("rollout_thresholds", parse_values),
     "rollout_modes": ("rollout_modes", _names),
     "rollout_measure": ("rollout_measure", str),
+    "rollout_draft_temperatures": ("rollout_draft_temperatures", parse_values),
+    "rollout_uncertainty_samples": ("rollout_uncertainty_samples", parse_values),
+    "rollout_max_temperatures": ("rollout_max_temperatures", parse_values),
     "rollout_transmit_probability": ("rollout_transmit_probability", float),
     "rollout_link": ("rollout_link", str),
     "max_rollout_prompts": ("max_rollout_prompts", int),

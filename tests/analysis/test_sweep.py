@@ -178,11 +178,19 @@ def test_replay_agrees_with_real_rollouts_on_the_toy_pair(toy_run):
     # Given a toy calibration run, when U-HLM rollouts run at a few thresholds (and HLM)
     result = sw.run(
         sw.Config(run_dir=str(toy_run), thresholds=(0.2,), snr_db=(0.0,), modes=(Mode.HLM,),
-                  rollout_thresholds=(0.05, 0.3, 0.6), rollout_modes=(Mode.HLM,)),
+                  rollout_thresholds=(0.05, 0.3, 0.6), rollout_modes=(Mode.HLM,),
+                  rollout_draft_temperatures=(1.0, 0.5), rollout_uncertainty_samples=(20, 4)),
         progress=False,
     )
     c = result.comparison
     assert len(c) and set(c["mode"]) == {"uhlm", "hlm"}
+    # Only points at the calibration's draft temperature and K have a replay twin
+    uhlm = c[c["mode"] == "uhlm"]
+    assert set(uhlm["draft_temperature"]) == {1.0} and set(uhlm["num_samples"]) == {20}
+    rollouts = result.table[(result.table["source"] == "rollout") &
+                            (result.table["mode"] == "uhlm")]
+    assert rollouts["point"].nunique() == 3 * 2 * 2
+    assert set(rollouts["draft_temperature"]) == {1.0, 0.5}
     finite = c[np.isfinite(c["difference"])]
     # Then every metric agrees within the Monte Carlo error of the paired difference
     assert (finite["difference"].abs() <= Z_MAX * finite["se"]).all(), finite.to_string()
