@@ -13,6 +13,10 @@ import sys
 
 # subcommand -> (job module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "collect": (
+        "calibration.collect",
+        "collect per-token calibration records of a model pair (sharded, resumable)",
+    ),
     "generate": ("analysis.generate", "continue a prompt with a named model or a checkpoint path"),
     "link": (
         "analysis.link",
