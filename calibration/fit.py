@@ -873,10 +873,11 @@ def _flatten(draws: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v.reshape(-1) for k, v in draws.items()}
 
 
-def _thin(draws: dict[str, np.ndarray], num: int) -> dict[str, jnp.ndarray]:
+def _thin(draws: dict[str, np.ndarray], num: int | None = None) -> dict[str, jnp.ndarray]:
+    """Draws flattened over chains and thinned evenly to at most `num` (all if None)."""
     flat = _flatten(draws)
     total = next(iter(flat.values())).size
-    index = np.linspace(0, total - 1, min(num, total)).astype(int)
+    index = np.linspace(0, total - 1, total if num is None else min(num, total)).astype(int)
     return {k: jnp.asarray(v[index], jnp.float32) for k, v in flat.items()}
 
 
@@ -1000,8 +1001,8 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
         hurdle_grouped, (groups, cfg.hurdle_prior), HURDLE_SITES, cfg, hurdle_key, None
     )
     start = time.perf_counter()
-    waic_linear = waic(linear_pointwise_loglik, _thin(linear_draws, 10**9), u, beta)
-    waic_hurdle = waic(hurdle_pointwise_loglik, _thin(hurdle_draws, 10**9), u, beta)
+    waic_linear = waic(linear_pointwise_loglik, _thin(linear_draws), u, beta)
+    waic_hurdle = waic(hurdle_pointwise_loglik, _thin(hurdle_draws), u, beta)
     diff = waic_hurdle.elpd_i - waic_linear.elpd_i
     comparison = {
         "criterion": "WAIC",

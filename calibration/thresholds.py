@@ -39,7 +39,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -404,6 +404,53 @@ def split_masks(cfg: Config, num_prompts: int) -> np.ndarray:
     return masks
 
 
+class _Tokens(NamedTuple):
+    """Token data the split validation reads: `(n,)` u, beta, prompt; `(P,)` token
+    counts; `(P, p)` per-prompt risk curves; `(p,)` grid."""
+
+    u: jnp.ndarray
+    beta: jnp.ndarray
+    prompt: jnp.ndarray
+    tokens_per_prompt: jnp.ndarray
+    prompt_risks: jnp.ndarray
+    grid: jnp.ndarray
+
+
+def _split_outcomes(xs, tokens: _Tokens, eps, delta):
+    """Per split: thresholds of `METHODS` and their realised risks on the test prompts.
+
+    `xs` holds per split the `(P,)` calibration mask, `(m,)` posterior draws of slope
+    and intercept, and the plug-in risk-averse and risk-prone thresholds.
+    """
+    u, beta, prompt, grid = tokens.u, tokens.beta, tokens.prompt, tokens.grid
+    num_prompts = tokens.tokens_per_prompt.shape[0]
+
+    def one_split(args):
+        mask, a, b, t_averse, t_prone = args
+        cal_tokens = mask[prompt]
+        test_tokens = 1.0 - cal_tokens
+        test_prompts = 1.0 - mask
+        sample = T.weighted_sample(u, cal_tokens)
+        curves = jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(a, b, sample, grid)
+        t_posterior = T.grid_threshold(grid, T.risk_bounded_index(curves, eps, delta))
+        t_ltt = T.ltt_threshold(tokens.prompt_risks, grid, eps, delta, mask).threshold
+        thresholds = jnp.stack([t_ltt, t_posterior, t_averse, t_prone])
+
+        def realised(t):
+            skipped = (u <= t).astype(beta.dtype)
+            per_token = jnp.sum(test_tokens * beta * skipped) / jnp.sum(test_tokens)
+            per_prompt_sum = jax.ops.segment_sum(beta * skipped, prompt, num_segments=num_prompts)
+            per_prompt = per_prompt_sum / jnp.maximum(tokens.tokens_per_prompt, 1.0)
+            prompt_mean = jnp.sum(test_prompts * per_prompt) / jnp.sum(test_prompts)
+            skip = jnp.sum(test_tokens * skipped) / jnp.sum(test_tokens)
+            return per_token, prompt_mean, skip
+
+        per_token, per_prompt, skip = jax.vmap(realised)(thresholds)
+        return thresholds, per_token, per_prompt, skip
+
+    return jax.lax.map(one_split, xs, batch_size=SPLIT_BATCH)
+
+
 def _validation(
     cfg: Config, data: RunData, prompt_risks: jnp.ndarray, grid: jnp.ndarray, prior: fit.LinearPrior
 ) -> dict[str, Any]:
@@ -427,32 +474,14 @@ def _validation(
     )
 
     u, beta, prompt = jnp.asarray(data.u), jnp.asarray(data.beta), jnp.asarray(data.prompt)
-    tokens_per_prompt = jax.ops.segment_sum(jnp.ones_like(beta), prompt, num_segments=p)
-    eps, delta = jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
-
-    def one_split(args):
-        mask, a, b, t_averse, t_prone = args
-        cal_tokens = mask[prompt]
-        test_tokens = 1.0 - cal_tokens
-        sample = T.weighted_sample(u, cal_tokens)
-        curves = jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(a, b, sample, grid)
-        t_posterior = T.grid_threshold(grid, T.risk_bounded_index(curves, eps, delta))
-        t_ltt = T.ltt_threshold(prompt_risks, grid, eps, delta, mask).threshold
-        thresholds = jnp.stack([t_ltt, t_posterior, t_averse, t_prone])
-
-        def realised(t):
-            skipped = (u <= t).astype(beta.dtype)
-            per_token = jnp.sum(test_tokens * beta * skipped) / jnp.sum(test_tokens)
-            per_prompt_sum = jax.ops.segment_sum(beta * skipped, prompt, num_segments=p)
-            per_prompt = per_prompt_sum / jnp.maximum(tokens_per_prompt, 1.0)
-            test_prompts = 1.0 - mask
-            prompt_mean = jnp.sum(test_prompts * per_prompt) / jnp.sum(test_prompts)
-            skip = jnp.sum(test_tokens * skipped) / jnp.sum(test_tokens)
-            return per_token, prompt_mean, skip
-
-        per_token, per_prompt, skip = jax.vmap(realised)(thresholds)
-        return thresholds, per_token, per_prompt, skip
-
+    tokens = _Tokens(
+        u=u,
+        beta=beta,
+        prompt=prompt,
+        tokens_per_prompt=jax.ops.segment_sum(jnp.ones_like(beta), prompt, num_segments=p),
+        prompt_risks=prompt_risks,
+        grid=grid,
+    )
     xs = (
         jnp.asarray(masks, jnp.float32),
         jnp.asarray(slope, jnp.float32),
@@ -460,9 +489,9 @@ def _validation(
         averse,
         prone,
     )
+    eps, delta = jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
     thresholds, per_token, per_prompt, skip = (
-        np.asarray(x)
-        for x in jax.jit(lambda xs: jax.lax.map(one_split, xs, batch_size=SPLIT_BATCH))(xs)
+        np.asarray(x) for x in jax.jit(_split_outcomes)(xs, tokens, eps, delta)
     )
     methods = {}
     for k, name in enumerate(METHODS):

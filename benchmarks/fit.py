@@ -1,0 +1,295 @@
+"""Benchmark: NumPyro fits of the uncertainty -> rejection link on 10^5 tokens.
+
+DESIGN.md §5 target: a NUTS fit with 2 chains on 10^5 tokens in under 60 s on the
+project's 2-core CPU.
+
+Data: 10^5 synthetic tokens, `u` uniform on the 21 values `k/20` (temperature
+perturbation with K = 20), `β = 0.82·u − 0.06 + 0.15·ε` for the linear model and hurdle
+data (`tests/calibration`-style, same `u`) for the hurdle model and the end-to-end job.
+
+Measured, each as wall time:
+
+* **linear NUTS** as `uhlm fit` runs it (sufficient-statistic likelihood, dense mass
+  matrix, 2 chains × (1000 warmup + 1000 draws)) for each chain method: the first run in
+  a fresh process (compilation included) and a second run of the same `MCMC` object with
+  a new key (compilation excluded). `parallel` runs in a subprocess with two emulated
+  host devices (`--xla_force_host_platform_device_count=2`).
+* **linear NUTS, per-token likelihood**: the same model written with one observation per
+  token (`calibration.fit.linear_gaussian`), sequential chains, one run.
+* **SVI**: 5000 steps of a full-rank Gaussian guide (4 particles), first and second run.
+* **hurdle NUTS**: 2 chains × (1000 + 1000), likelihood grouped by distinct `u`.
+* **`uhlm fit` end to end** on a 10^5-token run directory: both models, SVI, WAIC over
+  every token and draw, predictive checks and 1000 prompt-bootstrap replicates.
+
+Writes (replaces) the "## NumPyro fit" section of benchmarks/RESULTS.md.
+
+    .venv/bin/python benchmarks/fit.py [--tokens 100000] [--skip-per-token] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+NUM_TOKENS = 100_000
+TARGET_S = 60.0
+TRUE = {"slope": 0.82, "intercept": -0.06, "sigma": 0.15}
+SECTION = "NumPyro fit"
+
+
+def _data(n: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    u = (rng.integers(0, 21, n) / 20).astype(np.float32)
+    beta = TRUE["slope"] * u + TRUE["intercept"] + TRUE["sigma"] * rng.standard_normal(n)
+    return u, beta.astype(np.float32)
+
+
+def _mcmc(model, method: str, num_warmup: int, num_samples: int, init: dict):
+    from numpyro.infer import MCMC, NUTS
+    from numpyro.infer.initialization import init_to_value
+
+    kernel = NUTS(model, dense_mass=True, init_strategy=init_to_value(values=init))
+    return MCMC(
+        kernel,
+        num_warmup=num_warmup,
+        num_samples=num_samples,
+        num_chains=2,
+        chain_method=method,
+        progress_bar=False,
+    )
+
+
+def time_linear_nuts(method: str, n: int) -> dict:
+    """First and second wall time of the linear NUTS fit with one chain method."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from calibration import fit
+
+    u, beta = _data(n)
+    ls = fit.least_squares(u, beta)
+    init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
+    start = time.perf_counter()
+    stats = fit.LinearStats(*(jnp.float32(x) for x in fit.linear_stats(u, beta)))
+    mcmc = _mcmc(fit.linear_gaussian_stats, method, 1000, 1000, init)
+    mcmc.run(jax.random.key(0), stats, extra_fields=("diverging",))
+    draws = jax.block_until_ready(mcmc.get_samples())
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    mcmc.run(jax.random.key(1), stats, extra_fields=("diverging",))
+    jax.block_until_ready(mcmc.get_samples())
+    second = time.perf_counter() - start
+    return {
+        "method": method,
+        "first_s": first,
+        "second_s": second,
+        "slope": float(np.mean(draws["slope"])),
+        "divergences": int(np.sum(mcmc.get_extra_fields()["diverging"])),
+    }
+
+
+def time_per_token_nuts(n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from calibration import fit
+
+    u, beta = _data(n)
+    ls = fit.least_squares(u, beta)
+    init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
+    mcmc = _mcmc(fit.linear_gaussian, "sequential", 1000, 1000, init)
+    start = time.perf_counter()
+    mcmc.run(jax.random.key(0), jnp.asarray(u), jnp.asarray(beta))
+    jax.block_until_ready(mcmc.get_samples())
+    return {"first_s": time.perf_counter() - start}
+
+
+def time_svi(n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from calibration import fit
+
+    u, beta = _data(n)
+    ls = fit.least_squares(u, beta)
+    init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
+    stats = fit.LinearStats(*(jnp.float32(x) for x in fit.linear_stats(u, beta)))
+    cfg = fit.Config(run_dir=".")
+    out = {"steps": cfg.svi_steps}
+    for name, key in (("first_s", 0), ("second_s", 1)):
+        start = time.perf_counter()
+        _, summary = fit.run_svi(stats, cfg, jax.random.key(key), init, 2000)
+        out[name] = time.perf_counter() - start
+        out["slope"] = summary["params"]["slope"]["mean"]
+    return out
+
+
+def time_hurdle_and_job(n: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from calibration import fit
+    from tests.calibration import synthetic_records, write_run
+
+    tokens_per_prompt = 100
+    df = synthetic_records(np.random.default_rng(0), n // tokens_per_prompt, tokens_per_prompt)
+    u = df["u_temperature_perturbation"].to_numpy(np.float32)
+    beta = df["beta"].to_numpy(np.float32)
+    cfg = fit.Config(run_dir=".")
+    groups = fit.HurdleGroups(*(jnp.asarray(x) for x in fit.hurdle_groups(u, beta)))
+    start = time.perf_counter()
+    _, hurdle = fit.run_nuts(
+        fit.hurdle_grouped,
+        (groups, cfg.hurdle_prior),
+        fit.HURDLE_SITES,
+        cfg,
+        jax.random.key(0),
+        None,
+    )
+    hurdle_s = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        write_run(Path(tmp), df)
+        start = time.perf_counter()
+        result = fit.run(fit.Config(run_dir=tmp))
+        job_s = time.perf_counter() - start
+    s = result.summary
+    return {
+        "hurdle_s": hurdle_s,
+        "hurdle_divergences": hurdle["divergences"],
+        "job_s": job_s,
+        "job_parts": {
+            "linear_nuts_s": s["linear"]["nuts"]["seconds"],
+            "svi_s": s["linear"]["svi"]["seconds"],
+            "hurdle_nuts_s": s["hurdle"]["nuts"]["seconds"],
+            "waic_s": s["comparison"]["seconds"],
+        },
+        "max_r_hat": max(
+            p["r_hat"]
+            for block in (s["linear"]["nuts"], s["hurdle"]["nuts"])
+            for p in block["params"].values()
+        ),
+        "num_tokens": s["data"]["num_tokens"],
+    }
+
+
+def _child(kind: str, n: int, env_flags: str | None = None) -> dict:
+    """Runs one measurement in a fresh interpreter, so compile time is honest."""
+    env = dict(os.environ)
+    if env_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + env_flags).strip()
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, "--tokens", str(n)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _verdict(seconds: float) -> str:
+    return f"meets ({TARGET_S / seconds:.1f}× under)" if seconds < TARGET_S else "misses"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=NUM_TOKENS)
+    parser.add_argument("--skip-per-token", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    n = args.tokens
+
+    if args.child:
+        kind = args.child
+        if kind.startswith("nuts:"):
+            result = time_linear_nuts(kind.split(":")[1], n)
+        elif kind == "per_token":
+            result = time_per_token_nuts(n)
+        elif kind == "svi":
+            result = time_svi(n)
+        else:
+            result = time_hurdle_and_job(n)
+        print(json.dumps(result))
+        return
+
+    load_before = os.getloadavg()
+    nuts = [
+        _child("nuts:sequential", n),
+        _child("nuts:vectorized", n),
+        _child("nuts:parallel", n, "--xla_force_host_platform_device_count=2"),
+    ]
+    per_token = None if args.skip_per_token else _child("per_token", n)
+    svi = _child("svi", n)
+    job = _child("job", n)
+    load_after = os.getloadavg()
+    for row in nuts:
+        print(f"linear NUTS {row['method']}: {row['first_s']:.1f} s / {row['second_s']:.1f} s")
+    print(json.dumps({"per_token": per_token, "svi": svi, "job": job}, indent=1))
+    if args.no_write:
+        return
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from results import machine, write_section
+
+    rows = "\n".join(
+        f"| {r['method']} | {r['first_s']:.1f} s | {r['second_s']:.1f} s | "
+        f"{r['divergences']} | {_verdict(r['first_s'])} |"
+        for r in nuts
+    )
+    fastest = min(nuts, key=lambda r: r["first_s"])
+    per_token_line = (
+        "not measured (`--skip-per-token`)"
+        if per_token is None
+        else f"{per_token['first_s']:.1f} s ({_verdict(per_token['first_s'])})"
+    )
+    parts = job["job_parts"]
+    body = f"""
+`benchmarks/fit.py`; {machine()}; load average {load_before[0]:.1f} before,
+{load_after[0]:.1f} after (the machine is shared, so times are upper bounds).
+
+Linear-Gaussian model `β ~ Normal(a·u + b, σ)` on {n:,} synthetic tokens, NUTS with a dense
+mass matrix, 2 chains × (1000 warmup + 1000 draws), as `uhlm fit` runs it: the likelihood in
+six sufficient statistics (exact). "First" is a fresh process (compilation included),
+"second" reruns the same `MCMC` with a new key (compilation excluded). Target (DESIGN.md
+§5): < {TARGET_S:.0f} s.
+
+| chain method | first | second | divergences | vs target (first) |
+| --- | --- | --- | --- | --- |
+{rows}
+
+Fastest here: `{fastest["method"]}`. `parallel` needs one device per chain, i.e. two
+emulated host devices set before JAX starts; `uhlm fit` uses it when devices allow and
+`sequential` otherwise.
+
+- Same model with one likelihood term per token (`linear_gaussian`), sequential:
+  {per_token_line}.
+- SVI, full-rank Gaussian guide, {svi["steps"]} Adam steps × 4 particles on the sufficient
+  statistics: {svi["first_s"]:.1f} s first, {svi["second_s"]:.1f} s second.
+- Hurdle model (logistic × Beta), NUTS 2 × (1000 + 1000) on {job["num_tokens"]:,} tokens
+  grouped by their 21 distinct `u`: {job["hurdle_s"]:.1f} s, {job["hurdle_divergences"]}
+  divergences.
+- `uhlm fit` end to end on a {job["num_tokens"]:,}-token run directory: {job["job_s"]:.1f} s
+  (linear NUTS {parts["linear_nuts_s"]:.1f} s, SVI {parts["svi_s"]:.1f} s, hurdle NUTS
+  {parts["hurdle_nuts_s"]:.1f} s, WAIC of both models over every token and draw
+  {parts["waic_s"]:.1f} s; the rest is predictive checks, 1000 prompt-bootstrap
+  replicates and I/O); largest r-hat {job["max_r_hat"]:.3f}.
+"""
+    write_section(SECTION, body)
+    print(f"wrote the '{SECTION}' section of benchmarks/RESULTS.md")
+
+
+if __name__ == "__main__":
+    main()
