@@ -26,8 +26,8 @@ from benchmarks.results import best_seconds, machine, write_section
 from uhlm_jax.models.cache import init_cache
 from uhlm_jax.models.config import Architecture, ModelConfig
 from uhlm_jax.models.llama import Padding, decode, init_params, prefill
-from uhlm_jax.modes import Mode
 from uhlm_jax.models.toy import toy_pair
+from uhlm_jax.modes import Mode
 from uhlm_jax.rollout import RolloutConfig, RolloutParams, rollout
 from uhlm_jax.uncertainty import TemperaturePerturbation
 
@@ -70,8 +70,14 @@ def uhlm_seconds(slm, llm, batch: int, steps: int) -> float:
     )
     run = jax.jit(rollout, static_argnames=("config", "cache_length"))
     args = (
-        slm, llm, tokens, lengths, jnp.arange(batch), jnp.full((batch,), steps),
-        jax.random.key(0), RolloutParams.create(threshold=0.3),
+        slm,
+        llm,
+        tokens,
+        lengths,
+        jnp.arange(batch),
+        jnp.full((batch,), steps),
+        jax.random.key(0),
+        RolloutParams.create(threshold=0.3),
     )
     call = lambda: run(*args, config=config, cache_length=PROMPT_LENGTH + steps).token  # noqa: E731
     call().block_until_ready()

@@ -4,7 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhlm_jax.metrics import cosine_similarity, response_nll, safe_ratio, token_metrics
+from uhlm_jax import channel as ch
+from uhlm_jax.metrics import (
+    cosine_similarity,
+    link_metrics,
+    response_nll,
+    safe_ratio,
+    token_metrics,
+)
+from uhlm_jax.modes import Mode
 
 EXACT = 1e-6
 
@@ -74,3 +82,34 @@ def test_cosine_similarity_cases():
     np.testing.assert_allclose(cosine_similarity([1.0, 0.0], [0.0, 3.0]), 0.0, atol=1e-7)
     np.testing.assert_allclose(cosine_similarity([1.0, 1.0], [-1.0, -1.0]), -1.0, rtol=1e-6)
     assert float(cosine_similarity([0.0, 0.0], [1.0, 0.0])) == 0.0
+
+
+def _static_profile():
+    slm = ch.Deployment(ch.ModelSize.TINYLLAMA_1_1B, ch.Device.PHONE_SOC)
+    llm = ch.Deployment(ch.ModelSize.LLAMA_2_7B, ch.Device.DATACENTER_GPU)
+    link = ch.Link(bandwidth_hz=10e6, mean_snr_db=10.0, fading=ch.Fading.NONE)
+    return ch.CostProfile(slm=slm, llm=llm, link=link, vocab_size=32000, bits_per_prob=8.0)
+
+
+def test_link_metrics_match_the_per_token_latency_terms():
+    # Given: 2 rows x 4 steps, 5 valid tokens, 2 of them transmitted; a link without fading.
+    profile = _static_profile()
+    valid = np.array([[1, 1], [1, 1], [1, 0], [0, 0]], bool)
+    transmitted = np.array([[1, 0], [0, 1], [0, 0], [0, 0]], bool)
+    terms = ch.expected_breakdown(profile)
+    local = float(terms.slm_s + terms.uncertainty_s)
+    remote = float(terms.uplink_s + terms.llm_s + terms.downlink_s)
+    m = link_metrics(Mode.UHLM, transmitted, valid, profile, jax.random.key(0))
+    # Then: U-HLM pays the remote terms on 2 tokens, HLM on all 5.
+    np.testing.assert_allclose(m.latency_s, 5 * local + 2 * remote, rtol=1e-5)
+    np.testing.assert_allclose(m.hlm_latency_s, 5 * (local + remote), rtol=1e-5)
+    np.testing.assert_allclose(m.throughput_tokens_per_s, 5 / (5 * local + 2 * remote), rtol=1e-5)
+    assert float(m.speedup_vs_hlm) <= float(m.speedup_bound)
+    np.testing.assert_allclose(m.speedup_bound, 1 / (1 - 3 / 5), rtol=1e-6)
+    assert float(m.llm_calls_saved) == 3
+    np.testing.assert_allclose(m.uplink_bits_saved, 3 * 32000 * 8, rtol=1e-6)
+    # HLM costed as HLM has speedup 1; SLM-only saves every call.
+    hlm = link_metrics(Mode.HLM, valid, valid, profile, jax.random.key(0))
+    np.testing.assert_allclose(hlm.speedup_vs_hlm, 1.0, rtol=1e-6)
+    slm = link_metrics(Mode.SLM_ONLY, np.zeros_like(valid), valid, profile, jax.random.key(0))
+    assert float(slm.llm_calls_saved) == 5 and np.isinf(slm.speedup_bound)

@@ -27,7 +27,6 @@ from uhlm_jax.rollout import (
     run_rollout,
     step_keys,
 )
-from uhlm_jax.uncertainty import Entropy, TemperaturePerturbation
 
 # Size of each goodness-of-fit test: the chance a correct implementation fails it.
 TEST_SIZE = 1e-3
@@ -151,8 +150,12 @@ def _reference_loop(pair, prompts, config, params, seed):
         tokens = jnp.asarray([ids], jnp.int32)
         lengths = jnp.asarray([len(ids)], jnp.int32)
         size = len(ids) + config.max_new_tokens
-        z_s, c_s = prefill(pair.slm, tokens, lengths, init_cache(pair.slm.config, 1, size), Padding.RIGHT)
-        z_l, c_l = prefill(pair.llm, tokens, lengths, init_cache(pair.llm.config, 1, size), Padding.RIGHT)
+        z_s, c_s = prefill(
+            pair.slm, tokens, lengths, init_cache(pair.slm.config, 1, size), Padding.RIGHT
+        )
+        z_l, c_l = prefill(
+            pair.llm, tokens, lengths, init_cache(pair.llm.config, 1, size), Padding.RIGHT
+        )
         keys = step_keys(jax.random.key(seed), jnp.asarray([row]), config.max_new_tokens)
         emitted = []
         for step in range(config.max_new_tokens):
@@ -322,7 +325,9 @@ def test_nan_logits_are_flagged_and_checked_mode_raises(pair):
     broken = jax.tree.map(lambda w: w * jnp.nan, pair.llm)
     bad = ModelPair("nan", pair.slm, broken, pair.tokenizer)
     config = RolloutConfig(mode=Mode.HLM, max_new_tokens=3)
-    records = run_rollout(bad, ["hello"], config, RolloutParams.create(), check_finite=False).records
+    records = run_rollout(
+        bad, ["hello"], config, RolloutParams.create(), check_finite=False
+    ).records
     assert not records.finite[records.valid].any()
     with pytest.raises(ValueError, match="Non-finite"):
         run_rollout(

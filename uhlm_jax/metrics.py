@@ -26,8 +26,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
+from uhlm_jax import channel
+from uhlm_jax.modes import Mode
+
 __all__ = [
+    "LinkMetrics",
     "TokenMetrics",
+    "link_metrics",
     "cosine_similarity",
     "response_nll",
     "safe_ratio",
@@ -35,7 +40,7 @@ __all__ = [
 ]
 
 
-def safe_ratio(numerator: Float[Array, "..."], denominator: Float[Array, "..."]) -> Array:
+def safe_ratio(numerator: Float[Array, ...], denominator: Float[Array, ...]) -> Array:
     """`numerator / denominator`, NaN where the denominator is zero."""
     denominator = jnp.asarray(denominator, jnp.float32)
     safe = jnp.where(denominator > 0, denominator, 1.0)
@@ -71,10 +76,10 @@ class TokenMetrics(NamedTuple):
 
 
 def token_metrics(
-    beta: Float[Array, "..."],
-    transmitted: Bool[Array, "..."],
-    accepted: Bool[Array, "..."],
-    valid: Bool[Array, "..."],
+    beta: Float[Array, ...],
+    transmitted: Bool[Array, ...],
+    accepted: Bool[Array, ...],
+    valid: Bool[Array, ...],
 ) -> TokenMetrics:
     """Rates of a rollout from its records (reduces over all axes).
 
@@ -133,9 +138,87 @@ def response_nll(
     return safe_ratio(total, jnp.sum(in_response, axis=-1))
 
 
-def cosine_similarity(a: Float[Array, "... h"], b: Float[Array, "... h"]) -> Float[Array, "..."]:
+def cosine_similarity(a: Float[Array, "... h"], b: Float[Array, "... h"]) -> Float[Array, ...]:
     """Cosine of the angle between embeddings along the last axis (0 for a zero vector)."""
     a = jnp.asarray(a, jnp.float32)
     b = jnp.asarray(b, jnp.float32)
     norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
     return jnp.where(norms > 0, jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0), 0.0)
+
+
+class LinkMetrics(NamedTuple):
+    """What a rollout costs under a link and cost profile, and what skipping saved.
+
+    Attributes:
+        latency_s: total latency of all valid tokens.
+        throughput_tokens_per_s: valid tokens over `latency_s`.
+        hlm_latency_s: the same tokens costed as HLM (every token transmitted), with the
+            same fading draws.
+        speedup_vs_hlm: `hlm_latency_s / latency_s`.
+        speedup_bound: `1 / (1 − s)` for the skip share `s`: under this latency model no
+            skipping rule can beat it.
+        llm_calls_saved: tokens not verified by the LLM (HLM verifies every token).
+        uplink_bits_saved: uplink payload not sent, in bits.
+    """
+
+    latency_s: Array
+    throughput_tokens_per_s: Array
+    hlm_latency_s: Array
+    speedup_vs_hlm: Array
+    speedup_bound: Array
+    llm_calls_saved: Array
+    uplink_bits_saved: Array
+
+
+def link_metrics(
+    mode: Mode,
+    transmitted: Bool[Array, "n b"],
+    valid: Bool[Array, "n b"],
+    profile: channel.CostProfile,
+    key: Array,
+) -> LinkMetrics:
+    """Costs the records of a rollout under `profile` (independent of the models run).
+
+    Fading keys are `fold_in(key, row)` per row (then per step inside the channel model),
+    so the mode and its HLM reference see the same channel.
+
+    Args:
+        mode: the mode that produced the records (static).
+        transmitted: `[n, b]` transmitted flags.
+        valid: `[n, b]` valid flags.
+        profile: models, devices, link and payload to cost the tokens with.
+        key: fading key.
+
+    Returns:
+        `LinkMetrics` of float32 scalars.
+    """
+    valid = jnp.asarray(valid, bool)
+    sent = jnp.asarray(transmitted, bool) & valid
+    row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(valid.shape[1]))
+
+    def total_s(mode, sent):
+        per_row = jax.vmap(channel.latency_from_mask, in_axes=(None, 1, 1, None, 0))(
+            mode, sent, valid, profile, row_keys
+        )
+        return jnp.sum(per_row)
+
+    latency_s = total_s(mode, sent)
+    hlm_latency_s = total_s(Mode.HLM, valid)
+    tokens = jnp.sum(valid, dtype=jnp.float32)
+    skipped = tokens - jnp.sum(sent, dtype=jnp.float32)
+    if mode in (Mode.LLM_ONLY, Mode.SLM_ONLY):
+        # Neither mode drafts-and-verifies, so "skipped" does not apply.
+        skipped = jnp.where(mode is Mode.SLM_ONLY, tokens, 0.0)
+    skip_share = safe_ratio(skipped, tokens)
+    return LinkMetrics(
+        latency_s=latency_s,
+        throughput_tokens_per_s=safe_ratio(tokens, latency_s),
+        hlm_latency_s=hlm_latency_s,
+        speedup_vs_hlm=safe_ratio(hlm_latency_s, latency_s),
+        # channel.speedup_bound, extended to s = 1 (SLM-only), where it is infinite.
+        speedup_bound=jnp.where(
+            skip_share < 1, 1.0 / jnp.maximum(1.0 - skip_share, 1e-30), jnp.inf
+        ),
+        llm_calls_saved=skipped,
+        uplink_bits_saved=skipped * channel.uplink_bits(profile),
+    )

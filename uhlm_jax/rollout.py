@@ -155,7 +155,9 @@ class RolloutParams:
             raise ValueError(f"threshold must be finite, got {threshold!r}.")
         p = arrays["transmit_probability"]
         if not bool(jnp.all((p >= 0) & (p <= 1))):
-            raise ValueError(f"transmit_probability must be in [0, 1], got {transmit_probability!r}.")
+            raise ValueError(
+                f"transmit_probability must be in [0, 1], got {transmit_probability!r}."
+            )
         for name in ("draft_temperature", "llm_temperature"):
             if not bool(jnp.all(arrays[name] > 0)):
                 raise ValueError(
@@ -163,9 +165,7 @@ class RolloutParams:
                     f"got {values[name]!r}."
                 )
         if truncation is not None and not isinstance(truncation, FixedK | ToleranceK):
-            raise ValueError(
-                f"truncation must be FixedK, ToleranceK or None, got {truncation!r}."
-            )
+            raise ValueError(f"truncation must be FixedK, ToleranceK or None, got {truncation!r}.")
         return cls(**arrays, truncation=truncation)
 
 
@@ -295,8 +295,10 @@ def hybrid_position(
         token = jax.random.categorical(llm_key, log_p).astype(jnp.int32)
     else:
         token = jnp.where(transmitted, verification.token, draft).astype(jnp.int32)
-    finite = ~(jnp.any(jnp.isnan(slm_logits) | (slm_logits == jnp.inf)) |
-               jnp.any(jnp.isnan(llm_logits) | (llm_logits == jnp.inf)))
+    finite = ~(
+        jnp.any(jnp.isnan(slm_logits) | (slm_logits == jnp.inf))
+        | jnp.any(jnp.isnan(llm_logits) | (llm_logits == jnp.inf))
+    )
     return _Position(
         uncertainty=uncertainty,
         beta=beta,
@@ -327,7 +329,9 @@ def _step(
     slm_logits, slm_cache = decode(slm, token, state.slm_cache)
     llm_logits, llm_cache = decode(llm, token, state.llm_cache)
     num_generated = state.num_generated + valid.astype(jnp.int32)
-    stopped = jnp.isin(token, jnp.asarray(config.stop_tokens, jnp.int32)) if config.stop_tokens else False
+    stopped = (
+        jnp.isin(token, jnp.asarray(config.stop_tokens, jnp.int32)) if config.stop_tokens else False
+    )
     done = state.done | stopped | (num_generated >= state.max_new_tokens)
     transmitted = valid & position.transmitted
     accepted = valid & position.accepted
@@ -356,15 +360,13 @@ def _step(
     return new_state, record
 
 
-def step_keys(
-    seed_key: Array, prompt_ids: Int[Array, " b"], num_steps: int
-) -> Array:
+def step_keys(seed_key: Array, prompt_ids: Int[Array, " b"], num_steps: int) -> Array:
     """Keys `[n, b]`: `fold_in(fold_in(seed_key, prompt_id), step)`."""
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(seed_key, prompt_ids)
     steps = jnp.arange(num_steps)
-    return jax.vmap(
-        lambda step: jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-    )(steps)
+    return jax.vmap(lambda step: jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step))(
+        steps
+    )
 
 
 def check_prompt_fits(prompt_length: int, max_new_tokens: int, max_length: int) -> None:
@@ -476,7 +478,9 @@ def grid_size(params: RolloutParams) -> int | None:
     sizes = set()
     for leaf in jax.tree.leaves(params):
         if jnp.ndim(leaf) > 1:
-            raise ValueError(f"RolloutParams leaves must be scalars or vectors, got {jnp.shape(leaf)}.")
+            raise ValueError(
+                f"RolloutParams leaves must be scalars or vectors, got {jnp.shape(leaf)}."
+            )
         if jnp.ndim(leaf) == 1:
             sizes.add(jnp.shape(leaf)[0])
     if len(sizes) > 1:
@@ -512,8 +516,16 @@ def sweep(
 
     def one(point: RolloutParams) -> Records:
         return rollout(
-            slm, llm, tokens, lengths, prompt_ids, max_new_tokens, seed_key, point,
-            config, cache_length,
+            slm,
+            llm,
+            tokens,
+            lengths,
+            prompt_ids,
+            max_new_tokens,
+            seed_key,
+            point,
+            config,
+            cache_length,
         )
 
     return jax.vmap(one)(params)
@@ -525,9 +537,7 @@ _sweep_jit = jax.jit(sweep, static_argnames=("config", "cache_length"))
 PROMPT_LENGTH_MULTIPLE = 16
 
 
-def encode_prompts(
-    pair: ModelPair, prompts: Sequence[str], chat: bool = True
-) -> list[list[int]]:
+def encode_prompts(pair: ModelPair, prompts: Sequence[str], chat: bool = True) -> list[list[int]]:
     """Token ids of each prompt, with the chat template applied when the model has one.
 
     Raises:

@@ -22,15 +22,21 @@ FLOAT_ATOL = 1e-5
 
 def _prompts(path: Path, count: int) -> Path:
     words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
-    lines = [json.dumps({"prompt": f"{words[i % 8]} {i} {words[(3 * i) % 8]}"}) for i in range(count)]
+    lines = [
+        json.dumps({"prompt": f"{words[i % 8]} {i} {words[(3 * i) % 8]}"}) for i in range(count)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
 def _config(tmp_path, out="run", **overrides):
     settings = dict(
-        pair="toy", prompts=str(_prompts(tmp_path / "p.jsonl", 6)), out=str(tmp_path / out),
-        max_new_tokens=6, batch_size=2, seed=5,
+        pair="toy",
+        prompts=str(_prompts(tmp_path / "p.jsonl", 6)),
+        out=str(tmp_path / out),
+        max_new_tokens=6,
+        batch_size=2,
+        seed=5,
     )
     settings.update(overrides)
     return Config(**settings)
@@ -74,8 +80,23 @@ def test_empty_prompt_file_is_a_clear_error(tmp_path):
 
 def _collect_command(prompts: Path, out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "analysis.cli", "collect", "--pair", "toy", "--prompts", str(prompts),
-        "--out", str(out), "--max-new-tokens", "8", "--batch-size", "4", "--seed", "3", *extra,
+        sys.executable,
+        "-m",
+        "analysis.cli",
+        "collect",
+        "--pair",
+        "toy",
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--max-new-tokens",
+        "8",
+        "--batch-size",
+        "4",
+        "--seed",
+        "3",
+        *extra,
     ]
 
 
@@ -93,8 +114,11 @@ def test_killed_run_resumes_without_losing_or_duplicating_records(tmp_path):
     subprocess.run(_collect_command(prompts, tmp_path / "full"), check=True, env=_env(), cwd=REPO)
     # When: another run is SIGKILLed after its first shard, then resumed.
     process = subprocess.Popen(
-        _collect_command(prompts, tmp_path / "killed"), env=_env(), cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _collect_command(prompts, tmp_path / "killed"),
+        env=_env(),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     shards = tmp_path / "killed" / "records"
     deadline = time.time() + 300
@@ -108,7 +132,9 @@ def test_killed_run_resumes_without_losing_or_duplicating_records(tmp_path):
         _collect_command(prompts, tmp_path / "killed", "--resume"), check=True, env=_env(), cwd=REPO
     )
     # Then: the records equal the uninterrupted run's, row for row.
-    pd.testing.assert_frame_equal(read_records(tmp_path / "killed"), read_records(tmp_path / "full"))
+    pd.testing.assert_frame_equal(
+        read_records(tmp_path / "killed"), read_records(tmp_path / "full")
+    )
 
 
 @pytest.mark.slow
@@ -116,7 +142,10 @@ def test_four_devices_give_the_same_records_as_one(tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl", 8)
     for devices in (1, 4):
         subprocess.run(
-            _collect_command(prompts, tmp_path / f"d{devices}"), check=True, env=_env(devices), cwd=REPO
+            _collect_command(prompts, tmp_path / f"d{devices}"),
+            check=True,
+            env=_env(devices),
+            cwd=REPO,
         )
     config = json.loads((tmp_path / "d4" / "config.json").read_text())
     assert config["num_devices"] == 4

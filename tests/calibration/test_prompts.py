@@ -35,7 +35,10 @@ def test_plain_and_alpaca_records(tmp_path):
         ([], "contains no prompts"),
         (["{not json"], "line 1: not valid JSON"),
         ([json.dumps({"text": "x"})], "needs a 'prompt' key"),
-        ([json.dumps({"prompt": "ok"}), json.dumps({"prompt": "  "})], "line 2: the prompt is empty"),
+        (
+            [json.dumps({"prompt": "ok"}), json.dumps({"prompt": "  "})],
+            "line 2: the prompt is empty",
+        ),
         ([json.dumps(["a"])], "expected a JSON object"),
     ],
 )
