@@ -361,8 +361,21 @@ def _posterior(
                 "method": "Bayesian bootstrap over prompts",
             },
             "risk_bounded": _bounded_summary(linear_curves, grid, cfg, u, beta),
+            "curve": _curve_summary(linear_curves, cfg),
         },
-        "hurdle": {"risk_bounded": _bounded_summary(hurdle_curves, grid, cfg, u, beta)},
+        "hurdle": {
+            "risk_bounded": _bounded_summary(hurdle_curves, grid, cfg, u, beta),
+            "curve": _curve_summary(hurdle_curves, cfg),
+        },
+    }
+
+
+def _curve_summary(curves: jnp.ndarray, cfg: Config) -> dict[str, list[float]]:
+    """Posterior mean risk and `P(R ≤ ε | data)` at every grid threshold, for plots."""
+    curves = np.asarray(curves)
+    return {
+        "risk_mean": [float(x) for x in curves.mean(0)],
+        "probability_within_risk": [float(x) for x in (curves <= cfg.risk).mean(0)],
     }
 
 
@@ -377,10 +390,14 @@ def _ltt(cfg: Config, prompt_risks: jnp.ndarray, grid: jnp.ndarray, u, beta) -> 
         "num_prompts": int(result.num_prompts),
         "estimand": "per-prompt risk E_prompt[(1/T) sum_t beta_t 1{u_t <= u_th}]",
         "pvalue_first": float(result.pvalues[0]),
+        "curve": {
+            "risk_hat": [float(x) for x in result.risk_hat],
+            "pvalues": [float(x) for x in result.pvalues],
+        },
     }
     if index >= 0:
         out["pvalue"] = float(result.pvalues[index])
-        out["risk_hat"] = float(result.risk_hat[index])
+        out["risk_hat_at_threshold"] = float(result.risk_hat[index])
         out["empirical"] = _empirical(u, beta, float(result.threshold))
     return out
 
@@ -568,7 +585,11 @@ def from_run(cfg: Config) -> dict[str, Any]:
         "confidence": cfg.confidence,
         "versions": {"uhlm_jax": uhlm_jax.__version__, "jax": jax.__version__},
         "config": {k: v for k, v in dataclasses.asdict(cfg).items() if v is not None},
-        "grid": {"size": cfg.grid_size, "low": 0.0, "high": 1.0},
+        "grid": {"size": cfg.grid_size, "values": [float(x) for x in grid]},
+        "empirical_curve": {
+            "per_token": [float(x) for x in T.risk_curve(beta, u, grid)],
+            "skip_share": [float(x) for x in T.risk_curve(jnp.ones_like(u), u, grid)],
+        },
         "data": {
             "num_tokens": int(data.u.size),
             "num_prompts": data.num_prompts,

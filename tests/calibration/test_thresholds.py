@@ -110,6 +110,14 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
         bounded = summary["posterior"][model]["risk_bounded"]
         assert bounded["probability_within_risk"] >= 0.9
         assert bounded["posterior_risk"]["interval"][1] <= 0.05 + 1e-6
+    # Curves for plots: one value per grid threshold, monotone where they must be.
+    assert len(summary["grid"]["values"]) == 101
+    per_token = np.asarray(summary["empirical_curve"]["per_token"])
+    assert per_token.size == 101 and np.all(np.diff(per_token) >= 0)
+    assert summary["empirical_curve"]["skip_share"][-1] == pytest.approx(1.0)
+    assert len(ltt["curve"]["pvalues"]) == 101
+    within = np.asarray(post["curve"]["probability_within_risk"])
+    assert np.all(np.diff(within) <= 0) and within[0] == 1.0
     validation = summary["validation"]
     assert validation["num_splits"] == 100 and validation["calibration_prompts"] == 120
     for method in th.METHODS:
