@@ -217,8 +217,12 @@ class Config:
         for p in self.transmit_probabilities + (self.rollout_transmit_probability,):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"transmit probability {p!r} must lie in [0, 1]")
-        if any(k < 0 for k in self.top_k):
-            raise ValueError(f"top_k={self.top_k!r}: each k must be >= 1, or 0 for no truncation")
+        vocab = self.llm_model.value.vocab_size
+        if any(k < 0 or k > vocab for k in self.top_k):
+            raise ValueError(
+                f"top_k={self.top_k!r}: each k must lie in [1, {vocab}] (the vocabulary of "
+                f"{self.llm_model.value.name}), or be 0 for no truncation"
+            )
         if any(not d > 0 for d in self.rollout_draft_temperatures + self.rollout_max_temperatures):
             raise ValueError(
                 "rollout_draft_temperatures and rollout_max_temperatures must be > 0, got "
