@@ -193,3 +193,77 @@ def test_run_mode_fits_first_when_fit_is_missing(tmp_path, capsys):
     assert summary["ltt"]["num_prompts"] == 16
     # Sixteen prompts are too few to certify anything at the default level.
     assert summary["ltt"]["threshold"] is None and not summary["ltt"]["certified"]
+
+
+def test_coverage_with_known_risk_ltt_bounded_and_posterior_reported(record_property):
+    # Given prompts of T tokens with u uniform on {k/20} and β = clip(a u + b + σ ε, 0, 1),
+    # whose risk R(t) = E[β 1{u ≤ t}] is known in closed form
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    from uhlm_jax import threshold as T
+
+    a, b, sigma, eps, delta = 0.82, -0.06, 0.15, 0.05, 0.1
+    reps, prompts, tokens = 200, 200, 10
+    values = np.arange(21) / 20
+
+    def clipped_mean(mu):
+        phi = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+        cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+        pos = lambda m: m * cdf(m / sigma) + sigma * phi(m / sigma)  # noqa: E731
+        return pos(mu) - pos(mu - 1)
+
+    mean_beta = np.array([clipped_mean(a * v + b) for v in values])
+
+    def true_risk(t):
+        return 0.0 if not np.isfinite(t) else mean_beta[values <= t + 1e-7].sum() / 21
+
+    rng = np.random.default_rng(11)
+    u = rng.integers(0, 21, (reps, prompts * tokens)) / 20
+    beta = np.clip(a * u + b + sigma * rng.standard_normal(u.shape), 0, 1)
+    u, beta = u.astype(np.float32), beta.astype(np.float32)
+    prompt = jnp.repeat(jnp.arange(prompts), tokens)
+    grid = T.threshold_grid(101)
+
+    # When each replication calibrates LTT and the linear posterior risk-bounded threshold
+    u64, b64 = u.astype(np.float64), beta.astype(np.float64)
+    post = fit.conjugate_posterior(
+        np.full(reps, prompts * tokens),
+        u64.sum(1),
+        b64.sum(1),
+        (u64 * u64).sum(1),
+        (u64 * b64).sum(1),
+        (b64 * b64).sum(1),
+    )
+    slope, intercept, _ = fit.sample_conjugate(rng, post, 400)
+
+    def one(u_r, beta_r, a_r, b_r):
+        risks = T.prompt_risk_curves(u_r, beta_r, prompt, prompts, grid)
+        t_ltt = T.ltt_threshold(risks, grid, jnp.float32(eps), jnp.float32(delta)).threshold
+        curves = jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(
+            a_r, b_r, T.weighted_sample(u_r), grid
+        )
+        t_post = T.grid_threshold(grid, T.risk_bounded_index(curves, eps, delta))
+        return t_ltt, t_post
+
+    t_ltt, t_post = (
+        np.asarray(x)
+        for x in jax.jit(jax.vmap(one))(
+            jnp.asarray(u),
+            jnp.asarray(beta),
+            jnp.asarray(slope, jnp.float32),
+            jnp.asarray(intercept, jnp.float32),
+        )
+    )
+    ltt_violation = np.mean([true_risk(t) > eps for t in t_ltt])
+    posterior_violation = np.mean([true_risk(t) > eps for t in t_post])
+    record_property("ltt_violation_frequency", float(ltt_violation))
+    record_property("posterior_violation_frequency", float(posterior_violation))
+    print(f"violation frequency: LTT {ltt_violation:.3f}, posterior {posterior_violation:.3f}")
+    # Then LTT violates in at most δ of replications (plus Monte Carlo error) and skips
+    assert ltt_violation <= delta + 4 * math.sqrt(delta * (1 - delta) / reps)
+    assert np.mean(np.isfinite(t_ltt)) > 0.9
+    # and the posterior threshold is a real threshold whose frequency is reported.
+    assert np.all(np.isfinite(t_post)) and 0.0 <= posterior_violation <= 1.0
