@@ -27,6 +27,8 @@ from uhlm_jax.rollout import (
     run_rollout,
     step_keys,
 )
+from uhlm_jax.truncation import FixedK, ToleranceK
+from uhlm_jax.uncertainty import Entropy, TemperaturePerturbation
 
 # Size of each goodness-of-fit test: the chance a correct implementation fails it.
 TEST_SIZE = 1e-3
@@ -199,16 +201,18 @@ def test_jit_equals_eager(pair):
         jnp.asarray([ids]),
         jnp.asarray([len(ids)]),
         jnp.asarray([0]),
-        jnp.asarray([6]),
+        jnp.asarray([3]),
         jax.random.key(1),
         RolloutParams.create(threshold=0.1),
     )
-    config = RolloutConfig(mode=Mode.UHLM, max_new_tokens=6)
+    config = RolloutConfig(
+        mode=Mode.UHLM, max_new_tokens=3, measures=(TemperaturePerturbation(), Entropy())
+    )
     jitted = jax.jit(rollout, static_argnames=("config", "cache_length"))(
-        *args, config=config, cache_length=len(ids) + 6
+        *args, config=config, cache_length=len(ids) + 3
     )
     with jax.disable_jit():
-        eager = rollout(*args, config=config, cache_length=len(ids) + 6)
+        eager = rollout(*args, config=config, cache_length=len(ids) + 3)
     np.testing.assert_array_equal(jitted.token, eager.token)
     np.testing.assert_allclose(jitted.beta, eager.beta, atol=RECORD_ATOL)
     np.testing.assert_allclose(jitted.uncertainty, eager.uncertainty, atol=RECORD_ATOL)
@@ -333,3 +337,22 @@ def test_nan_logits_are_flagged_and_checked_mode_raises(pair):
         run_rollout(
             bad, ["hello"], RolloutConfig(mode=Mode.HLM, max_new_tokens=3), RolloutParams.create()
         )
+
+
+def test_truncated_uplink_option(pair):
+    # k = V reproduces the untruncated rollout exactly; a small k is recorded as the payload.
+    config = RolloutConfig(mode=Mode.HLM, max_new_tokens=12)
+    prompts = list(PROMPTS[:4])
+    full = run_rollout(pair, prompts, config, RolloutParams.create()).records
+    vocab = pair.slm.config.vocab_size
+    same = run_rollout(
+        pair, prompts, config, RolloutParams.create(truncation=FixedK(vocab))
+    ).records
+    np.testing.assert_array_equal(same.token, full.token)
+    np.testing.assert_array_equal(same.accepted, full.accepted)
+    assert (full.uplink_k == vocab).all()
+    small = run_rollout(
+        pair, prompts, config, RolloutParams.create(truncation=ToleranceK(0.05))
+    ).records
+    k = small.uplink_k[small.valid]
+    assert (k >= 1).all() and (k < vocab).all()
