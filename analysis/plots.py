@@ -175,7 +175,7 @@ def threshold_posteriors(
                                  strict=False):
         if t is not None and np.isfinite(t):
             ax.axvline(t, color=colour, ls="--", lw=1.5, label=f"{name} (point) = {t:.3f}")
-    ax.set_xlabel("threshold u_th")
+    ax.set_xlabel("threshold u_th (unclipped: < 0 skips nothing, > 1 skips every token)")
     ax.set_ylabel("posterior density")
     ax.set_title("Posterior of the skip thresholds")
     ax.legend(fontsize=8)

@@ -19,9 +19,11 @@ Only the records (`records/shard-*.parquet`) are required. A missing `fit.json`,
 `thresholds.json` or `sweep.parquet` drops its section with a note (a missing sweep is
 replaced by a default replay computed on the fly, not written).
 
-Operating threshold: `--threshold`, else the analytic risk-prone threshold of
-`thresholds.json`, else the risk-prone threshold `(Δ − b)/a` of a least-squares fit of the
-records (clipped to [0, 1]).
+Operating threshold (the first available): `--threshold`; the Learn-then-Test, then the
+posterior risk-bounded threshold of `thresholds.json` (thresholds with a stated risk); its
+analytic risk-prone threshold; the risk-prone threshold `(Δ − b)/a` of a least-squares fit
+of the records (clipped to [0, 1]); the largest threshold whose realised risk per token on
+the records is at most `FALLBACK_RISK`.
 """
 
 from __future__ import annotations
@@ -174,7 +176,7 @@ def _markdown(blocks: list[_Block], run_dir: Path) -> str:
             lines.append("| " + " | ".join(cols) + " |")
             lines.append("|" + "|".join(" --- " for _ in cols) + "|")
             for row in b.table.itertuples(index=False):
-                lines.append("| " + " | ".join(_cell(v) for v in row) + " |")
+                lines.append("| " + " | ".join(_cell(v).replace("|", "\\|") for v in row) + " |")
             lines.append("")
         elif b.kind == "image":
             target = b.path.relative_to(run_dir).as_posix()
@@ -466,9 +468,9 @@ def run(cfg: Config) -> Result:
                      ("posterior risk-bounded", bounded.get("threshold"))]
     candidates = [
         (cfg.threshold, "given with --threshold", "given"),
+        *((t, f"the {name} threshold of {THRESHOLDS_FILE}", name) for name, t in certified),
         ((analytic.get("risk_prone") or {}).get("threshold") if same_measure else None,
          f"the analytic risk-prone threshold of {THRESHOLDS_FILE}", "risk-prone"),
-        *((t, f"the {name} threshold of {THRESHOLDS_FILE}", name) for name, t in certified),
         (float(np.clip(prone, 0.0, 1.0)) if np.isfinite(prone) else None,
          "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records",
          "risk-prone"),
@@ -536,10 +538,13 @@ def run(cfg: Config) -> Result:
                 plots.threshold_posteriors(
                     {"risk-averse −b/a": -b / safe, "risk-prone (Δ−b)/a": (share - b) / safe},
                     plot_dir / "threshold_posteriors.png",
-                    point_estimates={"risk-averse −b/a": averse, "risk-prone (Δ−b)/a": prone},
+                    point_estimates={"risk-averse −b/a": -intercept / slope,
+                                     "risk-prone (Δ−b)/a": (share - intercept) / slope}
+                    if slope > 0 else None,
                 ),
                 "Posterior of the analytic thresholds (linear-model NUTS draws; Δ at its "
-                "empirical value).",
+                "empirical value; dashed: least squares), before clipping to [0, 1]: below "
+                "0 skips nothing, above 1 skips every token.",
             )
         )
     if draws is None:
