@@ -13,14 +13,26 @@ import sys
 
 # subcommand -> (job module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "calibrate": (
+        "calibration.calibrate",
+        "collect records, fit the uncertainty-to-rejection model and derive thresholds",
+    ),
     "collect": (
         "calibration.collect",
         "collect per-token calibration records of a model pair (sharded, resumable)",
+    ),
+    "fit": (
+        "calibration.fit",
+        "fit the uncertainty-to-rejection models (NumPyro) to a run's records",
     ),
     "generate": ("analysis.generate", "continue a prompt with a named model or a checkpoint path"),
     "link": (
         "analysis.link",
         "per-mode latency, token throughput and U-HLM speedup under a wireless link",
+    ),
+    "threshold": (
+        "calibration.thresholds",
+        "skip thresholds: analytic from a slope and intercept, or with risk bounds from a run",
     ),
     "rollout": ("analysis.rollout", "run an SLM/LLM pair on prompts in one mode (U-HLM, HLM, ...)"),
 }

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from calibration.prompts import read_prompts
+from calibration.prompts import embedded_prompts_path, read_prompts
 from calibration.records import (
     CONFIG_FILE,
     MEASURE_PREFIX,
@@ -55,7 +55,9 @@ class Config:
 
     Attributes:
         pair: a named pair (`uhlm_jax.pair.known_pairs()`).
-        prompts: JSON Lines prompt file.
+        prompts: JSON Lines prompt file; None uses the shipped prompts.
+        split: use only prompts of this split; None uses all. The shipped prompts default
+            to their "calibration" split.
         out: the run directory.
         num_prompts: use the first this many prompts (None: all).
         first_prompt: skip this many prompts first (to keep calibration and evaluation
@@ -69,8 +71,9 @@ class Config:
     """
 
     pair: str
-    prompts: str
+    prompts: str | None
     out: str
+    split: str | None = None
     num_prompts: int | None = None
     first_prompt: int = 0
     max_new_tokens: int = 64
@@ -92,6 +95,9 @@ class Config:
         for name in ("draft_temperature", "llm_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+
+    def prompts_path(self) -> str:
+        return embedded_prompts_path() if self.prompts is None else self.prompts
 
     def settings(self) -> dict:
         """What determines the records (everything but `out` and `resume`)."""
@@ -171,12 +177,12 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
 def run(cfg: Config) -> Result:
     """Collects records into `cfg.out`; see the module docstring."""
     run_dir = Path(cfg.out).absolute()
-    prompts = read_prompts(cfg.prompts)[cfg.first_prompt :]
+    prompts = read_prompts(cfg.prompts_path(), cfg.split)[cfg.first_prompt :]
     if cfg.num_prompts is not None:
         prompts = prompts[: cfg.num_prompts]
     if not prompts:
         raise ValueError(
-            f"No prompts left in {cfg.prompts} after skipping {cfg.first_prompt}; lower "
+            f"No prompts left in {cfg.prompts_path()} after skipping {cfg.first_prompt}; lower "
             "--first-prompt."
         )
     num_devices = jax.device_count()
@@ -256,7 +262,12 @@ def run(cfg: Config) -> Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pair", default="toy", help=f"named pair: {', '.join(known_pairs())}")
-    parser.add_argument("--prompts", required=True, metavar="FILE", help="JSON Lines prompts")
+    parser.add_argument(
+        "--prompts",
+        metavar="FILE",
+        help="JSON Lines prompt file (default: the shipped prompts, calibration split)",
+    )
+    parser.add_argument("--split", help="use only prompts of this split (train, calibration, ...)")
     parser.add_argument("--out", required=True, help="run directory to write")
     parser.add_argument("--num-prompts", type=int, default=None, help="use this many prompts")
     parser.add_argument("--first-prompt", type=int, default=0, help="skip this many first")
@@ -278,6 +289,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return Config(
         pair=args.pair,
         prompts=args.prompts,
+        split=args.split if args.split or args.prompts else "calibration",
         out=args.out,
         num_prompts=args.num_prompts,
         first_prompt=args.first_prompt,

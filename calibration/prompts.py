@@ -2,23 +2,33 @@
 
 Alpaca records have `instruction`, an optional `input` and an optional `output`; the
 prompt is the instruction followed by the input, and `output` is kept as the reference
-answer (used for accuracy metrics).
+answer (used for accuracy metrics). An optional `split` field ("train", "calibration",
+"evaluation") keeps the prompts that train the draft, calibrate and evaluate disjoint.
+
+The project ships 180 prompts with references and splits (`embedded_prompts_path()`).
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import os
 from typing import NamedTuple
 
-__all__ = ["Prompt", "read_prompts"]
+__all__ = ["Prompt", "embedded_prompts_path", "read_prompts"]
 
 
 class Prompt(NamedTuple):
-    """One prompt and its reference answer (empty when the file has none)."""
+    """One prompt, its reference answer and split (empty when the file has none)."""
 
     text: str
     reference: str
+    split: str = ""
+
+
+def embedded_prompts_path() -> str:
+    """The prompt file shipped with the package (`uhlm_jax/data/prompts.jsonl`)."""
+    return str(importlib.resources.files("uhlm_jax") / "data" / "prompts.jsonl")
 
 
 def _parse(line_number: int, record: object, path: str) -> Prompt:
@@ -39,11 +49,15 @@ def _parse(line_number: int, record: object, path: str) -> Prompt:
         )
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where}: the prompt is empty or not a string: {text!r}.")
-    return Prompt(text=text, reference=str(reference or ""))
+    return Prompt(text=text, reference=str(reference or ""), split=str(record.get("split", "")))
 
 
-def read_prompts(path: str | os.PathLike) -> list[Prompt]:
+def read_prompts(path: str | os.PathLike, split: str | None = None) -> list[Prompt]:
     """Reads a JSON Lines prompt file (blank lines are skipped).
+
+    Args:
+        path: the file.
+        split: keep only prompts whose `split` field equals this; None keeps all.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -68,4 +82,11 @@ def read_prompts(path: str | os.PathLike) -> list[Prompt]:
             f"Prompt file {path} contains no prompts; add JSON Lines such as "
             '{"prompt": "What is the capital of France?"}.'
         )
+    if split is not None:
+        splits = sorted({p.split for p in prompts})
+        prompts = [p for p in prompts if p.split == split]
+        if not prompts:
+            raise ValueError(
+                f"Prompt file {path} has no prompts in split {split!r}; its splits are {splits}."
+            )
     return prompts

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from calibration.prompts import Prompt, read_prompts
+from calibration.prompts import Prompt, embedded_prompts_path, read_prompts
 
 
 def _write(path, lines):
@@ -51,3 +51,18 @@ def test_bad_files_name_the_problem(tmp_path, lines, message):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="Prompt file not found"):
         read_prompts(tmp_path / "nope.jsonl")
+
+
+def test_split_filter_and_shipped_prompts(tmp_path):
+    path = _write(
+        tmp_path / "s.jsonl",
+        [
+            json.dumps({"prompt": "a", "split": "train"}),
+            json.dumps({"prompt": "b", "split": "eval"}),
+        ],
+    )
+    assert [p.text for p in read_prompts(path, split="eval")] == ["b"]
+    with pytest.raises(ValueError, match=r"no prompts in split 'test'; its splits are \['eval'"):
+        read_prompts(path, split="test")
+    shipped = read_prompts(embedded_prompts_path())
+    assert len(shipped) >= 150 and all(p.reference for p in shipped)
