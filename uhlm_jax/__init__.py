@@ -1,7 +1,70 @@
 """uhlm_jax: uncertainty-aware hybrid language-model inference in JAX.
 
-The library is pure functions and frozen dataclasses; jobs live in
-`calibration/` and `analysis/`, and the `uhlm` command dispatches to them.
+The library is pure functions and frozen dataclasses; jobs live in `calibration/` and
+`analysis/`, and the `uhlm` command dispatches to them. Modules, by topic:
+
+  models       Llama-family decoders, KV cache, GGUF / safetensors loaders, tokenizers
+  pair         an SLM/LLM pair over one vocabulary
+  speculative  exact verification of one draft position: accept, residual resample, β, TV
+  uncertainty  uncertainty measures of the SLM (types)
+  rollout      batched prefill + lax.scan decode of a pair in every mode, per-token records
+  channel      payload, link, compute latency and throughput
+  truncation   CU-HLM top-k uplink compression
+  threshold    analytic thresholds and risk; posterior and distribution-free versions
+  metrics      TR, skip rates, acceptance, risk, accuracy, throughput from records
+  replay       trace replay of calibration records over a grid
 """
 
+from uhlm_jax.modes import Mode
+from uhlm_jax.pair import ModelPair, known_pairs, load_pair
+from uhlm_jax.rollout import (
+    Records,
+    RolloutConfig,
+    RolloutOutput,
+    RolloutParams,
+    rollout,
+    run_rollout,
+    sweep,
+)
+from uhlm_jax.speculative import (
+    Verification,
+    draft_log_probs,
+    rejection_probability,
+    total_variation,
+    verify,
+)
+from uhlm_jax.uncertainty import (
+    DEFAULT_MEASURES,
+    Entropy,
+    ExpectedTemperaturePerturbation,
+    OneMinusMaxProbability,
+    TemperaturePerturbation,
+    TopTwoMargin,
+)
+
 __version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MEASURES",
+    "Entropy",
+    "ExpectedTemperaturePerturbation",
+    "Mode",
+    "ModelPair",
+    "OneMinusMaxProbability",
+    "Records",
+    "RolloutConfig",
+    "RolloutOutput",
+    "RolloutParams",
+    "TemperaturePerturbation",
+    "TopTwoMargin",
+    "Verification",
+    "draft_log_probs",
+    "known_pairs",
+    "load_pair",
+    "rejection_probability",
+    "rollout",
+    "run_rollout",
+    "sweep",
+    "total_variation",
+    "verify",
+]
