@@ -33,6 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Float, Int
 
@@ -641,6 +642,9 @@ def run_rollout(
     records = fn(
         *models, *rows, jax.random.key(seed), params, config=config, cache_length=cache_length
     )
+    if jax.process_count() > 1:
+        # Multi-host: every process gathers all rows (the inputs were identical everywhere).
+        records = multihost_utils.process_allgather(records, tiled=True)
     records = Records(*(np.asarray(x) for x in records))
     if check_finite and not records.finite[records.valid].all():
         raise ValueError(
