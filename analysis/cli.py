@@ -30,9 +30,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "analysis.link",
         "per-mode latency, token throughput and U-HLM speedup under a wireless link",
     ),
+    "sweep": (
+        "analysis.sweep",
+        "replay (and roll out) every mode over a grid of thresholds, measures, links, payloads",
+    ),
     "threshold": (
         "calibration.thresholds",
         "skip thresholds: analytic from a slope and intercept, or with risk bounds from a run",
+    ),
+    "report": (
+        "analysis.report",
+        "write report.md and a self-contained report.html of a run directory",
     ),
     "rollout": ("analysis.rollout", "run an SLM/LLM pair on prompts in one mode (U-HLM, HLM, ...)"),
 }

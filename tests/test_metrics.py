@@ -8,10 +8,13 @@ from uhlm_jax import channel as ch
 from uhlm_jax.metrics import (
     cosine_similarity,
     link_metrics,
+    llm_embedder,
     response_nll,
     safe_ratio,
     token_metrics,
 )
+from uhlm_jax.models.llama import final_hidden_states, forward
+from uhlm_jax.models.toy import toy_pair
 from uhlm_jax.modes import Mode
 
 EXACT = 1e-6
@@ -113,3 +116,31 @@ def test_link_metrics_match_the_per_token_latency_terms():
     np.testing.assert_allclose(hlm.speedup_vs_hlm, 1.0, rtol=1e-6)
     slm = link_metrics(Mode.SLM_ONLY, np.zeros_like(valid), valid, profile, jax.random.key(0))
     assert float(slm.llm_calls_saved) == 5 and np.isinf(slm.speedup_bound)
+
+
+def test_llm_embedder_mean_pools_final_hidden_states_and_ignores_padding():
+    _, llm = toy_pair()
+    tokens = jnp.asarray([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
+    lengths = jnp.asarray([3, 5])
+    embed = llm_embedder(llm)(tokens, lengths)
+    hidden = final_hidden_states(llm, tokens[:1, :3], lengths[:1])
+    np.testing.assert_allclose(embed[0], hidden[0].mean(0), rtol=1e-5, atol=1e-6)
+    # The same text gives cosine 1; padding does not change a row's embedding.
+    alone = llm_embedder(llm)(tokens[:1, :3], lengths[:1])
+    np.testing.assert_allclose(cosine_similarity(alone[0], embed[0]), 1.0, rtol=1e-5)
+    assert float(cosine_similarity(embed[0], embed[1])) < 1.0
+
+
+def test_final_hidden_states_feed_the_lm_head():
+    # Logits from forward equal the tied head applied to the final hidden states.
+    _, llm = toy_pair()
+    tokens, lengths = jnp.asarray([[1, 2, 3, 4]]), jnp.asarray([4])
+    hidden = final_hidden_states(llm, tokens, lengths)
+    logits = forward(llm, tokens, lengths)
+    weights = llm.weights
+    head = (
+        weights["embed_tokens"]["embedding"].T
+        if llm.config.tie_word_embeddings
+        else weights["lm_head"]["kernel"]
+    )
+    np.testing.assert_allclose(hidden @ head, logits, rtol=1e-4, atol=1e-4)

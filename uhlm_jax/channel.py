@@ -51,6 +51,7 @@ from uhlm_jax.modes import Mode
 from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
+    "mode_latency_s",
     "SNR_DB_RANGE",
     "CostProfile",
     "Deployment",
@@ -949,7 +950,7 @@ def expected_breakdown(
     )
 
 
-def _mode_latency_s(
+def mode_latency_s(
     mode: Mode, terms: LatencyBreakdown, transmitted: Bool[Array, ""] | Float[Array, ""]
 ) -> Float[Array, ""]:
     """Per-token latency of ``mode`` from its terms; ``transmitted`` may be a share.
@@ -993,7 +994,7 @@ def expected_token_latency_s(
     """
     _check_share("skip_share", skip_share)
     terms = expected_breakdown(profile)
-    return _mode_latency_s(mode, terms, 1.0 - jnp.asarray(skip_share, jnp.float32))
+    return mode_latency_s(mode, terms, 1.0 - jnp.asarray(skip_share, jnp.float32))
 
 
 def expected_throughput_tokens_per_s(
@@ -1076,7 +1077,7 @@ def token_latencies_s(
             llm_s=jnp.float32(llm_s),
             downlink_s=sample_transmission_latency_s(dl_bits, profile.link, dl_key),
         )
-        return _mode_latency_s(mode, terms, sent)
+        return mode_latency_s(mode, terms, sent)
 
     latency_s = jax.vmap(one)(jnp.arange(n), transmitted, ul_bits)
     return jnp.where(valid, latency_s, 0.0)

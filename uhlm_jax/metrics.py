@@ -20,6 +20,7 @@ Definitions (U-HLM, arXiv 2412.12687, §V):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -27,12 +28,15 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax import channel
+from uhlm_jax.models.llama import ModelParams, Padding, final_hidden_states
 from uhlm_jax.modes import Mode
 
 __all__ = [
+    "Embedder",
     "LinkMetrics",
     "TokenMetrics",
     "link_metrics",
+    "llm_embedder",
     "cosine_similarity",
     "response_nll",
     "safe_ratio",
@@ -222,3 +226,26 @@ def link_metrics(
         llm_calls_saved=skipped,
         uplink_bits_saved=skipped * channel.uplink_bits(profile),
     )
+
+
+Embedder = Callable[[Int[Array, "b t"], Int[Array, " b"]], Float[Array, "b h"]]
+"""Maps right-padded token ids and lengths to one embedding per row."""
+
+
+def llm_embedder(params: ModelParams) -> Embedder:
+    """The default embedder: final hidden states of a model, mean-pooled over each row.
+
+    Args:
+        params: the model whose hidden states embed text (by default the pair's LLM).
+
+    Returns:
+        A pure function `(tokens [b, t], lengths [b]) -> [b, h]`.
+    """
+
+    def embed(tokens: Int[Array, "b t"], lengths: Int[Array, " b"]) -> Float[Array, "b h"]:
+        hidden = final_hidden_states(params, tokens, lengths, Padding.RIGHT)
+        mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])[..., None]
+        total = jnp.sum(jnp.where(mask, hidden, 0.0), axis=1)
+        return total / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
+
+    return embed

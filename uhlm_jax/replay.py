@@ -391,10 +391,10 @@ def metrics_from_sums(
     risk = safe_ratio(sums.skipped_beta, sums.tokens)
     bits = uplink_bits_at(base, point)
     terms = ch.expected_breakdown(_profile_at(base, point), bits)
-    # `_mode_latency_s` is the channel model's per-mode formula; it reads the share of
+    # `mode_latency_s` is the channel model's per-mode formula; it reads the share of
     # transmitted tokens (ignored by HLM, LLM-only and SLM-only).
-    latency_s = ch._mode_latency_s(mode, terms, tr)
-    hlm_s = ch._mode_latency_s(Mode.HLM, terms, 1.0)
+    latency_s = ch.mode_latency_s(mode, terms, tr)
+    hlm_s = ch.mode_latency_s(Mode.HLM, terms, 1.0)
     drafting = mode is not Mode.LLM_ONLY
     nan = jnp.float32(jnp.nan)
     sent_bits = {Mode.LLM_ONLY: 0.0, Mode.SLM_ONLY: 0.0}.get(mode, tr * bits)

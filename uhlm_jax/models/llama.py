@@ -279,7 +279,7 @@ class _Decoder(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, self.dtype, "lm_head")
 
-    def __call__(self, tokens, positions, mask, kvs, index, last_only):
+    def __call__(self, tokens, positions, mask, kvs, index, last_only, hidden_only=False):
         """Runs the new tokens through all layers.
 
         Args:
@@ -289,6 +289,8 @@ class _Decoder(nn.Module):
             kvs: per-layer `(keys, values)` caches, or None (attend among new tokens).
             index: int32 write slot of the new tokens in the cache.
             last_only: compute logits for the last column only (prefill).
+            hidden_only: return the final normalised hidden states `[b, t, h]` instead
+                of logits.
 
         Returns:
             Float32 logits `[b, t, v]` (`[b, 1, v]` if `last_only`) and the per-layer
@@ -304,6 +306,8 @@ class _Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.norm(x)
+        if hidden_only:
+            return x.astype(jnp.float32), new_kvs
         if cfg.tie_word_embeddings:
             # Table first, contracted over its minor axis: `x @ table.T` would make
             # XLA:CPU copy the transposed table (113 MB for SmolLM2) on every call.
@@ -551,6 +555,45 @@ def forward(
         {"params": params.weights}, tokens, positions, _block_mask(start, t), None, 0, False
     )
     return logits
+
+
+def final_hidden_states(
+    params: ModelParams,
+    tokens: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    padding: Padding = Padding.RIGHT,
+) -> Float[Array, "b t h"]:
+    """The final normalised hidden states of whole sequences, without a cache.
+
+    These are what the LM head reads; mean-pooled over a response they make a sentence
+    embedding (`uhlm_jax.metrics.llm_embedder`).
+
+    Args:
+        params: the model.
+        tokens: `[b, t]` token ids; row `b` holds `lengths[b]` real tokens placed as
+            `padding` says.
+        lengths: `[b]` real tokens per row, in `[1, t]`.
+        padding: where each row's padding sits.
+
+    Returns:
+        Float32 `[b, t, h]`; columns of padding hold values that mean nothing.
+    """
+    _check_batch("final_hidden_states", tokens, 2)
+    b, t = tokens.shape
+    lengths = jnp.asarray(lengths, jnp.int32)
+    start = t - lengths if padding is Padding.LEFT else jnp.zeros((b,), jnp.int32)
+    positions = jnp.arange(t)[None, :] - start[:, None]
+    hidden, _ = _module(params).apply(
+        {"params": params.weights},
+        tokens,
+        positions,
+        _block_mask(start, t),
+        None,
+        0,
+        False,
+        True,
+    )
+    return hidden
 
 
 def prefill(
