@@ -13,8 +13,10 @@ from uhlm_jax.models.llama import (
     params_to_hf,
     prefill,
 )
+from uhlm_jax.models.toy import TOY_VOCAB_SIZE, toy_pair
 
 __all__ = [
+    "TOY_VOCAB_SIZE",
     "Architecture",
     "KVCache",
     "ModelConfig",
@@ -32,4 +34,5 @@ __all__ = [
     "prefill",
     "read_hf_tensors",
     "read_safetensors",
+    "toy_pair",
 ]
