@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats
 
 from uhlm_jax import speculative
 from uhlm_jax.testing import example_logits, tempered_log_probs
@@ -18,6 +19,8 @@ from uhlm_jax.uncertainty import (
     quadrature_rule,
 )
 
+# Size of the two-sample goodness-of-fit test (chance that equal laws fail it).
+GOODNESS_OF_FIT_SIZE = 1e-3
 QUADRATURE_ATOL = 1e-4  # stated accuracy of ExpectedTemperaturePerturbation's default rule
 FLOAT32_ATOL = 1e-6  # float32 rounding of sums of probabilities
 MEAN_NUM_SE = 4.0  # Monte Carlo tolerance in standard errors (two-sided size ≈ 6e-5)
@@ -406,3 +409,25 @@ def test_vocabulary_of_one_is_rejected():
     logits = np.zeros(1, np.float32)
     with pytest.raises(ValueError, match="vocabulary size 1"):
         Entropy()(jax.random.key(0), logits, _log_q(logits), 0)
+
+
+def test_bernoulli_redraws_equal_the_gumbel_argmax_form_in_distribution():
+    # Given: the paper's Gumbel-argmax re-draws and the Bernoulli form the measure uses.
+    logits = example_logits(VOCAB)
+    log_q = _log_q(logits)
+    measure = TemperaturePerturbation(num_samples=5)
+    keys = jax.random.split(jax.random.key(11), 20_000)
+    draft = int(np.argsort(logits)[-2])
+    fast = jax.jit(jax.vmap(measure, in_axes=(0, None, None, None)))(keys, logits, log_q, draft)
+    reference = jax.jit(jax.vmap(measure.redraws_disagree_gumbel, in_axes=(0, None, None)))(
+        keys, logits, draft
+    )
+    # Then: the histograms of u over {0, 1/5, ..., 1} agree (two-sample chi-square).
+    a = np.bincount(np.round(np.asarray(fast) * 5).astype(int), minlength=6)
+    b = np.bincount(np.round(np.asarray(reference) * 5).astype(int), minlength=6)
+    keep = (a + b) > 0
+    table = np.stack([a[keep], b[keep]])
+    statistic, pvalue, _, _ = stats.chi2_contingency(table)
+    assert pvalue > GOODNESS_OF_FIT_SIZE, (a, b, statistic)
+    # Same temperatures from the same key: the two forms share θ_k.
+    assert np.asarray(fast).std() > 0
