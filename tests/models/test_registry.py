@@ -25,7 +25,12 @@ from uhlm_jax.models.tokenizer import toy_tokenizer
 
 
 def test_known_models_lists_the_named_models():
-    assert set(known_models()) == {"smollm2-135m-instruct", "toy-llm", "toy-slm"}
+    assert set(known_models()) == {
+        "smollm2-135m-instruct",
+        "smollm2-exit-draft",
+        "toy-llm",
+        "toy-slm",
+    }
 
 
 def test_unknown_name_lists_the_known_ones():
