@@ -33,25 +33,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from uhlm_jax.models import Architecture, ModelConfig, decode, init_cache, init_params, prefill
+from uhlm_jax.models import decode, init_cache, init_params, prefill
+from uhlm_jax.models.config import SMOLLM2_135M
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "Decode"
 
-SMOLLM2_135M = ModelConfig(
-    architecture=Architecture.LLAMA,
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    rope_theta=100_000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    qkv_bias=False,
-)
 # DESIGN.md §5.
 TARGET_BATCH1_TOK_S = 36.0
 TARGET_BATCH32_TOK_S = 250.0

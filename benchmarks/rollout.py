@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from benchmarks.results import best_seconds, machine, write_section
 from uhlm_jax.models.cache import init_cache
-from uhlm_jax.models.config import Architecture, ModelConfig
+from uhlm_jax.models.config import SMOLLM2_135M
 from uhlm_jax.models.llama import Padding, decode, init_params, prefill
 from uhlm_jax.models.toy import toy_pair
 from uhlm_jax.modes import Mode
@@ -33,21 +33,6 @@ from uhlm_jax.uncertainty import TemperaturePerturbation
 
 PROMPT_LENGTH = 32
 TARGET_OVERHEAD = 1.2
-
-SMOLLM2_135M = ModelConfig(
-    architecture=Architecture.LLAMA,
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    rope_theta=100000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    qkv_bias=False,
-)
 
 
 def smollm2_sized_pair():

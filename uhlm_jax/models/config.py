@@ -271,3 +271,22 @@ def _hf_rope_theta(d: Mapping[str, Any]) -> float:
             f"rope_type={rope_type!r}); only plain RoPE (rope_type 'default') is supported."
         )
     return float(parameters.get("rope_theta", d.get("rope_theta", _HF_DEFAULT_ROPE_THETA)))
+
+
+# SmolLM2-135M(-Instruct), as in its Hugging Face config.json. Random weights of this
+# config time exactly like the real model (benchmarks) and size real-scale tests; the
+# real weights come from the GGUF (`uhlm_jax.models.registry`).
+SMOLLM2_135M = ModelConfig(
+    architecture=Architecture.LLAMA,
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rope_theta=100_000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    qkv_bias=False,
+)
