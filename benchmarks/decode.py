@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from uhlm_jax.models import decode, init_cache, init_params, prefill
-from uhlm_jax.models.config import SMOLLM2_135M
+from uhlm_jax.models.config import SMOLLM2_135M, ModelConfig
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "Decode"
