@@ -16,7 +16,7 @@ arrays whatever their values, so the timings are those of the real checkpoint.
 
 Writes the "## Decode" section of benchmarks/RESULTS.md and prints it.
 
-    .venv/bin/python benchmarks/decode.py [--quick]
+    .venv/bin/python -m benchmarks.decode [--quick]
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import re
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks.results import machine, write_section
 from uhlm_jax.models import decode, init_cache, init_params, prefill
 from uhlm_jax.models.config import SMOLLM2_135M, ModelConfig
 
@@ -199,19 +198,6 @@ def attention_step_ms(step_fn, config: ModelConfig, batch: int, max_length: int,
     return 1e3 * best
 
 
-def machine() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.+)", f.read())
-        cpu = names[0].strip()
-    except (OSError, IndexError):
-        cpu = platform.processor() or platform.machine()
-    return (
-        f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.default_backend()}, "
-        f"Python {platform.python_version()}"
-    )
-
-
 def load_average() -> str:
     return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
@@ -223,18 +209,6 @@ def verdict(value: float, target: float) -> str:
 
 def step_times(result: dict) -> str:
     return f"{result['ms_per_step']:.1f} ms/step wall, {result['cpu_ms_per_step']:.1f} ms CPU"
-
-
-def write_section(body: str) -> None:
-    """Replaces (or appends) the "## Decode" section of RESULTS.md."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    section = f"## {SECTION}\n\n{body.strip()}\n"
-    pattern = re.compile(rf"^## {SECTION}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section + "\n", text).rstrip() + "\n"
-    else:
-        text = text.rstrip() + "\n\n" + section
-    RESULTS.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     body = "\n".join(lines)
     print(body)
     if not args.no_write:
-        write_section(body)
+        write_section(SECTION, body)
     return 0
 
 

@@ -23,7 +23,7 @@ Measured, each as wall time:
 
 Writes (replaces) the "## NumPyro fit" section of benchmarks/RESULTS.md.
 
-    .venv/bin/python benchmarks/fit.py [--tokens 100000] [--skip-per-token] [--no-write]
+    .venv/bin/python -m benchmarks.fit [--tokens 100000] [--skip-per-token] [--no-write]
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def _child(kind: str, n: int, env_flags: str | None = None) -> dict:
     if env_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + env_flags).strip()
     out = subprocess.run(
-        [sys.executable, __file__, "--child", kind, "--tokens", str(n)],
+        [sys.executable, "-m", "benchmarks.fit", "--child", kind, "--tokens", str(n)],
         env=env,
         check=True,
         capture_output=True,
@@ -241,8 +241,7 @@ def main() -> None:
     if args.no_write:
         return
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from results import machine, write_section
+    from benchmarks.results import machine, write_section
 
     rows = "\n".join(
         f"| {r['method']} | {r['first_s']:.1f} s | {r['second_s']:.1f} s | "

@@ -19,7 +19,7 @@ the float32 output) over the ~29 GB/s a jitted reduction reads on this machine (
 
 Writes (replaces) the "## Link grid" section of benchmarks/RESULTS.md.
 
-    .venv/bin/python benchmarks/link_grid.py [--points-per-axis 100] [--repeats 7]
+    .venv/bin/python -m benchmarks.link_grid [--points-per-axis 100] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -27,20 +27,18 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import pathlib
-import platform
-import re
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks.results import RESULTS_PATH as RESULTS
+from benchmarks.results import machine, write_section
 from uhlm_jax import channel as ch
 from uhlm_jax.modes import Mode
 
-RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
-SECTION = "## Link grid"
+SECTION = "Link grid"
 TARGET_S = 1.0
 MEMORY_BYTES_PER_S = 29e9  # DESIGN.md §5, jitted reduction on the 2-core machine
 SNR_DB = (-20.0, 40.0)
@@ -91,32 +89,6 @@ def _time(fn, args, repeats: int) -> tuple[float, float, jax.Array]:
     return compile_s, statistics.median(runs), out
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = re.findall(r"model name\s*:\s*(.*)", f.read())
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    return (
-        f"{cpu}, {os.cpu_count()} cores visible, {jax.devices()[0].platform.upper()}, "
-        f"jax {jax.__version__}, Python {platform.python_version()}"
-    )
-
-
-def write_section(text: str, path: pathlib.Path = RESULTS) -> None:
-    """Replaces this benchmark's section of RESULTS.md, leaving the others untouched."""
-    body = path.read_text() if path.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.MULTILINE | re.DOTALL)
-    section = text.rstrip("\n") + "\n\n"
-    if pattern.search(body):
-        body = pattern.sub(lambda _: section, body, count=1)
-    else:
-        body = body.rstrip("\n") + "\n\n" + section
-    path.write_text(body.rstrip("\n") + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points-per-axis", type=int, default=100)
@@ -141,6 +113,7 @@ def main() -> int:
     nested_floor_s = (out_bytes + 3 * n * 4) / MEMORY_BYTES_PER_S
     flat_floor_s = (out_bytes + 3 * points * 4) / MEMORY_BYTES_PER_S
     today = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d")
+
     def verdict(run_s: float) -> str:
         if run_s < TARGET_S:
             return f"meets ({TARGET_S / run_s:.1f}× under)"
@@ -154,16 +127,20 @@ def main() -> int:
 
     rows = "\n".join(
         [
-            row("nested vmap (link terms shared across skip shares)", nested_compile_s,
-                nested_s, nested_floor_s),
-            row("flat vmap (every point pays its quadrature)", flat_compile_s, flat_s,
-                flat_floor_s),
+            row(
+                "nested vmap (link terms shared across skip shares)",
+                nested_compile_s,
+                nested_s,
+                nested_floor_s,
+            ),
+            row(
+                "flat vmap (every point pays its quadrature)", flat_compile_s, flat_s, flat_floor_s
+            ),
         ]
     )
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    text = f"""{SECTION}
-
-`benchmarks/link_grid.py`, {today}; {_machine()}; load average {load}
+    text = f"""
+`benchmarks/link_grid.py`, {today}; {machine()}; load average {load}
 (the machine is shared, so times are upper bounds).
 
 Analytic U-HLM throughput (`expected_throughput_tokens_per_s`: Rayleigh fading with
@@ -183,7 +160,7 @@ link terms {n * n:,} times instead of {points:,}, since they do not depend on th
 """
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote {SECTION!r} in {RESULTS}")
     return 0
 

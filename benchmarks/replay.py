@@ -111,9 +111,12 @@ def main() -> None:
     fast = _measure(sorted_fn, (tokens, profile, points), args.repeats)
     direct = _measure(_direct_fn(args.direct_chunk), (tokens, profile, points), 1)
     agree = max(
-        float(np.nanmax(np.abs(np.asarray(getattr(fast["out"], f)) -
-                              np.asarray(getattr(direct["out"], f))) /
-                       np.maximum(np.abs(np.asarray(getattr(direct["out"], f))), 1e-12)))
+        float(
+            np.nanmax(
+                np.abs(np.asarray(getattr(fast["out"], f)) - np.asarray(getattr(direct["out"], f)))
+                / np.maximum(np.abs(np.asarray(getattr(direct["out"], f))), 1e-12)
+            )
+        )
         for f in ("transmission_rate", "risk_per_token", "throughput_tokens_per_s")
     )
     _, big_points = _data(args.tokens, 100 * args.points)
@@ -125,8 +128,7 @@ def main() -> None:
         f"{_mb(r['temp_bytes'])} | {'meets' if r['run_s'] < TARGET_S else 'misses'} "
         f"({TARGET_S / r['run_s']:.1f}× under) |"
         for name, chunk, r in (
-            ("sorted prefix sums + binary search (`uhlm sweep`; sort included)", args.chunk,
-             fast),
+            ("sorted prefix sums + binary search (`uhlm sweep`; sort included)", args.chunk, fast),
             ("direct per-token masks (brute-force oracle)", args.direct_chunk, direct),
         )
     )

@@ -11,7 +11,7 @@ measure (temperature perturbation, K = 20), verification, the skip decision and 
 
 Target (DESIGN.md §5): U-HLM step ≤ 1.2 × (bare SLM step + LLM step).
 
-Usage: python benchmarks/rollout.py [--quick]
+Usage: .venv/bin/python -m benchmarks.rollout [--quick]
 """
 
 from __future__ import annotations
