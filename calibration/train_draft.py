@@ -92,6 +92,7 @@ class Config:
         epochs: passes over the training sequences.
         batch_size: sequences per optimiser step.
         learning_rate: peak AdamW learning rate.
+        norm_lr_multiplier: learning-rate factor of the final norm's scale.
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up steps.
         seed: seed of sampling and shuffling.
@@ -114,6 +115,7 @@ class Config:
     epochs: int = 4
     batch_size: int = 4
     learning_rate: float = 5e-4
+    norm_lr_multiplier: float = 20.0
     weight_decay: float = 0.0
     warmup_steps: int = 20
     seed: int = 0
@@ -146,6 +148,10 @@ class Config:
             )
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"Config.learning_rate must be positive, got {self.learning_rate!r}.")
+        if not (self.norm_lr_multiplier > 0 and math.isfinite(self.norm_lr_multiplier)):
+            raise ValueError(
+                f"Config.norm_lr_multiplier must be positive, got {self.norm_lr_multiplier!r}."
+            )
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ValueError(
                 f"Config.weight_decay ({self.weight_decay!r}) and warmup_steps "
@@ -220,7 +226,19 @@ class Result:
 
 def read_split(path: str, splits: Sequence[str] | None, exclude: bool = False) -> list[str]:
     """Prompts of a JSONL file whose `split` is (or, with `exclude`, is not) in `splits`."""
-    prompts = []
+    prompts = [
+        prompt
+        for prompt, split in read_splits(path)
+        if splits is None or ((split in splits) != exclude)
+    ]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts in splits {splits} (exclude={exclude}).")
+    return prompts
+
+
+def read_splits(path: str) -> list[tuple[str, str]]:
+    """`(prompt, split)` of every record of a JSONL file (`split` defaults to `train`)."""
+    records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -228,12 +246,22 @@ def read_split(path: str, splits: Sequence[str] | None, exclude: bool = False) -
             record = json.loads(line)
             if "prompt" not in record:
                 raise ValueError(f"{path}, line {number}: a record needs a 'prompt' key.")
-            split = record.get("split", TRAIN_SPLIT)
-            if splits is None or ((split in splits) != exclude):
-                prompts.append(record["prompt"])
-    if not prompts:
-        raise ValueError(f"{path} has no prompts in splits {splits} (exclude={exclude}).")
-    return prompts
+            records.append((record["prompt"], str(record.get("split", TRAIN_SPLIT))))
+    return records
+
+
+def subset(sequences: Sequences, features: Features, index: Sequence[int]):
+    """The sequences and features at `index`."""
+    return (
+        Sequences(
+            tokens=[sequences.tokens[i] for i in index],
+            prompt_lengths=[sequences.prompt_lengths[i] for i in index],
+        ),
+        Features(
+            hidden=[features.hidden[i] for i in index],
+            final=[features.final[i] for i in index],
+        ),
+    )
 
 
 def _padded_length(n: int) -> int:
@@ -489,7 +517,8 @@ def clustered_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
 
 
 def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up, cosine decay to 10% of the peak, and clipping at norm 1."""
+    """AdamW with linear warm-up, cosine decay to 10% of the peak, and clipping at norm 1;
+    the final norm's steps are `cfg.norm_lr_multiplier` times larger."""
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
@@ -500,7 +529,20 @@ def make_optimizer(cfg: Config, total_steps: int) -> optax.GradientTransformatio
     return optax.chain(
         optax.clip_by_global_norm(1.0),
         optax.adamw(schedule, weight_decay=cfg.weight_decay),
+        _scale_norm_updates(cfg.norm_lr_multiplier),
     )
+
+
+def _scale_norm_updates(multiplier: float) -> optax.GradientTransformation:
+    """Multiplies the final norm's updates: its scale (about 1.8 for SmolLM2) sets the
+    draft's confidence and moves by only about one learning rate per Adam step."""
+
+    def update(updates: ExitHead, state, params=None):
+        del params
+        norm = jax.tree.map(lambda u: u * multiplier, updates.norm)
+        return updates.replace(norm=norm), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def _batches(cfg: Config, n: int) -> list[np.ndarray]:
@@ -517,11 +559,13 @@ def train_head(
     params: ModelParams,
     head: ExitHead,
     sequences: Sequences,
-    features: Features,
+    features: Features | None,
     checkpoint_dir: str,
     progress: bool = True,
 ) -> tuple[ExitHead, int, float]:
     """Trains `head` by distillation; resumes from the latest checkpoint in `checkpoint_dir`.
+
+    `features` may be None when that checkpoint already holds the last step.
 
     Returns:
         The trained head, the number of steps done in total, and the last step's loss.
@@ -643,6 +687,41 @@ def load_sequences(cfg: Config, params: ModelParams, tokenizer: Tokenizer, progr
     return train, heldout
 
 
+def checkpoint_dir(cfg: Config) -> str:
+    """Orbax folder of a run: `workdir/checkpoints-L<L>-<hash of the training settings>`.
+
+    Runs that differ in anything that changes the trained head use different folders, so
+    only a rerun of the same settings resumes.
+    """
+    settings = {
+        **sequence_settings(cfg),
+        **{
+            name: getattr(cfg, name)
+            for name in (
+                "exit_layer", "source_layer", "epochs", "batch_size", "learning_rate",
+                "weight_decay", "warmup_steps",
+            )
+        },
+    }  # fmt: skip
+    if cfg.norm_lr_multiplier != 1.0:
+        settings["norm_lr_multiplier"] = cfg.norm_lr_multiplier
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return os.path.join(cfg.workdir, f"checkpoints-L{cfg.exit_layer}-{digest}")
+
+
+def _finished(cfg: Config, directory: str, num_sequences: int) -> bool:
+    """Whether `directory` holds the checkpoint of the last step of `cfg`'s schedule."""
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(directory):
+        return False
+    total = len(_batches(cfg, num_sequences))
+    stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
+    with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+        latest = manager.latest_step()
+    return latest is not None and latest >= stop
+
+
 def sidecar_path(output: str) -> str:
     """The JSON file written next to an exit-head file."""
     return os.path.splitext(output)[0] + ".json"
@@ -661,14 +740,17 @@ def run(cfg: Config, progress: bool = True) -> Result:
         )
     start = time.perf_counter()
     train, heldout = load_sequences(cfg, params, model.tokenizer, progress)
-    train_features = compute_features(params, train, [cfg.exit_layer], progress)[cfg.exit_layer]
+    checkpoints = checkpoint_dir(cfg)
+    if _finished(cfg, checkpoints, len(train.tokens)):
+        train_features = None  # nothing left to train
+    else:
+        train_features = compute_features(params, train, [cfg.exit_layer], progress)[cfg.exit_layer]
     heldout_features = compute_features(params, heldout, [cfg.exit_layer], progress)[cfg.exit_layer]
     data_s = time.perf_counter() - start
 
     head = init_exit_head(params, cfg.exit_layer, cfg.source_layer)
     initial = measure_acceptance(params, head, heldout, heldout_features)
     start = time.perf_counter()
-    checkpoints = os.path.join(cfg.workdir, f"checkpoints-L{cfg.exit_layer}")
     head, steps, loss = train_head(cfg, params, head, train, train_features, checkpoints, progress)
     train_s = time.perf_counter() - start
 
@@ -676,6 +758,15 @@ def run(cfg: Config, progress: bool = True) -> Result:
     save_exit_head(cfg.output, head, params.config, metadata={"base_model": cfg.model})
     stored, _ = load_exit_head(cfg.output, params.config, params.dtype)
     trained = measure_acceptance(params, stored, heldout, heldout_features)
+    heldout_splits = [split for _, split in read_splits(cfg.prompts) if split != TRAIN_SPLIT][
+        : cfg.max_heldout
+    ]
+    by_split = {}
+    for split in sorted(set(heldout_splits)):
+        index = [i for i, s in enumerate(heldout_splits) if s == split]
+        by_split[split] = dataclasses.asdict(
+            measure_acceptance(params, stored, *subset(heldout, heldout_features, index))
+        )
     result = Result(
         exit_layer=cfg.exit_layer,
         steps=steps,
@@ -699,6 +790,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         "acceptance_se": trained.se,
         "heldout_tokens": trained.tokens,
         "heldout_sequences": trained.sequences,
+        "acceptance_by_split": by_split,
         "acceptance_untrained": initial.mean,
         "flops_fraction": result.flops_fraction,
         "measurement": (
@@ -734,6 +826,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d.epochs)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--norm-lr-multiplier", type=float, default=d.norm_lr_multiplier)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
     parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     parser.add_argument("--seed", type=int, default=d.seed)

@@ -167,7 +167,7 @@ def test_interrupted_run_resumes_to_the_same_head(prompts_file, tmp_path, toy):
     first = train_draft.run(_config(prompts_file, tmp_path / "b", toy, max_steps=1), progress=False)
     assert first.steps == 1
     initial, _ = ee.load_exit_head(first.output, toy.params.config)
-    assert os.listdir(tmp_path / "b" / f"checkpoints-L{whole.exit_layer}")
+    assert os.listdir(train_draft.checkpoint_dir(_config(prompts_file, tmp_path / "b", toy)))
     resumed = train_draft.run(_config(prompts_file, tmp_path / "b", toy), progress=False)
     # then both reach the same head (optimizer state and data order were restored).
     assert whole.steps == resumed.steps == 4

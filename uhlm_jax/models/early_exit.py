@@ -77,9 +77,10 @@ class ExitHead:
 
     Attributes:
         exit_layer: L, the number of the full model's layers the draft keeps (static).
-        layer: weights of the exit block, the same subtree as `weights["layers_i"]` of a
+        layer: weights of the exit block, shaped like `weights["layers_i"]` of a
             `ModelParams` (`input_layernorm`, `self_attn`, `post_attention_layernorm`,
-            `mlp`).
+            `mlp`) but with separate `q_proj, k_proj, v_proj` and `gate_proj, up_proj`
+            (`build_draft` fuses them if the decoder does).
         norm: `{"scale": [h]}`, the final RMSNorm in front of the output head.
     """
 
@@ -129,7 +130,9 @@ def init_exit_head(
             final norm of the full model.
 
     Returns:
-        The `ExitHead` (a copy; training it leaves `params` unchanged).
+        The `ExitHead` (a copy; training it leaves `params` unchanged), with separate
+        q/k/v and gate/up projections whatever the decoder's layout, so checkpoints and
+        files do not depend on it.
     """
     _check_exit_layer(params.config, exit_layer)
     source = exit_layer if source_layer is None else source_layer
@@ -137,7 +140,7 @@ def init_exit_head(
     copy = lambda tree: jax.tree.map(jnp.array, tree)
     return ExitHead(
         exit_layer=exit_layer,
-        layer=copy(dict(params.weights[f"layers_{source}"])),
+        layer=copy(_separate_layout(params.weights[f"layers_{source}"], params.config)),
         norm=copy(dict(params.weights["norm"])),
     )
 
@@ -236,11 +239,14 @@ def build_draft(params: ModelParams, head: ExitHead) -> ModelParams:
 
 
 def exit_head_from_draft(draft: ModelParams) -> ExitHead:
-    """The exit head of a draft made by `build_draft` (its last layer and its norm)."""
+    """The exit head of a draft made by `build_draft` (its last layer and its norm).
+
+    The layer is returned with separate projections, as `init_exit_head` makes it.
+    """
     exit_layer = draft.config.num_layers - 1
     return ExitHead(
         exit_layer=exit_layer,
-        layer=draft.weights[f"layers_{exit_layer}"],
+        layer=_separate_layout(draft.weights[f"layers_{exit_layer}"], draft.config),
         norm=draft.weights["norm"],
     )
 
