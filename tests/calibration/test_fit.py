@@ -143,14 +143,71 @@ def test_correlations_match_numpy_and_scipy():
         assert lo < result[name]["estimate"] < hi
 
 
+def test_bootstrap_replicate_equals_correlations_of_the_repeated_sample():
+    # Given prompt counts of one bootstrap replicate
+    df = synthetic_records(np.random.default_rng(4), 12, 15)
+    u = df["u_temperature_perturbation"].to_numpy(np.float64)
+    beta = df["beta"].to_numpy(np.float64)
+    _, prompt = np.unique(df["prompt_id"], return_inverse=True)
+    counts = np.array([[2, 0, 1, 1, 3, 0, 0, 1, 2, 1, 0, 1], [1] * 12])
+    got = fit._bootstrap_correlations(u, beta, prompt, counts)
+    for row, c in zip(got, counts, strict=True):
+        # Then it equals the statistics of the sample with each prompt copied c times.
+        repeat = c[prompt]
+        u_rep, beta_rep = np.repeat(u, repeat), np.repeat(beta, repeat)
+        assert row[0] == pytest.approx(np.corrcoef(u_rep, beta_rep)[0, 1], abs=1e-5)
+        assert row[1] == pytest.approx(scipy_stats.spearmanr(u_rep, beta_rep).statistic, abs=1e-5)
+
+
+def test_replicates_match_numpyro_predictive_in_distribution():
+    # The NumPy replicates of the PPC and numpyro's Predictive of the per-token models
+    # sample the same law: compare means and shares of β > 0 within Monte Carlo error.
+    from numpyro.infer import Predictive
+
+    u = np.linspace(0, 1, 50).astype(np.float32)
+    reps = 4000
+    linear = {
+        "slope": np.full(reps, 0.8),
+        "intercept": np.full(reps, -0.1),
+        "sigma": np.full(reps, 0.2),
+    }
+    hurdle = {k: np.full(reps, v) for k, v in TRUE_HURDLE.items()}
+    rng = np.random.default_rng(0)
+    ours = {
+        "linear": fit.replicate_linear(rng, linear, u),
+        "hurdle": fit.replicate_hurdle(rng, hurdle, u),
+    }
+    samples = {
+        "linear": {
+            "slope": jnp.asarray(linear["slope"]),
+            "intercept": jnp.asarray(linear["intercept"]),
+            "sigma_sq": jnp.asarray(linear["sigma"] ** 2),
+        },
+        "hurdle": {k: jnp.asarray(v) for k, v in hurdle.items()},
+    }
+    models = {"linear": fit.linear_gaussian, "hurdle": fit.hurdle}
+    for name, model in models.items():
+        theirs = np.asarray(
+            Predictive(model, posterior_samples=samples[name], return_sites=["beta"])(
+                jax.random.key(1), jnp.asarray(u)
+            )["beta"]
+        )
+        for stat in (lambda x: x, lambda x: (x > 1e-6).astype(np.float64)):
+            a, b = stat(ours[name]), stat(theirs)
+            se = np.sqrt(a.var(0) / reps + b.var(0) / reps) + 1e-12
+            assert np.all(np.abs(a.mean(0) - b.mean(0)) < 4.5 * se), name
+
+
 def test_weighted_ranks_equal_ranks_of_the_repeated_sample():
     x = np.array([0.3, 0.1, 0.3, 0.0, 0.7])
     w = np.array([2.0, 1.0, 0.0, 3.0, 1.0])
     repeated = np.repeat(x, w.astype(int))
     expected = scipy_stats.rankdata(repeated)
     got = fit._Ranker(x)(w)
+    scaled = np.asarray(fit._weighted_midranks(jnp.asarray(w), fit._rank_groups(x)))
     for value in np.unique(repeated):
         assert got[x == value][0] == expected[repeated == value][0]
+        assert scaled[x == value][0] == pytest.approx(expected[repeated == value][0] / w.sum())
 
 
 # --- exact posterior -------------------------------------------------------------------
