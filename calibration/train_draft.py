@@ -115,7 +115,7 @@ class Config:
     epochs: int = 4
     batch_size: int = 4
     learning_rate: float = 5e-4
-    norm_lr_multiplier: float = 20.0
+    norm_lr_multiplier: float = 1.0
     weight_decay: float = 0.0
     warmup_steps: int = 20
     seed: int = 0
