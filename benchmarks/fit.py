@@ -271,7 +271,7 @@ six sufficient statistics (exact). "First" is a fresh process (compilation inclu
 
 Fastest here: `{fastest["method"]}`. `parallel` needs one device per chain, i.e. two
 emulated host devices set before JAX starts; `uhlm fit` uses it when devices allow and
-`sequential` otherwise.
+`vectorized` otherwise.
 
 - Same model with one likelihood term per token (`linear_gaussian`), sequential:
   {per_token_line}.
