@@ -132,8 +132,9 @@ def _run(pair, mode, max_new_tokens=12, seed=0, prompts=PROMPTS, **params):
 def test_threshold_limits(pair):
     slm_only = _run(pair, Mode.SLM_ONLY).records
     hlm = _run(pair, Mode.HLM).records
-    skip_all = _run(pair, Mode.UHLM, threshold=1.0).records
-    send_all = _run(pair, Mode.UHLM, threshold=-0.5).records
+    limits = _run(pair, Mode.UHLM, threshold=np.array([1.0, -0.5], np.float32)).records
+    skip_all = Records(*(x[0] for x in limits))
+    send_all = Records(*(x[1] for x in limits))
     # Uncertainty never exceeds 1, so threshold 1 skips everything, like SLM-only.
     assert not skip_all.transmitted.any()
     np.testing.assert_array_equal(skip_all.token, slm_only.token)
@@ -176,6 +177,7 @@ def test_scan_equals_python_loop_reference(pair):
     prompts = list(PROMPTS[:3])
     tok = pair.tokenizer
     config = RolloutConfig(
+        measures=(TemperaturePerturbation(), Entropy()),
         mode=Mode.UHLM,
         max_new_tokens=10,
         stop_tokens=tok.stop_ids,
@@ -194,28 +196,24 @@ def test_scan_equals_python_loop_reference(pair):
 
 
 def test_jit_equals_eager(pair):
+    # One position of the step, on the toy pair's first-token logits.
     ids = encode_prompts(pair, ["hello"])[0]
-    args = (
-        pair.slm,
-        pair.llm,
-        jnp.asarray([ids]),
-        jnp.asarray([len(ids)]),
-        jnp.asarray([0]),
-        jnp.asarray([3]),
-        jax.random.key(1),
-        RolloutParams.create(threshold=0.1),
-    )
-    config = RolloutConfig(
-        mode=Mode.UHLM, max_new_tokens=3, measures=(TemperaturePerturbation(), Entropy())
-    )
-    jitted = jax.jit(rollout, static_argnames=("config", "cache_length"))(
-        *args, config=config, cache_length=len(ids) + 3
-    )
-    with jax.disable_jit():
-        eager = rollout(*args, config=config, cache_length=len(ids) + 3)
-    np.testing.assert_array_equal(jitted.token, eager.token)
-    np.testing.assert_allclose(jitted.beta, eager.beta, atol=RECORD_ATOL)
-    np.testing.assert_allclose(jitted.uncertainty, eager.uncertainty, atol=RECORD_ATOL)
+    tokens, lengths = jnp.asarray([ids]), jnp.asarray([len(ids)])
+    z_slm = forward(pair.slm, tokens, lengths)[0, -1]
+    z_llm = forward(pair.llm, tokens, lengths)[0, -1]
+    config = RolloutConfig(mode=Mode.UHLM)
+    params = RolloutParams.create(threshold=0.1)
+    for seed in range(3):
+        key = jax.random.key(seed)
+        jitted = jax.jit(hybrid_position, static_argnames="config")(
+            key, z_slm, z_llm, params, config=config
+        )
+        with jax.disable_jit():
+            eager = hybrid_position(key, z_slm, z_llm, params, config)
+        for name in ("token", "draft", "transmitted", "accepted", "uplink_k"):
+            np.testing.assert_array_equal(getattr(jitted, name), getattr(eager, name))
+        np.testing.assert_allclose(jitted.beta, eager.beta, atol=RECORD_ATOL)
+        np.testing.assert_allclose(jitted.uncertainty, eager.uncertainty, atol=RECORD_ATOL)
 
 
 def test_row_does_not_depend_on_its_batch(pair):
