@@ -256,35 +256,35 @@ def main() -> None:
     )
     parts = job["job_parts"]
     body = f"""
-`benchmarks/fit.py`; {machine()}; load average {load_before[0]:.1f} before,
+`benchmarks/fit.py`; {machine()}; load average {load_before[0]:.1f} before, \
 {load_after[0]:.1f} after (the machine is shared, so times are upper bounds).
 
-Linear-Gaussian model `β ~ Normal(a·u + b, σ)` on {n:,} synthetic tokens, NUTS with a dense
-mass matrix, 2 chains × (1000 warmup + 1000 draws), as `uhlm fit` runs it: the likelihood in
-six sufficient statistics (exact). "First" is a fresh process (compilation included),
-"second" reruns the same `MCMC` with a new key (compilation excluded). Target (DESIGN.md
-§5): < {TARGET_S:.0f} s.
+Linear-Gaussian model `β ~ Normal(a·u + b, σ)` on {n:,} synthetic tokens, NUTS with a \
+dense mass matrix, 2 chains × (1000 warmup + 1000 draws), as `uhlm fit` runs it: the \
+likelihood in six sufficient statistics (exact). "First" is a fresh process (compilation \
+included), "second" reruns the same `MCMC` with a new key (compilation excluded). \
+Target (DESIGN.md §5): < {TARGET_S:.0f} s.
 
 | chain method | first | second | divergences | vs target (first) |
 | --- | --- | --- | --- | --- |
 {rows}
 
-Fastest here: `{fastest["method"]}`. `parallel` needs one device per chain, i.e. two
-emulated host devices set before JAX starts; `uhlm fit` uses it when devices allow and
+Fastest here: `{fastest["method"]}`. `parallel` needs one device per chain (here two \
+emulated host devices, set before JAX starts); `uhlm fit` uses it when devices allow and \
 `vectorized` otherwise.
 
-- Same model with one likelihood term per token (`linear_gaussian`), sequential:
-  {per_token_line}.
-- SVI, full-rank Gaussian guide, {svi["steps"]} Adam steps × 4 particles on the sufficient
-  statistics: {svi["first_s"]:.1f} s first, {svi["second_s"]:.1f} s second.
-- Hurdle model (logistic × Beta), NUTS 2 × (1000 + 1000) on {job["num_tokens"]:,} tokens
-  grouped by their 21 distinct `u`: {job["hurdle_s"]:.1f} s, {job["hurdle_divergences"]}
-  divergences.
-- `uhlm fit` end to end on a {job["num_tokens"]:,}-token run directory: {job["job_s"]:.1f} s
-  (linear NUTS {parts["linear_nuts_s"]:.1f} s, SVI {parts["svi_s"]:.1f} s, hurdle NUTS
-  {parts["hurdle_nuts_s"]:.1f} s, WAIC of both models over every token and draw
-  {parts["waic_s"]:.1f} s; the rest is predictive checks, 1000 prompt-bootstrap
-  replicates and I/O); largest r-hat {job["max_r_hat"]:.3f}.
+- Same model with one likelihood term per token (`linear_gaussian`), sequential chains: \
+{per_token_line}.
+- SVI, full-rank Gaussian guide, {svi["steps"]} Adam steps × 4 particles on the \
+sufficient statistics: {svi["first_s"]:.1f} s first, {svi["second_s"]:.1f} s second.
+- Hurdle model (logistic × Beta), NUTS 2 × (1000 + 1000), default chain method, on \
+{job["num_tokens"]:,} tokens grouped by their 21 distinct `u`: {job["hurdle_s"]:.1f} s \
+(compilation included), {job["hurdle_divergences"]} divergences.
+- `uhlm fit` end to end on a {job["num_tokens"]:,}-token run directory: \
+{job["job_s"]:.1f} s (linear NUTS {parts["linear_nuts_s"]:.1f} s, SVI \
+{parts["svi_s"]:.1f} s, hurdle NUTS {parts["hurdle_nuts_s"]:.1f} s, WAIC of both models \
+over every token and draw {parts["waic_s"]:.1f} s; the rest is predictive checks, 1000 \
+prompt-bootstrap replicates and I/O); largest r-hat {job["max_r_hat"]:.3f}.
 """
     write_section(SECTION, body)
     print(f"wrote the '{SECTION}' section of benchmarks/RESULTS.md")
