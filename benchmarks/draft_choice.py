@@ -112,7 +112,9 @@ def _embedded_row(params, heldout, module, base) -> str:
         f"{os.path.getsize(path) / 2**20:.1f} MiB): L = {head.exit_layer}, "
         f"{ee.draft_flops_fraction(params.config, head.exit_layer):.1%} of the FLOPs, "
         f"acceptance {got.mean:.3f} ± {got.se:.3f} here (stated in its JSON: "
-        f"{stated['acceptance']:.3f} ± {stated['acceptance_se']:.3f})."
+        f"{stated['acceptance']:.3f} ± {stated['acceptance_se']:.3f}); trained by "
+        f"`uhlm train-draft` with {stated['train_config']['epochs']} epochs at peak learning "
+        f"rate {stated['train_config']['learning_rate']} ({stated['steps']} steps)."
     )
 
 
@@ -128,7 +130,7 @@ def _table(rows, embedded, base, train, heldout, data_s) -> str:
         "Untrained: the exit block is the full model's layer L and the norm its final norm "
         "(the plain early exit after L + 1 layers). Trained: KL distillation on "
         f"{len(train.tokens)} replies to the train prompts "
-        f"({sum(len(x) for x in train.tokens)} tokens), AdamW, {base.epochs} epochs, "
+        f"({sum(len(x) for x in train.tokens)} tokens), AdamW, {base.epochs} epoch(s), "
         f"batch {base.batch_size} replies, peak learning rate {base.learning_rate}. "
         f"Sampling the replies and the hidden-state pass took {data_s:.0f} s.",
         "",
@@ -154,7 +156,12 @@ def _table(rows, embedded, base, train, heldout, data_s) -> str:
             f"target acceptance ≥ {TARGET_ACCEPTANCE} "
             f"{'met' if met else 'not met'}.",
         ]
-    lines += ["", embedded]
+    lines += [
+        "",
+        embedded,
+        "",
+        "Train times are wall-clock seconds on the shared 2-core machine and vary with its load.",
+    ]
     return "\n".join(lines)
 
 
