@@ -25,7 +25,7 @@ _HEADER = (
 
 
 def machine() -> str:
-    """CPU model, core count, JAX backend and versions, and today's date."""
+    """CPU model, core count, JAX backend and version, today's date and the load average."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -36,7 +36,8 @@ def machine() -> str:
     devices = ", ".join(sorted({d.device_kind for d in jax.devices()}))
     return (
         f"{cpu}, {os.cpu_count()} cores, JAX {jax.__version__} on {jax.default_backend()} "
-        f"({devices}); {datetime.date.today().isoformat()}"
+        f"({devices}); {datetime.date.today().isoformat()}; load average "
+        f"{os.getloadavg()[0]:.1f} (timings on a loaded machine are upper bounds)"
     )
 
 
