@@ -42,6 +42,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "analysis.report",
         "write report.md and a self-contained report.html of a run directory",
     ),
+    "train-draft": (
+        "calibration.train_draft",
+        "train the early-exit draft's exit head by distillation (optax, resumable)",
+    ),
     "rollout": ("analysis.rollout", "run an SLM/LLM pair on prompts in one mode (U-HLM, HLM, ...)"),
 }
 
