@@ -248,6 +248,7 @@ def test_embedded_draft_shares_the_first_layers_bit_exactly():
 
 # Two-sided test of the stated acceptance at about the 0.3% level.
 ACCEPTANCE_Z = 3.0
+EVALUATION_PROMPTS = 12
 
 
 @pytest.mark.slow
@@ -262,7 +263,10 @@ def test_committed_head_reproduces_the_stated_acceptance():
     model = load_model("smollm2-135m-instruct")
     head, _ = ee.load_exit_head(ee.embedded_exit_head_path(), model.params.config)
     # when it is measured again on newly sampled replies to those prompts (other keys),
+    # A third of the evaluation prompts keeps the test to a few minutes on 2 cores; the
+    # tolerance grows with the standard error accordingly.
     prompts = train_draft.read_split(train_draft.default_prompts_path(), ["evaluation"])
+    prompts = prompts[:EVALUATION_PROMPTS]
     replies = train_draft.sample_sequences(
         model.params,
         model.tokenizer,
