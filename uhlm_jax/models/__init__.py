@@ -1,7 +1,10 @@
-"""Llama-family decoders (llama, qwen2): config, params, KV cache and inference."""
+"""Llama-family decoders (llama, qwen2): config, params, KV cache, inference, loaders,
+tokenizers, the named-model registry and early-exit drafts."""
 
 from uhlm_jax.models.cache import KVCache, cache_bytes, init_cache
 from uhlm_jax.models.config import Architecture, ModelConfig
+from uhlm_jax.models.early_exit import ExitHead, build_draft, load_exit_head, save_exit_head
+from uhlm_jax.models.gguf import GGUFFormatError, config_from_gguf, load_gguf
 from uhlm_jax.models.hf import load_hf_checkpoint, load_hf_config, read_hf_tensors, read_safetensors
 from uhlm_jax.models.llama import (
     ModelParams,
@@ -13,9 +16,25 @@ from uhlm_jax.models.llama import (
     params_to_hf,
     prefill,
 )
+from uhlm_jax.models.registry import LoadedModel, known_models, load_model
+from uhlm_jax.models.tokenizer import ChatTemplate, PreTokenizer, Tokenizer, toy_tokenizer
 from uhlm_jax.models.toy import TOY_VOCAB_SIZE, toy_pair
 
 __all__ = [
+    "ChatTemplate",
+    "ExitHead",
+    "GGUFFormatError",
+    "LoadedModel",
+    "PreTokenizer",
+    "Tokenizer",
+    "build_draft",
+    "config_from_gguf",
+    "known_models",
+    "load_exit_head",
+    "load_gguf",
+    "load_model",
+    "save_exit_head",
+    "toy_tokenizer",
     "TOY_VOCAB_SIZE",
     "Architecture",
     "KVCache",
