@@ -566,16 +566,19 @@ def _z_score(difference: float, se: float) -> float:
 
 
 def _rollout_prompts(cfg: Config, settings: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+    from calibration import collect
     from calibration.prompts import read_prompts
 
-    path = cfg.prompts or settings.get("prompts")
-    if not path or not Path(path).is_file():
+    # The collection's own settings say which file and split it read.
+    collected = collect.Config(out="", **settings)
+    path = cfg.prompts or collected.prompts_path()
+    if not Path(path).is_file():
         raise ValueError(
             f"the calibration prompt file {path!r} (from config.json) is not found; pass "
             "--prompts FILE with the prompts the run was collected on"
         )
-    first = int(settings.get("first_prompt", 0))
-    prompts = read_prompts(path)[first:]
+    first = collected.first_prompt
+    prompts = read_prompts(path, collected.split)[first:]
     if settings.get("num_prompts") is not None:
         prompts = prompts[: int(settings["num_prompts"])]
     if cfg.max_rollout_prompts is not None:

@@ -199,3 +199,20 @@ def test_replay_agrees_with_real_rollouts_on_the_toy_pair(toy_run):
     for metric in ("transmission_rate", "acceptance_rate", "risk_per_token"):
         assert hlm.loc[metric, "difference"] == 0.0
     assert (result.table["source"] == "rollout").any()
+
+
+def test_rollout_prompts_follow_the_collection_settings_for_shipped_prompts(tmp_path):
+    # Given: a run collected from the shipped prompts' calibration split (no --prompts).
+    from calibration import collect
+    from calibration.prompts import embedded_prompts_path, read_prompts
+
+    settings = collect.Config(
+        pair="toy", prompts=None, split="calibration", out=str(tmp_path), num_prompts=3,
+        first_prompt=1,
+    ).settings()  # fmt: skip
+    # When: the sweep picks the prompts to roll out.
+    texts, ids = sw._rollout_prompts(sw.Config(run_dir=str(tmp_path)), settings)
+    # Then: they are the same prompts, with the same ids, as the collection used.
+    expected = read_prompts(embedded_prompts_path(), "calibration")[1:4]
+    assert texts == [p.text for p in expected]
+    np.testing.assert_array_equal(ids, [1, 2, 3])
