@@ -1,0 +1,30 @@
+"""Shared fixtures of the analysis tests."""
+
+import numpy as np
+import pandas as pd
+
+from calibration import records
+
+
+def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
+    """A run directory whose records have a linear u → β link (β ≈ 0.8 u − 0.06)."""
+    rng = np.random.default_rng(seed)
+    n = prompts * tokens
+    u = rng.binomial(20, rng.beta(1, 3, n)) / 20
+    beta = np.clip(0.8 * u - 0.06 + rng.normal(0, 0.1, n), 0, 1)
+    df = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(prompts), tokens),
+            "position": np.tile(np.arange(tokens), prompts),
+            "token": rng.integers(0, 50, n),
+            "draft": rng.integers(0, 50, n),
+            "beta": beta,
+            "tv": beta,
+            "accepted": rng.random(n) > beta,
+            "u_temperature_perturbation": u,
+            "u_entropy": np.clip(u + rng.normal(0, 0.2, n), 0, None),
+        }
+    )
+    records.write_shard(df, run_dir / records.RECORDS_DIR / "shard-000000.parquet")
+    records.write_json(run_dir / records.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
+    return records.read_records(run_dir)

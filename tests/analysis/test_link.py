@@ -49,7 +49,10 @@ def test_run_reproduces_the_worked_example():
     # Static 10 MHz link at 10 dB, V = 32000, b = 8: HLM costs 41.134 ms per token and
     # U-HLM at 46% skipped 34.688 ms (worked out in tests/test_channel.py).
     cfg = link.Config(
-        snr_db=10.0, bandwidth_hz=10e6, fading=ch.Fading.NONE, skip_share=0.46,
+        snr_db=10.0,
+        bandwidth_hz=10e6,
+        fading=ch.Fading.NONE,
+        skip_share=0.46,
         bits_per_prob=8.0,
     )
     result = link.run(cfg)

@@ -9,6 +9,7 @@ import pytest
 from analysis import plots
 from analysis import sweep as sw
 from calibration import records
+from tests.analysis import write_synthetic_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED_SIZE = (int(plots.FIGSIZE_IN[0] * plots.DPI), int(plots.FIGSIZE_IN[1] * plots.DPI))
@@ -29,37 +30,14 @@ def _check(path):
     assert _png_size(path) == EXPECTED_SIZE
 
 
-def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
-    """A run directory whose records have a linear u → β link (β ≈ 0.8 u − 0.06)."""
-    rng = np.random.default_rng(seed)
-    n = prompts * tokens
-    u = rng.binomial(20, rng.beta(1, 3, n)) / 20
-    beta = np.clip(0.8 * u - 0.06 + rng.normal(0, 0.1, n), 0, 1)
-    df = pd.DataFrame(
-        {
-            "prompt_id": np.repeat(np.arange(prompts), tokens),
-            "position": np.tile(np.arange(tokens), prompts),
-            "token": rng.integers(0, 50, n),
-            "draft": rng.integers(0, 50, n),
-            "beta": beta,
-            "tv": beta,
-            "accepted": rng.random(n) > beta,
-            "u_temperature_perturbation": u,
-            "u_entropy": np.clip(u + rng.normal(0, 0.2, n), 0, None),
-        }
-    )
-    records.write_shard(df, run_dir / records.RECORDS_DIR / "shard-000000.parquet")
-    records.write_json(run_dir / records.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
-    return df
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plots_run")
     df = write_synthetic_run(run_dir)
     measures = tuple(records.measure_names(df.columns))
-    cfg = sw.Config(run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 11)),
-                    snr_db=(0.0, 10.0, 20.0))
+    cfg = sw.Config(
+        run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 11)), snr_db=(0.0, 10.0, 20.0)
+    )
     table = sw.replay_frame(cfg, sw.load_tokens(df, measures), measures, progress=False)
     return run_dir, df, table
 
@@ -69,52 +47,93 @@ def test_u_beta_scatter_and_hexbin(run, tmp_path):
     u = df["u_temperature_perturbation"].to_numpy()
     beta = df["beta"].to_numpy()
     rng = np.random.default_rng(0)
-    _check(plots.u_beta(u, beta, tmp_path / "scatter.png", measure="temperature_perturbation",
-                        slope=0.8, intercept=-0.06, slope_draws=rng.normal(0.8, 0.02, 200),
-                        intercept_draws=rng.normal(-0.06, 0.01, 200),
-                        thresholds={"risk-averse": 0.075, "none": float("nan")}))
+    _check(
+        plots.u_beta(
+            u,
+            beta,
+            tmp_path / "scatter.png",
+            measure="temperature_perturbation",
+            slope=0.8,
+            intercept=-0.06,
+            slope_draws=rng.normal(0.8, 0.02, 200),
+            intercept_draws=rng.normal(-0.06, 0.01, 200),
+            thresholds={"risk-averse": 0.075, "none": float("nan")},
+        )
+    )
     big = np.resize(u, plots.HEXBIN_MIN_POINTS)
-    _check(plots.u_beta(big, np.resize(beta, big.size), tmp_path / "hexbin.png",
-                        measure="temperature_perturbation"))
+    _check(
+        plots.u_beta(
+            big,
+            np.resize(beta, big.size),
+            tmp_path / "hexbin.png",
+            measure="temperature_perturbation",
+        )
+    )
 
 
 def test_threshold_posteriors(tmp_path):
     rng = np.random.default_rng(1)
-    _check(plots.threshold_posteriors(
-        {"risk-averse": rng.normal(0.07, 0.01, 500), "risk-prone": rng.normal(0.5, 0.05, 500)},
-        tmp_path / "post.png", point_estimates={"risk-averse": 0.073},
-    ))
+    _check(
+        plots.threshold_posteriors(
+            {"risk-averse": rng.normal(0.07, 0.01, 500), "risk-prone": rng.normal(0.5, 0.05, 500)},
+            tmp_path / "post.png",
+            point_estimates={"risk-averse": 0.073},
+        )
+    )
 
 
 def test_threshold_curves_with_rollouts(run, tmp_path):
     _, _, table = run
     medium = table[(table["link"] == "medium")]
-    rollout = pd.DataFrame({"threshold": [0.2, 0.5], "metric": ["transmission_rate"] * 2,
-                            "value": [0.8, 0.5], "se": [0.02, 0.03]})
-    _check(plots.threshold_curves(medium[medium["mode"] == "uhlm"], tmp_path / "curves.png",
-                                  rollout=rollout, references=medium[medium["mode"] != "uhlm"],
-                                  link="medium link"))
+    rollout = pd.DataFrame(
+        {
+            "threshold": [0.2, 0.5],
+            "metric": ["transmission_rate"] * 2,
+            "value": [0.8, 0.5],
+            "se": [0.02, 0.03],
+        }
+    )
+    _check(
+        plots.threshold_curves(
+            medium[medium["mode"] == "uhlm"],
+            tmp_path / "curves.png",
+            rollout=rollout,
+            references=medium[medium["mode"] != "uhlm"],
+            link="medium link",
+        )
+    )
 
 
 def test_throughput_vs_snr_and_pareto(run, tmp_path):
     _, _, table = run
-    at_threshold = table[(table["link"].str.startswith("snr")) &
-                         ((table["mode"] != "uhlm") | ((table["threshold"] == 0.5) &
-                                                       (table["measure"] == "entropy"))) &
-                         ((table["mode"] != "rand_hlm") | (table["transmit_probability"] == 0.5))]
-    _check(plots.throughput_vs_snr(at_threshold, tmp_path / "snr.png",
-                                   threshold_label="u_th = 0.5"))
-    medium = table[(table["link"] == "medium") &
-                   ((table["mode"] != "uhlm") | (table["measure"] == "temperature_perturbation"))]
+    at_threshold = table[
+        (table["link"].str.startswith("snr"))
+        & (
+            (table["mode"] != "uhlm")
+            | ((table["threshold"] == 0.5) & (table["measure"] == "entropy"))
+        )
+        & ((table["mode"] != "rand_hlm") | (table["transmit_probability"] == 0.5))
+    ]
+    _check(
+        plots.throughput_vs_snr(at_threshold, tmp_path / "snr.png", threshold_label="u_th = 0.5")
+    )
+    medium = table[
+        (table["link"] == "medium")
+        & ((table["mode"] != "uhlm") | (table["measure"] == "temperature_perturbation"))
+    ]
     _check(plots.pareto(medium, tmp_path / "pareto.png", link="medium"))
 
 
 def test_risk_histograms(tmp_path):
     rng = np.random.default_rng(2)
-    _check(plots.risk_histograms(
-        {"ltt": rng.uniform(0, 0.04, 200), "analytic_risk_prone": rng.uniform(0.02, 0.09, 200)},
-        tmp_path / "risk.png", eps=0.05, delta=0.1,
-    ))
+    _check(
+        plots.risk_histograms(
+            {"ltt": rng.uniform(0, 0.04, 200), "analytic_risk_prone": rng.uniform(0.02, 0.09, 200)},
+            tmp_path / "risk.png",
+            eps=0.05,
+            delta=0.1,
+        )
+    )
 
 
 def test_measure_comparison(run, tmp_path):

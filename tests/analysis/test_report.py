@@ -8,7 +8,7 @@ import pytest
 
 from analysis import report
 from calibration import records
-from tests.analysis.test_sweep import write_synthetic_run
+from tests.analysis import write_synthetic_run
 
 # The table prints rates with 3 decimals and percentages with 1 or 2.
 TABLE_ATOL = 5e-4
@@ -48,7 +48,8 @@ def _check_table(run_dir, df):
     u = df["u_temperature_perturbation"].to_numpy(np.float32)
     # SLM-only emits every draft: its agreement is 1 − mean β.
     np.testing.assert_allclose(
-        _value(rows["SLM only"]["LLM agreement (% of LLM)"]), 100 * (1 - beta.mean()),
+        _value(rows["SLM only"]["LLM agreement (% of LLM)"]),
+        100 * (1 - beta.mean()),
         atol=100 * TABLE_ATOL,
     )
     uhlm_rows = [k for k in rows if k.startswith("U-HLM")]
@@ -61,8 +62,9 @@ def _check_table(run_dir, df):
         assert not np.any((np.abs(u - t) < 5e-4) & (u != np.float32(t))), label
         np.testing.assert_allclose(_value(row["TR"]), sent.mean(), atol=TABLE_ATOL)
         skipped_risk = (beta * ~sent).sum() / beta.size
-        np.testing.assert_allclose(_value(row["LLM agreement (% of LLM)"]),
-                                   100 * (1 - skipped_risk), atol=100 * TABLE_ATOL)
+        np.testing.assert_allclose(
+            _value(row["LLM agreement (% of LLM)"]), 100 * (1 - skipped_risk), atol=100 * TABLE_ATOL
+        )
         s = 1 - sent.mean()
         if s < 1:
             assert _value(row["Speedup vs HLM"]) <= _value(row["Bound 1/(1−s)"]) + TABLE_ATOL
@@ -98,30 +100,64 @@ def test_report_with_fit_and_thresholds(tmp_path):
     # `uhlm threshold` write)
     df = write_synthetic_run(tmp_path)
     rng = np.random.default_rng(0)
-    records.write_npz(tmp_path / report.LINEAR_FILE, slope=rng.normal(0.8, 0.02, (2, 100)),
-                      intercept=rng.normal(-0.06, 0.01, (2, 100)),
-                      sigma=np.full((2, 100), 0.1))
-    params = {"mean": 0.8, "sd": 0.02, "median": 0.8, "interval": [0.77, 0.83], "ess": 180.0,
-              "r_hat": 1.001}
-    records.write_json(tmp_path / report.FIT_FILE, {
-        "measure": "temperature_perturbation",
-        "config": {"seed": 7},
-        "correlation": {"pearson": {"estimate": 0.8, "interval": [0.75, 0.85]}},
-        "linear": {"nuts": {"divergences": 0, "params": {"slope": params}}},
-        "hurdle": {"nuts": {"divergences": 1, "params": {"positive_slope": params}}},
-    })
-    records.write_json(tmp_path / report.THRESHOLDS_FILE, {
-        "measure": "temperature_perturbation", "risk": 0.05, "confidence": 0.9,
-        "config": {"seed": 3},
-        "analytic": {"risk_averse": {"threshold": 0.075, "empirical": {
-            "per_token": 0.001, "given_skip": 0.01, "skip_share": 0.1}}},
-        "posterior": {"linear": {"risk_bounded": {"threshold": 0.2, "empirical": {
-            "per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4}}}},
-        "ltt": {"threshold": 0.15, "certified": True},
-        "validation": {"num_splits": 100, "allowed_exceed_frequency": 0.1, "methods": {
-            "ltt": {"exceed_frequency_per_token": 0.02,
-                    "realised_risk_per_token": list(rng.uniform(0, 0.06, 100))}}},
-    })
+    records.write_npz(
+        tmp_path / report.LINEAR_FILE,
+        slope=rng.normal(0.8, 0.02, (2, 100)),
+        intercept=rng.normal(-0.06, 0.01, (2, 100)),
+        sigma=np.full((2, 100), 0.1),
+    )
+    params = {
+        "mean": 0.8,
+        "sd": 0.02,
+        "median": 0.8,
+        "interval": [0.77, 0.83],
+        "ess": 180.0,
+        "r_hat": 1.001,
+    }
+    records.write_json(
+        tmp_path / report.FIT_FILE,
+        {
+            "measure": "temperature_perturbation",
+            "config": {"seed": 7},
+            "correlation": {"pearson": {"estimate": 0.8, "interval": [0.75, 0.85]}},
+            "linear": {"nuts": {"divergences": 0, "params": {"slope": params}}},
+            "hurdle": {"nuts": {"divergences": 1, "params": {"positive_slope": params}}},
+        },
+    )
+    records.write_json(
+        tmp_path / report.THRESHOLDS_FILE,
+        {
+            "measure": "temperature_perturbation",
+            "risk": 0.05,
+            "confidence": 0.9,
+            "config": {"seed": 3},
+            "analytic": {
+                "risk_averse": {
+                    "threshold": 0.075,
+                    "empirical": {"per_token": 0.001, "given_skip": 0.01, "skip_share": 0.1},
+                }
+            },
+            "posterior": {
+                "linear": {
+                    "risk_bounded": {
+                        "threshold": 0.2,
+                        "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4},
+                    }
+                }
+            },
+            "ltt": {"threshold": 0.15, "certified": True},
+            "validation": {
+                "num_splits": 100,
+                "allowed_exceed_frequency": 0.1,
+                "methods": {
+                    "ltt": {
+                        "exceed_frequency_per_token": 0.02,
+                        "realised_risk_per_token": list(rng.uniform(0, 0.06, 100)),
+                    }
+                },
+            },
+        },
+    )
     # When the report is written
     result = report.run(report.Config(run_dir=str(tmp_path)))
     markdown = result.markdown.read_text()
@@ -155,8 +191,16 @@ def test_report_renders_from_a_calibration_run(tmp_path):
 
     prompts = Path(uhlm_jax.__file__).parent / "data" / "prompts.jsonl"
     run_dir = tmp_path / "run"
-    collect.run(collect.Config(pair="toy", prompts=str(prompts), out=str(run_dir),
-                               num_prompts=8, max_new_tokens=12, batch_size=8))
+    collect.run(
+        collect.Config(
+            pair="toy",
+            prompts=str(prompts),
+            out=str(run_dir),
+            num_prompts=8,
+            max_new_tokens=12,
+            batch_size=8,
+        )
+    )
     result = report.run(report.Config(run_dir=str(run_dir)))
     _check_table(run_dir, records.read_records(run_dir))
     _check_html(run_dir, len(result.plots))

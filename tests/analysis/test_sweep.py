@@ -8,37 +8,13 @@ import pandas as pd
 import pytest
 
 from analysis import sweep as sw
-from calibration import records
+from tests.analysis import write_synthetic_run
 from uhlm_jax.modes import Mode
 
 # Replay and rollout agree when |difference| ≤ Z_MAX · SE (SE: jackknife over prompts).
 Z_MAX = 3.0
 # Float32 replay against a float64 NumPy oracle.
 ORACLE_RTOL = 1e-5
-
-
-def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
-    """A run directory whose records have a linear u → β link (β ≈ 0.8 u − 0.06)."""
-    rng = np.random.default_rng(seed)
-    n = prompts * tokens
-    u = rng.binomial(20, rng.beta(1, 3, n)) / 20
-    beta = np.clip(0.8 * u - 0.06 + rng.normal(0, 0.1, n), 0, 1)
-    df = pd.DataFrame(
-        {
-            "prompt_id": np.repeat(np.arange(prompts), tokens),
-            "position": np.tile(np.arange(tokens), prompts),
-            "token": rng.integers(0, 50, n),
-            "draft": rng.integers(0, 50, n),
-            "beta": beta,
-            "tv": beta,
-            "accepted": rng.random(n) > beta,
-            "u_temperature_perturbation": u,
-            "u_entropy": np.clip(u + rng.normal(0, 0.2, n), 0, None),
-        }
-    )
-    records.write_shard(df, run_dir / records.RECORDS_DIR / "shard-000000.parquet")
-    records.write_json(run_dir / records.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
-    return records.read_records(run_dir)
 
 
 def _parse(argv):
@@ -54,8 +30,21 @@ def synthetic(tmp_path):
 
 def test_smoke_run_writes_one_row_per_point_and_metric(synthetic, capsys):
     run_dir, df = synthetic
-    code = sw.main(_parse([str(run_dir), "--thresholds", "0:1:5", "--snr-db", "0,20",
-                           "--presets", "good,poor", "--no-progress", "--json"]))
+    code = sw.main(
+        _parse(
+            [
+                str(run_dir),
+                "--thresholds",
+                "0:1:5",
+                "--snr-db",
+                "0,20",
+                "--presets",
+                "good,poor",
+                "--no-progress",
+                "--json",
+            ]
+        )
+    )
     assert code == 0, capsys.readouterr().err
     table = pd.read_parquet(run_dir / sw.SWEEP_FILE)
     assert set(table["mode"]) == {m.value for m in Mode}
@@ -73,9 +62,16 @@ def test_table_matches_a_numpy_oracle(synthetic):
     # Given a sweep over thresholds and both measures
     run_dir, df = synthetic
     thresholds = (0.0, 0.15, 0.4, 0.95)
-    result = sw.run(sw.Config(run_dir=str(run_dir), thresholds=thresholds, snr_db=(),
-                              presets=(sw.SNR_BASE_PRESET,), modes=(Mode.UHLM,)),
-                    progress=False)
+    result = sw.run(
+        sw.Config(
+            run_dir=str(run_dir),
+            thresholds=thresholds,
+            snr_db=(),
+            presets=(sw.SNR_BASE_PRESET,),
+            modes=(Mode.UHLM,),
+        ),
+        progress=False,
+    )
     table = result.table.set_index(["measure", "threshold", "metric"])["value"]
     beta = df["beta"].to_numpy(np.float64)
     accepted = df["accepted"].to_numpy(bool)
@@ -89,8 +85,12 @@ def test_table_matches_a_numpy_oracle(synthetic):
             "llm_agreement": 1 - (beta * ~sent).sum() / beta.size,
         }
         for metric, value in expected.items():
-            np.testing.assert_allclose(table[(measure, t, metric)], value, rtol=ORACLE_RTOL,
-                                       err_msg=f"{measure} {t} {metric}")
+            np.testing.assert_allclose(
+                table[(measure, t, metric)],
+                value,
+                rtol=ORACLE_RTOL,
+                err_msg=f"{measure} {t} {metric}",
+            )
 
 
 def test_chunk_size_does_not_change_the_table(synthetic):
@@ -154,8 +154,9 @@ def test_auroc_equals_pairwise_count_with_ties():
     pos, neg = score[label], score[~label]
     pairs = [(p > q) + 0.5 * (p == q) for p in pos for q in neg]
     assert sw.auroc(score, label) == pytest.approx(np.mean(pairs), abs=1e-12)
-    np.testing.assert_array_equal(sw.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])),
-                                  [3.5, 1.0, 3.5, 2.0])
+    np.testing.assert_array_equal(
+        sw.average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1.0, 3.5, 2.0]
+    )
     assert np.isnan(sw.auroc(score, np.ones(60, bool)))
 
 
@@ -168,8 +169,17 @@ def toy_run(tmp_path_factory):
 
     prompts = Path(uhlm_jax.__file__).parent / "data" / "prompts.jsonl"
     run_dir = tmp_path_factory.mktemp("toy") / "run"
-    collect.run(collect.Config(pair="toy", prompts=str(prompts), out=str(run_dir),
-                               num_prompts=8, max_new_tokens=16, batch_size=8, seed=3))
+    collect.run(
+        collect.Config(
+            pair="toy",
+            prompts=str(prompts),
+            out=str(run_dir),
+            num_prompts=8,
+            max_new_tokens=16,
+            batch_size=8,
+            seed=3,
+        )
+    )
     return run_dir
 
 
@@ -177,9 +187,16 @@ def toy_run(tmp_path_factory):
 def test_replay_agrees_with_real_rollouts_on_the_toy_pair(toy_run):
     # Given a toy calibration run, when U-HLM rollouts run at a few thresholds (and HLM)
     result = sw.run(
-        sw.Config(run_dir=str(toy_run), thresholds=(0.2,), snr_db=(0.0,), modes=(Mode.HLM,),
-                  rollout_thresholds=(0.05, 0.3, 0.6), rollout_modes=(Mode.HLM,),
-                  rollout_draft_temperatures=(1.0, 0.5), rollout_uncertainty_samples=(20, 4)),
+        sw.Config(
+            run_dir=str(toy_run),
+            thresholds=(0.2,),
+            snr_db=(0.0,),
+            modes=(Mode.HLM,),
+            rollout_thresholds=(0.05, 0.3, 0.6),
+            rollout_modes=(Mode.HLM,),
+            rollout_draft_temperatures=(1.0, 0.5),
+            rollout_uncertainty_samples=(20, 4),
+        ),
         progress=False,
     )
     c = result.comparison
@@ -187,8 +204,9 @@ def test_replay_agrees_with_real_rollouts_on_the_toy_pair(toy_run):
     # Only points at the calibration's draft temperature and K have a replay twin
     uhlm = c[c["mode"] == "uhlm"]
     assert set(uhlm["draft_temperature"]) == {1.0} and set(uhlm["num_samples"]) == {20}
-    rollouts = result.table[(result.table["source"] == "rollout") &
-                            (result.table["mode"] == "uhlm")]
+    rollouts = result.table[
+        (result.table["source"] == "rollout") & (result.table["mode"] == "uhlm")
+    ]
     assert rollouts["point"].nunique() == 3 * 2 * 2
     assert set(rollouts["draft_temperature"]) == {1.0, 0.5}
     finite = c[np.isfinite(c["difference"])]
