@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from uhlm_jax.models import early_exit as ee
-from uhlm_jax.models.config import Architecture, ModelConfig
+from uhlm_jax.models.config import SMOLLM2_135M, Architecture, ModelConfig
 from uhlm_jax.models.llama import forward, init_params
 
 # float32 logits of two computations of the same network in a different operation order.
@@ -39,20 +39,6 @@ TINY = ModelConfig(
     qkv_bias=False,
 )
 
-SMOLLM2_CONFIG = ModelConfig(
-    architecture=Architecture.LLAMA,
-    vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    rope_theta=100_000.0,
-    rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-    qkv_bias=False,
-)
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +175,7 @@ def test_load_rejects_missing_and_mismatched_files(params, tmp_path):
     path = tmp_path / "head.safetensors"
     ee.save_exit_head(path, ee.init_exit_head(params, 1), TINY)
     with pytest.raises(ValueError, match="does not match the model"):
-        ee.load_exit_head(path, SMOLLM2_CONFIG)
+        ee.load_exit_head(path, SMOLLM2_135M)
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError):
         ee.load_exit_head(tmp_path / "junk.safetensors", TINY)
@@ -201,10 +187,10 @@ def test_flops_fraction_by_hand():
     assert ee.draft_flops_fraction(TINY, 1) == pytest.approx(17408 / 32768, rel=1e-12)
     assert ee.draft_flops_fraction(TINY, 3) == pytest.approx(1.0)
     # SmolLM2-135M: 3,538,944 per layer, head 28,311,552; L = 9 keeps 10 of 30 layers.
-    assert ee.draft_flops_fraction(SMOLLM2_CONFIG, 9) == pytest.approx(
+    assert ee.draft_flops_fraction(SMOLLM2_135M, 9) == pytest.approx(
         (10 * 3538944 + 28311552) / (30 * 3538944 + 28311552), rel=1e-12
     )
-    assert ee.draft_flops_fraction(SMOLLM2_CONFIG, 9) < 0.5
+    assert ee.draft_flops_fraction(SMOLLM2_135M, 9) < 0.5
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,9 +209,9 @@ def test_committed_head_is_small_float16_and_described():
     path = ee.embedded_exit_head_path()
     assert os.path.getsize(path) < 8 * 2**20
     assert meta["storage_dtype"] == "float16"
-    assert 0 <= meta["exit_layer"] < SMOLLM2_CONFIG.num_layers
+    assert 0 <= meta["exit_layer"] < SMOLLM2_135M.num_layers
     assert meta["flops_fraction"] == pytest.approx(
-        ee.draft_flops_fraction(SMOLLM2_CONFIG, meta["exit_layer"])
+        ee.draft_flops_fraction(SMOLLM2_135M, meta["exit_layer"])
     )
 
 
