@@ -72,7 +72,8 @@ class RolloutConfig:
         top_k: optional top-k truncation of the draft distribution (static: it is a shape).
         stop_tokens: ids that end a row (EOS, end of turn). The stop token itself is
             emitted and valid; the steps after it are not.
-        pad_token: id fed to a finished row's models, and written as its token.
+        pad_token: id fed to a finished row's models, and written as its token (None: 0, or
+            the tokenizer's pad id in `run_rollout`).
         num_token_ids: ids at or above this are never drafted nor emitted (checkpoints
             pad the embedding table past the tokenizer's ids); None uses all ids.
     """
@@ -83,7 +84,7 @@ class RolloutConfig:
     gate_measure: int = 0
     top_k: int | None = None
     stop_tokens: tuple[int, ...] = ()
-    pad_token: int = 0
+    pad_token: int | None = None
     num_token_ids: int | None = None
 
     def __post_init__(self):
@@ -326,7 +327,7 @@ def _step(
         keys, state.slm_logits, state.llm_logits, params, config
     )
     valid = ~state.done
-    token = jnp.where(valid, position.token, config.pad_token)
+    token = jnp.where(valid, position.token, config.pad_token or 0)
     slm_logits, slm_cache = decode(slm, token, state.slm_cache)
     llm_logits, llm_cache = decode(llm, token, state.llm_cache)
     num_generated = state.num_generated + valid.astype(jnp.int32)
@@ -584,7 +585,8 @@ def run_rollout(
     Args:
         pair: the models and tokenizer.
         prompts: prompt texts; all run as one batch.
-        config: static settings; its stop and pad tokens default to the tokenizer's.
+        config: static settings; unset stop tokens, pad token and id limit take the
+            tokenizer's values.
         params: traced settings, scalar or with one leading grid axis.
         seed: the base seed of all keys.
         prompt_ids: ids that seed each row's keys (default: positions in `prompts`); give
@@ -606,13 +608,13 @@ def run_rollout(
     if not prompts:
         raise ValueError("No prompts given; pass at least one prompt.")
     tokenizer = pair.tokenizer
-    if not config.stop_tokens:
-        config = dataclasses.replace(
-            config,
-            stop_tokens=tokenizer.stop_ids,
-            pad_token=tokenizer.pad_id,
-            num_token_ids=config.num_token_ids or tokenizer.vocab_size,
-        )
+    # Each token setting left unset takes the tokenizer's value.
+    config = dataclasses.replace(
+        config,
+        stop_tokens=config.stop_tokens or tokenizer.stop_ids,
+        pad_token=tokenizer.pad_id if config.pad_token is None else config.pad_token,
+        num_token_ids=config.num_token_ids or tokenizer.vocab_size,
+    )
     encoded = encode_prompts(pair, prompts, chat)
     tokens, lengths = _pad_batch(encoded, tokenizer.pad_id)
     if max_cache_length is not None:
