@@ -348,14 +348,18 @@ class _StreamPrinter:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `uhlm generate`; returns the exit status."""
-    cfg = config_from_args(args)
-    model = load_model(cfg.model)
-    if args.json:
-        result = generate(cfg, model)
-        print(json.dumps(result.to_json(), ensure_ascii=False))
-        return 0
-    printer = _StreamPrinter(model, sys.stdout)
-    result = generate(cfg, model, printer)
+    try:
+        cfg = config_from_args(args)
+        model = load_model(cfg.model)
+        if args.json:
+            result = generate(cfg, model)
+            print(json.dumps(result.to_json(), ensure_ascii=False))
+            return 0
+        printer = _StreamPrinter(model, sys.stdout)
+        result = generate(cfg, model, printer)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"uhlm generate: error: {err}", file=sys.stderr)
+        return 2
     printer.finish()
     print()
     print(

@@ -224,6 +224,14 @@ def test_main_streams_the_text(capsys):
     assert "tok/s" in captured.err
 
 
+def test_main_reports_bad_input_in_one_line(capsys):
+    assert job.main(_parse(["--model", "nope", "--prompt", "hi"])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uhlm generate: error: Unknown model 'nope'") and "Traceback" not in err
+    assert job.main(_parse(["--model", "toy-llm", "--prompt", "hi"])) == 2
+    assert "--no-chat" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------
 # SmolLM2-135M-Instruct.
 
