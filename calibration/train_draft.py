@@ -849,11 +849,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(args: argparse.Namespace) -> int:
     """Runs the job and prints the result."""
     try:
-        cfg = config_from_args(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
+        result = run(config_from_args(args), progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"uhlm train-draft: error: {err}", file=sys.stderr)
         return 2
-    result = run(cfg, progress=not args.no_progress)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
         return 0

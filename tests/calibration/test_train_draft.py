@@ -134,6 +134,18 @@ def test_bad_config_names_the_field(prompts_file):
         train_draft.Config(prompts="/no/such/file.jsonl")
 
 
+def test_cli_reports_a_bad_exit_layer_in_one_line(prompts_file, tmp_path, toy, capsys):
+    parser = argparse.ArgumentParser()
+    train_draft.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model", TOY, "--prompts", prompts_file, "--exit-layer", "99",
+         "--output", str(tmp_path / "head.safetensors"), "--no-progress"]
+    )  # fmt: skip
+    assert train_draft.main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("uhlm train-draft: error:") and "exit_layer=99" in err
+
+
 def test_cli_smoke_run_writes_the_head_and_its_json(prompts_file, tmp_path, toy, capsys):
     parser = argparse.ArgumentParser()
     train_draft.add_arguments(parser)
