@@ -303,6 +303,26 @@ def test_records_shapes_and_masks(pair):
     assert not (records.accepted & records.resampled).any()
 
 
+@pytest.mark.parametrize("mode", [Mode.SLM_ONLY, Mode.LLM_ONLY, Mode.UHLM])
+def test_llm_log_prob_equals_teacher_forced_forward(pair, mode):
+    # Given a rollout with an LLM temperature other than 1
+    out = _run(pair, mode, max_new_tokens=10, threshold=0.5, llm_temperature=0.7)
+    records = out.records
+    encoded = encode_prompts(pair, list(PROMPTS))
+    for row, prompt_ids in enumerate(encoded):
+        # When the prompt and the emitted tokens are scored by the cacheless forward pass
+        emitted = records.token[records.valid[:, row], row]
+        ids = np.concatenate([prompt_ids, emitted]).astype(np.int32)
+        logits = forward(pair.llm, jnp.asarray(ids[None]), jnp.asarray([len(ids)]))[0]
+        log_probs = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        start = len(prompt_ids)
+        expected = log_probs[np.arange(start - 1, len(ids) - 1), ids[start:]]
+        # Then the recorded log-probabilities are the temperature-1 ones of those tokens
+        np.testing.assert_allclose(
+            records.llm_log_prob[records.valid[:, row], row], expected, atol=RECORD_ATOL
+        )
+
+
 def test_bad_inputs_have_clear_errors(pair):
     with pytest.raises(ValueError, match="transmit_probability must be in"):
         RolloutParams.create(transmit_probability=1.5)

@@ -186,6 +186,8 @@ class Records(NamedTuple):
         token: the emitted token.
         draft: the SLM's draft token.
         uplink_k: probabilities uploaded for verification (`v` without truncation).
+        llm_log_prob: the LLM's log-probability (temperature 1, nats) of the emitted token,
+            so the LLM's NLL of any mode's text comes without another forward pass.
         valid: the step produced a real token (false after a stop token or the row's end).
         finite: both models' logits were finite at this step.
     """
@@ -199,6 +201,7 @@ class Records(NamedTuple):
     token: Int[Array, "n b"]
     draft: Int[Array, "n b"]
     uplink_k: Int[Array, "n b"]
+    llm_log_prob: Float[Array, "n b"]
     valid: Bool[Array, "n b"]
     finite: Bool[Array, "n b"]
 
@@ -235,6 +238,7 @@ class _Position(NamedTuple):
     token: Int[Array, ""]
     draft: Int[Array, ""]
     uplink_k: Int[Array, ""]
+    llm_log_prob: Float[Array, ""]
     finite: Bool[Array, ""]
 
 
@@ -310,6 +314,7 @@ def hybrid_position(
         token=token,
         draft=draft.astype(jnp.int32),
         uplink_k=uplink_k,
+        llm_log_prob=llm_logits[token] - jax.nn.logsumexp(llm_logits),
         finite=finite,
     )
 
@@ -347,6 +352,7 @@ def _step(
         token=token,
         draft=position.draft,
         uplink_k=position.uplink_k,
+        llm_log_prob=position.llm_log_prob,
         valid=valid,
         finite=position.finite,
     )
