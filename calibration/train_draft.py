@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import hashlib
 import json
 import math
@@ -52,6 +53,7 @@ from uhlm_jax.models.cache import init_cache
 from uhlm_jax.models.early_exit import (
     ExitHead,
     draft_flops_fraction,
+    exit_hidden,
     exit_logits,
     init_exit_head,
     layer_hidden_states,
@@ -72,6 +74,22 @@ _SAMPLE_BATCH = 36
 _FEATURE_BATCH = 4
 
 
+class AdapterInit(enum.Enum):
+    """How the exit head's adapter is initialised before distillation.
+
+    IDENTITY: the identity (with the exit block copied from layer L, the plain early exit).
+    LEAST_SQUARES: ridge regression of the teacher's final-normed hidden state on the
+        draft's normed exit-block output over the training positions (a tuned lens,
+        closed form; see `least_squares_adapter`).
+    """
+
+    IDENTITY = "identity"
+    LEAST_SQUARES = "least-squares"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def default_prompts_path() -> str:
     """The prompt set shipped with the package (`uhlm_jax/data/prompts.jsonl`)."""
     return str(resources.files("uhlm_jax") / "data" / "prompts.jsonl")
@@ -86,6 +104,9 @@ class Config:
         prompts: JSON Lines file with `prompt` and `split` fields.
         exit_layer: L, the full model's layers kept by the draft.
         source_layer: the full model's layer that initialises the exit block (default L).
+        adapter_init: how the adapter starts (see `AdapterInit`).
+        ridge: ridge penalty of the least-squares adapter, relative to the mean squared
+            norm of its inputs (`λ = ridge · tr(XᵀX) / h`).
         samples_per_prompt: replies sampled per training prompt.
         max_new_tokens: most reply tokens per sample.
         temperature: sampling temperature of the replies (> 0).
@@ -109,6 +130,8 @@ class Config:
     prompts: str = dataclasses.field(default_factory=default_prompts_path)
     exit_layer: int = 9
     source_layer: int | None = None
+    adapter_init: AdapterInit = AdapterInit.LEAST_SQUARES
+    ridge: float = 1e-4
     samples_per_prompt: int = 2
     max_new_tokens: int = 128
     temperature: float = 0.8
@@ -142,6 +165,13 @@ class Config:
             raise ValueError(
                 f"Config.exit_layer must be a non-negative int, got {self.exit_layer!r}."
             )
+        if not isinstance(self.adapter_init, AdapterInit):
+            raise ValueError(
+                f"Config.adapter_init must be an AdapterInit, got {self.adapter_init!r}; "
+                f"one of {[m.value for m in AdapterInit]}."
+            )
+        if not (self.ridge >= 0 and math.isfinite(self.ridge)):
+            raise ValueError(f"Config.ridge must be a finite number >= 0, got {self.ridge!r}.")
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(
                 f"Config.temperature must be a positive number, got {self.temperature!r}."
@@ -209,6 +239,7 @@ class Result:
     steps: int
     final_loss: float
     acceptance_initial: Acceptance
+    acceptance_least_squares: Acceptance | None
     acceptance_trained: Acceptance
     flops_fraction: float
     train_tokens: int
@@ -503,6 +534,63 @@ def measure_acceptance(
     return Acceptance(mean=mean, se=se, tokens=int(np.sum(counts)), sequences=len(sums))
 
 
+_exit_hidden_jit = jax.jit(exit_hidden)
+
+
+def _train_weights(lengths: Sequence[int], t: int) -> np.ndarray:
+    """`[b, t]`: 1 at every column that predicts a token of its sequence (all but the last)."""
+    return (np.arange(t)[None, :] < np.asarray(lengths)[:, None] - 1).astype(np.float32)
+
+
+def least_squares_adapter(
+    params: ModelParams,
+    head: ExitHead,
+    sequences: Sequences,
+    features: Features,
+    ridge: float,
+) -> ExitHead:
+    """`head` with its adapter fitted by ridge regression (closed form).
+
+    With `X [n, h]` the draft's normed exit-block output (`exit_hidden` with the identity
+    adapter) and `Y [n, h]` the teacher's final-normed hidden state at the `n` training
+    positions, the adapter is `A = (XᵀX + λ I)⁻¹ XᵀY` with `λ = ridge · tr(XᵀX) / h`,
+    accumulated and solved in float64. It minimises the squared error of the output
+    head's input, a cheap stand-in for the KL that training then minimises.
+
+    Args:
+        params: the full model.
+        head: the exit head (its adapter is replaced).
+        sequences: the training sequences.
+        features: their hidden states.
+        ridge: relative ridge penalty (>= 0).
+
+    Returns:
+        The head with the fitted adapter, in the parameter dtype.
+    """
+    h = params.config.hidden_size
+    identity = head.replace(adapter={"kernel": jnp.eye(h, dtype=params.dtype)})
+    xtx, xty = np.zeros((h, h)), np.zeros((h, h))
+    n = len(sequences.tokens)
+    for start in range(0, n, _FEATURE_BATCH):
+        index = range(start, min(n, start + _FEATURE_BATCH))
+        lengths = [len(sequences.tokens[i]) for i in index]
+        t = _padded_length(max(lengths))
+        x = _exit_hidden_jit(
+            params,
+            identity,
+            jnp.asarray(_pad([features.hidden[i] for i in index], t)),
+            jnp.asarray(lengths, jnp.int32),
+        )
+        mask = _train_weights(lengths, t) > 0
+        x = np.asarray(x, np.float64)[mask]
+        y = _pad([features.final[i] for i in index], t).astype(np.float64)[mask]
+        xtx += x.T @ x
+        xty += x.T @ y
+    penalty = ridge * np.trace(xtx) / h
+    kernel = np.linalg.solve(xtx + penalty * np.eye(h), xty)
+    return head.replace(adapter={"kernel": jnp.asarray(kernel, params.dtype)})
+
+
 def clustered_mean(sums: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
     """Ratio estimate `Σ a_i / Σ n_i` and its standard error with clusters `i`.
 
@@ -606,7 +694,7 @@ def train_head(
         index = batches[step]
         lengths = [len(sequences.tokens[i]) for i in index]
         t = _padded_length(max(lengths))
-        weights = _pad([np.ones(n - 1, np.float32) for n in lengths], t)
+        weights = _train_weights(lengths, t)
         head, opt_state, loss_value = step_jit(
             head,
             opt_state,
@@ -705,6 +793,9 @@ def checkpoint_dir(cfg: Config) -> str:
     }  # fmt: skip
     if cfg.norm_lr_multiplier != 1.0:
         settings["norm_lr_multiplier"] = cfg.norm_lr_multiplier
+    settings["adapter_init"] = cfg.adapter_init.value
+    if cfg.adapter_init is AdapterInit.LEAST_SQUARES:
+        settings["ridge"] = cfg.ridge
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     return os.path.join(cfg.workdir, f"checkpoints-L{cfg.exit_layer}-{digest}")
 
@@ -741,7 +832,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
     start = time.perf_counter()
     train, heldout = load_sequences(cfg, params, model.tokenizer, progress)
     checkpoints = checkpoint_dir(cfg)
-    if _finished(cfg, checkpoints, len(train.tokens)):
+    least_squares = cfg.adapter_init is AdapterInit.LEAST_SQUARES
+    if _finished(cfg, checkpoints, len(train.tokens)) and not least_squares:
         train_features = None  # nothing left to train
     else:
         train_features = compute_features(params, train, [cfg.exit_layer], progress)[cfg.exit_layer]
@@ -751,6 +843,10 @@ def run(cfg: Config, progress: bool = True) -> Result:
     head = init_exit_head(params, cfg.exit_layer, cfg.source_layer)
     initial = measure_acceptance(params, head, heldout, heldout_features)
     start = time.perf_counter()
+    fitted = None
+    if least_squares:
+        head = least_squares_adapter(params, head, train, train_features, cfg.ridge)
+        fitted = measure_acceptance(params, head, heldout, heldout_features)
     head, steps, loss = train_head(cfg, params, head, train, train_features, checkpoints, progress)
     train_s = time.perf_counter() - start
 
@@ -772,6 +868,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         steps=steps,
         final_loss=loss,
         acceptance_initial=initial,
+        acceptance_least_squares=fitted,
         acceptance_trained=trained,
         flops_fraction=draft_flops_fraction(params.config, cfg.exit_layer),
         train_tokens=int(sum(len(x) for x in train.tokens)),
@@ -780,6 +877,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         output=cfg.output,
     )
     config = dataclasses.asdict(cfg)
+    config["adapter_init"] = cfg.adapter_init.value
     config["prompts"] = os.path.basename(cfg.prompts)
     config.pop("workdir")
     config.pop("output")
@@ -792,6 +890,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         "heldout_sequences": trained.sequences,
         "acceptance_by_split": by_split,
         "acceptance_untrained": initial.mean,
+        "acceptance_least_squares": None if fitted is None else fitted.mean,
         "flops_fraction": result.flops_fraction,
         "measurement": (
             "mean of 1 - TV(p, q) over the reply positions of the full model's replies to the "
@@ -820,6 +919,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layer copied into the exit block (default L)",
     )
+    parser.add_argument(
+        "--adapter-init",
+        type=AdapterInit,
+        default=d.adapter_init,
+        choices=list(AdapterInit),
+        metavar="{" + ",".join(m.value for m in AdapterInit) + "}",
+        help="how the adapter starts (default: %(default)s)",
+    )
+    parser.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge penalty")
     parser.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=d.temperature)
@@ -857,10 +965,12 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), indent=2))
         return 0
     a0, a1 = result.acceptance_initial, result.acceptance_trained
+    fitted = result.acceptance_least_squares
+    fitted_text = "" if fitted is None else f"least squares {fitted.mean:.3f} ± {fitted.se:.3f}, "
     print(
         f"exit layer {result.exit_layer}: {result.flops_fraction:.1%} of the full model's FLOPs\n"
         f"acceptance 1-TV on {a1.tokens} held-out tokens: untrained {a0.mean:.3f} ± {a0.se:.3f}, "
-        f"trained {a1.mean:.3f} ± {a1.se:.3f}\n"
+        f"{fitted_text}trained {a1.mean:.3f} ± {a1.se:.3f}\n"
         f"{result.steps} steps on {result.train_tokens} tokens in {result.train_s:.0f} s "
         f"(data {result.data_s:.0f} s); final KL {result.final_loss:.3f}\n"
         f"wrote {result.output} and {sidecar_path(result.output)}"

@@ -20,6 +20,8 @@ from uhlm_jax.models.registry import load_model
 EXACT_ATOL = 1e-4
 # KL computed by two float32 routes (fused logits vs. a NumPy float64 reference).
 KL_RTOL = 1e-4
+# A linear map recovered by float64 least squares from float32 inputs.
+RECOVERY_ATOL = 1e-3
 
 TOY = "toy-llm"
 PROMPTS = [
@@ -125,6 +127,37 @@ def test_a_draft_equal_to_the_model_has_zero_loss_and_full_acceptance(toy):
     assert got.mean == pytest.approx(1.0, abs=EXACT_ATOL)
 
 
+def test_least_squares_adapter_recovers_a_planted_map(toy):
+    # Given teacher states that are exactly a linear map of the draft's normed block output,
+    params = toy.params
+    h = params.config.hidden_size
+    exit_layer = max(params.config.num_layers - 2, 0)
+    head = ee.init_exit_head(params, exit_layer)
+    rows = [
+        np.asarray(jax.random.randint(jax.random.key(i), (n,), 0, 200), np.int32)
+        for i, n in enumerate([40, 33, 57, 21, 64])
+    ]
+    sequences = train_draft.Sequences(tokens=rows, prompt_lengths=[3] * len(rows))
+    hidden = train_draft.compute_features(params, sequences, [exit_layer], progress=False)[
+        exit_layer
+    ].hidden
+    planted = np.asarray(jax.random.normal(jax.random.key(9), (h, h)) / np.sqrt(h))
+    final = [
+        np.asarray(ee.exit_hidden(params, head, x[None], jnp.asarray([len(x)]))[0]) @ planted
+        for x in hidden
+    ]
+    features = train_draft.Features(hidden=hidden, final=final)
+    # when the adapter is fitted without a ridge, it is that map;
+    fitted = train_draft.least_squares_adapter(params, head, sequences, features, ridge=0.0)
+    np.testing.assert_allclose(fitted.adapter["kernel"], planted, atol=RECOVERY_ATOL)
+    # and a ridge shrinks it.
+    shrunk = train_draft.least_squares_adapter(params, head, sequences, features, ridge=1.0)
+    assert np.linalg.norm(shrunk.adapter["kernel"]) < np.linalg.norm(planted)
+    # The rest of the head is unchanged.
+    for a, b in zip(jax.tree.leaves(fitted.layer), jax.tree.leaves(head.layer), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_bad_config_names_the_field(prompts_file):
     with pytest.raises(ValueError, match="temperature"):
         train_draft.Config(prompts=prompts_file, temperature=0.0)
@@ -132,6 +165,10 @@ def test_bad_config_names_the_field(prompts_file):
         train_draft.Config(prompts=prompts_file, batch_size=0)
     with pytest.raises(ValueError, match="prompts"):
         train_draft.Config(prompts="/no/such/file.jsonl")
+    with pytest.raises(ValueError, match="ridge"):
+        train_draft.Config(prompts=prompts_file, ridge=-1.0)
+    with pytest.raises(ValueError, match="adapter_init"):
+        train_draft.Config(prompts=prompts_file, adapter_init="least-squares")
 
 
 def test_cli_reports_a_bad_exit_layer_in_one_line(prompts_file, tmp_path, toy, capsys):

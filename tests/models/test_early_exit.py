@@ -23,6 +23,8 @@ from uhlm_jax.models.llama import forward, init_params
 LOGIT_ATOL = 1e-5
 # Relative rounding of float16 (10 explicit mantissa bits, round to nearest).
 FLOAT16_RTOL = 2.0**-11
+# An adapter recovered from its folded head by float32 least squares.
+ADAPTER_ATOL = 1e-4
 
 TINY = ModelConfig(
     architecture=Architecture.LLAMA,
@@ -80,19 +82,47 @@ def test_draft_has_l_plus_one_layers_and_shares_the_first_l(params):
     np.testing.assert_array_equal(
         draft.weights["embed_tokens"]["embedding"], params.weights["embed_tokens"]["embedding"]
     )
-    back = ee.exit_head_from_draft(draft)
+    back = ee.exit_head_from_draft(draft, params)
     assert back.exit_layer == 2
-    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(head), strict=True):
+    for a, b in zip(
+        jax.tree.leaves((back.layer, back.norm)), jax.tree.leaves((head.layer, head.norm)),
+        strict=True,
+    ):
         np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(
+        back.adapter["kernel"], head.adapter["kernel"], atol=ADAPTER_ATOL
+    )
+
+
+def test_the_adapter_is_folded_into_an_untied_head(params):
+    # Given an identity adapter, the folded head is the embedding's transpose, exactly;
+    head = ee.init_exit_head(params, 1)
+    draft = ee.build_draft(params, head)
+    assert not draft.config.tie_word_embeddings
+    np.testing.assert_array_equal(
+        draft.weights["lm_head"]["kernel"], params.weights["embed_tokens"]["embedding"].T
+    )
+    # a general adapter A gives A @ E^T (checked in float64).
+    kernel = jax.random.normal(jax.random.key(7), (TINY.hidden_size,) * 2)
+    draft = ee.build_draft(params, head.replace(adapter={"kernel": kernel}))
+    expected = np.asarray(kernel, np.float64) @ np.asarray(
+        params.weights["embed_tokens"]["embedding"], np.float64
+    ).T
+    np.testing.assert_allclose(draft.weights["lm_head"]["kernel"], expected, atol=LOGIT_ATOL)
 
 
 def test_untrained_head_at_the_last_layer_is_the_full_model(params, batch):
     # Given the exit block copied from the last layer and the final norm,
     tokens, lengths, real = batch
     head = ee.init_exit_head(params, TINY.num_layers - 1)
-    # when the draft keeps all other layers, it is the full model.
+    # when the draft keeps all other layers, it is the full model (its untied head is the
+    # embedding's transpose, applied by another matrix product).
     draft = ee.build_draft(params, head)
-    np.testing.assert_array_equal(forward(draft, tokens, lengths), forward(params, tokens, lengths))
+    np.testing.assert_allclose(
+        np.asarray(forward(draft, tokens, lengths))[real],
+        np.asarray(forward(params, tokens, lengths))[real],
+        atol=LOGIT_ATOL,
+    )
 
 
 def test_hidden_states_reproduce_the_full_models_logits(params, batch):
@@ -179,6 +209,38 @@ def test_load_rejects_missing_and_mismatched_files(params, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError):
         ee.load_exit_head(tmp_path / "junk.safetensors", TINY)
+
+
+def test_load_names_the_format_of_an_older_file(params, tmp_path):
+    # Given a file of the first format (an exit block and a norm, no adapter),
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "old.safetensors"
+    ee.save_exit_head(path, ee.init_exit_head(params, 1), TINY)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    del tensors["adapter/kernel"]
+    save_file(tensors, str(path), metadata={**meta, "format": "uhlm_jax.early_exit/1"})
+    # then loading it says which format it is and how to replace it.
+    with pytest.raises(ValueError, match=r"early_exit/1.*train-draft"):
+        ee.load_exit_head(path, TINY)
+
+
+def test_load_rejects_an_adapter_of_the_wrong_shape(params, tmp_path):
+    from safetensors import safe_open
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "head.safetensors"
+    ee.save_exit_head(path, ee.init_exit_head(params, 1), TINY)
+    with safe_open(str(path), framework="numpy") as f:
+        meta = dict(f.metadata())
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    tensors["adapter/kernel"] = tensors["adapter/kernel"][:, :-1].copy()
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match="adapter"):
+        ee.load_exit_head(path, TINY)
 
 
 def test_flops_fraction_by_hand():

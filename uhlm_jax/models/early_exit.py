@@ -2,19 +2,26 @@
 
 The draft of a decoder with `N` layers is itself a standard decoder (`ModelParams`) with
 `L + 1` layers: layers `0 .. L-1` are the full model's (shared, bit for bit), layer `L` is
-the trainable *exit block* (a full decoder layer), followed by a trainable final RMSNorm
-and the full model's output head (tied to the embedding for SmolLM2). `prefill`,
-`decode` and `forward` therefore run the draft unchanged. This is self-speculative /
-early-exit drafting (Zhang et al., "Draft & Verify", 2023; Elhoushi et al., "LayerSkip",
-2024; Liu et al., "Kangaroo", 2024).
+the trainable *exit block* (a full decoder layer), followed by a trainable final RMSNorm,
+a trainable linear *adapter* `A [h, h]` and the full model's output head (tied to the
+embedding for SmolLM2):
 
-An `ExitHead` holds only the trainable tensors (the exit block and the norm scale), which
-is what `save_exit_head` writes to a safetensors file (float16 by default: one SmolLM2
-layer is 3.5 M parameters, 7.1 MB).
+    logits = head(rms_norm(block(x_L)) @ A)
+
+`build_draft` folds the adapter into an untied output head (`A @ E^T`), so the draft
+costs no more FLOPs than L + 1 plain layers, and `prefill`, `decode` and `forward` run it
+unchanged. This is self-speculative / early-exit drafting (Zhang et al., "Draft &
+Verify", 2023; Elhoushi et al., "LayerSkip", 2024; Liu et al., "Kangaroo", 2024); the
+adapter is a tuned lens (Belrose et al., "Eliciting Latent Predictions from Transformers
+with the Tuned Lens", 2023) in front of the shared head.
+
+An `ExitHead` holds only the trainable tensors (the exit block, the norm scale and the
+adapter), which is what `save_exit_head` writes to a safetensors file (float16 by
+default: one SmolLM2 layer is 3.5 M parameters and the adapter 0.33 M, 7.8 MB).
 
 For training, `layer_hidden_states` runs the full model once and returns the residual
 stream after chosen layers plus the final-normed hidden state (the teacher), and
-`exit_logits` runs an exit head on stored layer-L states. Both are written here as pure
+`exit_hidden` / `exit_logits` run an exit head on stored layer-L states. They are pure
 functions over the same weight dictionaries as `uhlm_jax.models.llama`, and the tests
 check them against `llama.forward`.
 
@@ -48,6 +55,7 @@ __all__ = [
     "draft_flops_fraction",
     "exit_head_from_draft",
     "embedded_exit_head_path",
+    "exit_hidden",
     "exit_logits",
     "init_exit_head",
     "layer_hidden_states",
@@ -63,9 +71,10 @@ _META_HIDDEN = "hidden_size"
 _META_INTERMEDIATE = "intermediate_size"
 _META_LAYERS = "base_num_layers"
 _META_FORMAT = "format"
-_FORMAT = "uhlm_jax.early_exit/1"
+_FORMAT = "uhlm_jax.early_exit/2"  # /1: no adapter
 _LAYER_PREFIX = "exit_block"
 _NORM_NAME = "norm/scale"
+_ADAPTER_NAME = "adapter/kernel"
 
 # Score given to masked keys (as in llama.py): finite, so a padding query never yields NaN.
 _MASKED = float(np.finfo(np.float32).min)
@@ -81,12 +90,15 @@ class ExitHead:
             `ModelParams` (`input_layernorm`, `self_attn`, `post_attention_layernorm`,
             `mlp`) but with separate `q_proj, k_proj, v_proj` and `gate_proj, up_proj`
             (`build_draft` fuses them if the decoder does).
-        norm: `{"scale": [h]}`, the final RMSNorm in front of the output head.
+        norm: `{"scale": [h]}`, the final RMSNorm.
+        adapter: `{"kernel": [h, h]}`, the linear map between the final norm and the
+            output head (`[in, out]`, like every kernel here).
     """
 
     exit_layer: int = flax.struct.field(pytree_node=False)
     layer: dict
     norm: dict
+    adapter: dict
 
 
 @flax.struct.dataclass
@@ -132,7 +144,7 @@ def init_exit_head(
     Returns:
         The `ExitHead` (a copy; training it leaves `params` unchanged), with separate
         q/k/v and gate/up projections whatever the decoder's layout, so checkpoints and
-        files do not depend on it.
+        files do not depend on it, and the identity adapter.
     """
     _check_exit_layer(params.config, exit_layer)
     source = exit_layer if source_layer is None else source_layer
@@ -142,6 +154,7 @@ def init_exit_head(
         exit_layer=exit_layer,
         layer=copy(_separate_layout(params.weights[f"layers_{source}"], params.config)),
         norm=copy(dict(params.weights["norm"])),
+        adapter={"kernel": jnp.eye(params.config.hidden_size, dtype=params.dtype)},
     )
 
 
@@ -191,18 +204,26 @@ def _draft_config(config: ModelConfig, exit_layer: int) -> ModelConfig:
     return dataclasses.replace(config, num_layers=exit_layer + 1)
 
 
+def _output_kernel(params: ModelParams) -> Float[Array, "h v"]:
+    if params.config.tie_word_embeddings:
+        return params.weights["embed_tokens"]["embedding"].T
+    return params.weights["lm_head"]["kernel"]
+
+
 def build_draft(params: ModelParams, head: ExitHead) -> ModelParams:
-    """The draft decoder: the first L layers of `params`, the exit block and its norm.
+    """The draft decoder: the first L layers of `params`, the exit block, its norm and
+    an untied output head `A @ W` (adapter `A`, the full model's head `W [h, v]`).
 
     The shared tensors are the same arrays as in `params` (no copy), so the first L layers
-    and the output head are bit-identical to the full model's.
+    and the embedding are bit-identical to the full model's. The folded head is a new
+    `[h, v]` array (as large as the embedding) with the same FLOPs as the shared one.
 
     Args:
         params: the full model.
         head: its exit head.
 
     Returns:
-        `ModelParams` with `config.num_layers == head.exit_layer + 1`.
+        `ModelParams` with `config.num_layers == head.exit_layer + 1` and an untied head.
 
     Raises:
         ValueError: if the head's shapes or dtype do not match `params`.
@@ -214,40 +235,51 @@ def build_draft(params: ModelParams, head: ExitHead) -> ModelParams:
         layer = _layout_like(head.layer, reference, params.config)
     except (KeyError, ValueError, TypeError):
         layer = dict(head.layer)  # reported as a mismatch below
+    h = params.config.hidden_size
+    square = jax.ShapeDtypeStruct((h, h), params.dtype)
     expected = jax.tree.map(
-        lambda w: (w.shape, w.dtype), (dict(reference), dict(params.weights["norm"]))
+        lambda w: (w.shape, w.dtype),
+        (dict(reference), dict(params.weights["norm"]), {"kernel": square}),
     )
-    got = jax.tree.map(lambda w: (w.shape, w.dtype), (layer, dict(head.norm)))
+    got = jax.tree.map(
+        lambda w: (w.shape, w.dtype), (layer, dict(head.norm), dict(head.adapter))
+    )
     if jax.tree.structure(expected) != jax.tree.structure(got) or expected != got:
         raise ValueError(
             "The exit head does not match the model: its tensors' names, shapes or dtypes "
-            f"differ from those of layer {exit_layer} and the final norm of a "
+            f"differ from those of layer {exit_layer}, the final norm and an [h, h] adapter of a "
             f"{params.config.num_layers}-layer model with hidden size "
             f"{params.config.hidden_size} and dtype {params.dtype}. Retrain it for this "
             "model with `uhlm train-draft`."
         )
-    weights = {
-        name: value
-        for name, value in params.weights.items()
-        if not name.startswith("layers_") and name != "norm"
-    }
+    weights = {"embed_tokens": params.weights["embed_tokens"]}
     for i in range(exit_layer):
         weights[f"layers_{i}"] = params.weights[f"layers_{i}"]
     weights[f"layers_{exit_layer}"] = layer
     weights["norm"] = head.norm
-    return ModelParams(config=_draft_config(params.config, exit_layer), weights=weights)
+    kernel = jnp.matmul(
+        head.adapter["kernel"], _output_kernel(params), precision=lax.Precision.HIGHEST
+    )
+    weights["lm_head"] = {"kernel": kernel.astype(params.dtype)}
+    config = dataclasses.replace(
+        _draft_config(params.config, exit_layer), tie_word_embeddings=False
+    )
+    return ModelParams(config=config, weights=weights)
 
 
-def exit_head_from_draft(draft: ModelParams) -> ExitHead:
-    """The exit head of a draft made by `build_draft` (its last layer and its norm).
+def exit_head_from_draft(draft: ModelParams, params: ModelParams) -> ExitHead:
+    """The exit head of a draft made from `params` by `build_draft`.
 
-    The layer is returned with separate projections, as `init_exit_head` makes it.
+    The layer is returned with separate projections, as `init_exit_head` makes it; the
+    adapter is recovered from the folded head by least squares (exact up to rounding).
     """
     exit_layer = draft.config.num_layers - 1
+    kernel = jnp.linalg.lstsq(_output_kernel(params).T, draft.weights["lm_head"]["kernel"].T)[0]
     return ExitHead(
         exit_layer=exit_layer,
         layer=_separate_layout(draft.weights[f"layers_{exit_layer}"], draft.config),
         norm=draft.weights["norm"],
+        adapter={"kernel": kernel.T.astype(draft.dtype)},
     )
 
 
@@ -376,6 +408,28 @@ def tied_logits(params: ModelParams, hidden: Float[Array, "... h"]) -> Float[Arr
     return (hidden @ params.weights["lm_head"]["kernel"]).astype(jnp.float32)
 
 
+def exit_hidden(
+    params: ModelParams,
+    head: ExitHead,
+    hidden: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+) -> Float[Array, "b t h"]:
+    """The input of the output head in the draft, `rms_norm(block(hidden)) @ A`.
+
+    Args:
+        params: the full model (only its config is used).
+        head: the exit head.
+        hidden: `[b, t, h]` input of layer `head.exit_layer` (from `layer_hidden_states`).
+        lengths: `[b]` real tokens per right-padded row.
+
+    Returns:
+        `[b, t, h]` in the parameter dtype.
+    """
+    config = params.config
+    x = _decoder_layer(config, head.layer, hidden.astype(params.dtype), jnp.asarray(lengths))
+    return _rms_norm(x, head.norm["scale"], config.rms_norm_eps) @ head.adapter["kernel"]
+
+
 def exit_logits(
     params: ModelParams,
     head: ExitHead,
@@ -396,9 +450,7 @@ def exit_logits(
     Returns:
         Float32 logits `[b, t, v]`.
     """
-    config = params.config
-    x = _decoder_layer(config, head.layer, hidden.astype(params.dtype), jnp.asarray(lengths))
-    return tied_logits(params, _rms_norm(x, head.norm["scale"], config.rms_norm_eps))
+    return tied_logits(params, exit_hidden(params, head, hidden, lengths))
 
 
 # ---------------------------------------------------------------------------------------
@@ -410,6 +462,7 @@ def _flat_tensors(head: ExitHead, config: ModelConfig) -> dict[str, Array]:
     flat = flax.traverse_util.flatten_dict(layer, sep="/")
     tensors = {f"{_LAYER_PREFIX}/{name}": value for name, value in flat.items()}
     tensors[_NORM_NAME] = head.norm["scale"]
+    tensors[_ADAPTER_NAME] = head.adapter["kernel"]
     return tensors
 
 
@@ -461,7 +514,8 @@ def load_exit_head(
 
     Raises:
         FileNotFoundError: if the file is missing.
-        ValueError: if the file is not an exit head, or its sizes do not match `config`.
+        ValueError: if the file is not an exit head, is of another format version, or its
+            sizes do not match `config`.
     """
     from safetensors import safe_open
 
@@ -474,7 +528,14 @@ def load_exit_head(
     with safe_open(path, framework="numpy") as f:
         meta = dict(f.metadata() or {})
         tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    if meta.get(_META_FORMAT) != _FORMAT or _NORM_NAME not in tensors:
+    found = meta.get(_META_FORMAT, "")
+    if found.startswith(_FORMAT.split("/")[0] + "/") and found != _FORMAT:
+        raise ValueError(
+            f"{path} is an exit-head file of format {found!r}, but this version reads "
+            f"{_FORMAT!r} (an exit block, a final norm and an adapter). Retrain it with "
+            "`uhlm train-draft`."
+        )
+    if found != _FORMAT or _NORM_NAME not in tensors or _ADAPTER_NAME not in tensors:
         raise ValueError(f"{path} is not an exit-head file written by save_exit_head.")
     exit_layer = int(meta[_META_EXIT_LAYER])
     sizes = (int(meta[_META_HIDDEN]), int(meta[_META_INTERMEDIATE]), int(meta[_META_LAYERS]))
@@ -495,7 +556,15 @@ def load_exit_head(
         }
     )
     norm = {"scale": jnp.asarray(tensors[_NORM_NAME], dtype)}
-    return ExitHead(exit_layer=exit_layer, layer=layer, norm=norm), meta
+    adapter = {"kernel": jnp.asarray(tensors[_ADAPTER_NAME], dtype)}
+    h = config.hidden_size
+    if adapter["kernel"].shape != (h, h) or norm["scale"].shape != (h,):
+        raise ValueError(
+            f"The exit head in {path} does not match the model: its adapter is "
+            f"{adapter['kernel'].shape} and its norm {norm['scale'].shape}, expected "
+            f"({h}, {h}) and ({h},). Retrain it with `uhlm train-draft`."
+        )
+    return ExitHead(exit_layer=exit_layer, layer=layer, norm=norm, adapter=adapter), meta
 
 
 # ---------------------------------------------------------------------------------------
