@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "calibration.collect",
         "collect per-token calibration records of a model pair (sharded, resumable)",
     ),
+    "evaluate": (
+        "analysis.evaluate",
+        "compare the five modes with real rollouts on held-out prompts (accuracy, TR, speed)",
+    ),
     "fit": (
         "calibration.fit",
         "fit the uncertainty-to-rejection models (NumPyro) to a run's records",

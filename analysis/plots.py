@@ -12,6 +12,7 @@ and calls them.
   throughput against the threshold (replay lines, rollout points with error bars);
 * `throughput_vs_snr` — every mode's token throughput against the link's mean SNR;
 * `pareto` — LLM agreement against throughput, per mode and threshold;
+* `evaluated_modes` — accuracy against throughput of real rollouts on held-out prompts;
 * `risk_histograms` — realised risk on held-out prompts over random splits, with `ε`;
 * `measure_comparison` — uncertainty measures by correlation with `β` and AUROC of `β > 0`.
 """
@@ -32,6 +33,7 @@ import pandas as pd  # noqa: E402
 
 __all__ = [
     "DPI",
+    "evaluated_modes",
     "FIGSIZE_IN",
     "HEXBIN_MIN_POINTS",
     "MODE_STYLE",
@@ -327,6 +329,38 @@ def pareto(table: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> P
     ax.set_xlabel("token throughput (tokens/s, log scale)")
     ax.set_ylabel("LLM agreement 1 − R (% of LLM)")
     ax.set_title(f"Accuracy against throughput{' (' + link + ')' if link else ''}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def evaluated_modes(summary: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> Path:
+    """Accuracy (± 2 SE) against throughput, one point per evaluated mode, with LLM-only's
+    accuracy as a reference line.
+
+    Args:
+        summary: rows of `analysis.evaluate` (`mode`, `label`, `accuracy`, `accuracy_se`,
+            `throughput_tokens_per_s`).
+        path: the PNG to write.
+        link: the link's label, for the title.
+    """
+    fig, ax = _figure()
+    labelled = set()
+    for row in summary.itertuples():
+        name, colour, marker = MODE_STYLE[row.mode]
+        ax.errorbar(row.throughput_tokens_per_s, row.accuracy, yerr=2 * row.accuracy_se,
+                    fmt=marker, color=colour, ms=9, capsize=3,
+                    label=None if row.mode in labelled else name)
+        labelled.add(row.mode)
+        ax.annotate(row.label, (row.throughput_tokens_per_s, row.accuracy),
+                    textcoords="offset points", xytext=(6, 4), fontsize=7)
+        if row.mode == "llm_only":
+            ax.axhline(row.accuracy, color=colour, lw=1, ls="--")
+    ax.set_xscale("log")
+    _plain_log_axis(ax.xaxis)
+    ax.set_xlabel("token throughput (tokens/s, log scale)")
+    ax.set_ylabel("accuracy: cosine similarity to the reference answer (± 2 SE)")
+    ax.set_title("Modes on held-out prompts (real rollouts)" + (f", {link}" if link else ""))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _save(fig, path)

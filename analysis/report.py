@@ -3,7 +3,11 @@
 `uhlm report RUN_DIR` reads what the run directory holds and writes, with the figures in
 `RUN_DIR/plots/*.png` (embedded in the HTML as base64):
 
-* the paper-style table, one row per mode, at an operating threshold: transmission rate,
+* if `uhlm evaluate` ran, the five modes compared with real rollouts on held-out prompts
+  (`evaluation.json`): TR, skip share, acceptance, true skip rate, accuracy (embedding
+  cosine to the reference answers) and its % of LLM-only's, the LLM's NLL, throughput and
+  the speedup over HLM next to its `1/(1 − s)` bound, with a figure;
+* the paper-style replay table, one row per mode, at an operating threshold: transmission rate,
   skip share, acceptance of verified drafts, true skip rate, LLM agreement as a % of the
   LLM (`1 − R`: the expected share of emitted tokens the LLM would accept; verified
   tokens are exactly the LLM's), expected throughput, and the speedup over HLM next to
@@ -43,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from analysis import plots
+from analysis import evaluate, plots
 from analysis import sweep as sw
 from calibration import records
 from uhlm_jax import channel as ch
@@ -402,6 +406,29 @@ def _comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _evaluation_blocks(evaluation: tuple[dict[str, Any], pd.DataFrame] | None) -> list[_Block]:
+    heading = _heading("## Modes on held-out prompts (real rollouts)")
+    if evaluation is None:
+        return [heading, _para(f"No {evaluate.SUMMARY_FILE}: run `uhlm evaluate RUN_DIR` to "
+                               "compare the modes with real rollouts on held-out prompts.")]
+    data, summary = evaluation
+    s = data["settings"]
+    return [
+        heading,
+        _table(evaluate.summary_table(summary)),
+        _para(
+            f"Real rollouts of every mode on {s['num_prompts']} `{s['split']}` prompts "
+            f"(≤ {s['max_new_tokens']} new tokens, seed {s['seed']}, gate measure "
+            f"`{s['measure']}`), {s['link']} link. Accuracy = mean cosine similarity between "
+            "the LLM's mean-pooled final hidden states of the response and of the prompt's "
+            "reference answer (± SE over prompts); % of LLM divides it by LLM-only's. LLM NLL "
+            "= the LLM's mean negative log-likelihood of the emitted tokens. Rand-HLM "
+            f"transmits with U-HLM's transmission rate at the {data['operating']} threshold. "
+            "The speedup over HLM is bounded by 1/(1 − s) under this latency model."
+        ),
+    ]
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata
 
@@ -636,6 +663,15 @@ def run(cfg: Config) -> Result:
             )
         )
 
+    evaluation = evaluate.read_summary(run_dir)
+    if evaluation is not None:
+        figures.insert(0, (
+            plots.evaluated_modes(evaluation[1], plot_dir / "evaluated_modes.png",
+                                  link=f"{evaluation[0]['settings']['link']} link"),
+            "Accuracy (cosine similarity to the reference answers, as % of LLM-only's) against "
+            "token throughput of each mode's real rollouts on the held-out prompts.",
+        ))
+
     # Text.
     hlm = metrics["hlm"]
     bound_text = (f"bounded by 1/(1 − s) = {float(uh.speedup_bound):.3f}×"
@@ -652,7 +688,8 @@ def run(cfg: Config) -> Result:
             f"{float(profile.link.bandwidth_hz) / 1e6:g} MHz, Rayleigh fading), "
             f"{float(profile.bits_per_prob):g} bits per probability, V = {profile.vocab_size}."
         ),
-        _heading("## Modes"),
+        *_evaluation_blocks(evaluation),
+        _heading("## Modes by trace replay of the calibration records"),
         _table(table),
         _para(
             f"Trace replay of the calibration records (per-token independence). At the "

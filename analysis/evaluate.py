@@ -1,0 +1,508 @@
+"""Compare the five modes with real rollouts on held-out prompts: `uhlm evaluate RUN_DIR`.
+
+The job reads a calibration run directory: the pair and decoding settings from
+`config.json`, the thresholds from `thresholds.json` (written by `uhlm calibrate` or
+`uhlm threshold`). It runs every mode on prompts the calibration did not see (by default
+the shipped prompts' evaluation split), with the same seed and per-prompt keys in every mode,
+and writes into the run directory
+
+* `evaluation.parquet`: one row per mode (U-HLM once per threshold) and prompt: token
+  counts, the response text, its accuracy, its embedding cosine to the LLM-only response,
+  and the LLM's NLL of it;
+* `evaluation.json`: the settings and one summary row per mode (`SUMMARY_COLUMNS`).
+
+Definitions:
+
+* Accuracy of a response is the cosine similarity between its embedding and the reference
+  answer's (the LLM's final hidden states mean-pooled over the text,
+  `uhlm_jax.metrics.llm_embedder`); a mode's accuracy is the mean over prompts, and
+  "% of LLM" divides it by LLM-only's.
+* The LLM's NLL is the mean negative log-probability (nats per token, temperature 1) the
+  LLM gives the emitted tokens, recorded during the rollout.
+* Throughput and speedup cost the recorded transmissions under a link preset and the
+  default cost profile (TinyLlama-1.1B on a phone, Llama-2-7B on a data-centre GPU, as
+  `uhlm link`); the speedup over HLM is bounded by `1/(1 − s)` for skip share `s`.
+* Rand-HLM transmits each token with probability equal to the transmission rate U-HLM
+  reached on these prompts at the operating threshold (the first of Learn-then-Test,
+  risk-bounded, risk-prone that `thresholds.json` gives).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from analysis import sweep as sw
+from analysis.link import Config as LinkConfig
+from calibration import records
+from calibration.prompts import embedded_prompts_path, read_prompts
+from uhlm_jax import channel as ch
+from uhlm_jax import metrics
+from uhlm_jax.modes import Mode
+from uhlm_jax.pair import ModelPair, load_pair
+from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
+from uhlm_jax.uncertainty import DEFAULT_MEASURES
+
+__all__ = [
+    "PER_PROMPT_FILE",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_FILE",
+    "Config",
+    "Result",
+    "add_arguments",
+    "format_table",
+    "main",
+    "read_summary",
+    "run",
+    "summary_table",
+]
+
+PER_PROMPT_FILE = "evaluation.parquet"
+SUMMARY_FILE = "evaluation.json"
+THRESHOLDS_FILE = "thresholds.json"
+EVALUATION_SPLIT = "evaluation"
+# Operating threshold: the first of these that thresholds.json gives.
+OPERATING_ORDER = ("Learn-then-Test", "risk-bounded", "risk-prone")
+# Embedding batches are padded to a multiple of this many tokens (bounds recompiles).
+_PAD_MULTIPLE = 32
+_EMBED_BATCH = 16
+# Rollout keys are derived from prompt ids; evaluation ids start here, far past any
+# calibration prompt's, so the two never share keys.
+_FIRST_PROMPT_ID = 1_000_000
+SUMMARY_COLUMNS = (
+    "Mode",
+    "TR",
+    "Skip %",
+    "Acceptance",
+    "True skip rate",
+    "Accuracy",
+    "Accuracy (% of LLM)",
+    "LLM NLL (nats/token)",
+    "Throughput (tokens/s)",
+    "Speedup vs HLM",
+    "Bound 1/(1−s)",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of `uhlm evaluate`.
+
+    Attributes:
+        run_dir: a calibration run directory (`config.json` and `thresholds.json`).
+        prompts: JSON Lines prompts with reference answers; None: the shipped prompts.
+        split: use only prompts of this split (None: all).
+        num_prompts: use the first this many prompts (None: all).
+        max_new_tokens: tokens per response at most (None: the calibration's).
+        link: link preset of the throughput columns.
+        seed: base seed of the rollouts (None: the calibration's).
+    """
+
+    run_dir: str
+    prompts: str | None = None
+    split: str | None = EVALUATION_SPLIT
+    num_prompts: int | None = None
+    max_new_tokens: int | None = None
+    link: ch.LinkPreset = ch.LinkPreset.MEDIUM
+    seed: int | None = None
+
+    def __post_init__(self):
+        for name in ("num_prompts", "max_new_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"{name}={value!r} must be a positive int or None")
+        if not isinstance(self.link, ch.LinkPreset):
+            raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
+        if self.prompts is not None and not Path(self.prompts).is_file():
+            raise ValueError(f"prompts={self.prompts!r}: no such file; pass a JSON Lines file")
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What `uhlm evaluate` wrote.
+
+    Attributes:
+        summary: one row per mode (`SUMMARY_COLUMNS` plus raw numeric columns).
+        per_prompt: one row per mode and prompt.
+        thresholds: the U-HLM thresholds evaluated, by name.
+        operating: the name of the operating threshold.
+        seconds: wall-clock time of the job.
+    """
+
+    summary: pd.DataFrame
+    per_prompt: pd.DataFrame
+    thresholds: dict[str, float]
+    operating: str
+    seconds: float
+
+
+def named_thresholds(th: dict[str, Any]) -> dict[str, float]:
+    """The U-HLM thresholds of a `thresholds.json`, by name, clipped to [0, 1]."""
+    analytic = th.get("analytic") or {}
+    bounded = ((th.get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {}
+    ltt = th.get("ltt") or {}
+    found = {
+        "risk-averse": (analytic.get("risk_averse") or {}).get("threshold"),
+        "risk-prone": (analytic.get("risk_prone") or {}).get("threshold"),
+        "risk-bounded": bounded.get("threshold"),
+        "Learn-then-Test": ltt.get("threshold") if ltt.get("certified") else None,
+    }
+    return {
+        name: float(np.clip(value, 0.0, 1.0))
+        for name, value in found.items()
+        if value is not None and math.isfinite(float(value))
+    }
+
+
+def _response_rows(out_records: Records) -> list[np.ndarray]:
+    """Each row's emitted tokens (valid steps only)."""
+    return [
+        out_records.token[out_records.valid[:, b], b].astype(np.int32)
+        for b in range(out_records.token.shape[1])
+    ]
+
+
+_embed_jit = jax.jit(lambda params, tokens, lengths: metrics.llm_embedder(params)(tokens, lengths))
+
+
+def embed_texts(pair: ModelPair, rows: list[np.ndarray]) -> np.ndarray:
+    """`[len(rows), h]` embeddings of token rows; an empty row embeds to zeros."""
+    out = []
+    pad = pair.tokenizer.pad_id
+    for start in range(0, len(rows), _EMBED_BATCH):
+        chunk = rows[start : start + _EMBED_BATCH]
+        lengths = np.asarray([len(r) for r in chunk], np.int32)
+        width = _PAD_MULTIPLE * max(1, math.ceil(max(lengths.max(), 1) / _PAD_MULTIPLE))
+        tokens = np.full((_EMBED_BATCH, width), pad, np.int32)
+        for i, r in enumerate(chunk):
+            tokens[i, : len(r)] = r
+        full_lengths = np.ones(_EMBED_BATCH, np.int32)
+        full_lengths[: len(chunk)] = np.maximum(lengths, 1)
+        emb = np.asarray(_embed_jit(pair.llm, jnp.asarray(tokens), jnp.asarray(full_lengths)))
+        emb = emb[: len(chunk)] * (lengths > 0)[:, None]
+        out.append(emb)
+    return np.concatenate(out)
+
+
+def _job_frame(
+    label: str, mode: Mode, threshold_name: str | None, threshold: float,
+    probability: float, out_records: Records, texts: list[str], prompt_ids: np.ndarray,
+    embeddings: np.ndarray, reference: np.ndarray,
+) -> pd.DataFrame:
+    valid = out_records.valid
+    sent = (valid if mode is Mode.LLM_ONLY else out_records.transmitted & valid)
+    skip = valid & ~out_records.transmitted
+    beta = np.where(valid, np.clip(out_records.beta, 0, 1), 0.0)
+    tokens = valid.sum(0)
+    log_prob = np.where(valid, out_records.llm_log_prob, 0.0).sum(0)
+    return pd.DataFrame(
+        {
+            "mode": mode.value,
+            "label": label,
+            "threshold_name": threshold_name,
+            "threshold": threshold,
+            "transmit_probability": probability,
+            "prompt_id": prompt_ids,
+            "tokens": tokens,
+            "transmitted": sent.sum(0),
+            "accepted": (out_records.accepted & valid).sum(0),
+            "skipped": skip.sum(0) if mode not in (Mode.LLM_ONLY,) else 0,
+            "skipped_beta": np.where(skip, beta, 0.0).sum(0) if mode is not Mode.LLM_ONLY
+            else 0.0,
+            "llm_nll": np.where(tokens > 0, -log_prob / np.maximum(tokens, 1), np.nan),
+            "accuracy": np.asarray(metrics.cosine_similarity(embeddings, reference)),
+            "text": texts,
+        }
+    )
+
+
+def _summary_row(
+    frame: pd.DataFrame, out_records: Records, mode: Mode, profile: ch.CostProfile,
+    seed: int,
+) -> dict[str, Any]:
+    valid = jnp.asarray(out_records.valid)
+    transmitted = jnp.asarray(out_records.transmitted)
+    tm = metrics.token_metrics(
+        jnp.asarray(out_records.beta), transmitted, jnp.asarray(out_records.accepted), valid
+    )
+    lm = metrics.link_metrics(mode, transmitted, valid, profile, jax.random.key(seed))
+    tm, lm = jax.device_get((tm, lm))
+    n = len(frame)
+    skip_share = float(lm.llm_calls_saved / max(float(tm.tokens), 1.0))
+    return {
+        "label": frame["label"].iloc[0],
+        "mode": mode.value,
+        "threshold_name": frame["threshold_name"].iloc[0],
+        "threshold": float(frame["threshold"].iloc[0]),
+        "transmit_probability": float(frame["transmit_probability"].iloc[0]),
+        "prompts": n,
+        "tokens": int(tm.tokens),
+        # LLM-only drafts nothing, so transmission and skipping do not apply (as in replay).
+        "transmission_rate": float("nan") if mode is Mode.LLM_ONLY
+        else float(tm.transmission_rate),
+        "skip_share": skip_share,
+        "acceptance_rate": float(tm.acceptance_rate) if mode in (
+            Mode.HLM, Mode.UHLM, Mode.RAND_HLM) else float("nan"),
+        "true_skip_rate": float(tm.true_skip_rate) if mode in (
+            Mode.UHLM, Mode.RAND_HLM, Mode.SLM_ONLY) else float("nan"),
+        "risk_per_token": float(tm.risk_per_token) if mode is not Mode.LLM_ONLY else 0.0,
+        "accuracy": float(frame["accuracy"].mean()),
+        "accuracy_se": float(frame["accuracy"].std(ddof=1) / math.sqrt(n)) if n > 1
+        else float("nan"),
+        "similarity_to_llm": float(frame["similarity_to_llm"].mean()),
+        "llm_nll": float(np.nansum(frame["llm_nll"] * frame["tokens"]) /
+                         max(int(frame["tokens"].sum()), 1)),
+        "throughput_tokens_per_s": float(lm.throughput_tokens_per_s),
+        "speedup_vs_hlm": float(lm.speedup_vs_hlm),
+        "speedup_bound": float("nan") if mode is Mode.LLM_ONLY else float(lm.speedup_bound),
+        "llm_calls_saved": float(lm.llm_calls_saved),
+        "uplink_bits_saved": float(lm.uplink_bits_saved),
+    }
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    if x is None or math.isnan(x):
+        return "—"
+    return "∞" if math.isinf(x) else f"{x:.{digits}f}"
+
+
+def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The paper-style table (`SUMMARY_COLUMNS`, formatted strings) of a summary frame."""
+    llm = summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"]
+    llm_accuracy = float(llm.iloc[0]) if len(llm) else float("nan")
+    rows = []
+    for r in summary.itertuples():
+        rows.append([
+            r.label, _fmt(r.transmission_rate), _fmt(100 * r.skip_share, 1),
+            _fmt(r.acceptance_rate), _fmt(r.true_skip_rate),
+            f"{_fmt(r.accuracy)} ± {_fmt(r.accuracy_se)}",
+            _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else "—",
+            _fmt(r.llm_nll), _fmt(r.throughput_tokens_per_s, 2), _fmt(r.speedup_vs_hlm),
+            _fmt(r.speedup_bound),
+        ])
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Rows for strict JSON: NaN (a metric a mode lacks) as null, ±inf as "inf"/"-inf"."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
+        return value
+
+    return [{k: clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def read_summary(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """`evaluation.json` of a run directory: its contents and the summary frame, or None."""
+    path = Path(run_dir) / SUMMARY_FILE
+    if not path.is_file():
+        return None
+    data = records.read_json(path)
+    summary = pd.DataFrame(data["summary"])
+    for column in summary.columns:
+        if column not in ("label", "mode", "threshold_name"):
+            summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
+    return data, summary
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """A plain-text table for a terminal: columns padded to their widest cell."""
+    cells = [list(map(str, table.columns))] + [[str(v) for v in row] for row in
+                                                table.itertuples(index=False)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _read_run(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
+    run_dir = records.require_run_dir(cfg.run_dir)
+    config_path = run_dir / records.CONFIG_FILE
+    if not config_path.is_file():
+        raise ValueError(
+            f"{str(run_dir)!r} has no {records.CONFIG_FILE}: it is not a calibration run "
+            f"directory; make one with `uhlm calibrate --out {run_dir}`"
+        )
+    th_path = run_dir / THRESHOLDS_FILE
+    if not th_path.is_file():
+        raise ValueError(
+            f"{str(run_dir)!r} has no {THRESHOLDS_FILE}; derive thresholds first with "
+            f"`uhlm threshold {run_dir}` (or run `uhlm calibrate`)"
+        )
+    return records.read_json(config_path), records.read_json(th_path)
+
+
+def run(cfg: Config, progress: bool = True) -> Result:
+    """Runs every mode on the prompts and writes the two files; see the module doc."""
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    run_config, th = _read_run(cfg)
+    settings = run_config.get("settings", {})
+    thresholds = named_thresholds(th)
+    if not thresholds:
+        raise ValueError(
+            f"{THRESHOLDS_FILE} in {cfg.run_dir!r} gives no finite threshold; rerun "
+            "`uhlm threshold` on more calibration records"
+        )
+    operating = next((n for n in OPERATING_ORDER if n in thresholds), next(iter(thresholds)))
+    measure_name = th.get("measure", DEFAULT_MEASURES[0].name)
+    measure = next((m for m in DEFAULT_MEASURES if m.name == measure_name), None)
+    if measure is None:
+        raise ValueError(f"unknown measure {measure_name!r} in {THRESHOLDS_FILE}")
+    prompts_path = cfg.prompts or embedded_prompts_path()
+    prompts = read_prompts(prompts_path, cfg.split)[: cfg.num_prompts]
+    if not prompts:
+        raise ValueError(f"no prompts in {prompts_path!r} with split {cfg.split!r}")
+    pair = load_pair(run_config.get("pair", {}).get("name") or settings["pair"])
+    max_new = cfg.max_new_tokens or int(settings.get("max_new_tokens", 64))
+    seed = int(settings.get("seed", 0)) if cfg.seed is None else cfg.seed
+    temperatures = {
+        "draft_temperature": float(settings.get("draft_temperature", 1.0)),
+        "llm_temperature": float(settings.get("llm_temperature", 1.0)),
+    }
+    texts = [p.text for p in prompts]
+    prompt_ids = np.arange(len(prompts)) + _FIRST_PROMPT_ID
+    profile = LinkConfig(preset=cfg.link).cost_profile()
+    reference = embed_texts(pair, [np.asarray(pair.tokenizer.encode(p.reference), np.int32)
+                                   for p in prompts])
+
+    def rollout(mode: Mode, **params):
+        return run_rollout(
+            pair, texts,
+            RolloutConfig(mode=mode, max_new_tokens=max_new, measures=(measure,), gate_measure=0),
+            RolloutParams.create(**temperatures, **params), seed=seed, prompt_ids=prompt_ids,
+        )
+
+    names = list(thresholds)
+    steps = [Mode.LLM_ONLY, Mode.SLM_ONLY, Mode.HLM, Mode.UHLM, Mode.RAND_HLM]
+    frames, rows = [], []
+    labels = _MODE_LABELS
+    llm_embeddings = None
+    bar = tqdm(steps, desc="evaluating modes", unit="mode", disable=not progress)
+    matched = float("nan")
+    for mode in bar:
+        bar.set_postfix(mode=labels[mode])
+        if mode is Mode.UHLM:
+            out = rollout(mode, threshold=np.asarray([thresholds[n] for n in names], np.float32))
+            jobs = [(f"{labels[mode]}, {n} (u_th = {thresholds[n]:.3f})", n, thresholds[n],
+                     jax.tree.map(lambda x, i=i: x[i], out.records), out.texts[i])
+                    for i, n in enumerate(names)]
+        elif mode is Mode.RAND_HLM:
+            out = rollout(mode, transmit_probability=matched)
+            jobs = [(f"{labels[mode]} (p = {matched:.3f})", None, float("nan"), out.records,
+                     out.texts)]
+        else:
+            out = rollout(mode)
+            jobs = [(labels[mode], None, float("nan"), out.records, out.texts)]
+        for label, name, t, recs, generated in jobs:
+            embeddings = embed_texts(pair, _response_rows(recs))
+            if mode is Mode.LLM_ONLY:
+                llm_embeddings = embeddings
+            frame = _job_frame(
+                label, mode, name, t, matched if mode is Mode.RAND_HLM else float("nan"),
+                recs, generated, prompt_ids, embeddings, reference,
+            )
+            frame["similarity_to_llm"] = np.asarray(
+                metrics.cosine_similarity(embeddings, llm_embeddings)
+            )
+            frames.append(frame)
+            rows.append(_summary_row(frame, recs, mode, profile, seed))
+            if name == operating:
+                matched = rows[-1]["transmission_rate"]
+    summary = pd.DataFrame(rows)
+    llm_accuracy = float(summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"].iloc[0])
+    summary["accuracy_pct_of_llm"] = 100 * summary["accuracy"] / llm_accuracy
+    per_prompt = pd.concat(frames, ignore_index=True)
+    position = per_prompt["prompt_id"] - _FIRST_PROMPT_ID
+    per_prompt["prompt"] = [texts[i] for i in position]
+    per_prompt["reference"] = [prompts[i].reference for i in position]
+    run_dir = Path(cfg.run_dir)
+    sw._write_parquet(per_prompt, run_dir / PER_PROMPT_FILE)
+    seconds = time.perf_counter() - start
+    records.write_json(
+        run_dir / SUMMARY_FILE,
+        {
+            "settings": {
+                "prompts": str(prompts_path), "split": cfg.split, "num_prompts": len(prompts),
+                "max_new_tokens": max_new, "seed": seed, "link": cfg.link.name.lower(),
+                "measure": measure_name, **temperatures,
+                "pair": pair.name,
+            },
+            "thresholds": thresholds,
+            "operating": operating,
+            "accuracy": "cosine similarity of the LLM's mean-pooled final hidden states of "
+            "the response and of the reference answer",
+            "summary": _json_rows(summary),
+            "seconds": seconds,
+        },
+    )
+    return Result(summary=summary, per_prompt=per_prompt, thresholds=thresholds,
+                  operating=operating, seconds=seconds)
+
+
+_MODE_LABELS = {
+    Mode.LLM_ONLY: "LLM only",
+    Mode.SLM_ONLY: "SLM only",
+    Mode.HLM: "HLM",
+    Mode.UHLM: "U-HLM",
+    Mode.RAND_HLM: "Rand-HLM",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `uhlm evaluate`'s arguments."""
+    parser.add_argument("run_dir", help="calibration run directory (config.json, thresholds.json)")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="JSON Lines prompts with reference answers (default: shipped)")
+    parser.add_argument("--split", default=EVALUATION_SPLIT,
+                        help="use only prompts of this split (default: evaluation; 'all': all)")
+    parser.add_argument("--num-prompts", type=int, help="use the first this many prompts")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help="tokens per response at most (default: the calibration's)")
+    parser.add_argument("--link", default="medium", choices=["good", "medium", "poor"],
+                        help="link preset of the throughput columns")
+    parser.add_argument("--seed", type=int, help="base seed (default: the calibration's)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return Config(
+        run_dir=args.run_dir,
+        prompts=args.prompts,
+        split=None if args.split == "all" else args.split,
+        num_prompts=args.num_prompts,
+        max_new_tokens=args.max_new_tokens,
+        link=ch.LinkPreset[args.link.upper()],
+        seed=args.seed,
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = run(config_from_args(args))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"uhlm evaluate: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.summary.to_dict(orient="records"), indent=2))
+    else:
+        print(format_table(summary_table(result.summary)))
+        print(f"\nWrote {Path(args.run_dir) / SUMMARY_FILE} and {PER_PROMPT_FILE} "
+              f"({result.seconds:.0f} s).")
+    return 0
