@@ -1,4 +1,5 @@
-# Set-up plus the demo, and set-up plus the tests: one command each. The virtual environment is made on first use.
+# Set-up plus the demo, and set-up plus the tests: one command each.
+# The virtual environment is made on first use.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
