@@ -19,7 +19,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 demo: install
-	$(BIN)/uhlm demo
+	$(BIN)/uhlm demo $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -n 2 --dist loadfile

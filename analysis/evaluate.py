@@ -7,9 +7,12 @@ the shipped prompts' evaluation split), with the same seed and per-prompt keys i
 and writes into the run directory
 
 * `evaluation.parquet`: one row per mode (U-HLM once per threshold) and prompt: token
-  counts, the response text and token ids, its accuracy, its embedding cosine to the LLM-only response,
-  and the LLM's NLL of it;
+  counts, the response text and token ids, its accuracy, its embedding cosine to the
+  LLM-only response, and the LLM's NLL of it;
 * `evaluation.json`: the settings and one summary row per mode (`SUMMARY_COLUMNS`).
+
+SLM-only, HLM and the U-HLM thresholds run as one vmapped U-HLM sweep (SLM-only and HLM
+are its limits), LLM-only and Rand-HLM as one rollout each: three compiled rollouts.
 
 Definitions:
 
@@ -80,6 +83,9 @@ _EMBED_BATCH = 16
 # Rollout keys are derived from prompt ids; evaluation ids start here, far past any
 # calibration prompt's, so the two never share keys.
 _FIRST_PROMPT_ID = 1_000_000
+# U-HLM thresholds that make it SLM-only (u never exceeds 1) and HLM (u is never negative).
+_SKIP_ALL = 1.0
+_SEND_ALL = -1.0
 SUMMARY_COLUMNS = (
     "Mode",
     "TR",
@@ -370,7 +376,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     prompts = read_prompts(prompts_path, cfg.split)[: cfg.num_prompts]
     if not prompts:
         raise ValueError(f"no prompts in {prompts_path!r} with split {cfg.split!r}")
-    pair = load_pair(run_config.get("pair", {}).get("name") or settings["pair"])
+    pair = load_pair(settings.get("pair") or run_config["pair"]["name"])
     max_new = cfg.max_new_tokens or int(settings.get("max_new_tokens", 64))
     seed = int(settings.get("seed", 0)) if cfg.seed is None else cfg.seed
     temperatures = {
@@ -390,42 +396,52 @@ def run(cfg: Config, progress: bool = True) -> Result:
             RolloutParams.create(**temperatures, **params), seed=seed, prompt_ids=prompt_ids,
         )
 
-    names = list(thresholds)
-    steps = [Mode.LLM_ONLY, Mode.SLM_ONLY, Mode.HLM, Mode.UHLM, Mode.RAND_HLM]
-    frames, rows = [], []
+    # SLM-only and HLM are U-HLM's limits (u <= 1 skips every token at threshold 1; every
+    # token is sent below 0), so they run as points of the one vmapped U-HLM sweep: the same
+    # keys give the same tokens as the dedicated modes (tests/test_rollout.py checks it),
+    # in one compiled rollout instead of three.
     labels = _MODE_LABELS
+    sweep_points = [(Mode.SLM_ONLY, labels[Mode.SLM_ONLY], None, _SKIP_ALL),
+                    (Mode.HLM, labels[Mode.HLM], None, _SEND_ALL)]
+    sweep_points += [(Mode.UHLM, f"{labels[Mode.UHLM]}, {n} (u_th = {t:.3f})", n, t)
+                     for n, t in thresholds.items()]
+    frames, rows = [], []
     llm_embeddings = None
-    bar = tqdm(steps, desc="evaluating modes", unit="mode", disable=not progress)
     matched = float("nan")
-    for mode in bar:
-        bar.set_postfix(mode=labels[mode])
-        if mode is Mode.UHLM:
-            out = rollout(mode, threshold=np.asarray([thresholds[n] for n in names], np.float32))
-            jobs = [(f"{labels[mode]}, {n} (u_th = {thresholds[n]:.3f})", n, thresholds[n],
-                     jax.tree.map(lambda x, i=i: x[i], out.records), out.texts[i])
-                    for i, n in enumerate(names)]
-        elif mode is Mode.RAND_HLM:
-            out = rollout(mode, transmit_probability=matched)
-            jobs = [(f"{labels[mode]} (p = {matched:.3f})", None, float("nan"), out.records,
-                     out.texts)]
-        else:
-            out = rollout(mode)
-            jobs = [(labels[mode], None, float("nan"), out.records, out.texts)]
-        for label, name, t, recs, generated in jobs:
-            embeddings = embed_texts(pair, _response_rows(recs))
-            if mode is Mode.LLM_ONLY:
-                llm_embeddings = embeddings
-            frame = _job_frame(
-                label, mode, name, t, matched if mode is Mode.RAND_HLM else float("nan"),
-                recs, generated, prompt_ids, embeddings, reference,
-            )
-            frame["similarity_to_llm"] = np.asarray(
-                metrics.cosine_similarity(embeddings, llm_embeddings)
-            )
-            frames.append(frame)
-            rows.append(_summary_row(frame, recs, mode, profile, seed))
-            if name == operating:
-                matched = rows[-1]["transmission_rate"]
+    bar = tqdm(total=len(sweep_points) + 2, desc="evaluating modes", unit="mode",
+               disable=not progress)
+
+    def add(mode, label, name, threshold, probability, recs, generated):
+        nonlocal llm_embeddings
+        embeddings = embed_texts(pair, _response_rows(recs))
+        if mode is Mode.LLM_ONLY:
+            llm_embeddings = embeddings
+        frame = _job_frame(label, mode, name, threshold, probability, recs, generated,
+                           prompt_ids, embeddings, reference)
+        frame["similarity_to_llm"] = np.asarray(
+            metrics.cosine_similarity(embeddings, llm_embeddings)
+        )
+        frames.append(frame)
+        rows.append(_summary_row(frame, recs, mode, profile, seed))
+        bar.update(1)
+        return rows[-1]
+
+    nan = float("nan")
+    bar.set_postfix(mode=labels[Mode.LLM_ONLY])
+    out = rollout(Mode.LLM_ONLY)
+    add(Mode.LLM_ONLY, labels[Mode.LLM_ONLY], None, nan, nan, out.records, out.texts)
+    bar.set_postfix(mode="SLM only, HLM and U-HLM")
+    out = rollout(Mode.UHLM, threshold=np.asarray([p[3] for p in sweep_points], np.float32))
+    for i, (mode, label, name, t) in enumerate(sweep_points):
+        row = add(mode, label, name, t if mode is Mode.UHLM else nan, nan,
+                  jax.tree.map(lambda x, i=i: x[i], out.records), out.texts[i])
+        if name == operating:
+            matched = row["transmission_rate"]
+    bar.set_postfix(mode=labels[Mode.RAND_HLM])
+    out = rollout(Mode.RAND_HLM, transmit_probability=matched)
+    add(Mode.RAND_HLM, f"{labels[Mode.RAND_HLM]} (p = {matched:.3f})", None, nan, matched,
+        out.records, out.texts)
+    bar.close()
     summary = pd.DataFrame(rows)
     llm_accuracy = float(summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"].iloc[0])
     summary["accuracy_pct_of_llm"] = 100 * summary["accuracy"] / llm_accuracy

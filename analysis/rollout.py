@@ -21,7 +21,8 @@ class Config:
     """A rollout of a pair over a few prompts.
 
     Attributes:
-        pair: a named pair (`uhlm_jax.pair.known_pairs()`).
+        pair: a named pair (`uhlm_jax.pair.known_pairs()`) or `"SLM,LLM"` (two models by
+            name or path, see `uhlm_jax.pair.load_pair`).
         prompts: the prompt texts.
         mode: how tokens are produced.
         threshold: U-HLM skip threshold on the temperature-perturbation uncertainty.
@@ -87,7 +88,11 @@ def run(cfg: Config) -> Result:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pair", default="toy", help=f"named pair: {', '.join(known_pairs())}")
+    parser.add_argument(
+        "--pair", default="toy",
+        help=f"named pair ({', '.join(known_pairs())}) or 'SLM,LLM': two model names, "
+        ".gguf files or Hugging Face folders",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--prompts", metavar="FILE", help="JSON Lines prompt file")

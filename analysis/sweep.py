@@ -598,7 +598,7 @@ def rollout_frames(
 
     settings = run_config.get("settings", {})
     texts, ids = _rollout_prompts(cfg, settings)
-    pair = load_pair(run_config.get("pair", {}).get("name") or settings["pair"])
+    pair = load_pair(settings.get("pair") or run_config["pair"]["name"])
     gate = KNOWN_MEASURES.index(cfg.rollout_measure)
     temperatures = {
         "draft_temperature": float(settings.get("draft_temperature", 1.0)),

@@ -54,7 +54,8 @@ class Config:
     """A calibration collection run.
 
     Attributes:
-        pair: a named pair (`uhlm_jax.pair.known_pairs()`).
+        pair: a named pair (`uhlm_jax.pair.known_pairs()`) or `"SLM,LLM"` (two models by
+            name or path, see `uhlm_jax.pair.load_pair`).
         prompts: JSON Lines prompt file; None uses the shipped prompts.
         split: use only prompts of this split; None uses all. The shipped prompts default
             to their "calibration" split.
@@ -261,7 +262,11 @@ def run(cfg: Config) -> Result:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--pair", default="toy", help=f"named pair: {', '.join(known_pairs())}")
+    parser.add_argument(
+        "--pair", default="toy",
+        help=f"named pair ({', '.join(known_pairs())}) or 'SLM,LLM': two model names, "
+        ".gguf files or Hugging Face folders",
+    )
     parser.add_argument(
         "--prompts",
         metavar="FILE",

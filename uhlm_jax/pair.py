@@ -15,13 +15,22 @@ from uhlm_jax.models.llama import ModelParams
 from uhlm_jax.models.registry import TOY_LLM, TOY_SLM, LoadedModel, load_model
 from uhlm_jax.models.tokenizer import Tokenizer
 
-__all__ = ["ModelPair", "PAIRS", "known_pairs", "load_pair", "pair_from_models"]
+__all__ = [
+    "PAIR_SEPARATOR",
+    "PAIRS",
+    "ModelPair",
+    "known_pairs",
+    "load_pair",
+    "pair_from_models",
+]
 
 # Named pairs: name -> (SLM, LLM) model names understood by `load_model`.
 PAIRS: dict[str, tuple[str, str]] = {
     "toy": (TOY_SLM, TOY_LLM),
     "smollm2-exit": ("smollm2-exit-draft", "smollm2-135m-instruct"),
 }
+# `load_pair("SLM,LLM")` makes a pair of two models given by name or path.
+PAIR_SEPARATOR = ","
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,19 +85,26 @@ def load_pair(name_or_slm: str, llm: str | None = None, dtype: Any = jnp.float32
     """Loads a named pair, or a pair of two models.
 
     Args:
-        name_or_slm: a name from `known_pairs()`, or the SLM's name or path when `llm` is
-            given.
+        name_or_slm: a name from `known_pairs()`; `"SLM,LLM"`, two models by name or path
+            (e.g. `"tinyllama.gguf,llama-2-7b-hf/"`); or the SLM's name or path when `llm`
+            is given.
         llm: the LLM's name or path, for a pair made from two models.
         dtype: parameter dtype.
 
     Raises:
         ValueError: for an unknown pair name (listing the known ones) or mismatched models.
     """
+    if llm is None and PAIR_SEPARATOR in name_or_slm:
+        slm_spec, llm_spec = name_or_slm.split(PAIR_SEPARATOR, 1)
+        return pair_from_models(
+            load_model(slm_spec, dtype), load_model(llm_spec, dtype), name=name_or_slm
+        )
     if llm is None:
         if name_or_slm not in PAIRS:
             raise ValueError(
                 f"Unknown pair {name_or_slm!r}. Known pairs: {', '.join(known_pairs())}; or "
-                "give two models (an SLM and an LLM) by name or path."
+                f"give two models as 'SLM{PAIR_SEPARATOR}LLM' (each a model name, a .gguf "
+                "file or a Hugging Face folder)."
             )
         slm_name, llm_name = PAIRS[name_or_slm]
         return pair_from_models(
