@@ -1,19 +1,23 @@
-"""Choosing the exit layer L of SmolLM2-135M-Instruct's early-exit draft.
+"""Choosing the exit layer L and the training of SmolLM2-135M-Instruct's early-exit draft.
 
-For each L, the draft runs the full model's first L layers, one exit block and a final
-norm in front of the tied head. This measures, on the full model's replies to the
-held-out prompts (splits other than `train`):
+For each L, the draft runs the full model's first L layers, one exit block, a final norm
+and a linear adapter in front of the tied head (folded into an untied head, so the FLOPs
+are those of L + 1 layers). This measures, on the full model's replies to the held-out
+prompts (splits other than `train`):
 
 - the draft's FLOPs per token as a fraction of the full model's;
 - the acceptance `1 − TV(p, q)` (mean over reply positions, standard error clustered by
   reply) of the untrained draft (exit block = the full model's layer L, final norm = the
-  full model's: the plain early exit after L + 1 layers) and of the draft trained with
-  `uhlm train-draft`'s recipe (same data, optimiser and epochs for every L);
+  full model's, identity adapter: the plain early exit after L + 1 layers), of the draft
+  whose adapter is the least-squares fit (`train_draft.least_squares_adapter`, closed
+  form) and, unless `--no-train`, of the draft distilled with `uhlm train-draft`'s recipe;
 - the training time.
 
-It writes the "Early-exit draft" section of `benchmarks/RESULTS.md`, including the
-acceptance of the committed exit head. Run it as `python -m benchmarks.draft_choice`
-(`--exit-layers 6 9 12 15`, `--epochs`, `--workdir` to reuse cached replies).
+`--runs` adds the settings and results of finished `uhlm train-draft` runs, read from
+the JSON files written next to their heads. The section also states the acceptance of the
+committed exit head, measured again here. It writes the "Early-exit draft" section of
+`benchmarks/RESULTS.md`. Run it as `python -m benchmarks.draft_choice --exit-layers 9 10 11
+12 --no-train --runs runs/*/exit_head.json`.
 """
 
 from __future__ import annotations
@@ -35,10 +39,12 @@ TARGET_FLOPS = 0.5
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--exit-layers", type=int, nargs="+", default=[6, 9, 12, 15])
+    parser.add_argument("--exit-layers", type=int, nargs="+", default=[9, 10, 11, 12])
     parser.add_argument("--epochs", type=int, default=train_draft.Config().epochs)
     parser.add_argument("--learning-rate", type=float, default=train_draft.Config().learning_rate)
     parser.add_argument("--workdir", default="runs/train-draft", help="shared with train-draft")
+    parser.add_argument("--no-train", action="store_true", help="skip the KL training")
+    parser.add_argument("--runs", nargs="*", default=[], help="sidecar JSONs of train-draft runs")
     parser.add_argument("--no-write", action="store_true", help="print, do not edit RESULTS.md")
     args = parser.parse_args()
 
@@ -66,101 +72,138 @@ def main() -> None:
         untrained = train_draft.measure_acceptance(
             params, head, heldout, heldout_features[exit_layer]
         )
-        # The same folder as `uhlm train-draft` with these settings: a rerun resumes.
-        checkpoints = train_draft.checkpoint_dir(cfg)
         start = time.perf_counter()
-        head, steps, loss = train_draft.train_head(
-            cfg, params, head, train, train_features[exit_layer], checkpoints
+        head = train_draft.least_squares_adapter(
+            params, head, train, train_features[exit_layer], cfg.ridge
         )
-        train_s = time.perf_counter() - start
-        ee.save_exit_head(cfg.output, head, params.config)
-        stored, _ = ee.load_exit_head(cfg.output, params.config)
-        trained = train_draft.measure_acceptance(
-            params, stored, heldout, heldout_features[exit_layer]
+        fit_s = time.perf_counter() - start
+        fitted = train_draft.measure_acceptance(params, head, heldout, heldout_features[exit_layer])
+        row = dict(
+            exit_layer=exit_layer,
+            flops=ee.draft_flops_fraction(params.config, exit_layer),
+            untrained=untrained,
+            fitted=fitted,
+            fit_s=fit_s,
+            trained=None,
         )
-        rows.append(
-            dict(
-                exit_layer=exit_layer,
-                flops=ee.draft_flops_fraction(params.config, exit_layer),
-                untrained=untrained,
-                trained=trained,
-                steps=steps,
-                loss=loss,
-                train_s=train_s,
+        if not args.no_train:
+            # The same folder as `uhlm train-draft` with these settings: a rerun resumes.
+            checkpoints = train_draft.checkpoint_dir(cfg)
+            start = time.perf_counter()
+            head, steps, loss = train_draft.train_head(
+                cfg, params, head, train, train_features[exit_layer], checkpoints
             )
-        )
-        print(json.dumps({k: str(v) for k, v in rows[-1].items()}), flush=True)
+            train_s = time.perf_counter() - start
+            ee.save_exit_head(cfg.output, head, params.config)
+            stored, _ = ee.load_exit_head(cfg.output, params.config)
+            trained = train_draft.measure_acceptance(
+                params, stored, heldout, heldout_features[exit_layer]
+            )
+            row.update(trained=trained, steps=steps, loss=loss, train_s=train_s)
+        rows.append(row)
+        print(json.dumps({k: str(v) for k, v in row.items()}), flush=True)
 
-    embedded = _embedded_row(params, heldout, train_draft, base)
-    body = _table(rows, embedded, base, train, heldout, data_s)
+    embedded = _embedded_row(params, heldout, base)
+    body = _table(rows, _run_rows(args.runs), embedded, base, train, heldout, data_s)
     print(body)
     if not args.no_write:
         write_section(TITLE, body)
 
 
-def _embedded_row(params, heldout, module, base) -> str:
+def _embedded_row(params, heldout, base) -> str:
     path = ee.embedded_exit_head_path()
     if not os.path.isfile(path):
         return "The committed exit head is missing."
     head, _ = ee.load_exit_head(path, params.config)
-    features = module.compute_features(params, heldout, [head.exit_layer], progress=False)
-    got = module.measure_acceptance(params, head, heldout, features[head.exit_layer])
+    features = train_draft.compute_features(params, heldout, [head.exit_layer], progress=False)
+    got = train_draft.measure_acceptance(params, head, heldout, features[head.exit_layer])
     with open(os.path.splitext(path)[0] + ".json") as f:
         stated = json.load(f)
+    settings = stated["train_config"]
+    evaluation = stated["acceptance_by_split"]["evaluation"]
     return (
-        f"Committed head (`uhlm_jax/data/{ee.EMBEDDED_EXIT_HEAD_FILE}`, float16, "
+        f"**Committed head** (`uhlm_jax/data/{ee.EMBEDDED_EXIT_HEAD_FILE}`, float16, "
         f"{os.path.getsize(path) / 2**20:.1f} MiB): L = {head.exit_layer}, "
         f"{ee.draft_flops_fraction(params.config, head.exit_layer):.1%} of the FLOPs, "
-        f"acceptance {got.mean:.3f} ± {got.se:.3f} here (stated in its JSON: "
-        f"{stated['acceptance']:.3f} ± {stated['acceptance_se']:.3f}); trained by "
-        f"`uhlm train-draft` with {stated['train_config']['epochs']} epochs at peak learning "
-        f"rate {stated['train_config']['learning_rate']} ({stated['steps']} steps)."
+        f"acceptance {got.mean:.3f} ± {got.se:.3f} measured here (stated in its JSON: "
+        f"{stated['acceptance']:.3f} ± {stated['acceptance_se']:.3f}; evaluation split "
+        f"{evaluation['mean']:.3f} ± {evaluation['se']:.3f}); adapter init "
+        f"{settings.get('adapter_init')}, {settings['epochs']} epochs at peak learning rate "
+        f"{settings['learning_rate']} ({stated['steps']} steps). Target acceptance "
+        f"≥ {TARGET_ACCEPTANCE} at ≤ {TARGET_FLOPS:.0%} of the FLOPs: "
+        f"{'met' if got.mean >= TARGET_ACCEPTANCE else 'not met'}."
     )
 
 
-def _table(rows, embedded, base, train, heldout, data_s) -> str:
+def _run_rows(paths) -> list[str]:
+    """Table rows of finished train-draft runs, from their sidecar JSONs."""
+    rows = []
+    for path in paths:
+        with open(path) as f:
+            s = json.load(f)
+        c = s["train_config"]
+        fitted = s.get("acceptance_least_squares")
+        rows.append(
+            f"| {s['exit_layer']} | {s['flops_fraction']:.1%} | {c.get('adapter_init')} "
+            f"| {c['epochs']} | {c['batch_size']} | {c['learning_rate']} | {s['steps']} "
+            f"| {s['acceptance_untrained']:.3f} "
+            f"| {'–' if fitted is None else f'{fitted:.3f}'} "
+            f"| {s['acceptance']:.3f} ± {s['acceptance_se']:.3f} "
+            f"| {s.get('train_s', float('nan')):.0f} s |"
+        )
+    return rows
+
+
+def _table(rows, run_rows, embedded, base, train, heldout, data_s) -> str:
     lines = [
         f"Machine: {machine()}.",
         "",
         "SmolLM2-135M-Instruct (30 layers). Draft = first L layers + one exit block + final "
-        "RMSNorm + the tied head. Acceptance = mean `1 − TV(p, q)` over the reply positions "
-        f"of the full model's replies to the {len(heldout.tokens)} held-out prompts "
+        "RMSNorm + a linear adapter `[h, h]` in front of the tied head (folded into an "
+        "untied head: no extra FLOPs). Acceptance = mean `1 − TV(p, q)` over the reply "
+        f"positions of the full model's replies to the {len(heldout.tokens)} held-out prompts "
         f"(temperature-1 distributions, replies sampled at T = {base.temperature}, "
         f"≤ {base.max_new_tokens} tokens), ± standard error clustered by reply. "
-        "Untrained: the exit block is the full model's layer L and the norm its final norm "
-        "(the plain early exit after L + 1 layers). Trained: KL distillation on "
-        f"{len(train.tokens)} replies to the train prompts "
-        f"({sum(len(x) for x in train.tokens)} tokens), AdamW, {base.epochs} epoch(s), "
-        f"batch {base.batch_size} replies, peak learning rate {base.learning_rate}. "
-        f"Sampling the replies and the hidden-state pass took {data_s:.0f} s.",
+        "Untrained: the exit block is the full model's layer L, the norm its final norm and "
+        "the adapter the identity (the plain early exit after L + 1 layers). Least squares: "
+        "the adapter fitted in closed form (ridge regression of the teacher's final hidden "
+        "state on the normed exit-block output over the reply positions of the "
+        f"{len(train.tokens)} training replies, {sum(len(x) for x in train.tokens)} tokens "
+        "with their prompts). Sampling the replies and the hidden-state pass took "
+        f"{data_s:.0f} s.",
         "",
-        "| L | draft layers | FLOPs vs full | acceptance untrained | acceptance trained "
-        "| steps | final KL | train time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| L | draft layers | FLOPs vs full | acceptance untrained | least squares "
+        "| fit time | trained (KL) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        u, t = r["untrained"], r["trained"]
+        u, f, t = r["untrained"], r["fitted"], r["trained"]
+        trained = "–" if t is None else (
+            f"{t.mean:.3f} ± {t.se:.3f} ({r['steps']} steps, KL {r['loss']:.2f}, "
+            f"{r['train_s']:.0f} s)"
+        )
         lines.append(
             f"| {r['exit_layer']} | {r['exit_layer'] + 1} | {r['flops']:.1%} "
-            f"| {u.mean:.3f} ± {u.se:.3f} | {t.mean:.3f} ± {t.se:.3f} | {r['steps']} "
-            f"| {r['loss']:.3f} | {r['train_s']:.0f} s |"
+            f"| {u.mean:.3f} ± {u.se:.3f} | {f.mean:.3f} ± {f.se:.3f} | {r['fit_s']:.0f} s "
+            f"| {trained} |"
         )
-    feasible = [r for r in rows if r["flops"] <= TARGET_FLOPS]
-    if feasible:
-        best = max(feasible, key=lambda r: r["trained"].mean)
-        met = best["trained"].mean >= TARGET_ACCEPTANCE
+    if run_rows:
         lines += [
             "",
-            f"Best within the FLOPs target (≤ {TARGET_FLOPS:.0%}): L = {best['exit_layer']}, "
-            f"acceptance {best['trained'].mean:.3f} at {best['flops']:.1%} of the FLOPs; "
-            f"target acceptance ≥ {TARGET_ACCEPTANCE} "
-            f"{'met' if met else 'not met'}.",
+            "`uhlm train-draft` runs (least-squares or identity adapter init, then KL "
+            "distillation over the reply positions; AdamW, warm-up and cosine decay), as "
+            "stated in their JSON files:",
+            "",
+            "| L | FLOPs | adapter init | epochs | batch | peak lr | steps | untrained "
+            "| least squares | trained | train time |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *run_rows,
         ]
     lines += [
         "",
         embedded,
         "",
-        "Train times are wall-clock seconds on the shared 2-core machine and vary with its load.",
+        "Times are wall-clock seconds on the shared 2-core machine and vary with its load.",
     ]
     return "\n".join(lines)
 

@@ -11,10 +11,13 @@ block) and a trainable final RMSNorm in front of the shared output head
    layer-L hidden states (the exit block's input) and the final-normed hidden states (the
    teacher; its logits are recomputed per batch instead of stored).
 
-The loss is the mean over tokens of `KL(p || q)`, teacher `p` and draft `q` at
-temperature 1, minimised with AdamW (warm-up, cosine decay, gradient clipping). Orbax
-checkpoints in `workdir` let an interrupted run resume where it stopped; the sampled
-sequences are cached there too.
+The adapter in front of the shared output head starts as the least-squares map from the
+draft's normed exit-block output to the teacher's final hidden state (closed form; see
+`least_squares_adapter`). The loss is the mean over reply positions (those the draft is
+used on) of `KL(p || q)`, teacher `p` and draft `q` at temperature 1, minimised with AdamW
+(warm-up, cosine decay, gradient clipping); the output head runs only on those positions.
+Orbax checkpoints in `workdir` let an interrupted run resume where it stopped; the
+sampled sequences and their hidden states are cached there too.
 
 Acceptance is measured on the full model's replies to the held-out prompts (splits other
 than `train`): the mean over reply positions of `1 − TV(p, q)`, the expected acceptance of
@@ -72,6 +75,8 @@ _PAD_MULTIPLE = 32
 # Rows per batch of the sampling and feature passes.
 _SAMPLE_BATCH = 36
 _FEATURE_BATCH = 4
+# The loss positions of a training batch are padded to a multiple of this.
+_COLUMN_MULTIPLE = 128
 
 
 class AdapterInit(enum.Enum):
@@ -85,6 +90,20 @@ class AdapterInit(enum.Enum):
 
     IDENTITY = "identity"
     LEAST_SQUARES = "least-squares"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Divergence(enum.Enum):
+    """The distillation loss per position, teacher `p`, draft `q`.
+
+    KL: `KL(p || q) = Σ_v p_v (log p_v − log q_v)` (forward KL, mass-covering).
+    TV: `TV(p, q) = ½ Σ_v |p_v − q_v|`, one minus the acceptance that is measured.
+    """
+
+    KL = "kl"
+    TV = "tv"
 
     def __str__(self) -> str:
         return self.value
@@ -105,6 +124,7 @@ class Config:
         exit_layer: L, the full model's layers kept by the draft.
         source_layer: the full model's layer that initialises the exit block (default L).
         adapter_init: how the adapter starts (see `AdapterInit`).
+        divergence: the distillation loss (see `Divergence`).
         ridge: ridge penalty of the least-squares adapter, relative to the mean squared
             norm of its inputs (`λ = ridge · tr(XᵀX) / h`).
         samples_per_prompt: replies sampled per training prompt.
@@ -132,6 +152,7 @@ class Config:
     source_layer: int | None = None
     adapter_init: AdapterInit = AdapterInit.LEAST_SQUARES
     ridge: float = 1e-4
+    divergence: Divergence = Divergence.KL
     samples_per_prompt: int = 2
     max_new_tokens: int = 128
     temperature: float = 0.8
@@ -169,6 +190,11 @@ class Config:
             raise ValueError(
                 f"Config.adapter_init must be an AdapterInit, got {self.adapter_init!r}; "
                 f"one of {[m.value for m in AdapterInit]}."
+            )
+        if not isinstance(self.divergence, Divergence):
+            raise ValueError(
+                f"Config.divergence must be a Divergence, got {self.divergence!r}; "
+                f"one of {[m.value for m in Divergence]}."
             )
         if not (self.ridge >= 0 and math.isfinite(self.ridge)):
             raise ValueError(f"Config.ridge must be a finite number >= 0, got {self.ridge!r}.")
@@ -459,6 +485,37 @@ def compute_features(
     return {layer: Features(hidden=hidden[layer], final=final) for layer in exit_layers}
 
 
+def cached_features(
+    workdir: str,
+    name: str,
+    fingerprint: dict,
+    params: ModelParams,
+    sequences: Sequences,
+    exit_layer: int,
+    progress: bool = True,
+) -> Features:
+    """`compute_features` for one L, stored in `workdir/name-features-L<L>-<hash>.npz` and
+    reused when the sequences' settings (`fingerprint`) and the dtype are the same."""
+    key = {**fingerprint, "exit_layer": exit_layer, "dtype": str(params.dtype)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = os.path.join(workdir, f"{name}-features-L{exit_layer}-{digest}.npz")
+    offsets = np.cumsum([0] + [len(x) for x in sequences.tokens])
+    if os.path.isfile(path):
+        with np.load(path) as data:
+            hidden, final = data["hidden"], data["final"]
+        if len(hidden) == offsets[-1]:
+            pieces = list(zip(offsets[:-1], offsets[1:], strict=True))
+            return Features(
+                hidden=[hidden[a:b] for a, b in pieces], final=[final[a:b] for a, b in pieces]
+            )
+    features = compute_features(params, sequences, [exit_layer], progress)[exit_layer]
+    os.makedirs(workdir, exist_ok=True)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, hidden=np.concatenate(features.hidden), final=np.concatenate(features.final))
+    os.replace(tmp, path)
+    return features
+
+
 # ---------------------------------------------------------------------------------------
 # Loss, acceptance and training.
 
@@ -467,18 +524,36 @@ def distillation_loss(
     head: ExitHead,
     params: ModelParams,
     hidden: Float[Array, "b t h"],
-    final: Float[Array, "b t h"],
     lengths: Int[Array, " b"],
-    weights: Float[Array, "b t"],
+    index: Int[Array, " n"],
+    final: Float[Array, "n h"],
+    weights: Float[Array, " n"],
+    divergence: Divergence = Divergence.KL,
 ) -> Float[Array, ""]:
-    """Weighted mean over positions of `KL(p || q)`: teacher `p`, draft `q` (temperature 1).
+    """Weighted mean over positions of a divergence of teacher `p` and draft `q`
+    (temperature 1; see `Divergence`), from log-softmaxed float32 logits. The exit block
+    runs on every column (attention needs them); the output head only on the `n` columns
+    the loss uses, which is most of the cost.
 
-    `KL = Σ_v p_v (log p_v − log q_v)`, from log-softmaxed float32 logits.
+    Args:
+        head: the exit head (differentiated).
+        params: the full model.
+        hidden: `[b, t, h]` layer-L states of right-padded rows.
+        lengths: `[b]` real tokens per row.
+        index: `[n]` flat column indices into `b · t` (row-major) of the loss positions.
+        final: `[n, h]` the teacher's final-normed hidden states at those columns.
+        weights: `[n]` position weights (0 for padding entries of `index`).
+        divergence: the loss per position (static).
     """
-    log_q = jax.nn.log_softmax(exit_logits(params, head, hidden, lengths), axis=-1)
+    draft = exit_hidden(params, head, hidden, lengths)
+    draft = draft.reshape(-1, draft.shape[-1])[index]
+    log_q = jax.nn.log_softmax(tied_logits(params, draft), axis=-1)
     log_p = jax.nn.log_softmax(tied_logits(params, final), axis=-1)
-    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-    return jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+    if divergence is Divergence.TV:
+        loss = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+    else:
+        loss = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    return jnp.sum(loss * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def _acceptance_batch(
@@ -537,11 +612,6 @@ def measure_acceptance(
 _exit_hidden_jit = jax.jit(exit_hidden)
 
 
-def _train_weights(lengths: Sequence[int], t: int) -> np.ndarray:
-    """`[b, t]`: 1 at every column that predicts a token of its sequence (all but the last)."""
-    return (np.arange(t)[None, :] < np.asarray(lengths)[:, None] - 1).astype(np.float32)
-
-
 def least_squares_adapter(
     params: ModelParams,
     head: ExitHead,
@@ -581,7 +651,7 @@ def least_squares_adapter(
             jnp.asarray(_pad([features.hidden[i] for i in index], t)),
             jnp.asarray(lengths, jnp.int32),
         )
-        mask = _train_weights(lengths, t) > 0
+        mask = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t) > 0
         x = np.asarray(x, np.float64)[mask]
         y = _pad([features.final[i] for i in index], t).astype(np.float64)[mask]
         xtx += x.T @ x
@@ -633,6 +703,18 @@ def _scale_norm_updates(multiplier: float) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def _loss_columns(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the nonzero entries of `weights [b, t]` and their weights, padded
+    with index 0 and weight 0 to a multiple of `_COLUMN_MULTIPLE` (few compiled shapes)."""
+    flat = np.flatnonzero(weights.reshape(-1))
+    n = max(-(-len(flat) // _COLUMN_MULTIPLE), 1) * _COLUMN_MULTIPLE
+    columns = np.zeros(n, np.int32)
+    columns[: len(flat)] = flat
+    values = np.zeros(n, np.float32)
+    values[: len(flat)] = weights.reshape(-1)[flat]
+    return columns, values
+
+
 def _batches(cfg: Config, n: int) -> list[np.ndarray]:
     """Sequence indices of every step: one seeded permutation per epoch."""
     out = []
@@ -666,9 +748,9 @@ def train_head(
     optimizer = make_optimizer(cfg, total)
     opt_state = optimizer.init(head)
 
-    def step_fn(head, opt_state, hidden, final, lengths, weights):
+    def step_fn(head, opt_state, hidden, lengths, columns, final, weights):
         loss, grads = jax.value_and_grad(distillation_loss)(
-            head, params, hidden, final, lengths, weights
+            head, params, hidden, lengths, columns, final, weights, cfg.divergence
         )
         updates, opt_state = optimizer.update(grads, opt_state, head)
         return optax.apply_updates(head, updates), opt_state, loss
@@ -694,13 +776,17 @@ def train_head(
         index = batches[step]
         lengths = [len(sequences.tokens[i]) for i in index]
         t = _padded_length(max(lengths))
-        weights = _train_weights(lengths, t)
+        reply = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t)
+        columns, weights = _loss_columns(reply)
+        final = _pad([features.final[i] for i in index], t)
+        final = final.reshape(len(index) * t, final.shape[-1])[columns]
         head, opt_state, loss_value = step_jit(
             head,
             opt_state,
             jnp.asarray(_pad([features.hidden[i] for i in index], t)),
-            jnp.asarray(_pad([features.final[i] for i in index], t)),
             jnp.asarray(lengths, jnp.int32),
+            jnp.asarray(columns),
+            jnp.asarray(final),
             jnp.asarray(weights),
         )
         loss = float(loss_value)
@@ -794,6 +880,8 @@ def checkpoint_dir(cfg: Config) -> str:
     if cfg.norm_lr_multiplier != 1.0:
         settings["norm_lr_multiplier"] = cfg.norm_lr_multiplier
     settings["adapter_init"] = cfg.adapter_init.value
+    if cfg.divergence is not Divergence.KL:
+        settings["divergence"] = cfg.divergence.value
     if cfg.adapter_init is AdapterInit.LEAST_SQUARES:
         settings["ridge"] = cfg.ridge
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -833,11 +921,18 @@ def run(cfg: Config, progress: bool = True) -> Result:
     train, heldout = load_sequences(cfg, params, model.tokenizer, progress)
     checkpoints = checkpoint_dir(cfg)
     least_squares = cfg.adapter_init is AdapterInit.LEAST_SQUARES
+    settings = sequence_settings(cfg)
     if _finished(cfg, checkpoints, len(train.tokens)) and not least_squares:
         train_features = None  # nothing left to train
     else:
-        train_features = compute_features(params, train, [cfg.exit_layer], progress)[cfg.exit_layer]
-    heldout_features = compute_features(params, heldout, [cfg.exit_layer], progress)[cfg.exit_layer]
+        train_features = cached_features(
+            cfg.workdir, "train", {**settings, "part": "train"}, params, train, cfg.exit_layer,
+            progress,
+        )  # fmt: skip
+    heldout_features = cached_features(
+        cfg.workdir, "heldout", {**settings, "part": "heldout"}, params, heldout, cfg.exit_layer,
+        progress,
+    )  # fmt: skip
     data_s = time.perf_counter() - start
 
     head = init_exit_head(params, cfg.exit_layer, cfg.source_layer)
@@ -878,6 +973,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     )
     config = dataclasses.asdict(cfg)
     config["adapter_init"] = cfg.adapter_init.value
+    config["divergence"] = cfg.divergence.value
     config["prompts"] = os.path.basename(cfg.prompts)
     config.pop("workdir")
     config.pop("output")
@@ -900,6 +996,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
         "train_config": config,
         "steps": steps,
         "train_tokens": result.train_tokens,
+        "final_loss": loss if math.isfinite(loss) else None,
+        "train_s": round(train_s, 1),
     }
     with open(sidecar_path(cfg.output), "w") as f:
         json.dump(sidecar, f, indent=2)
@@ -928,6 +1026,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how the adapter starts (default: %(default)s)",
     )
     parser.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge penalty")
+    parser.add_argument(
+        "--divergence",
+        type=Divergence,
+        default=d.divergence,
+        choices=list(Divergence),
+        metavar="{" + ",".join(m.value for m in Divergence) + "}",
+        help="distillation loss (default: %(default)s)",
+    )
     parser.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     parser.add_argument("--temperature", type=float, default=d.temperature)
@@ -972,7 +1078,7 @@ def main(args: argparse.Namespace) -> int:
         f"acceptance 1-TV on {a1.tokens} held-out tokens: untrained {a0.mean:.3f} ± {a0.se:.3f}, "
         f"{fitted_text}trained {a1.mean:.3f} ± {a1.se:.3f}\n"
         f"{result.steps} steps on {result.train_tokens} tokens in {result.train_s:.0f} s "
-        f"(data {result.data_s:.0f} s); final KL {result.final_loss:.3f}\n"
+        f"(data {result.data_s:.0f} s); final loss {result.final_loss:.3f}\n"
         f"wrote {result.output} and {sidecar_path(result.output)}"
     )
     return 0

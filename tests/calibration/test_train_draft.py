@@ -91,23 +91,43 @@ def _log_softmax64(logits) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def test_distillation_loss_matches_kl_of_forward_logits(toy):
+@pytest.mark.parametrize("divergence", list(train_draft.Divergence))
+def test_distillation_loss_matches_the_divergence_of_forward_logits(toy, divergence):
     params = toy.params
     exit_layer = max(params.config.num_layers - 2, 0)
     head = ee.init_exit_head(params, exit_layer)
     tokens = jax.random.randint(jax.random.key(0), (2, 5), 0, 200)
     lengths = jnp.asarray([5, 3], jnp.int32)
+    # A perturbed adapter, so that the folded head differs from the tied one.
+    h = params.config.hidden_size
+    kernel = jnp.eye(h) + 0.1 * jax.random.normal(jax.random.key(1), (h, h))
+    head = head.replace(adapter={"kernel": kernel})
     states = ee.layer_hidden_states(params, tokens, lengths, (exit_layer,))
-    weights = (jnp.arange(5)[None, :] < lengths[:, None]).astype(jnp.float32)
+    # Given weights 2 and 1 on three positions (row 0 columns 1 and 4, row 1 column 2),
+    # padded with a zero-weight entry,
+    weights = np.zeros((2, 5), np.float32)
+    weights[0, 1], weights[0, 4], weights[1, 2] = 2.0, 1.0, 1.0
+    columns, values = train_draft._loss_columns(weights)
+    assert list(columns[:3]) == [1, 4, 7] and values[3:].sum() == 0
 
     loss = train_draft.distillation_loss(
-        head, params, states.exits[0], states.final, lengths, weights
+        head,
+        params,
+        states.exits[0],
+        lengths,
+        jnp.asarray(columns),
+        states.final.reshape(10, h)[columns],
+        jnp.asarray(values),
+        divergence,
     )
 
     log_p = _log_softmax64(forward(params, tokens, lengths))
     log_q = _log_softmax64(forward(ee.build_draft(params, head), tokens, lengths))
-    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-    expected = np.sum(kl * np.asarray(weights)) / np.sum(np.asarray(weights))
+    if divergence is train_draft.Divergence.KL:
+        per_position = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    else:
+        per_position = 0.5 * np.sum(np.abs(np.exp(log_p) - np.exp(log_q)), axis=-1)
+    expected = np.sum(per_position * weights) / np.sum(weights)
     assert float(loss) == pytest.approx(expected, rel=KL_RTOL)
     assert expected > 0
 
