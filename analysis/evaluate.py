@@ -20,8 +20,9 @@ Definitions:
   answer's (the LLM's final hidden states mean-pooled over the text,
   `uhlm_jax.metrics.llm_embedder`); a mode's accuracy is the mean over prompts, and
   "% of LLM" divides it by LLM-only's.
-* The LLM's NLL is the mean negative log-probability (nats per token, temperature 1) the
-  LLM gives the emitted tokens, recorded during the rollout.
+* The LLM's NLL of a response is the mean negative log-probability (nats per token,
+  temperature 1) the LLM gives its tokens, recorded during the rollout; a mode's NLL is
+  the mean over prompts. Both means carry their standard error over prompts.
 * Throughput and speedup cost the recorded transmissions under a link preset and the
   default cost profile (TinyLlama-1.1B on a phone, Llama-2-7B on a data-centre GPU, as
   `uhlm link`); the speedup over HLM is bounded by `1/(1 − s)` for skip share `s`.
@@ -269,8 +270,9 @@ def _summary_row(
         "accuracy_se": float(frame["accuracy"].std(ddof=1) / math.sqrt(n)) if n > 1
         else float("nan"),
         "similarity_to_llm": float(frame["similarity_to_llm"].mean()),
-        "llm_nll": float(np.nansum(frame["llm_nll"] * frame["tokens"]) /
-                         max(int(frame["tokens"].sum()), 1)),
+        "llm_nll": float(frame["llm_nll"].mean()),
+        "llm_nll_se": float(frame["llm_nll"].std(ddof=1) / math.sqrt(n)) if n > 1
+        else float("nan"),
         "throughput_tokens_per_s": float(lm.throughput_tokens_per_s),
         "speedup_vs_hlm": float(lm.speedup_vs_hlm),
         "speedup_bound": float("nan") if mode is Mode.LLM_ONLY else float(lm.speedup_bound),
@@ -296,8 +298,8 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             _fmt(r.acceptance_rate), _fmt(r.true_skip_rate),
             f"{_fmt(r.accuracy)} ± {_fmt(r.accuracy_se)}",
             _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else "—",
-            _fmt(r.llm_nll), _fmt(r.throughput_tokens_per_s, 2), _fmt(r.speedup_vs_hlm),
-            _fmt(r.speedup_bound),
+            f"{_fmt(r.llm_nll, 2)} ± {_fmt(r.llm_nll_se, 2)}",
+            _fmt(r.throughput_tokens_per_s, 2), _fmt(r.speedup_vs_hlm), _fmt(r.speedup_bound),
         ])
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 

@@ -138,11 +138,11 @@ def test_summary_table_formats_percent_of_llm():
     summary = pd.DataFrame([
         {"label": "LLM only", "mode": "llm_only", "transmission_rate": math.nan,
          "skip_share": 0.0, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
-         "accuracy": 0.8, "accuracy_se": 0.01, "llm_nll": 2.0,
+         "accuracy": 0.8, "accuracy_se": 0.01, "llm_nll": 2.0, "llm_nll_se": 0.1,
          "throughput_tokens_per_s": 100.0, "speedup_vs_hlm": 5.0, "speedup_bound": math.nan},
         {"label": "SLM only", "mode": "slm_only", "transmission_rate": 0.0,
          "skip_share": 1.0, "acceptance_rate": math.nan, "true_skip_rate": 0.3,
-         "accuracy": 0.6, "accuracy_se": 0.02, "llm_nll": 9.0,
+         "accuracy": 0.6, "accuracy_se": 0.02, "llm_nll": 9.0, "llm_nll_se": 0.5,
          "throughput_tokens_per_s": 40.0, "speedup_vs_hlm": 2.0, "speedup_bound": math.inf},
     ])
     table = evaluate.summary_table(summary)
@@ -150,6 +150,7 @@ def test_summary_table_formats_percent_of_llm():
     assert table.iloc[1]["Accuracy (% of LLM)"] == "75.0"
     assert table.iloc[1]["Bound 1/(1−s)"] == "∞"
     assert table.iloc[0]["TR"] == "—"
+    assert table.iloc[1]["LLM NLL (nats/token)"] == "9.00 ± 0.50"
     text = evaluate.format_table(table)
     assert text.splitlines()[0].startswith("Mode") and "75.0" in text
 
