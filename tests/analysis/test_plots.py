@@ -146,3 +146,16 @@ def test_pareto_front_keeps_only_undominated_points():
     y = np.array([0.9, 0.8, 0.5, 0.4, 0.95])
     # (2.5, 0.4) is beaten by (3.0, 0.5); the others trade speed for agreement.
     assert sorted(plots._frontier(x, y).tolist()) == [0, 1, 2, 4]
+
+
+def test_evaluated_modes(tmp_path):
+    summary = pd.DataFrame(
+        {
+            "mode": ["llm_only", "slm_only", "hlm", "uhlm", "uhlm", "rand_hlm"],
+            "label": ["LLM only", "SLM only", "HLM", "U-HLM, a", "U-HLM, b", "Rand-HLM"],
+            "accuracy": [0.85, 0.79, 0.86, 0.85, 0.83, 0.83],
+            "accuracy_se": [0.01, 0.013, 0.01, 0.01, 0.016, 0.016],
+            "throughput_tokens_per_s": [150.0, 37.0, 20.8, 22.0, 24.5, 21.9],
+        }
+    )
+    _check(plots.evaluated_modes(summary, tmp_path / "modes.png", link="medium link"))
