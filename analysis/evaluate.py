@@ -377,7 +377,10 @@ def run(cfg: Config, progress: bool = True) -> Result:
     prompts_path = cfg.prompts or embedded_prompts_path()
     prompts = read_prompts(prompts_path, cfg.split)[: cfg.num_prompts]
     if not prompts:
-        raise ValueError(f"no prompts in {prompts_path!r} with split {cfg.split!r}")
+        raise ValueError(
+            f"no prompts in {prompts_path!r} with split {cfg.split!r}; pick another split, or "
+            "--split all to use every prompt"
+        )
     pair = load_pair(settings.get("pair") or run_config["pair"]["name"])
     max_new = cfg.max_new_tokens or int(settings.get("max_new_tokens", 64))
     seed = int(settings.get("seed", 0)) if cfg.seed is None else cfg.seed
