@@ -70,7 +70,7 @@ class Scale:
     stage_seconds: tuple[float, ...]
 
 
-FULL = Scale(None, None, 64, 12, 500, 500, (12, 100, 25, 10, 150, 5, 15))
+FULL = Scale(None, None, 64, 36, 500, 500, (12, 100, 25, 10, 150, 5, 15))
 QUICK = Scale(4, 4, 12, 4, 100, 100, (12, 35, 15, 5, 60, 5, 12))
 
 

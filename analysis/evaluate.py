@@ -56,7 +56,7 @@ from uhlm_jax import metrics
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import ModelPair, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
-from uhlm_jax.uncertainty import DEFAULT_MEASURES
+from uhlm_jax.uncertainty import DEFAULT_MEASURES, OneMinusMaxProbability
 
 __all__ = [
     "PER_PROMPT_FILE",
@@ -395,9 +395,13 @@ def run(cfg: Config, progress: bool = True) -> Result:
                                    for p in prompts])
 
     def rollout(mode: Mode, **params):
+        # Only U-HLM gates on u; the other modes record the cheapest measure (one max over
+        # the vocabulary) instead of paying for the gate measure's work on every token.
+        recorded = measure if mode is Mode.UHLM else OneMinusMaxProbability()
         return run_rollout(
             pair, texts,
-            RolloutConfig(mode=mode, max_new_tokens=max_new, measures=(measure,), gate_measure=0),
+            RolloutConfig(mode=mode, max_new_tokens=max_new, measures=(recorded,),
+                          gate_measure=0),
             RolloutParams.create(**temperatures, **params), seed=seed, prompt_ids=prompt_ids,
         )
 
