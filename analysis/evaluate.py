@@ -248,7 +248,8 @@ def _summary_row(
     lm = metrics.link_metrics(mode, transmitted, valid, profile, jax.random.key(seed))
     tm, lm = jax.device_get((tm, lm))
     n = len(frame)
-    skip_share = float(lm.llm_calls_saved / max(float(tm.tokens), 1.0))
+    skip_share = (float("nan") if mode is Mode.LLM_ONLY
+                  else float(lm.llm_calls_saved / max(float(tm.tokens), 1.0)))
     return {
         "label": frame["label"].iloc[0],
         "mode": mode.value,

@@ -137,7 +137,7 @@ def test_embed_texts_pads_and_handles_empty_rows():
 def test_summary_table_formats_percent_of_llm():
     summary = pd.DataFrame([
         {"label": "LLM only", "mode": "llm_only", "transmission_rate": math.nan,
-         "skip_share": 0.0, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
+         "skip_share": math.nan, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
          "accuracy": 0.8, "accuracy_se": 0.01, "llm_nll": 2.0, "llm_nll_se": 0.1,
          "throughput_tokens_per_s": 100.0, "speedup_vs_hlm": 5.0, "speedup_bound": math.nan},
         {"label": "SLM only", "mode": "slm_only", "transmission_rate": 0.0,
