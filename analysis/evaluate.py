@@ -225,9 +225,9 @@ def _job_frame(
             "tokens": tokens,
             "transmitted": sent.sum(0),
             "accepted": (out_records.accepted & valid).sum(0),
-            "skipped": skip.sum(0) if mode not in (Mode.LLM_ONLY,) else 0,
-            "skipped_beta": np.where(skip, beta, 0.0).sum(0) if mode is not Mode.LLM_ONLY
-            else 0.0,
+            # LLM-only drafts nothing: no token is skipped.
+            "skipped": 0 if mode is Mode.LLM_ONLY else skip.sum(0),
+            "skipped_beta": 0.0 if mode is Mode.LLM_ONLY else np.where(skip, beta, 0.0).sum(0),
             "llm_nll": np.where(tokens > 0, -log_prob / np.maximum(tokens, 1), np.nan),
             "accuracy": np.asarray(metrics.cosine_similarity(embeddings, reference)),
             "text": texts,
