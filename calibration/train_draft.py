@@ -148,15 +148,15 @@ class Config:
 
     model: str = DEFAULT_MODEL
     prompts: str = dataclasses.field(default_factory=default_prompts_path)
-    exit_layer: int = 9
+    exit_layer: int = 10
     source_layer: int | None = None
     adapter_init: AdapterInit = AdapterInit.LEAST_SQUARES
     ridge: float = 1e-4
-    divergence: Divergence = Divergence.KL
+    divergence: Divergence = Divergence.TV
     samples_per_prompt: int = 2
     max_new_tokens: int = 128
     temperature: float = 0.8
-    epochs: int = 4
+    epochs: int = 6
     batch_size: int = 4
     learning_rate: float = 5e-4
     norm_lr_multiplier: float = 1.0
@@ -880,7 +880,7 @@ def checkpoint_dir(cfg: Config) -> str:
     if cfg.norm_lr_multiplier != 1.0:
         settings["norm_lr_multiplier"] = cfg.norm_lr_multiplier
     settings["adapter_init"] = cfg.adapter_init.value
-    if cfg.divergence is not Divergence.KL:
+    if cfg.divergence is not Divergence.KL:  # keeps the folders of earlier KL runs
         settings["divergence"] = cfg.divergence.value
     if cfg.adapter_init is AdapterInit.LEAST_SQUARES:
         settings["ridge"] = cfg.ridge

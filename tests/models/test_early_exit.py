@@ -253,6 +253,9 @@ def test_flops_fraction_by_hand():
         (10 * 3538944 + 28311552) / (30 * 3538944 + 28311552), rel=1e-12
     )
     assert ee.draft_flops_fraction(SMOLLM2_135M, 9) < 0.5
+    # L = 10 keeps 11 layers: 11 * 3538944 + 28311552 = 67239936, half of 134479872.
+    assert ee.draft_flops_fraction(SMOLLM2_135M, 10) == pytest.approx(0.5, rel=1e-12)
+    assert ee.draft_flops_fraction(SMOLLM2_135M, 11) > 0.5
 
 
 # ---------------------------------------------------------------------------------------
