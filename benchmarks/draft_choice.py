@@ -175,7 +175,7 @@ def _table(rows, run_rows, embedded, base, train, heldout, data_s) -> str:
         f"{data_s:.0f} s.",
         "",
         "| L | draft layers | FLOPs vs full | acceptance untrained | least squares "
-        "| fit time | trained (KL) |",
+        "| fit time | trained |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -192,9 +192,9 @@ def _table(rows, run_rows, embedded, base, train, heldout, data_s) -> str:
     if run_rows:
         lines += [
             "",
-            "`uhlm train-draft` runs (least-squares or identity adapter init, then KL "
-            "distillation over the reply positions; AdamW, warm-up and cosine decay), as "
-            "stated in their JSON files:",
+            "`uhlm train-draft` runs (adapter init, then distillation with the stated loss "
+            "over the reply positions; AdamW, warm-up and cosine decay), as stated in their "
+            "JSON files:",
             "",
             "| L | FLOPs | adapter init | epochs | batch | peak lr | steps | untrained "
             "| least squares | trained | loss | train time |",
