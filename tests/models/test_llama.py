@@ -22,6 +22,7 @@ from uhlm_jax.models import (
     Padding,
     init_cache,
     init_params,
+    llama,
     params_from_hf,
     params_to_hf,
 )
@@ -156,6 +157,87 @@ def test_left_and_right_padded_forward_agree_on_real_tokens(config):
     for row, prompt in enumerate(prompts):
         n = len(prompt)
         assert_close_to_scale(left[row, t - n :], right[row, :n], PATH_RTOL)
+
+
+# ---------------------------------------------------------------------------------------
+# Layer by layer: the residual stream and single layers.
+
+
+def _separate_projections(layer: dict, config: ModelConfig) -> dict:
+    """The layer with `q_proj, k_proj, v_proj` and `gate_proj, up_proj` split apart."""
+    q_width, kv_width = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+    qkv = attn.pop("qkv_proj")
+    for name, cut in zip(
+        ("q_proj", "k_proj", "v_proj"),
+        np.split(np.arange(q_width + 2 * kv_width), [q_width, q_width + kv_width]),
+        strict=True,
+    ):
+        attn[name] = {leaf: value[..., cut] for leaf, value in qkv.items()}
+    gate, up = jnp.split(mlp.pop("gate_up_proj")["kernel"], 2, axis=-1)
+    mlp["gate_proj"], mlp["up_proj"] = {"kernel": gate}, {"kernel": up}
+    return {**layer, "self_attn": attn, "mlp": mlp}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("padding", [Padding.RIGHT, Padding.LEFT])
+def test_residual_stream_is_the_layers_run_one_by_one(config, padding):
+    # Given a padded batch,
+    params = random_params(config)
+    prompts = random_prompts(config, [6, 2, 4])
+    tokens, lengths = padded_batch(prompts, padding)
+    t = tokens.shape[1]
+    real = np.asarray(
+        [
+            np.arange(t) < n if padding is Padding.RIGHT else np.arange(t) >= t - n
+            for n in map(len, prompts)
+        ]
+    )
+    layers = tuple(range(config.num_layers))[::-1]
+    # when the stream is kept at every layer (jitted, in reverse order),
+    stream = jax.jit(llama.residual_stream, static_argnames=("layers", "padding"))
+    inputs, final = stream(params, tokens, lengths, layers=layers, padding=padding)
+    # then it equals the embedding run eagerly through `decoder_layer` one layer at a time,
+    x = params.weights["embed_tokens"]["embedding"][tokens]
+    for i in range(config.num_layers):
+        assert_close_to_scale(inputs[layers.index(i)][real], x[real], PATH_RTOL)
+        x = llama.decoder_layer(config, params.weights[f"layers_{i}"], x, lengths, padding)
+    normed = llama.rms_norm(x, params.weights["norm"]["scale"], config.rms_norm_eps)
+    assert_close_to_scale(final[real], normed[real], PATH_RTOL)
+    # its final states are those of `final_hidden_states`,
+    hidden = llama.final_hidden_states(params, tokens, lengths, padding)
+    assert_close_to_scale(final[real], hidden[real], PATH_RTOL)
+    # and the output head on them gives `forward`'s logits (head applied in float64).
+    weights = params.weights
+    head = (
+        np.asarray(weights["embed_tokens"]["embedding"], np.float64).T
+        if config.tie_word_embeddings
+        else np.asarray(weights["lm_head"]["kernel"], np.float64)
+    )
+    logits = np.asarray(final, np.float64)[real] @ head
+    assert_close_to_scale(logits, forward(params, tokens, lengths, padding)[real], PATH_RTOL)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_decoder_layer_reads_separate_projections_exactly_as_fused_ones(config):
+    params = random_params(config)
+    fused = params.weights["layers_1"]
+    x = jax.random.normal(jax.random.key(2), (2, 5, config.hidden_size))
+    lengths = jnp.asarray([5, 3], jnp.int32)
+    separate = _separate_projections(fused, config)
+    assert "qkv_proj" not in separate["self_attn"] and "gate_up_proj" not in separate["mlp"]
+    np.testing.assert_array_equal(
+        llama.decoder_layer(config, separate, x, lengths),
+        llama.decoder_layer(config, fused, x, lengths),
+    )
+
+
+@pytest.mark.parametrize("bad", [-1, 2, True, 1.0])
+def test_residual_stream_names_a_bad_layer(bad):
+    params = random_params(LLAMA_GQA)
+    tokens = jnp.zeros((1, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"layer .* must be an int in \[0, 1\]"):
+        llama.residual_stream(params, tokens, jnp.asarray([3]), (0, bad))
 
 
 # ---------------------------------------------------------------------------------------

@@ -21,9 +21,9 @@ default: one SmolLM2 layer is 3.5 M parameters and the adapter 0.33 M, 7.8 MB).
 
 For training, `layer_hidden_states` runs the full model once and returns the residual
 stream after chosen layers plus the final-normed hidden state (the teacher), and
-`exit_hidden` / `exit_logits` run an exit head on stored layer-L states. They are pure
-functions over the same weight dictionaries as `uhlm_jax.models.llama`, and the tests
-check them against `llama.forward`.
+`exit_hidden` / `exit_logits` run an exit head on stored layer-L states. They call
+`llama.residual_stream`, `llama.decoder_layer` and `llama.rms_norm`, the decoder's own
+layers, and the tests check them against `llama.forward` of the draft.
 
 Shapes (see `uhlm_jax.types`): `b` batch, `t` tokens, `v` vocabulary, `h` hidden.
 """
@@ -32,7 +32,6 @@ Shapes (see `uhlm_jax.types`): `b` batch, `t` tokens, `v` vocabulary, `h` hidden
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping, Sequence
 
@@ -45,7 +44,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from uhlm_jax.models.config import ModelConfig
-from uhlm_jax.models.llama import ModelParams
+from uhlm_jax.models.llama import ModelParams, decoder_layer, residual_stream, rms_norm
 
 __all__ = [
     "ExitHead",
@@ -75,9 +74,6 @@ _FORMAT = "uhlm_jax.early_exit/2"  # /1: no adapter
 _LAYER_PREFIX = "exit_block"
 _NORM_NAME = "norm/scale"
 _ADAPTER_NAME = "adapter/kernel"
-
-# Score given to masked keys (as in llama.py): finite, so a padding query never yields NaN.
-_MASKED = float(np.finfo(np.float32).min)
 
 
 @flax.struct.dataclass
@@ -300,72 +296,7 @@ def draft_flops_fraction(config: ModelConfig, exit_layer: int, context_length: i
 
 
 # ---------------------------------------------------------------------------------------
-# Pure-function network pieces over the weight dictionaries (training and measurement).
-
-
-def _rms_norm(x: Array, scale: Array, eps: float) -> Array:
-    x32 = x.astype(jnp.float32)
-    normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(scale.dtype) * scale
-
-
-def _dense(x: Array, p: Mapping[str, Array]) -> Array:
-    y = x @ p["kernel"]
-    return y + p["bias"] if "bias" in p else y
-
-
-def _qkv(attn: Mapping, y: Array, q_width: int, kv_width: int) -> tuple[Array, Array, Array]:
-    """Query, key and value projections, from the fused `qkv_proj` or separate weights."""
-    if "qkv_proj" in attn:
-        return tuple(jnp.split(_dense(y, attn["qkv_proj"]), [q_width, q_width + kv_width], -1))
-    return tuple(_dense(y, attn[name]) for name in ("q_proj", "k_proj", "v_proj"))
-
-
-def _rope(x: Float[Array, "b t n d"], positions: Int[Array, "b t"], theta: float) -> Array:
-    d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    x32 = x.astype(jnp.float32)
-    rotated = jnp.concatenate([-x32[..., d // 2 :], x32[..., : d // 2]], axis=-1)
-    return (x32 * jnp.cos(angles) + rotated * jnp.sin(angles)).astype(x.dtype)
-
-
-def _decoder_layer(
-    config: ModelConfig, layer: Mapping, x: Float[Array, "b t h"], lengths: Int[Array, " b"]
-) -> Float[Array, "b t h"]:
-    """One pre-norm decoder layer over right-padded rows with causal attention.
-
-    Accepts both weight layouts of `llama.py`: fused (`qkv_proj`, `gate_up_proj`, q then k
-    then v, gate then up, side by side) and separate (`q_proj`, ..., `up_proj`).
-    """
-    b, t, _ = x.shape
-    kh, g, d = config.num_kv_heads, config.num_groups, config.head_dim
-    positions = jnp.broadcast_to(jnp.arange(t)[None, :], (b, t))
-    slots = jnp.arange(t)
-    mask = (slots[None, :] <= slots[:, None])[None] & (
-        slots[None, None, :] < lengths[:, None, None]
-    )
-    attn = layer["self_attn"]
-    y = _rms_norm(x, layer["input_layernorm"]["scale"], config.rms_norm_eps)
-    q, k, v = _qkv(attn, y, kh * g * d, kh * d)
-    q = _rope(q.reshape(b, t, kh * g, d), positions, config.rope_theta)
-    k = _rope(k.reshape(b, t, kh, d), positions, config.rope_theta)
-    v = v.reshape(b, t, kh, d)
-    q = q.reshape(b, t, kh, g, d)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores / math.sqrt(d), _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v).reshape(b, t, kh * g * d)
-    x = x + _dense(out, attn["o_proj"])
-    mlp = layer["mlp"]
-    y = _rms_norm(x, layer["post_attention_layernorm"]["scale"], config.rms_norm_eps)
-    if "gate_up_proj" in mlp:
-        gate, up = jnp.split(_dense(y, mlp["gate_up_proj"]), 2, axis=-1)
-    else:
-        gate, up = _dense(y, mlp["gate_proj"]), _dense(y, mlp["up_proj"])
-    hidden = jax.nn.silu(gate) * up
-    return x + _dense(hidden, mlp["down_proj"])
+# Running the full model and exit heads on stored states (training and measurement).
 
 
 def layer_hidden_states(
@@ -388,16 +319,8 @@ def layer_hidden_states(
     """
     for exit_layer in exit_layers:
         _check_exit_layer(params.config, exit_layer)
-    config, weights = params.config, params.weights
-    lengths = jnp.asarray(lengths, jnp.int32)
-    x = weights["embed_tokens"]["embedding"][tokens]
-    exits = {}
-    for i in range(config.num_layers):
-        if i in exit_layers:
-            exits[i] = x
-        x = _decoder_layer(config, weights[f"layers_{i}"], x, lengths)
-    final = _rms_norm(x, weights["norm"]["scale"], config.rms_norm_eps)
-    return HiddenStates(exits=jnp.stack([exits[i] for i in exit_layers]), final=final)
+    exits, final = residual_stream(params, tokens, lengths, tuple(exit_layers))
+    return HiddenStates(exits=exits, final=final)
 
 
 def tied_logits(params: ModelParams, hidden: Float[Array, "... h"]) -> Float[Array, "... v"]:
@@ -426,8 +349,8 @@ def exit_hidden(
         `[b, t, h]` in the parameter dtype.
     """
     config = params.config
-    x = _decoder_layer(config, head.layer, hidden.astype(params.dtype), jnp.asarray(lengths))
-    return _rms_norm(x, head.norm["scale"], config.rms_norm_eps) @ head.adapter["kernel"]
+    x = decoder_layer(config, head.layer, hidden.astype(params.dtype), lengths)
+    return rms_norm(x, head.norm["scale"], config.rms_norm_eps) @ head.adapter["kernel"]
 
 
 def exit_logits(

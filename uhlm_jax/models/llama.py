@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -88,6 +88,24 @@ class ModelParams:
 # Network definition.
 
 
+def rms_norm(x: Float[Array, "... h"], scale: Float[Array, " h"], eps: float) -> Array:
+    """RMSNorm `x / sqrt(mean(x²) + eps) * scale`, normalised in float32.
+
+    Zhang & Sennrich, "Root Mean Square Layer Normalization" (2019).
+
+    Args:
+        x: `[..., h]` hidden states.
+        scale: `[h]` learned scale; its dtype is the dtype of the result.
+        eps: added to the mean square (the config's `rms_norm_eps`).
+
+    Returns:
+        `[..., h]` in `scale`'s dtype.
+    """
+    x32 = x.astype(jnp.float32)
+    normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return normed.astype(scale.dtype) * scale
+
+
 class _RMSNorm(nn.Module):
     """RMSNorm computed in float32, scaled in the compute dtype (as in HF)."""
 
@@ -97,9 +115,7 @@ class _RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: Float[Array, "... h"]) -> Float[Array, "... h"]:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(self.dtype) * scale
+        return rms_norm(x, scale, self.eps)
 
 
 def _rotate_half(x: Float[Array, "... d"]) -> Float[Array, "... d"]:
@@ -315,6 +331,28 @@ class _Decoder(nn.Module):
             return jnp.einsum("vh,bth->btv", table, x, preferred_element_type=jnp.float32), new_kvs
         return self.lm_head(x).astype(jnp.float32), new_kvs
 
+    def residual_stream(self, tokens, positions, mask, layers):
+        """Runs whole sequences through all layers, keeping the inputs of `layers`.
+
+        Args:
+            tokens, positions, mask: as in `__call__`, without a cache (`s = t`).
+            layers: static layer indices.
+
+        Returns:
+            `[n, b, t, h]` the inputs of `layers` (in that order) and `[b, t, h]` the final
+            normalised hidden states, both in the compute dtype.
+        """
+        cfg = self.config
+        cos, sin = _rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+        x = self.embed_tokens(tokens)
+        inputs = {}
+        for i, layer in enumerate(self.layers):
+            inputs[i] = x
+            x, _ = layer(x, cos, sin, mask, None, 0)
+        kept = [inputs[i] for i in layers]
+        stacked = jnp.stack(kept) if kept else jnp.zeros((0, *x.shape), x.dtype)
+        return stacked, self.norm(x)
+
 
 # ---------------------------------------------------------------------------------------
 # Parameters.
@@ -421,6 +459,27 @@ def _hf_layout(config: ModelConfig) -> dict[tuple[str, ...], tuple[list[str], bo
     return layout
 
 
+def _fused_layout(layer: Mapping) -> dict:
+    """A layer's weights with fused `qkv_proj` and `gate_up_proj` (as `_DecoderLayer`
+    reads them), from fused or separate projections (concatenated along the output)."""
+
+    def fuse(tree: Mapping, names: tuple[str, ...], fused: str) -> dict:
+        tree = dict(tree)
+        if fused in tree:
+            return tree
+        parts = [tree.pop(name) for name in names]
+        tree[fused] = {
+            leaf: jnp.concatenate([part[leaf] for part in parts], axis=-1) for leaf in parts[0]
+        }
+        return tree
+
+    return {
+        **layer,
+        "self_attn": fuse(layer["self_attn"], ("q_proj", "k_proj", "v_proj"), "qkv_proj"),
+        "mlp": fuse(layer["mlp"], ("gate_proj", "up_proj"), "gate_up_proj"),
+    }
+
+
 # Tensors some HF checkpoints carry that the decoder does not need.
 _IGNORED_HF_TENSOR = re.compile(r".*\.rotary_emb\.inv_freq")
 
@@ -524,6 +583,16 @@ def _block_mask(start: Int[Array, " b"], t: int) -> Array:
     return causal[None] & (slots[None, None, :] >= start[:, None, None])
 
 
+def _whole_sequences(
+    lengths: Int[Array, " b"], t: int, padding: Padding
+) -> tuple[Int[Array, "b t"], Bool[Array, "b t t"]]:
+    """RoPE positions and causal mask of `t`-column padded rows run without a cache."""
+    lengths = jnp.asarray(lengths, jnp.int32)
+    start = t - lengths if padding is Padding.LEFT else jnp.zeros_like(lengths)
+    positions = jnp.arange(t)[None, :] - start[:, None]
+    return positions, _block_mask(start, t)
+
+
 def forward(
     params: ModelParams,
     tokens: Int[Array, "b t"],
@@ -544,15 +613,9 @@ def forward(
         Columns of padding hold finite values that mean nothing.
     """
     _check_batch("forward", tokens, 2)
-    b, t = tokens.shape
-    lengths = jnp.asarray(lengths, jnp.int32)
-    if padding is Padding.LEFT:
-        start = t - lengths
-    else:
-        start = jnp.zeros((b,), jnp.int32)
-    positions = jnp.arange(t)[None, :] - start[:, None]
+    positions, mask = _whole_sequences(lengths, tokens.shape[1], padding)
     logits, _ = _module(params).apply(
-        {"params": params.weights}, tokens, positions, _block_mask(start, t), None, 0, False
+        {"params": params.weights}, tokens, positions, mask, None, 0, False
     )
     return logits
 
@@ -579,21 +642,85 @@ def final_hidden_states(
         Float32 `[b, t, h]`; columns of padding hold values that mean nothing.
     """
     _check_batch("final_hidden_states", tokens, 2)
-    b, t = tokens.shape
-    lengths = jnp.asarray(lengths, jnp.int32)
-    start = t - lengths if padding is Padding.LEFT else jnp.zeros((b,), jnp.int32)
-    positions = jnp.arange(t)[None, :] - start[:, None]
+    positions, mask = _whole_sequences(lengths, tokens.shape[1], padding)
     hidden, _ = _module(params).apply(
+        {"params": params.weights}, tokens, positions, mask, None, 0, False, True
+    )
+    return hidden
+
+
+def residual_stream(
+    params: ModelParams,
+    tokens: Int[Array, "b t"],
+    lengths: Int[Array, " b"],
+    layers: Sequence[int],
+    padding: Padding = Padding.RIGHT,
+) -> tuple[Float[Array, "n b t h"], Float[Array, "b t h"]]:
+    """The residual stream of whole sequences entering chosen layers, without a cache.
+
+    Args:
+        params: the model.
+        tokens: `[b, t]` token ids; row `b` holds `lengths[b]` real tokens placed as
+            `padding` says.
+        lengths: `[b]` real tokens per row, in `[1, t]`.
+        layers: static layer indices, each in `[0, num_layers)`; entry `i` of the first
+            result is the input of layer `layers[i]` (the embedding for layer 0).
+        padding: where each row's padding sits.
+
+    Returns:
+        `[n, b, t, h]` the inputs of `layers` and `[b, t, h]` the final normalised hidden
+        states (those of `final_hidden_states`), both in the parameter dtype. Columns of
+        padding hold values that mean nothing.
+
+    Raises:
+        ValueError: naming the layer, if one is out of range.
+    """
+    _check_batch("residual_stream", tokens, 2)
+    n = params.config.num_layers
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
+            raise ValueError(
+                f"residual_stream: layer {layer!r} must be an int in [0, {n - 1}] for a "
+                f"model with {n} layers."
+            )
+    positions, mask = _whole_sequences(lengths, tokens.shape[1], padding)
+    return _module(params).apply(
         {"params": params.weights},
         tokens,
         positions,
-        _block_mask(start, t),
-        None,
-        0,
-        False,
-        True,
+        mask,
+        tuple(layers),
+        method=_Decoder.residual_stream,
     )
-    return hidden
+
+
+def decoder_layer(
+    config: ModelConfig,
+    layer: Mapping,
+    x: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+    padding: Padding = Padding.RIGHT,
+) -> Float[Array, "b t h"]:
+    """One decoder layer over whole sequences, without a cache.
+
+    Args:
+        config: the architecture.
+        layer: the layer's weights, as `weights["layers_i"]` of a `ModelParams`, or with
+            separate `self_attn/{q,k,v}_proj` and `mlp/{gate,up}_proj` (HF's layout with
+            `[in, out]` kernels); their dtype is the compute dtype.
+        x: `[b, t, h]` the layer's input (the residual stream).
+        lengths: `[b]` real tokens per row, in `[1, t]`.
+        padding: where each row's padding sits.
+
+    Returns:
+        `[b, t, h]` the layer's output, in the weights' dtype. Columns of padding hold
+        values that mean nothing.
+    """
+    positions, mask = _whole_sequences(lengths, x.shape[1], padding)
+    cos, sin = _rope_tables(positions, config.head_dim, config.rope_theta)
+    module = _DecoderLayer(config, layer["input_layernorm"]["scale"].dtype)
+    out, _ = module.apply({"params": _fused_layout(layer)}, x, cos, sin, mask, None, 0)
+    return out
 
 
 def prefill(
