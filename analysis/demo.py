@@ -45,6 +45,8 @@ DEMO_FILE = "demo.json"
 DEFAULT_PAIR = "smollm2-exit"
 DEFAULT_OUT = "runs/demo"
 CALIBRATION_SPLIT = "calibration"
+# Prior weight, in seconds, of the expected pace in the time-left estimate.
+_PACE_PRIOR_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +59,7 @@ class Scale:
         max_new_tokens: tokens per reply at most.
         batch_size: prompts per calibration batch.
         num_warmup, num_samples: NUTS warmup and draws per chain.
-        stage_seconds: expected seconds of each stage on two CPU cores (for the time
+        stage_seconds: seconds of each stage measured on two idle CPU cores (for the time
             estimate; rescaled by the measured pace as the demo runs).
     """
 
@@ -70,8 +72,8 @@ class Scale:
     stage_seconds: tuple[float, ...]
 
 
-FULL = Scale(None, None, 64, 36, 500, 500, (12, 100, 25, 10, 150, 5, 15))
-QUICK = Scale(4, 4, 12, 4, 100, 100, (12, 35, 15, 5, 60, 5, 12))
+FULL = Scale(None, None, 64, 36, 500, 500, (5, 55, 20, 7, 165, 4, 4))
+QUICK = Scale(4, 4, 12, 4, 100, 100, (2, 12, 25, 8, 50, 4, 5))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +144,8 @@ class _Stages:
     """Prints each stage with the time so far and an estimate of the time left.
 
     The estimate is the expected seconds of the stages left, scaled by how the stages done
-    so far compared with their expected seconds.
+    so far compared with their expected seconds (with `_PACE_PRIOR_S` seconds of prior
+    weight on the expected pace).
     """
 
     def __init__(self, names: list[str], expected: tuple[float, ...], progress: bool):
@@ -152,8 +155,9 @@ class _Stages:
 
     def run(self, index: int, fn: Callable[[], Any]) -> Any:
         elapsed = time.perf_counter() - self.start
-        done_expected = sum(self.expected[:index])
-        pace = elapsed / done_expected if index and done_expected > 0 else 1.0
+        # The pace (measured over expected time) starts at 1 and follows the measurements
+        # as they add up, so one short stage does not swing the estimate.
+        pace = (elapsed + _PACE_PRIOR_S) / (sum(self.expected[:index]) + _PACE_PRIOR_S)
         left = pace * sum(self.expected[index:])
         if self.progress:
             print(f"[{index + 1}/{len(self.names)}] {self.names[index]} "
