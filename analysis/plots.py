@@ -12,7 +12,8 @@ and calls them.
   throughput against the threshold (replay lines, rollout points with error bars);
 * `throughput_vs_snr` — every mode's token throughput against the link's mean SNR;
 * `pareto` — LLM agreement against throughput, per mode and threshold;
-* `evaluated_modes` — accuracy against throughput of real rollouts on held-out prompts;
+* `evaluated_modes` — accuracy and the LLM's NLL against throughput of real rollouts on
+  held-out prompts;
 * `risk_histograms` — realised risk on held-out prompts over random splits, with `ε`;
 * `measure_comparison` — uncertainty measures by correlation with `β` and AUROC of `β > 0`.
 """
@@ -60,6 +61,8 @@ MODE_STYLE = {
     "uhlm": ("U-HLM", "tab:red", "o"),
     "rand_hlm": ("Rand-HLM", "tab:green", "^"),
 }
+# U-HLM rows at several thresholds: shades no other mode uses.
+_UHLM_ROW_COLOURS = ("tab:red", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
 _THRESHOLD_COLOURS = ("tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink")
 
 
@@ -335,34 +338,35 @@ def pareto(table: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> P
 
 
 def evaluated_modes(summary: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> Path:
-    """Accuracy (± 2 SE) against throughput, one point per evaluated mode, with LLM-only's
-    accuracy as a reference line.
+    """Accuracy and the LLM's NLL (± 2 SE) against throughput, one point per evaluated row.
 
     Args:
         summary: rows of `analysis.evaluate` (`mode`, `label`, `accuracy`, `accuracy_se`,
-            `throughput_tokens_per_s`).
+            `llm_nll`, `llm_nll_se`, `throughput_tokens_per_s`).
         path: the PNG to write.
         link: the link's label, for the title.
     """
-    fig, ax = _figure()
-    labelled = set()
+    fig, (acc_ax, nll_ax) = _figure(1, 2)
+    uhlm_rows = 0
     for row in summary.itertuples():
-        name, colour, marker = MODE_STYLE[row.mode]
-        ax.errorbar(row.throughput_tokens_per_s, row.accuracy, yerr=2 * row.accuracy_se,
-                    fmt=marker, color=colour, ms=9, capsize=3,
-                    label=None if row.mode in labelled else name)
-        labelled.add(row.mode)
-        ax.annotate(row.label, (row.throughput_tokens_per_s, row.accuracy),
-                    textcoords="offset points", xytext=(6, 4), fontsize=7)
-        if row.mode == "llm_only":
-            ax.axhline(row.accuracy, color=colour, lw=1, ls="--")
-    ax.set_xscale("log")
-    _plain_log_axis(ax.xaxis)
-    ax.set_xlabel("token throughput (tokens/s, log scale)")
-    ax.set_ylabel("accuracy: cosine similarity to the reference answer (± 2 SE)")
-    ax.set_title("Modes on held-out prompts (real rollouts)" + (f", {link}" if link else ""))
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+        _, colour, marker = MODE_STYLE[row.mode]
+        if row.mode == "uhlm":
+            colour = _UHLM_ROW_COLOURS[uhlm_rows % len(_UHLM_ROW_COLOURS)]
+            uhlm_rows += 1
+        style = dict(fmt=marker, color=colour, ms=8, capsize=3, mfc="none", mew=1.6)
+        acc_ax.errorbar(row.throughput_tokens_per_s, row.accuracy, yerr=2 * row.accuracy_se,
+                        label=row.label, **style)
+        nll_ax.errorbar(row.throughput_tokens_per_s, row.llm_nll, yerr=2 * row.llm_nll_se,
+                        **style)
+    for ax in (acc_ax, nll_ax):
+        ax.set_xscale("log")
+        _plain_log_axis(ax.xaxis)
+        ax.set_xlabel("token throughput (tokens/s, log scale)")
+        ax.grid(alpha=0.3, which="both")
+    acc_ax.set_ylabel("accuracy: cosine similarity to the reference (± 2 SE)")
+    nll_ax.set_ylabel("LLM NLL of the response (nats/token, ± 2 SE; lower is better)")
+    fig.suptitle("Modes on held-out prompts (real rollouts)" + (f", {link}" if link else ""))
+    fig.legend(loc="outside lower center", ncols=2, fontsize=7)
     return _save(fig, path)
 
 

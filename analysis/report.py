@@ -668,8 +668,9 @@ def run(cfg: Config) -> Result:
         figures.insert(0, (
             plots.evaluated_modes(evaluation[1], plot_dir / "evaluated_modes.png",
                                   link=f"{evaluation[0]['settings']['link']} link"),
-            "Accuracy (cosine similarity to the reference answers, as % of LLM-only's) against "
-            "token throughput of each mode's real rollouts on the held-out prompts.",
+            "Accuracy (cosine similarity to the reference answers) and the LLM's NLL of the "
+            "responses against token throughput, for each mode's real rollouts on the "
+            "held-out prompts (± 2 SE over prompts).",
         ))
 
     # Text.
