@@ -42,6 +42,7 @@ from uhlm_jax.pair import known_pairs, load_pair
 __all__ = ["DEMO_FILE", "Config", "Result", "add_arguments", "main", "run"]
 
 DEMO_FILE = "demo.json"
+DEMO_MARKER = ".uhlm-demo"
 DEFAULT_PAIR = "smollm2-exit"
 DEFAULT_OUT = "runs/demo"
 CALIBRATION_SPLIT = "calibration"
@@ -169,15 +170,17 @@ class _Stages:
 
 
 def _prepare_out(out: Path) -> None:
-    """Empties a previous demo's directory; refuses to touch any other non-empty folder."""
+    """Empties a previous demo's directory (marked by `DEMO_MARKER`, written first, so an
+    interrupted demo counts too); refuses to touch any other non-empty folder."""
     if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_FILE).is_file() and not (out / records.CONFIG_FILE).is_file():
+        if not (out / DEMO_MARKER).is_file():
             raise ValueError(
                 f"--out {str(out)!r} is a non-empty folder that is not a demo run directory; "
                 "pass a new or empty folder (the demo replaces its own previous output only)"
             )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by uhlm demo; a rerun replaces this folder\n")
 
 
 def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[str, Any]:

@@ -47,7 +47,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     # And the run directory holds every stage's output
     for name in (records.CONFIG_FILE, "fit.json", "posterior_linear.npz", "thresholds.json",
                  evaluate.SUMMARY_FILE, evaluate.PER_PROMPT_FILE, "sweep.parquet",
-                 report.MARKDOWN_FILE, report.HTML_FILE, demo.DEMO_FILE):
+                 report.MARKDOWN_FILE, report.HTML_FILE, demo.DEMO_FILE, demo.DEMO_MARKER):
         assert (out / name).is_file(), name
     assert len(records.read_records(out)) > 0
     for name in EXPECTED_PLOTS:
@@ -112,15 +112,19 @@ def test_exit_head_of_another_model_is_refused(monkeypatch, capsys, tmp_path):
     assert "uhlm demo: error:" in err and "hidden" in err.lower()
 
 
-def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path, capsys):
+def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path):
+    # A calibration run directory of the user's, or any other folder, is never removed
     (tmp_path / "thesis.tex").write_text("keep me")
+    (tmp_path / records.CONFIG_FILE).write_text("{}")
     with pytest.raises(ValueError, match="not a demo run directory"):
         demo._prepare_out(tmp_path)
     assert (tmp_path / "thesis.tex").is_file()
-    (tmp_path / "thesis.tex").unlink()
-    (tmp_path / demo.DEMO_FILE).write_text("{}")
-    demo._prepare_out(tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    # A demo's folder (even one interrupted before demo.json) is emptied and re-marked
+    out = tmp_path / "demo"
+    demo._prepare_out(out)
+    (out / "records").mkdir()
+    demo._prepare_out(out)
+    assert [p.name for p in out.iterdir()] == [demo.DEMO_MARKER]
 
 
 def test_stage_estimates_follow_the_measured_pace(monkeypatch, capsys):
