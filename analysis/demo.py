@@ -37,13 +37,12 @@ import numpy as np
 from analysis import evaluate, report, sweep
 from calibration import collect, fit, records, thresholds
 from uhlm_jax import channel as ch
-from uhlm_jax.pair import known_pairs, load_pair
+from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 
 __all__ = ["DEMO_FILE", "Config", "Result", "add_arguments", "main", "run"]
 
 DEMO_FILE = "demo.json"
 DEMO_MARKER = ".uhlm-demo"
-DEFAULT_PAIR = "smollm2-exit"
 DEFAULT_OUT = "runs/demo"
 CALIBRATION_SPLIT = "calibration"
 # Prior weight, in seconds, of the expected pace in the time-left estimate.

@@ -12,7 +12,7 @@ import numpy as np
 from calibration.prompts import read_prompts
 from uhlm_jax.metrics import token_metrics
 from uhlm_jax.modes import Mode
-from uhlm_jax.pair import known_pairs, load_pair
+from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import RolloutConfig, RolloutOutput, RolloutParams, run_rollout
 
 
@@ -34,7 +34,7 @@ class Config:
         chat: apply the chat template of instruct models.
     """
 
-    pair: str = "toy"
+    pair: str = DEFAULT_PAIR
     prompts: tuple[str, ...] = ("hello",)
     mode: Mode = Mode.UHLM
     threshold: float = 0.3
@@ -89,9 +89,9 @@ def run(cfg: Config) -> Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--pair", default="toy",
-        help=f"named pair ({', '.join(known_pairs())}) or 'SLM,LLM': two model names, "
-        ".gguf files or Hugging Face folders",
+        "--pair", default=DEFAULT_PAIR,
+        help=f"named pair ({', '.join(known_pairs())}; default {DEFAULT_PAIR}) or 'SLM,LLM': "
+        "two model names, .gguf files or Hugging Face folders",
     )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")

@@ -42,7 +42,7 @@ from calibration.records import (
     write_shard,
 )
 from uhlm_jax.modes import Mode
-from uhlm_jax.pair import known_pairs, load_pair
+from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 
 CHECKPOINT_DIR = "checkpoints"
@@ -263,9 +263,9 @@ def run(cfg: Config) -> Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--pair", default="toy",
-        help=f"named pair ({', '.join(known_pairs())}) or 'SLM,LLM': two model names, "
-        ".gguf files or Hugging Face folders",
+        "--pair", default=DEFAULT_PAIR,
+        help=f"named pair ({', '.join(known_pairs())}; default {DEFAULT_PAIR}) or 'SLM,LLM': "
+        "two model names, .gguf files or Hugging Face folders",
     )
     parser.add_argument(
         "--prompts",

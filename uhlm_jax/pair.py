@@ -16,6 +16,7 @@ from uhlm_jax.models.registry import TOY_LLM, TOY_SLM, LoadedModel, load_model
 from uhlm_jax.models.tokenizer import Tokenizer
 
 __all__ = [
+    "DEFAULT_PAIR",
     "PAIR_SEPARATOR",
     "PAIRS",
     "ModelPair",
@@ -29,6 +30,8 @@ PAIRS: dict[str, tuple[str, str]] = {
     "toy": (TOY_SLM, TOY_LLM),
     "smollm2-exit": ("smollm2-exit-draft", "smollm2-135m-instruct"),
 }
+# The default pair: SmolLM2-135M-Instruct verifying its early-exit draft (both offline).
+DEFAULT_PAIR = "smollm2-exit"
 # `load_pair("SLM,LLM")` makes a pair of two models given by name or path.
 PAIR_SEPARATOR = ","
 
