@@ -62,9 +62,8 @@ from uhlm_jax.models.early_exit import (
     layer_hidden_states,
     load_exit_head,
     save_exit_head,
-    tied_logits,
 )
-from uhlm_jax.models.llama import ModelParams, decode, prefill
+from uhlm_jax.models.llama import ModelParams, decode, output_logits, prefill
 from uhlm_jax.models.tokenizer import Tokenizer
 from uhlm_jax.speculative import total_variation
 
@@ -547,8 +546,8 @@ def distillation_loss(
     """
     draft = exit_hidden(params, head, hidden, lengths)
     draft = draft.reshape(-1, draft.shape[-1])[index]
-    log_q = jax.nn.log_softmax(tied_logits(params, draft), axis=-1)
-    log_p = jax.nn.log_softmax(tied_logits(params, final), axis=-1)
+    log_q = jax.nn.log_softmax(output_logits(params, draft), axis=-1)
+    log_p = jax.nn.log_softmax(output_logits(params, final), axis=-1)
     if divergence is Divergence.TV:
         loss = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
     else:
@@ -564,7 +563,7 @@ def _acceptance_batch(
     lengths: Int[Array, " b"],
 ) -> Float[Array, "b t"]:
     log_q = jax.nn.log_softmax(exit_logits(params, head, hidden, lengths), axis=-1)
-    log_p = jax.nn.log_softmax(tied_logits(params, final), axis=-1)
+    log_p = jax.nn.log_softmax(output_logits(params, final), axis=-1)
     tv = jax.vmap(jax.vmap(total_variation))(log_q, log_p)
     return 1.0 - tv
 

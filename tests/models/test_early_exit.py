@@ -17,7 +17,7 @@ import pytest
 
 from uhlm_jax.models import early_exit as ee
 from uhlm_jax.models.config import SMOLLM2_135M, Architecture, ModelConfig
-from uhlm_jax.models.llama import forward, init_params
+from uhlm_jax.models.llama import forward, init_params, output_logits
 
 # float32 logits of two computations of the same network in a different operation order.
 LOGIT_ATOL = 1e-5
@@ -129,7 +129,7 @@ def test_hidden_states_reproduce_the_full_models_logits(params, batch):
     tokens, lengths, real = batch
     states = ee.layer_hidden_states(params, tokens, lengths, (1, 3))
     expected = forward(params, tokens, lengths)
-    got = ee.tied_logits(params, states.final)
+    got = output_logits(params, states.final)
     np.testing.assert_allclose(np.asarray(got)[real], np.asarray(expected)[real], atol=LOGIT_ATOL)
     assert states.exits.shape == (2, 3, 7, TINY.hidden_size)
 

@@ -216,6 +216,8 @@ def test_residual_stream_is_the_layers_run_one_by_one(config, padding):
     )
     logits = np.asarray(final, np.float64)[real] @ head
     assert_close_to_scale(logits, forward(params, tokens, lengths, padding)[real], PATH_RTOL)
+    # and `output_logits`, the head alone, agrees with that float64 head.
+    assert_close_to_scale(llama.output_logits(params, final)[real], logits, PATH_RTOL)
 
 
 @pytest.mark.parametrize("config", CONFIGS)

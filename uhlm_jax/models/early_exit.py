@@ -44,7 +44,13 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from uhlm_jax.models.config import ModelConfig
-from uhlm_jax.models.llama import ModelParams, decoder_layer, residual_stream, rms_norm
+from uhlm_jax.models.llama import (
+    ModelParams,
+    decoder_layer,
+    output_logits,
+    residual_stream,
+    rms_norm,
+)
 
 __all__ = [
     "ExitHead",
@@ -61,7 +67,6 @@ __all__ = [
     "load_embedded_draft",
     "load_exit_head",
     "save_exit_head",
-    "tied_logits",
 ]
 
 # Metadata keys of the safetensors file.
@@ -323,14 +328,6 @@ def layer_hidden_states(
     return HiddenStates(exits=exits, final=final)
 
 
-def tied_logits(params: ModelParams, hidden: Float[Array, "... h"]) -> Float[Array, "... v"]:
-    """Float32 logits of final-normed hidden states through the model's output head."""
-    if params.config.tie_word_embeddings:
-        table = params.weights["embed_tokens"]["embedding"]
-        return jnp.einsum("...h,vh->...v", hidden, table).astype(jnp.float32)
-    return (hidden @ params.weights["lm_head"]["kernel"]).astype(jnp.float32)
-
-
 def exit_hidden(
     params: ModelParams,
     head: ExitHead,
@@ -373,7 +370,7 @@ def exit_logits(
     Returns:
         Float32 logits `[b, t, v]`.
     """
-    return tied_logits(params, exit_hidden(params, head, hidden, lengths))
+    return output_logits(params, exit_hidden(params, head, hidden, lengths))
 
 
 # ---------------------------------------------------------------------------------------

@@ -325,10 +325,7 @@ class _Decoder(nn.Module):
         if hidden_only:
             return x.astype(jnp.float32), new_kvs
         if cfg.tie_word_embeddings:
-            # Table first, contracted over its minor axis: `x @ table.T` would make
-            # XLA:CPU copy the transposed table (113 MB for SmolLM2) on every call.
-            table = self.embed_tokens.embedding
-            return jnp.einsum("vh,bth->btv", table, x, preferred_element_type=jnp.float32), new_kvs
+            return _tied_head(self.embed_tokens.embedding, x), new_kvs
         return self.lm_head(x).astype(jnp.float32), new_kvs
 
     def residual_stream(self, tokens, positions, mask, layers):
@@ -591,6 +588,30 @@ def _whole_sequences(
     start = t - lengths if padding is Padding.LEFT else jnp.zeros_like(lengths)
     positions = jnp.arange(t)[None, :] - start[:, None]
     return positions, _block_mask(start, t)
+
+
+def _tied_head(table: Float[Array, "v h"], x: Float[Array, "... h"]) -> Float[Array, "... v"]:
+    """Float32 logits through the embedding table used as the output head.
+
+    Table first, contracted over its minor axis: `x @ table.T` would make XLA:CPU copy
+    the transposed table (113 MB for SmolLM2) on every call.
+    """
+    return jnp.einsum("vh,...h->...v", table, x, preferred_element_type=jnp.float32)
+
+
+def output_logits(params: ModelParams, hidden: Float[Array, "... h"]) -> Float[Array, "... v"]:
+    """Float32 logits of final-normed hidden states through the model's output head.
+
+    Args:
+        params: the model.
+        hidden: `[..., h]` final-normed hidden states (e.g. from `final_hidden_states`).
+
+    Returns:
+        `[..., v]` float32 logits, as `forward` computes them.
+    """
+    if params.config.tie_word_embeddings:
+        return _tied_head(params.weights["embed_tokens"]["embedding"], hidden)
+    return (hidden @ params.weights["lm_head"]["kernel"]).astype(jnp.float32)
 
 
 def forward(
