@@ -3,7 +3,8 @@
 import numpy as np
 import pandas as pd
 
-from calibration import records
+from calibration import collect, records
+from calibration.prompts import embedded_prompts_path
 
 
 def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
@@ -28,3 +29,19 @@ def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
     records.write_shard(df, run_dir / records.RECORDS_DIR / "shard-000000.parquet")
     records.write_json(run_dir / records.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
     return records.read_records(run_dir)
+
+
+def collect_toy_run(run_dir, max_new_tokens, seed=0):
+    """A real calibration run of the toy pair: 8 shipped prompts in one batch."""
+    collect.run(
+        collect.Config(
+            pair="toy",
+            prompts=embedded_prompts_path(),
+            out=str(run_dir),
+            num_prompts=8,
+            max_new_tokens=max_new_tokens,
+            batch_size=8,
+            seed=seed,
+        )
+    )
+    return run_dir

@@ -8,7 +8,7 @@ import pytest
 
 from analysis import report
 from calibration import records
-from tests.analysis import write_synthetic_run
+from tests.analysis import collect_toy_run, write_synthetic_run
 
 # The table prints rates with 3 decimals and percentages with 1 or 2.
 TABLE_ATOL = 5e-4
@@ -184,23 +184,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_report_renders_from_a_calibration_run(tmp_path):
-    from pathlib import Path
-
-    import uhlm_jax
-    from calibration import collect
-
-    prompts = Path(uhlm_jax.__file__).parent / "data" / "prompts.jsonl"
-    run_dir = tmp_path / "run"
-    collect.run(
-        collect.Config(
-            pair="toy",
-            prompts=str(prompts),
-            out=str(run_dir),
-            num_prompts=8,
-            max_new_tokens=12,
-            batch_size=8,
-        )
-    )
+    run_dir = collect_toy_run(tmp_path / "run", max_new_tokens=12)
     result = report.run(report.Config(run_dir=str(run_dir)))
     _check_table(run_dir, records.read_records(run_dir))
     _check_html(run_dir, len(result.plots))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import sweep as sw
-from tests.analysis import write_synthetic_run
+from tests.analysis import collect_toy_run, write_synthetic_run
 from uhlm_jax.modes import Mode
 
 # Replay and rollout agree when |difference| ≤ Z_MAX · SE (SE: jackknife over prompts).
@@ -162,25 +162,7 @@ def test_auroc_equals_pairwise_count_with_ties():
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    from pathlib import Path
-
-    import uhlm_jax
-    from calibration import collect
-
-    prompts = Path(uhlm_jax.__file__).parent / "data" / "prompts.jsonl"
-    run_dir = tmp_path_factory.mktemp("toy") / "run"
-    collect.run(
-        collect.Config(
-            pair="toy",
-            prompts=str(prompts),
-            out=str(run_dir),
-            num_prompts=8,
-            max_new_tokens=16,
-            batch_size=8,
-            seed=3,
-        )
-    )
-    return run_dir
+    return collect_toy_run(tmp_path_factory.mktemp("toy") / "run", max_new_tokens=16, seed=3)
 
 
 @pytest.mark.slow
