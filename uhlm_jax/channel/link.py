@@ -184,6 +184,22 @@ _UMA_LOS_LOSS_DB = 28.0 + 20.0 * math.log10(3.5)
 _UMA_NLOS_LOSS_DB = 13.54 + 20.0 * math.log10(3.5)
 
 
+def _uma_budget(distance_m: float, *, line_of_sight: bool) -> LinkBudget:
+    """The 3GPP UMa uplink above at ``distance_m``, with or without line of sight."""
+    return LinkBudget(
+        tx_power_dbm=23.0,
+        distance_m=distance_m,
+        reference_loss_db=_UMA_LOS_LOSS_DB if line_of_sight else _UMA_NLOS_LOSS_DB,
+        path_loss_exponent=2.2 if line_of_sight else 3.908,
+        bandwidth_hz=20e6,
+        noise_figure_db=5.0,
+        description=(
+            f"3GPP TR 38.901 UMa {'LOS' if line_of_sight else 'NLOS'}, 3.5 GHz, "
+            f"{distance_m:g} m"
+        ),
+    )
+
+
 class LinkPreset(enum.Enum):
     """Named uplink conditions (3GPP UMa at 3.5 GHz, 20 MHz, 23 dBm UE, NF 5 dB).
 
@@ -195,33 +211,9 @@ class LinkPreset(enum.Enum):
       POOR: non-line of sight at 400 m (cell edge).
     """
 
-    GOOD = LinkBudget(
-        tx_power_dbm=23.0,
-        distance_m=100.0,
-        reference_loss_db=_UMA_LOS_LOSS_DB,
-        path_loss_exponent=2.2,
-        bandwidth_hz=20e6,
-        noise_figure_db=5.0,
-        description="3GPP TR 38.901 UMa LOS, 3.5 GHz, 100 m",
-    )
-    MEDIUM = LinkBudget(
-        tx_power_dbm=23.0,
-        distance_m=150.0,
-        reference_loss_db=_UMA_NLOS_LOSS_DB,
-        path_loss_exponent=3.908,
-        bandwidth_hz=20e6,
-        noise_figure_db=5.0,
-        description="3GPP TR 38.901 UMa NLOS, 3.5 GHz, 150 m",
-    )
-    POOR = LinkBudget(
-        tx_power_dbm=23.0,
-        distance_m=400.0,
-        reference_loss_db=_UMA_NLOS_LOSS_DB,
-        path_loss_exponent=3.908,
-        bandwidth_hz=20e6,
-        noise_figure_db=5.0,
-        description="3GPP TR 38.901 UMa NLOS, 3.5 GHz, 400 m",
-    )
+    GOOD = _uma_budget(100.0, line_of_sight=True)
+    MEDIUM = _uma_budget(150.0, line_of_sight=False)
+    POOR = _uma_budget(400.0, line_of_sight=False)
 
     @classmethod
     def from_name(cls, name: str) -> LinkPreset:
