@@ -4,8 +4,10 @@ Alpaca records have `instruction`, an optional `input` and an optional `output`;
 prompt is the instruction followed by the input, and `output` is kept as the reference
 answer (used for accuracy metrics). An optional `split` field ("train", "calibration",
 "evaluation") keeps the prompts that train the draft, calibrate and evaluate disjoint.
+`{"prompt": ...}` records may also carry `answer`, the short string (a number, a name, a
+word, "yes" or "no") that a correct reply contains.
 
-The project ships 180 prompts with references and splits (`embedded_prompts_path()`).
+The project ships 513 prompts with references and splits (`embedded_prompts_path()`).
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ __all__ = ["Prompt", "embedded_prompts_path", "read_prompts"]
 
 
 class Prompt(NamedTuple):
-    """One prompt, its reference answer and split (empty when the file has none)."""
+    """One prompt, its reference answer, split and short answer (empty when absent)."""
 
     text: str
     reference: str
     split: str = ""
+    answer: str = ""
 
 
 def embedded_prompts_path() -> str:
@@ -35,8 +38,10 @@ def _parse(line_number: int, record: object, path: str) -> Prompt:
     where = f"{path}, line {line_number}"
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    answer = ""
     if "prompt" in record:
         text, reference = record["prompt"], record.get("reference", record.get("output", ""))
+        answer = record.get("answer", "")
     elif "instruction" in record:
         text = record["instruction"]
         if record.get("input"):
@@ -49,7 +54,12 @@ def _parse(line_number: int, record: object, path: str) -> Prompt:
         )
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{where}: the prompt is empty or not a string: {text!r}.")
-    return Prompt(text=text, reference=str(reference or ""), split=str(record.get("split", "")))
+    return Prompt(
+        text=text,
+        reference=str(reference or ""),
+        split=str(record.get("split", "")),
+        answer=str(answer or ""),
+    )
 
 
 def read_prompts(path: str | os.PathLike, split: str | None = None) -> list[Prompt]:

@@ -20,12 +20,16 @@ def test_plain_and_alpaca_records(tmp_path):
             "",
             json.dumps({"instruction": "Translate", "input": "chat", "output": "cat"}),
             json.dumps({"instruction": "Name a colour", "output": "red"}),
+            json.dumps({"prompt": "Capital of Peru?", "reference": "Lima.", "answer": "Lima"}),
+            json.dumps({"instruction": "Name a fruit", "output": "apple", "answer": "apple"}),
         ],
     )
     assert read_prompts(path) == [
         Prompt("Hi there", ""),
         Prompt("Translate\n\nchat", "cat"),
         Prompt("Name a colour", "red"),
+        Prompt("Capital of Peru?", "Lima.", answer="Lima"),
+        Prompt("Name a fruit", "apple"),
     ]
 
 
@@ -65,4 +69,14 @@ def test_split_filter_and_shipped_prompts(tmp_path):
     with pytest.raises(ValueError, match=r"no prompts in split 'test'; its splits are \['eval'"):
         read_prompts(path, split="test")
     shipped = read_prompts(embedded_prompts_path())
-    assert len(shipped) >= 150 and all(p.reference for p in shipped)
+    assert len(shipped) == 513 and all(p.reference for p in shipped)
+    sizes = {s: sum(p.split == s for p in shipped) for s in ("train", "calibration", "evaluation")}
+    assert sizes == {"train": 108, "calibration": 259, "evaluation": 146}
+    assert len({p.text for p in shipped}) == len(shipped)
+    answered = [p for p in shipped if p.answer]
+    assert 2 * len(answered) >= len(shipped)
+    # Answers are digits where a reference spells a number out ("Six.").
+    assert all(
+        p.answer.isdigit() or p.answer.lower() in p.reference.lower().replace(",", "")
+        for p in answered
+    )
