@@ -54,8 +54,9 @@ class Scale:
     """How much work the demo does; `FULL` and `QUICK` are the two shipped sizes.
 
     Attributes:
-        calibration_prompts: calibration prompts (None: the whole split).
-        evaluation_prompts: held-out prompts of the five-mode comparison (None: all).
+        calibration_prompts: the first this many prompts of the calibration split.
+        evaluation_prompts: the first this many held-out prompts of the five-mode
+            comparison.
         max_new_tokens: tokens per reply at most.
         batch_size: prompts per calibration batch.
         num_warmup, num_samples: NUTS warmup and draws per chain.
@@ -63,8 +64,8 @@ class Scale:
             estimate; rescaled by the measured pace as the demo runs).
     """
 
-    calibration_prompts: int | None
-    evaluation_prompts: int | None
+    calibration_prompts: int
+    evaluation_prompts: int
     max_new_tokens: int
     batch_size: int
     num_warmup: int
@@ -72,7 +73,7 @@ class Scale:
     stage_seconds: tuple[float, ...]
 
 
-FULL = Scale(None, None, 64, 36, 500, 500, (5, 55, 20, 7, 165, 4, 4))
+FULL = Scale(36, 36, 64, 36, 500, 500, (5, 55, 20, 7, 165, 4, 4))
 QUICK = Scale(4, 4, 12, 4, 100, 100, (2, 12, 25, 8, 50, 4, 5))
 
 
