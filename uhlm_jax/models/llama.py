@@ -589,7 +589,12 @@ def hf_param_arrays(
     return _fill_params(layout, param_shapes(config), tensors, jnp.dtype(dtype))
 
 
-def _fill_params(layout, shapes, tensors, dtype) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+def _fill_params(
+    layout: Mapping[tuple[str, ...], tuple[list[str], bool, list[tuple]]],
+    shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    tensors: Mapping[str, RowSource],
+    dtype: np.dtype,
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
     for path, (names, transpose, _) in layout.items():
         out = host_buffer(shapes[path], dtype)
         column = 0
