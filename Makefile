@@ -31,4 +31,4 @@ lint: install
 	$(BIN)/ruff check uhlm_jax calibration analysis tests benchmarks
 
 bench: install
-	for b in decode rollout collect link_grid replay fit truncation; do $(BIN)/python -m benchmarks.$$b || exit 1; done
+	for b in decode rollout collect link_grid replay fit truncation load; do $(BIN)/python -m benchmarks.$$b || exit 1; done

@@ -13,6 +13,7 @@ import sys
 
 # subcommand -> (job module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "cache": ("analysis.cache", "list or clear the machine's cache of dequantized GGUF models"),
     "calibrate": (
         "calibration.calibrate",
         "collect records, fit the uncertainty-to-rejection model and derive thresholds",

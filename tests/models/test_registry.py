@@ -92,26 +92,27 @@ def test_gguf_path_loads(tmp_path):
     assert model.tokenizer.encode("hi") == [ord("h"), ord("i")]
 
 
+def hf_config_json(config: ModelConfig) -> dict:
+    """The `config.json` of a LlamaForCausalLM checkpoint of `config`."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "rope_theta": config.rope_theta,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+    }
+
+
 def _write_hf_folder(folder, config: ModelConfig, with_tokenizer: bool = True):
     folder.mkdir()
-    (folder / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "model_type": "llama",
-                "vocab_size": config.vocab_size,
-                "hidden_size": config.hidden_size,
-                "intermediate_size": config.intermediate_size,
-                "num_hidden_layers": config.num_layers,
-                "num_attention_heads": config.num_heads,
-                "num_key_value_heads": config.num_kv_heads,
-                "head_dim": config.head_dim,
-                "rope_theta": config.rope_theta,
-                "rms_norm_eps": config.rms_norm_eps,
-                "tie_word_embeddings": config.tie_word_embeddings,
-            }
-        )
-    )
+    (folder / "config.json").write_text(json.dumps(hf_config_json(config)))
     save_file(random_hf_tensors(config), str(folder / "model.safetensors"))
     if with_tokenizer:
         toy_tokenizer().backend.save(str(folder / "tokenizer.json"))

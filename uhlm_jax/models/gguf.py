@@ -1,8 +1,10 @@
 """GGUF checkpoints: metadata, dequantized weights and the tokenizer, as `ModelParams`.
 
 `load_gguf` reads a llama- or qwen2-architecture GGUF file with the `gguf` package,
-dequantizes every tensor to float32 (`gguf.quants.dequantize`), maps llama.cpp's tensor
-names to Hugging Face names, and builds the params with `params_from_hf`.
+maps llama.cpp's tensor names to Hugging Face names, and builds the params with
+`params_from_hf`. Tensors are read lazily (`GGUFTensor`): a few megabytes of rows at a
+time are read with `os.pread` and dequantized (`gguf.quants.dequantize`) straight into the
+target dtype, so loading never holds a second copy of the model (`uhlm_jax.models.transfer`).
 
 Two layout differences from a Hugging Face checkpoint are undone here:
 
@@ -17,18 +19,22 @@ Two layout differences from a Hugging Face checkpoint are undone here:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import mmap
 import os
 import re
+import struct
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize
 
 from uhlm_jax.models.config import Architecture, ModelConfig
 from uhlm_jax.models.llama import ModelParams, params_from_hf
 from uhlm_jax.models.tokenizer import Tokenizer
+from uhlm_jax.models.transfer import read_into
 
 GGUF_MAGIC = b"GGUF"
 
@@ -51,6 +57,14 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
         GGUFFormatError: if the file is not GGUF or is truncated or corrupt; the message
             names the path, its size and the fix.
     """
+    path, size = _check_magic(path)
+    try:
+        return GGUFReader(path)
+    except Exception as err:  # the reader fails in many ways on cut-off or garbled bytes
+        raise _corrupt(path, size, err) from err
+
+
+def _check_magic(path: str | os.PathLike) -> tuple[str, int]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
@@ -62,13 +76,85 @@ def open_gguf(path: str | os.PathLike) -> GGUFReader:
             f"{path} ({size} bytes) is not a GGUF file: it starts with {magic!r}, not "
             f"{GGUF_MAGIC!r}. Pass a .gguf file or a Hugging Face checkpoint folder."
         )
-    try:
-        return GGUFReader(path)
-    except Exception as err:  # the reader fails in many ways on cut-off or garbled bytes
-        raise GGUFFormatError(
-            f"{path} ({size} bytes) is truncated or corrupt ({type(err).__name__}: {err}). "
-            "Copy or download the file again."
-        ) from err
+    return path, size
+
+
+def _corrupt(path: str, size: int, err: Exception) -> GGUFFormatError:
+    return GGUFFormatError(
+        f"{path} ({size} bytes) is truncated or corrupt ({type(err).__name__}: {err}). "
+        "Copy or download the file again."
+    )
+
+
+# Byte size of each fixed-size GGUF metadata value type (gguf.GGUFValueType).
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9
+# Data blocks hashed into the fingerprint besides the header: evenly spaced, small.
+_FINGERPRINT_SAMPLES = 16
+_FINGERPRINT_SAMPLE_BYTES = 4096
+
+
+def gguf_fingerprint(path: str | os.PathLike) -> str:
+    """A hash of a GGUF file's content that is cheap to compute, for cache keys.
+
+    It covers the file size, the header, all metadata (tokenizer included) and the
+    tensor table (names, shapes, types, offsets), plus 16 blocks of 4 KiB spread over
+    the tensor data, so that two files with the same layout but other weights differ.
+    The same file at another path or with another modification time has the same
+    fingerprint. About two megabytes are read for SmolLM2-135M, not the whole file.
+
+    Raises:
+        FileNotFoundError: if `path` does not exist.
+        GGUFFormatError: if the file is not GGUF, truncated or corrupt.
+    """
+    path, size = _check_magic(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            table_end = _tensor_table_end(data)
+        except (struct.error, ValueError, IndexError) as err:
+            raise _corrupt(path, size, err) from err
+        digest.update(data[:table_end])
+        stride = max(1, (size - table_end) // _FINGERPRINT_SAMPLES)
+        for start in range(table_end, size, stride):
+            digest.update(data[start : start + _FINGERPRINT_SAMPLE_BYTES])
+    return digest.hexdigest()
+
+
+def _tensor_table_end(data: mmap.mmap) -> int:
+    """Byte offset where a (little-endian) GGUF file's tensor table ends."""
+    offset = len(GGUF_MAGIC) + 4  # magic, version
+    tensor_count, kv_count = struct.unpack_from("<QQ", data, offset)
+    offset += 16
+
+    def string(at: int) -> int:
+        (length,) = struct.unpack_from("<Q", data, at)
+        return at + 8 + length
+
+    def value(at: int, kind: int) -> int:
+        if kind == _STRING:
+            return string(at)
+        if kind == _ARRAY:
+            item_kind, count = struct.unpack_from("<IQ", data, at)
+            at += 12
+            if item_kind in _SCALAR_BYTES:
+                return at + count * _SCALAR_BYTES[item_kind]
+            for _ in range(count):
+                at = value(at, item_kind)
+            return at
+        return at + _SCALAR_BYTES[kind]
+
+    for _ in range(kv_count):
+        offset = string(offset)
+        (kind,) = struct.unpack_from("<I", data, offset)
+        offset = value(offset + 4, kind)
+    for _ in range(tensor_count):
+        offset = string(offset)
+        (n_dims,) = struct.unpack_from("<I", data, offset)
+        offset += 4 + 8 * n_dims + 4 + 8  # dims, type, data offset
+    if offset > len(data):
+        raise ValueError(f"the tensor table ends at byte {offset}, after the end of the file")
+    return offset
 
 
 def gguf_path(reader: GGUFReader) -> str:
@@ -242,51 +328,119 @@ def hf_name(gguf_name: str) -> str:
     return f"model.layers.{layer}.{_LAYER_NAMES[module]}.{kind}"
 
 
-def hf_tensors_from_gguf(reader: GGUFReader, config: ModelConfig) -> dict[str, np.ndarray]:
-    """All tensors of a GGUF file, dequantized to float32, under their HF names and layout.
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file, read and dequantized to float32 on demand, in HF layout.
+
+    Indexing with a slice of rows (`tensor[a:b]`) reads just those rows (whole heads for
+    a permuted q/k projection) with `os.pread`, so a tensor is never loaded whole.
+
+    Attributes:
+        file: the GGUF file.
+        name: llama.cpp's tensor name, for messages.
+        qtype: its storage type (F32, F16, Q8_0, Q4_1, ...).
+        shape: HF shape (`[out, in]` for linear weights; NumPy order).
+        offset: byte offset of its data in the file.
+        rope_heads: for a llama q/k projection, its head count (rows are un-permuted from
+            llama.cpp's order, `unpermute_rope_rows`); else 0.
+    """
+
+    file: str
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int
+    rope_heads: int = 0
+
+    @property
+    def row_bytes(self) -> int:
+        """Stored bytes of one row (of the last axis)."""
+        block_size, type_size = GGML_QUANT_SIZES[self.qtype]
+        return self.shape[-1] // block_size * type_size
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows `[start, stop)` of the leading axis as float32 (a 1-D tensor: elements)."""
+        start, stop, _ = rows.indices(self.shape[0])
+        if len(self.shape) == 1:
+            array = self._dequantize(0, 1).reshape(self.shape)
+            if self.rope_heads:
+                array = unpermute_rope_rows(array, self.rope_heads)
+            return array[start:stop]
+        head = self.shape[0] // self.rope_heads if self.rope_heads else 1
+        first, last = start // head * head, -(-stop // head) * head
+        array = self._dequantize(first, last)
+        if self.rope_heads:
+            array = unpermute_rope_rows(array, (last - first) // head)
+        return array[start - first : stop - first]
+
+    def _dequantize(self, first: int, last: int) -> np.ndarray:
+        """Rows `[first, last)` as stored (llama.cpp's row order), as float32."""
+        raw = np.empty((last - first, self.row_bytes), np.uint8)
+        fd = os.open(self.file, os.O_RDONLY)
+        try:
+            read_into(fd, raw, self.offset + first * self.row_bytes, self.file)
+        finally:
+            os.close(fd)
+        try:
+            array = dequantize(raw, self.qtype)
+        except NotImplementedError as err:
+            raise ValueError(
+                f"{self.file}: tensor {self.name} uses {self.qtype.name}, which gguf cannot "
+                f"dequantize ({err})."
+            ) from err
+        return np.asarray(array, np.float32).reshape(last - first, -1)
+
+
+def hf_tensors_from_gguf(reader: GGUFReader, config: ModelConfig) -> dict[str, GGUFTensor]:
+    """All tensors of a GGUF file under their HF names and layout, read lazily.
 
     Args:
         reader: the open file.
         config: its configuration (`config_from_gguf`), for the q/k un-permutation.
 
     Returns:
-        HF name -> float32 array in HF layout (`[out, in]` for linear weights).
+        HF name -> `GGUFTensor` (float32 rows in HF layout, `[out, in]` for linear
+        weights, on demand).
 
     Raises:
-        ValueError: for an unknown tensor or a quantization type `gguf` cannot dequantize.
+        ValueError: for an unknown tensor.
     """
     tensors = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        try:
-            array = dequantize(tensor.data, tensor.tensor_type)
-        except NotImplementedError as err:
-            raise ValueError(
-                f"{gguf_path(reader)}: tensor {tensor.name} uses {tensor.tensor_type.name}, which "
-                f"gguf cannot dequantize ({err})."
-            ) from err
-        shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne0 first
-        array = np.asarray(array, np.float32).reshape(shape)
-        if config.architecture is Architecture.LLAMA:
-            if tensor.name.startswith("blk.") and ".attn_q." in tensor.name:
-                array = unpermute_rope_rows(array, config.num_heads)
-            elif tensor.name.startswith("blk.") and ".attn_k." in tensor.name:
-                array = unpermute_rope_rows(array, config.num_kv_heads)
-        tensors[name] = array
+        rope_heads = 0
+        if config.architecture is Architecture.LLAMA and tensor.name.startswith("blk."):
+            if ".attn_q." in tensor.name:
+                rope_heads = config.num_heads
+            elif ".attn_k." in tensor.name:
+                rope_heads = config.num_kv_heads
+        tensors[hf_name(tensor.name)] = GGUFTensor(
+            file=gguf_path(reader),
+            name=tensor.name,
+            qtype=tensor.tensor_type,
+            shape=tuple(int(n) for n in reversed(tensor.shape)),  # GGUF lists ne0 first
+            offset=int(tensor.data_offset),
+            rope_heads=rope_heads,
+        )
     return tensors
 
 
-def load_gguf(
-    path: str | os.PathLike, dtype: Any = jnp.float32
-) -> tuple[ModelParams, Tokenizer]:
-    """Loads a llama- or qwen2-architecture GGUF file: weights and tokenizer.
+@dataclasses.dataclass(frozen=True)
+class GGUFModel:
+    """A GGUF file's configuration and tokenizer, and its tensors to be read lazily.
 
-    Args:
-        path: the `.gguf` file.
-        dtype: storage dtype of the params (weights are dequantized to float32 first).
+    Attributes:
+        config: the model configuration (`config_from_gguf`).
+        tokenizer: the tokenizer, checked to fit the embedding.
+        tensors: HF name -> `GGUFTensor`.
+    """
 
-    Returns:
-        `(params, tokenizer)`.
+    config: ModelConfig
+    tokenizer: Tokenizer
+    tensors: dict[str, GGUFTensor]
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Reads a GGUF file's metadata and tokenizer; its tensors are read when used.
 
     Raises:
         FileNotFoundError: if the file does not exist.
@@ -298,6 +452,29 @@ def load_gguf(
     config = config_from_gguf(reader)
     tokenizer = Tokenizer.from_gguf(reader)
     tokenizer.check_fits(config.vocab_size, where=os.fspath(path))
-    params = params_from_hf(config, hf_tensors_from_gguf(reader, config), dtype)
-    return params, tokenizer
+    return GGUFModel(config, tokenizer, hf_tensors_from_gguf(reader, config))
 
+
+def load_gguf(
+    path: str | os.PathLike, dtype: Any = jnp.float32
+) -> tuple[ModelParams, Tokenizer]:
+    """Loads a llama- or qwen2-architecture GGUF file: weights and tokenizer.
+
+    Each tensor is dequantized a few rows at a time straight into `dtype` and placed on
+    the device before the next is read (peak memory: the params plus a few megabytes).
+
+    Args:
+        path: the `.gguf` file.
+        dtype: storage dtype of the params.
+
+    Returns:
+        `(params, tokenizer)`.
+
+    Raises:
+        FileNotFoundError: if the file does not exist.
+        GGUFFormatError: if it is truncated or corrupt.
+        ValueError: for unsupported contents, or a tokenizer with more ids than the
+            embedding has rows.
+    """
+    model = read_gguf(path)
+    return params_from_hf(model.config, model.tensors, dtype), model.tokenizer

@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -39,6 +39,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax.models.cache import KVCache
 from uhlm_jax.models.config import ModelConfig
+from uhlm_jax.models.transfer import RowSource, host_buffer, row_chunks, to_device
 
 # Standard deviation of the normal initialiser of all matrices (HF `initializer_range`).
 INIT_STD = 0.02
@@ -482,14 +483,19 @@ _IGNORED_HF_TENSOR = re.compile(r".*\.rotary_emb\.inv_freq")
 
 
 def params_from_hf(
-    config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype=jnp.float32
+    config: ModelConfig, tensors: Mapping[str, RowSource], dtype=jnp.float32
 ) -> ModelParams:
     """Builds params from Hugging Face tensors (names as in LlamaForCausalLM).
 
+    Each parameter is converted into the target dtype and layout a few rows at a time and
+    placed on the device before the next is read, so a lazy `tensors` mapping (the
+    loaders' file tensors) is never held in memory whole (`hf_param_arrays`).
+
     Args:
         config: the architecture the tensors belong to.
-        tensors: HF name -> array, e.g. `model.layers.0.self_attn.q_proj.weight` of shape
-            `[out, in]`. A tied checkpoint may include or omit `lm_head.weight`.
+        tensors: HF name -> array or lazy `RowSource`, e.g.
+            `model.layers.0.self_attn.q_proj.weight` of shape `[out, in]`. A tied
+            checkpoint may include or omit `lm_head.weight`.
         dtype: storage and compute dtype of the result.
 
     Returns:
@@ -498,6 +504,58 @@ def params_from_hf(
     Raises:
         ValueError: naming the tensor, if one is missing, unexpected, or has a shape that
             does not match `config`.
+    """
+    return params_from_arrays(config, hf_param_arrays(config, tensors, dtype))
+
+
+def params_from_arrays(
+    config: ModelConfig, arrays: Iterable[tuple[tuple[str, ...], np.ndarray]]
+) -> ModelParams:
+    """Params from host arrays in their final layout, each moved to the device in turn.
+
+    Args:
+        config: the architecture.
+        arrays: `(Flax path, host array)` pairs, e.g. from `hf_param_arrays`; each array
+            is handed to the device before the next is produced.
+
+    Returns:
+        The `ModelParams`.
+    """
+    weights = {path: to_device(host) for path, host in arrays}
+    return ModelParams(config=config, weights=flax.traverse_util.unflatten_dict(weights))
+
+
+def param_shapes(config: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flax path -> shape of every parameter, in the order `hf_param_arrays` yields them."""
+    shapes = {}
+    for path, (_, transpose, hf_shapes) in _hf_layout(config).items():
+        first = hf_shapes[0][::-1] if transpose else hf_shapes[0]
+        width = sum(shape[0] if transpose else shape[-1] for shape in hf_shapes)
+        shapes[path] = (*first[:-1], width)
+    return shapes
+
+
+def hf_param_arrays(
+    config: ModelConfig, tensors: Mapping[str, RowSource], dtype=jnp.float32
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    """Converts Hugging Face tensors into the params' layout, one parameter at a time.
+
+    Every name and shape is checked before any tensor is read. Each parameter is then
+    filled, `transfer.CHUNK_BYTES` of source rows at a time, into a fresh aligned host
+    buffer of `dtype` (q, k and v side by side, gate and up side by side, matrices
+    transposed to `[in, out]`), so the transient memory is one chunk.
+
+    Args:
+        config: the architecture the tensors belong to.
+        tensors: HF name -> array or lazy `RowSource` (see `params_from_hf`).
+        dtype: dtype of the yielded arrays.
+
+    Yields:
+        `(Flax path, host array)` in the order of `param_shapes(config)`.
+
+    Raises:
+        ValueError: naming the tensor, if one is missing, unexpected, or has a shape that
+            does not match `config` (raised before the first array is yielded).
     """
     layout = _hf_layout(config)
     expected = {name for names, _, _ in layout.values() for name in names}
@@ -521,19 +579,37 @@ def params_from_hf(
             f"Missing tensors for the configured model: {missing[:8]}"
             f"{' ...' if len(missing) > 8 else ''}"
         )
-    weights = {}
-    for path, (names, transpose, shapes) in layout.items():
-        parts = []
+    for names, _, shapes in layout.values():
         for name, shape in zip(names, shapes, strict=True):
-            array = np.asarray(tensors[name])
-            if array.shape != shape:
+            if tuple(tensors[name].shape) != shape:
                 raise ValueError(
-                    f"Tensor {name} has shape {array.shape}, but the config implies {shape}."
+                    f"Tensor {name} has shape {tuple(tensors[name].shape)}, but the config "
+                    f"implies {shape}."
                 )
-            parts.append(array.T if transpose else array)
-        joined = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=-1)
-        weights[path] = jnp.asarray(joined, dtype=dtype)
-    return ModelParams(config=config, weights=flax.traverse_util.unflatten_dict(weights))
+    return _fill_params(layout, param_shapes(config), tensors, jnp.dtype(dtype))
+
+
+def _fill_params(
+    layout: Mapping[tuple[str, ...], tuple[list[str], bool, list[tuple]]],
+    shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    tensors: Mapping[str, RowSource],
+    dtype: np.dtype,
+) -> Iterator[tuple[tuple[str, ...], np.ndarray]]:
+    for path, (names, transpose, _) in layout.items():
+        out = host_buffer(shapes[path], dtype)
+        column = 0
+        for name in names:
+            source = tensors[name]
+            for rows in row_chunks(tuple(source.shape)):
+                block = np.asarray(source[rows])
+                if transpose:  # HF [out, in] rows are the kernel's output columns
+                    out[:, column + rows.start : column + rows.stop] = block.T
+                elif out.ndim == 1:
+                    out[column + rows.start : column + rows.stop] = block
+                else:
+                    out[rows, column : column + block.shape[-1]] = block
+            column += source.shape[0] if transpose or out.ndim == 1 else source.shape[-1]
+        yield path, out
 
 
 def params_to_hf(params: ModelParams) -> dict[str, np.ndarray]:

