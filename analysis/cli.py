@@ -44,7 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "replay (and roll out) every mode over a grid of thresholds, measures, links, payloads",
     ),
     "threshold": (
-        "calibration.thresholds",
+        "calibration.derive_thresholds",
         "skip thresholds: analytic from a slope and intercept, or with risk bounds from a run",
     ),
     "report": (

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from analysis import evaluate, report, sweep
-from calibration import collect, fit, records, thresholds
+from calibration import collect, derive_thresholds, fit, records
 from uhlm_jax import channel as ch
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 
@@ -241,7 +241,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     stages.run(2, lambda: fit.run(fit.Config(
         run_dir=str(out), num_warmup=scale.num_warmup, num_samples=scale.num_samples,
         seed=cfg.seed)))
-    stages.run(3, lambda: thresholds.run(thresholds.Config(
+    stages.run(3, lambda: derive_thresholds.run(derive_thresholds.Config(
         run_dir=str(out), risk=cfg.risk, confidence=cfg.confidence, seed=cfg.seed)))
     evaluation = stages.run(4, lambda: evaluate.run(evaluate.Config(
         run_dir=str(out), num_prompts=scale.evaluation_prompts, link=cfg.link), progress))

@@ -51,6 +51,7 @@ from analysis import evaluate, plots
 from analysis import sweep as sw
 from calibration import records
 from uhlm_jax import channel as ch
+from uhlm_jax import rejection
 from uhlm_jax import replay as rp
 from uhlm_jax import threshold as T
 from uhlm_jax.modes import Mode
@@ -64,7 +65,9 @@ __all__ = [
     "Result",
     "add_arguments",
     "main",
+    "measure_scores",
     "mode_table",
+    "plug_in_thresholds",
     "run",
 ]
 
@@ -244,13 +247,46 @@ def _fmt(x: Any, digits: int = 3) -> str | None:
     return f"{float(x):.{digits}f}"
 
 
-def least_squares(u: np.ndarray, beta: np.ndarray) -> tuple[float, float]:
-    """Ordinary least squares `β ≈ a·u + b` (slope, intercept)."""
-    u = np.asarray(u, np.float64)
-    beta = np.asarray(beta, np.float64)
-    var = np.var(u)
-    slope = float(np.mean((u - u.mean()) * (beta - beta.mean())) / var) if var > 0 else 0.0
-    return slope, float(beta.mean() - slope * u.mean())
+def plug_in_thresholds(
+    analytic: dict[str, Any], u: np.ndarray, beta: np.ndarray
+) -> rejection.PlugInThresholds:
+    """The least-squares plug-in thresholds: those of `analytic`, the `analytic` section of
+    `thresholds.json` for the gate measure, or computed from the records when it has none."""
+    if "slope" not in analytic:
+        return rejection.plug_in_thresholds(u, beta)
+
+    def threshold(name: str) -> float:
+        return (analytic.get(name) or {}).get("threshold", math.nan)
+
+    return rejection.PlugInThresholds(
+        slope=analytic["slope"],
+        intercept=analytic["intercept"],
+        rejection_share=analytic["rejection_share"],
+        risk_averse=threshold("risk_averse"),
+        risk_prone=threshold("risk_prone"),
+    )
+
+
+def measure_scores(df: pd.DataFrame) -> pd.DataFrame:
+    """Each recorded measure's Pearson and Spearman correlation with `β` and AUROC for
+    `β > 0` (`uhlm_jax.threshold.BETA_POSITIVE_TOL`), one row per measure."""
+    beta = df["beta"].to_numpy(np.float64)
+    positive = beta > T.BETA_POSITIVE_TOL
+    rows = []
+    for name in records.measure_names(df.columns):
+        u = df[records.MEASURE_PREFIX + name].to_numpy(np.float64)
+        constant = np.std(u) == 0 or np.std(beta) == 0
+        rows.append(
+            {
+                "measure": name,
+                "pearson": float("nan") if constant else rejection.pearson(u, beta),
+                "spearman": float("nan") if constant else rejection.spearman(u, beta),
+                "auroc": rejection.auroc(u, positive),
+                "num_tokens": int(u.size),
+                "share_positive": float(positive.mean()),
+            }
+        )
+    return pd.DataFrame(rows)
 
 
 def mode_table(
@@ -473,21 +509,16 @@ def run(cfg: Config) -> Result:
     gate = measures.index(cfg.measure)
     u = df[records.MEASURE_PREFIX + cfg.measure].to_numpy(np.float64)
     beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
-    slope, intercept = least_squares(u, beta)
-    share = float(np.mean(beta > T.BETA_POSITIVE_TOL))
-    if slope > 0:
-        averse = float(T.risk_averse(jnp.float32(slope), jnp.float32(intercept)))
-        prone = float(
-            T.risk_prone(jnp.float32(slope), jnp.float32(intercept), jnp.float32(share))
-        )
-    else:
-        averse = prone = float("nan")
+    analytic = (th or {}).get("analytic") or {}
+    same_measure = bool(th) and th.get("measure", cfg.measure) == cfg.measure
+    slope, intercept, share, averse, prone = plug_in_thresholds(
+        analytic if same_measure else {}, u, beta
+    )
+    if not slope > 0:
         notes.append(
             f"The least-squares slope a = {slope:.4f} is not positive: u does not predict "
             "rejection linearly, so the analytic thresholds −b/a and (Δ − b)/a are undefined."
         )
-    analytic = (th or {}).get("analytic") or {}
-    same_measure = bool(th) and th.get("measure", cfg.measure) == cfg.measure
     bounded = (((th or {}).get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {}
     certified = []
     if same_measure:
@@ -639,7 +670,7 @@ def run(cfg: Config) -> Result:
             "(Rand-HLM at U-HLM's transmission rate).",
         )
     )
-    scores = sw.measure_scores(df)
+    scores = measure_scores(df)
     figures.append(
         (
             plots.measure_comparison(scores, plot_dir / "measure_comparison.png"),

@@ -79,13 +79,10 @@ __all__ = [
     "Config",
     "Result",
     "add_arguments",
-    "auroc",
-    "average_ranks",
     "config_from_toml",
     "link_points",
     "load_tokens",
     "main",
-    "measure_scores",
     "replay_frame",
     "run",
 ]
@@ -442,61 +439,6 @@ def replay_frame(
     table = pd.concat(frames, ignore_index=True)
     table.insert(0, "source", "replay")
     return table
-
-
-# ------------------------------------------------------------------ measure scores
-
-
-def average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..n of `x`, ties sharing their average rank."""
-    x = np.asarray(x)
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(x.size, np.float64)
-    ranks[order] = np.arange(1, x.size + 1)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return (sums / counts)[inverse]
-
-
-def auroc(score: np.ndarray, label: np.ndarray) -> float:
-    """Area under the ROC curve of `score` for a binary `label` (Mann–Whitney U).
-
-    `AUROC = (R₁ − n₁(n₁ + 1)/2) / (n₁ n₀)` with `R₁` the sum of the positives' average
-    ranks: the probability that a random positive scores above a random negative, ties
-    counting one half. NaN when a class is empty.
-    """
-    label = np.asarray(label, bool)
-    n1, n0 = int(label.sum()), int((~label).sum())
-    if n1 == 0 or n0 == 0:
-        return float("nan")
-    ranks = average_ranks(score)
-    return float((ranks[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
-
-
-def measure_scores(df: pd.DataFrame) -> pd.DataFrame:
-    """Each recorded measure's Pearson and Spearman correlation with `β` and AUROC for
-    `β > 0` (`uhlm_jax.threshold.BETA_POSITIVE_TOL`), one row per measure."""
-    from uhlm_jax.threshold import BETA_POSITIVE_TOL
-
-    beta = df["beta"].to_numpy(np.float64)
-    positive = beta > BETA_POSITIVE_TOL
-    rows = []
-    for name in records.measure_names(df.columns):
-        u = df[records.MEASURE_PREFIX + name].to_numpy(np.float64)
-        constant = np.std(u) == 0 or np.std(beta) == 0
-        rows.append(
-            {
-                "measure": name,
-                "pearson": float("nan") if constant else float(np.corrcoef(u, beta)[0, 1]),
-                "spearman": float("nan") if constant else float(
-                    np.corrcoef(average_ranks(u), average_ranks(beta))[0, 1]
-                ),
-                "auroc": auroc(u, positive),
-                "num_tokens": int(u.size),
-                "share_positive": float(positive.mean()),
-            }
-        )
-    return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------- real rollouts

@@ -1,4 +1,4 @@
-"""Benchmark: NumPyro fits of the uncertainty -> rejection link on 10^5 tokens.
+"""Benchmark: NumPyro fits of the rejection model on 10^5 tokens.
 
 DESIGN.md §5 target: a NUTS fit with 2 chains on 10^5 tokens in under 60 s on the
 project's 2-core CPU.
@@ -15,7 +15,7 @@ Measured, each as wall time:
   a new key (compilation excluded). `parallel` runs in a subprocess with two emulated
   host devices (`--xla_force_host_platform_device_count=2`).
 * **linear NUTS, per-token likelihood**: the same model written with one observation per
-  token (`calibration.fit.linear_gaussian`), sequential chains, one run.
+  token (`uhlm_jax.rejection.linear_gaussian`), sequential chains, one run.
 * **SVI**: 5000 steps of a full-rank Gaussian guide (4 particles), first and second run.
 * **hurdle NUTS**: 2 chains × (1000 + 1000), likelihood grouped by distinct `u`.
 * **`uhlm fit` end to end** on a 10^5-token run directory: both models, SVI, WAIC over
@@ -73,14 +73,14 @@ def time_linear_nuts(method: str, n: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from calibration import fit
+    from uhlm_jax import rejection
 
     u, beta = _data(n)
-    ls = fit.least_squares(u, beta)
+    ls = rejection.least_squares(u, beta)
     init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
     start = time.perf_counter()
-    stats = fit.LinearStats(*(jnp.float32(x) for x in fit.linear_stats(u, beta)))
-    mcmc = _mcmc(fit.linear_gaussian_stats, method, 1000, 1000, init)
+    stats = rejection.LinearStats(*(jnp.float32(x) for x in rejection.linear_stats(u, beta)))
+    mcmc = _mcmc(rejection.linear_gaussian_stats, method, 1000, 1000, init)
     mcmc.run(jax.random.key(0), stats, extra_fields=("diverging",))
     draws = jax.block_until_ready(mcmc.get_samples())
     first = time.perf_counter() - start
@@ -101,12 +101,12 @@ def time_per_token_nuts(n: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from calibration import fit
+    from uhlm_jax import rejection
 
     u, beta = _data(n)
-    ls = fit.least_squares(u, beta)
+    ls = rejection.least_squares(u, beta)
     init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
-    mcmc = _mcmc(fit.linear_gaussian, "sequential", 1000, 1000, init)
+    mcmc = _mcmc(rejection.linear_gaussian, "sequential", 1000, 1000, init)
     start = time.perf_counter()
     mcmc.run(jax.random.key(0), jnp.asarray(u), jnp.asarray(beta))
     jax.block_until_ready(mcmc.get_samples())
@@ -118,11 +118,12 @@ def time_svi(n: int) -> dict:
     import jax.numpy as jnp
 
     from calibration import fit
+    from uhlm_jax import rejection
 
     u, beta = _data(n)
-    ls = fit.least_squares(u, beta)
+    ls = rejection.least_squares(u, beta)
     init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
-    stats = fit.LinearStats(*(jnp.float32(x) for x in fit.linear_stats(u, beta)))
+    stats = rejection.LinearStats(*(jnp.float32(x) for x in rejection.linear_stats(u, beta)))
     cfg = fit.Config(run_dir=".")
     out = {"steps": cfg.svi_steps}
     for name, key in (("first_s", 0), ("second_s", 1)):
@@ -141,18 +142,19 @@ def time_hurdle_and_job(n: int) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from calibration import fit
     from tests.calibration import synthetic_records, write_run
+    from uhlm_jax import rejection
 
     tokens_per_prompt = 100
     df = synthetic_records(np.random.default_rng(0), n // tokens_per_prompt, tokens_per_prompt)
     u = df["u_temperature_perturbation"].to_numpy(np.float32)
     beta = df["beta"].to_numpy(np.float32)
     cfg = fit.Config(run_dir=".")
-    groups = fit.HurdleGroups(*(jnp.asarray(x) for x in fit.hurdle_groups(u, beta)))
+    groups = rejection.HurdleGroups(*(jnp.asarray(x) for x in rejection.hurdle_groups(u, beta)))
     start = time.perf_counter()
     _, hurdle = fit.run_nuts(
-        fit.hurdle_grouped,
+        rejection.hurdle_grouped,
         (groups, cfg.hurdle_prior),
-        fit.HURDLE_SITES,
+        rejection.HURDLE_SITES,
         cfg,
         jax.random.key(0),
         None,

@@ -12,7 +12,7 @@ import dataclasses
 import json
 import sys
 
-from calibration import collect, fit, thresholds
+from calibration import collect, derive_thresholds, fit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +41,8 @@ class Config:
             seed=self.collect.seed,
         )
 
-    def thresholds_config(self) -> thresholds.Config:
-        return thresholds.Config(
+    def thresholds_config(self) -> derive_thresholds.Config:
+        return derive_thresholds.Config(
             run_dir=self.collect.out,
             risk=self.risk,
             confidence=self.confidence,
@@ -59,13 +59,13 @@ class Config:
 class Result:
     collect: collect.Result
     fit: fit.Result
-    thresholds: thresholds.Result
+    thresholds: derive_thresholds.Result
 
 
 def run(cfg: Config) -> Result:
     collected = collect.run(cfg.collect)
     fitted = fit.run(cfg.fit_config())
-    derived = thresholds.run(cfg.thresholds_config())
+    derived = derive_thresholds.run(cfg.thresholds_config())
     return Result(collect=collected, fit=fitted, thresholds=derived)
 
 
@@ -103,6 +103,6 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(thresholds.format_summary(result.thresholds.summary))
+        print(derive_thresholds.format_summary(result.thresholds.summary))
         print(f"run directory: {result.collect.run_dir}")
     return 0

@@ -112,35 +112,6 @@ def test_linear_model_risk_hand_computed():
     assert float(risk.given_skip) == pytest.approx(0.1, abs=F32_TOL)
 
 
-@pytest.mark.parametrize("u_th", [0.1, 0.25, 0.63, 0.75, 1.0])
-def test_linear_model_risk_density_uniform_closed_form(u_th):
-    # Given u ~ Uniform(0, 1) on a grid with a node at the kink u0 = −b/a = 0.25
-    a, b = 0.8, -0.2
-    grid = jnp.linspace(0.0, 1.0, 21)
-    density = 2.5 * jnp.ones_like(grid)  # unnormalised on purpose
-    risk = T.linear_model_risk_density(f32(a), f32(b), grid, density, f32(u_th))
-    # Then R(t) = ∫_{0.25}^{t} (a u + b) du exactly, and P(u ≤ t) = t.
-    t = max(u_th, 0.25)
-    expected = a / 2 * (t**2 - 0.25**2) + b * (t - 0.25)
-    assert float(risk.per_token) == pytest.approx(expected, abs=F32_TOL)
-    assert float(risk.skip_share) == pytest.approx(u_th, abs=F32_TOL)
-    assert float(risk.given_skip) == pytest.approx(expected / u_th, abs=1e-5)
-
-
-def test_linear_model_risk_samples_agree_with_density():
-    # The sample form is a Monte Carlo estimate of the density form.
-    n = 200_000
-    u = jnp.asarray(np.random.default_rng(1).beta(2.0, 5.0, n), jnp.float32)
-    grid = jnp.linspace(0.0, 1.0, 2001)
-    density = jax.scipy.stats.beta.pdf(grid, 2.0, 5.0)
-    a, b, u_th = f32(0.82), f32(-0.06), f32(0.35)
-    sample_risk = T.linear_model_risk(a, b, u, u_th)
-    density_risk = T.linear_model_risk_density(a, b, grid, density, u_th)
-    terms = T.linear_mean(a, b, u) * (u <= u_th)
-    standard_error = float(jnp.std(terms)) / math.sqrt(n)
-    assert abs(float(sample_risk.per_token - density_risk.per_token)) < MC_SIGMAS * standard_error
-
-
 def test_risk_functions_vmap_over_thresholds_match_loop_and_jit():
     rng = np.random.default_rng(2)
     u = jnp.asarray(rng.uniform(0, 1, 300), jnp.float32)
@@ -317,6 +288,23 @@ def test_risk_bounded_threshold_point_mass_posterior_matches_loop():
     risks = [float(risk_at(t)) for t in grid]
     expected = max(float(t) for t, r in zip(grid, risks, strict=True) if r <= eps)
     assert got == pytest.approx(expected)
+
+
+def test_risk_bounded_threshold_with_0_1_weights_equals_the_subsample():
+    # Given posterior draws and a mask that keeps some tokens (a split's calibration part)
+    key_u, key_mask, key_a = jax.random.split(jax.random.key(9), 3)
+    u = jax.random.uniform(key_u, (400,))
+    mask = jax.random.bernoulli(key_mask, 0.5, (400,))
+    slope = 0.82 + 0.05 * jax.random.normal(key_a, (30,))
+    intercept = jnp.full((30,), -0.06)
+    grid = T.threshold_grid(101)
+    # When the threshold is computed with 0/1 weights and on the kept tokens alone
+    weighted = T.risk_bounded_threshold(
+        slope, intercept, u, grid, f32(0.05), f32(0.1), mask.astype(jnp.float32)
+    )
+    alone = T.risk_bounded_threshold(slope, intercept, u[mask], grid, f32(0.05), f32(0.1))
+    # Then both are the same grid point.
+    assert float(weighted) == float(alone) and float(alone) > 0
 
 
 def test_risk_bounded_threshold_is_more_cautious_with_wider_posterior():

@@ -3,7 +3,7 @@
 A U-HLM device skips the uplink and the LLM for a drafted token when its
 uncertainty `u` is at or below a threshold `u_th`; the skipped token would have
 been rejected with probability `β`. This module holds the maths that turns the
-uncertainty → rejection link into thresholds and risks:
+rejection model (`uhlm_jax.rejection`) into thresholds and risks:
 
 * analytic thresholds of the paper's linear model `β ≈ a·u + b`
   (`risk_averse`, `risk_prone`, with `rejection_share` for `Δ`);
@@ -19,7 +19,7 @@ Every function is pure `jnp`, written for one example (scalars `slope`,
 `intercept`, `delta`, `u_th`; one sample of tokens) and batched by the caller
 with `jax.vmap`. Nothing here is jitted; jit at the entry point. Inputs are not
 validated inside traced code: jobs validate their configs, and
-`check_linear_model` is the Python-level check for a fitted link.
+`check_linear_model` is the Python-level check for a fitted rejection model.
 
 Shapes (see `uhlm_jax.types`): `n` tokens, `p` grid points (thresholds),
 `m` posterior draws; `P` below is the number of prompts.
@@ -65,7 +65,6 @@ __all__ = [
     "hurdle_mean",
     "linear_mean",
     "linear_model_risk",
-    "linear_model_risk_density",
     "linear_risk_curve",
     "ltt_threshold",
     "prompt_risk_curves",
@@ -124,7 +123,7 @@ class LTTResult(NamedTuple):
 
 
 def check_linear_model(slope: float, intercept: float) -> None:
-    """Checks that a fitted link `β ≈ a·u + b` can give a threshold.
+    """Checks that a fitted linear rejection model `β ≈ a·u + b` can give a threshold.
 
     The analytic thresholds assume rejection grows with uncertainty, `a > 0`.
 
@@ -258,7 +257,7 @@ def linear_mean(
 ) -> Float[Array, "*n"]:
     """Predicted rejection of the linear model, `clip(a·u + b, 0, 1)`.
 
-    The paper's link is `max(0, a·u + b)` ([U-HLM] §III); the upper clip only
+    The paper's rejection model is `max(0, a·u + b)` ([U-HLM] §III); the upper clip only
     matters when `a·u + b > 1`, since `β` is a probability.
     """
     chex.assert_rank([slope, intercept], 0)
@@ -306,52 +305,6 @@ def linear_model_risk(
     """
     chex.assert_rank([u_samples, u_th], [1, 0])
     return _risk(linear_mean(slope, intercept, u_samples), u_samples <= u_th)
-
-
-def _integral_to(x: Array, g: Array, upper: Array) -> Array:
-    """`∫_{x_0}^{upper} g` for `g` piecewise linear between the nodes `x`."""
-    cumulative = jnp.concatenate(
-        [jnp.zeros((1,), g.dtype), jnp.cumsum(jnp.diff(x) * (g[1:] + g[:-1]) / 2)]
-    )
-    upper = jnp.clip(upper, x[0], x[-1])
-    cell = jnp.clip(jnp.searchsorted(x, upper, side="right") - 1, 0, x.shape[0] - 2)
-    g_upper = jnp.interp(upper, x, g)
-    return cumulative[cell] + (upper - x[cell]) * (g[cell] + g_upper) / 2
-
-
-def linear_model_risk_density(
-    slope: Float[Array, ""],
-    intercept: Float[Array, ""],
-    u_grid: Float[Array, " p"],
-    density: Float[Array, " p"],
-    u_th: Float[Array, ""],
-) -> Risk:
-    """Risk of skipping under the linear model, for a density of `u` on a grid.
-
-    `R(u_th) = ∫_{u_0}^{u_th} max(0, a·u + b) f(u) du / ∫_{u_0}^{u_last} f(u) du`
-    ([U-HLM] §III), with both integrands linear between grid nodes (the
-    trapezoid rule, exact up to `u_th` inside a cell). The density need not be
-    normalised (a histogram or a KDE on the grid will do); its trapezoid
-    integral over the grid is taken as the total mass.
-
-    Args:
-      slope: `a`, scalar.
-      intercept: `b`, scalar.
-      u_grid: `(p,)` increasing nodes covering the support of `u`, `p ≥ 2`.
-      density: `(p,)` non-negative density of `u` at the nodes.
-      u_th: scalar threshold.
-
-    Returns:
-      The `Risk` at `u_th`.
-    """
-    chex.assert_rank([u_grid, density, u_th], [1, 1, 0])
-    total = _integral_to(u_grid, density, u_grid[-1])
-    safe_total = jnp.where(total > 0, total, 1.0)
-    weighted = linear_mean(slope, intercept, u_grid) * density
-    per_token = _integral_to(u_grid, weighted, u_th) / safe_total
-    share = _integral_to(u_grid, density, u_th) / safe_total
-    given_skip = jnp.where(share > 0, per_token / jnp.where(share > 0, share, 1.0), 0.0)
-    return Risk(per_token=per_token, given_skip=given_skip, skip_share=share)
 
 
 def threshold_grid(size: int) -> Float[Array, " p"]:
@@ -673,6 +626,7 @@ def risk_bounded_threshold(
     grid: Float[Array, " p"],
     eps: Float[Array, ""],
     delta: Float[Array, ""],
+    weight: Float[Array, " n"] | None = None,
 ) -> Float[Array, ""]:
     """Posterior risk-bounded threshold of the linear model.
 
@@ -680,7 +634,8 @@ def risk_bounded_threshold(
     `R` is `linear_model_risk(a_i, b_i, u_samples, ·).per_token` and the
     probability is over posterior draws `(a_i, b_i)`. The uncertainty covered
     is that of `(a, b)` given the data; the law of `u` is taken as known (the
-    empirical law of `u_samples`) and the linear model as correct.
+    empirical law of `u_samples`, weighted by `weight`) and the linear model as
+    correct.
 
     Args:
       slope: `(m,)` posterior draws of `a`.
@@ -689,11 +644,13 @@ def risk_bounded_threshold(
       grid: `(p,)` increasing thresholds.
       eps: `ε`, scalar.
       delta: `δ`, scalar.
+      weight: `(n,)` non-negative weights of `u_samples` (e.g. a split's 0/1 mask of
+        calibration tokens); all ones if omitted.
 
     Returns:
       The threshold, or `NO_SKIP` if no grid point qualifies.
     """
     chex.assert_rank([slope, intercept, u_samples, grid], 1)
-    sample = weighted_sample(u_samples)
+    sample = weighted_sample(u_samples, weight)
     curves = jax.vmap(linear_risk_curve, in_axes=(0, 0, None, None))(slope, intercept, sample, grid)
     return grid_threshold(grid, risk_bounded_index(curves, eps, delta))

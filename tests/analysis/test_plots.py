@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import plots
+from analysis import plots, report
 from analysis import sweep as sw
 from calibration import records
 from tests.analysis import write_synthetic_run
@@ -138,7 +138,7 @@ def test_risk_histograms(tmp_path):
 
 def test_measure_comparison(run, tmp_path):
     _, df, _ = run
-    _check(plots.measure_comparison(sw.measure_scores(df), tmp_path / "measures.png"))
+    _check(plots.measure_comparison(report.measure_scores(df), tmp_path / "measures.png"))
 
 
 def test_pareto_front_keeps_only_undominated_points():

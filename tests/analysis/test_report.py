@@ -9,6 +9,7 @@ import pytest
 from analysis import report
 from calibration import records
 from tests.analysis import collect_toy_run, write_synthetic_run
+from uhlm_jax import rejection
 
 # The table prints rates with 3 decimals and percentages with 1 or 2.
 TABLE_ATOL = 5e-4
@@ -171,6 +172,25 @@ def test_report_with_fit_and_thresholds(tmp_path):
     names = {p.name for p in result.plots}
     assert {"threshold_posteriors.png", "risk_histograms.png", "u_beta.png"} <= names
     _check_html(tmp_path, len(result.plots))
+
+
+def test_plug_in_thresholds_are_read_from_thresholds_json_when_it_has_them(tmp_path):
+    df = write_synthetic_run(tmp_path)
+    u = df["u_temperature_perturbation"].to_numpy(np.float64)
+    beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
+    computed = rejection.plug_in_thresholds(u, beta)
+    # Without an analytic section, or with one lacking the fit, they come from the records
+    assert report.plug_in_thresholds({}, u, beta) == computed
+    assert report.plug_in_thresholds({"risk_averse": {"threshold": 0.075}}, u, beta) == computed
+    # and otherwise from the section.
+    analytic = {
+        "slope": 0.5,
+        "intercept": -0.1,
+        "rejection_share": 0.3,
+        "risk_averse": {"threshold": 0.2},
+        "risk_prone": {"threshold": 0.8},
+    }
+    assert tuple(report.plug_in_thresholds(analytic, u, beta)) == (0.5, -0.1, 0.3, 0.2, 0.8)
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Analytic (no files): `uhlm threshold --slope A --intercept B [--delta D]` prints the
 risk-averse threshold `−b/a` and, given `Δ = P(β > 0)`, the risk-prone threshold
-`(Δ − b)/a` of the paper's linear link `β ≈ a·u + b` (U-HLM, arXiv 2412.12687).
+`(Δ − b)/a` of the paper's linear rejection model `β ≈ a·u + b` (U-HLM, arXiv
+2412.12687).
 
 From a run: `uhlm threshold --run RUN_DIR --risk ε --confidence 1−δ` reads the
 records and the fit (running `uhlm fit` first if `fit.json` is missing) and
@@ -22,8 +23,8 @@ writes `thresholds.json` with, on a grid of thresholds `u_th ∈ [0, 1]`:
   calibrated on one part and its realised risk measured on the other, per token
   (pooled) and per prompt; the share of splits whose realised risk exceeds `ε`
   is reported with every realised value. Per split, the linear posterior is the
-  exact conjugate posterior of the NUTS model (`calibration.fit`), and the
-  analytic thresholds are refitted by least squares.
+  exact conjugate posterior of the NUTS model (`rejection.conjugate_posterior`), and
+  the analytic thresholds are refitted by least squares.
 
 Risk means the expected rejection probability of skipped tokens per generated
 token, `E[β · 1{u ≤ u_th}]`. A threshold of `null` in the output means "skip
@@ -47,15 +48,16 @@ import numpy as np
 
 import uhlm_jax
 from calibration import fit, records
+from uhlm_jax import rejection
 from uhlm_jax import threshold as T
 
 __all__ = [
     "METHODS",
     "THRESHOLDS_FILE",
     "Config",
-    "Mode",
     "Result",
     "RunData",
+    "ThresholdSource",
     "add_arguments",
     "from_run",
     "main",
@@ -73,11 +75,11 @@ DRAW_BATCH = 64
 METHODS = ("ltt", "posterior_linear", "analytic_risk_averse", "analytic_risk_prone")
 
 
-class Mode(enum.Enum):
-    """What `uhlm threshold` computes."""
+class ThresholdSource(enum.Enum):
+    """Where `uhlm threshold` takes the rejection model from (the `mode` of its output)."""
 
-    ANALYTIC = "analytic"  # from a given slope and intercept
-    RUN = "run"  # from a run directory's records and fit
+    ANALYTIC = "analytic"  # a given slope and intercept
+    RUN = "run"  # a run directory's records and fit
 
 
 def _in_open_unit(name: str, value: Any, fix: str) -> None:
@@ -165,8 +167,8 @@ class Config:
         _int_at_least("seed", self.seed, 0)
 
     @property
-    def mode(self) -> Mode:
-        return Mode.RUN if self.run_dir is not None else Mode.ANALYTIC
+    def source(self) -> ThresholdSource:
+        return ThresholdSource.RUN if self.run_dir is not None else ThresholdSource.ANALYTIC
 
     @property
     def error_level(self) -> float:
@@ -192,10 +194,10 @@ def _interval(x: np.ndarray, mass: float) -> list[float]:
 
 
 def analytic(cfg: Config) -> dict[str, Any]:
-    """The paper's thresholds for a given link."""
+    """The paper's thresholds for a given linear rejection model."""
     a, b = jnp.float32(cfg.slope), jnp.float32(cfg.intercept)
     out = {
-        "mode": Mode.ANALYTIC.value,
+        "mode": ThresholdSource.ANALYTIC.value,
         "slope": float(cfg.slope),
         "intercept": float(cfg.intercept),
         "risk_averse": float(T.risk_averse(a, b)),
@@ -268,12 +270,6 @@ def _ensure_fit(cfg: Config, run_dir: Path) -> tuple[fit.Posterior, str]:
     return posterior, fitted
 
 
-def _thin(draws: dict[str, np.ndarray], num: int) -> dict[str, jnp.ndarray]:
-    total = next(iter(draws.values())).size
-    index = np.linspace(0, total - 1, min(num, total)).astype(int)
-    return {k: jnp.asarray(v[index], jnp.float32) for k, v in draws.items()}
-
-
 def _empirical(u: jnp.ndarray, beta: jnp.ndarray, t: float) -> dict[str, float]:
     risk = T.empirical_risk(u, beta, jnp.float32(t))
     return {
@@ -326,8 +322,8 @@ def _posterior(
     cfg: Config, posterior: fit.Posterior, data: RunData, grid: jnp.ndarray
 ) -> dict[str, Any]:
     u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
-    linear = _thin(posterior.linear, cfg.num_posterior_draws)
-    hurdle_draws = _thin(posterior.hurdle, cfg.num_posterior_draws)
+    linear = rejection.thin_draws(posterior.linear, cfg.num_posterior_draws)
+    hurdle_draws = rejection.thin_draws(posterior.hurdle, cfg.num_posterior_draws)
     num_draws = linear["slope"].shape[0]
     # Bayesian bootstrap of Δ over prompts, one Dirichlet weight vector per draw.
     tokens = np.bincount(data.prompt, minlength=data.num_prompts)
@@ -447,9 +443,7 @@ def _split_outcomes(xs, tokens: _Tokens, eps, delta):
         cal_tokens = mask[prompt]
         test_tokens = 1.0 - cal_tokens
         test_prompts = 1.0 - mask
-        sample = T.weighted_sample(u, cal_tokens)
-        curves = jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(a, b, sample, grid)
-        t_posterior = T.grid_threshold(grid, T.risk_bounded_index(curves, eps, delta))
+        t_posterior = T.risk_bounded_threshold(a, b, u, grid, eps, delta, cal_tokens)
         t_ltt = T.ltt_threshold(tokens.prompt_risks, grid, eps, delta, mask).threshold
         thresholds = jnp.stack([t_ltt, t_posterior, t_averse, t_prone])
 
@@ -469,15 +463,19 @@ def _split_outcomes(xs, tokens: _Tokens, eps, delta):
 
 
 def _validation(
-    cfg: Config, data: RunData, prompt_risks: jnp.ndarray, grid: jnp.ndarray, prior: fit.LinearPrior
+    cfg: Config,
+    data: RunData,
+    prompt_risks: jnp.ndarray,
+    grid: jnp.ndarray,
+    prior: rejection.LinearPrior,
 ) -> dict[str, Any]:
     p = data.num_prompts
     masks = split_masks(cfg, p)
     num_cal = int(masks[0].sum())
     rng = np.random.default_rng((cfg.seed, 6))
     sums = masks @ _per_prompt_sums(data)  # (S, 6) over calibration prompts
-    post = fit.conjugate_posterior(*sums.T, prior=prior)
-    slope, intercept, _ = fit.sample_conjugate(rng, post, min(cfg.num_posterior_draws, 500))
+    post = rejection.conjugate_posterior(*sums.T, prior=prior)
+    slope, intercept, _ = rejection.sample_conjugate(rng, post, min(cfg.num_posterior_draws, 500))
     ls_slope, ls_intercept = post.mean[:, 0], post.mean[:, 1]
     positives = np.bincount(data.prompt, weights=data.beta > T.BETA_POSITIVE_TOL, minlength=p)
     delta_cal = masks @ positives / sums[:, 0]
@@ -548,29 +546,25 @@ def from_run(cfg: Config) -> dict[str, Any]:
     grid = T.threshold_grid(cfg.grid_size)
     u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
 
-    ls = fit.least_squares(data.u, data.beta)
-    share = float(T.rejection_share(beta))
-    a, b = jnp.float32(ls["slope"]), jnp.float32(ls["intercept"])
+    plug_in = rejection.plug_in_thresholds(data.u, data.beta)
     analytic_section: dict[str, Any] = {
-        "slope": ls["slope"],
-        "intercept": ls["intercept"],
-        "rejection_share": share,
+        "slope": plug_in.slope,
+        "intercept": plug_in.intercept,
+        "rejection_share": plug_in.rejection_share,
         "fit": "least squares on all records",
     }
-    if ls["slope"] > 0:
-        t_averse = float(T.risk_averse(a, b))
-        t_prone = float(T.risk_prone(a, b, jnp.float32(share)))
+    if plug_in.slope > 0:
         analytic_section["risk_averse"] = {
-            "threshold": t_averse,
-            "empirical": _empirical(u, beta, t_averse),
+            "threshold": plug_in.risk_averse,
+            "empirical": _empirical(u, beta, plug_in.risk_averse),
         }
         analytic_section["risk_prone"] = {
-            "threshold": t_prone,
-            "empirical": _empirical(u, beta, t_prone),
+            "threshold": plug_in.risk_prone,
+            "empirical": _empirical(u, beta, plug_in.risk_prone),
         }
     else:
         analytic_section["note"] = (
-            f"slope {ls['slope']:.4g} <= 0: rejection does not grow with this measure, "
+            f"slope {plug_in.slope:.4g} <= 0: rejection does not grow with this measure, "
             "the paper's thresholds do not apply"
         )
 
@@ -578,7 +572,7 @@ def from_run(cfg: Config) -> dict[str, Any]:
         u, beta, jnp.asarray(data.prompt), data.num_prompts, grid
     )
     return {
-        "mode": Mode.RUN.value,
+        "mode": ThresholdSource.RUN.value,
         "run_dir": str(run_dir),
         "measure": measure,
         "risk": cfg.risk,
@@ -603,14 +597,14 @@ def from_run(cfg: Config) -> dict[str, Any]:
             data,
             prompt_risks,
             grid,
-            fit.LinearPrior(**posterior.summary["linear"]["prior"]),
+            rejection.LinearPrior(**posterior.summary["linear"]["prior"]),
         ),
     }
 
 
 def run(cfg: Config) -> Result:
     """Computes the thresholds; in run mode writes `RUN_DIR/thresholds.json` atomically."""
-    if cfg.mode is Mode.ANALYTIC:
+    if cfg.source is ThresholdSource.ANALYTIC:
         return Result(summary=analytic(cfg), path=None)
     summary = from_run(cfg)
     path = Path(cfg.run_dir) / THRESHOLDS_FILE
@@ -671,7 +665,7 @@ def _fmt(t: float | None) -> str:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable report."""
-    if summary["mode"] == Mode.ANALYTIC.value:
+    if summary["mode"] == ThresholdSource.ANALYTIC.value:
         lines = [f"risk-averse threshold -b/a = {summary['risk_averse']:.4f}"]
         if "risk_prone" in summary:
             lines.append(f"risk-prone threshold (delta-b)/a = {summary['risk_prone']:.4f}")

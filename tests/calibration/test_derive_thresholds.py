@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
+from calibration import derive_thresholds as th
 from calibration import fit, records
-from calibration import thresholds as th
 from tests.calibration import synthetic_records, write_run
+from uhlm_jax import rejection
 
 # Realised risks are float32 sums over a few thousand tokens.
 RISK_ATOL = 1e-5
@@ -63,16 +64,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
 def test_missing_run_dir_is_exit_2(tmp_path, capsys):
     assert th.main(parse(["--run", str(tmp_path / "absent")])) == 2
     assert "does not exist" in capsys.readouterr().err
-
-
-def test_batched_conjugate_posterior_matches_one_at_a_time():
-    rng = np.random.default_rng(0)
-    sums = np.abs(rng.normal(size=(4, 6))) * 50 + np.array([200, 0, 0, 100, 0, 100])
-    batched = fit.conjugate_posterior(*sums.T)
-    for k in range(4):
-        one = fit.conjugate_posterior(*sums[k])
-        np.testing.assert_allclose(batched.mean[k], one.mean)
-        np.testing.assert_allclose(batched.rate[k], one.rate)
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +219,7 @@ def test_coverage_with_known_risk_ltt_bounded_and_posterior_reported(record_prop
 
     # When each replication calibrates LTT and the linear posterior risk-bounded threshold
     u64, b64 = u.astype(np.float64), beta.astype(np.float64)
-    post = fit.conjugate_posterior(
+    post = rejection.conjugate_posterior(
         np.full(reps, prompts * tokens),
         u64.sum(1),
         b64.sum(1),
@@ -236,7 +227,7 @@ def test_coverage_with_known_risk_ltt_bounded_and_posterior_reported(record_prop
         (u64 * b64).sum(1),
         (b64 * b64).sum(1),
     )
-    slope, intercept, _ = fit.sample_conjugate(rng, post, 400)
+    slope, intercept, _ = rejection.sample_conjugate(rng, post, 400)
 
     def one(u_r, beta_r, a_r, b_r):
         risks = T.prompt_risk_curves(u_r, beta_r, prompt, prompts, grid)

@@ -1,0 +1,825 @@
+"""The rejection model: the LLM's rejection probability `β` of a draft given the SLM's
+uncertainty `u`.
+
+A U-HLM device skips a drafted token when `u` is at or below a threshold; how safe that
+is depends on how `β` grows with `u`. This module holds the statistics of that relation,
+as pure functions of arrays (files are the jobs' business, `uhlm fit` and
+`uhlm threshold`):
+
+* **models** (NumPyro, written as plain functions `model(u, beta=None)`):
+  - `linear_gaussian`, the paper's linear-Gaussian model (U-HLM, arXiv 2412.12687,
+    §III), `β ~ Normal(a·u + b, σ)` with the conjugate prior `LinearPrior`, and
+    `linear_gaussian_stats`, the same likelihood in six sufficient statistics;
+  - `hurdle`, a bounded model that respects `β ∈ [0, 1]` and its mass at 0,
+    `P(β > 0 | u) = σ(c·u + e)` and `β | β > 0 ~ Beta(m·κ, (1 − m)·κ)` with
+    `m = σ(f·u + g)`, and `hurdle_grouped`, the same likelihood summed over tokens of
+    equal `u`;
+* **model checks**: pointwise log likelihoods on the observed scale, `waic`, and
+  posterior predictive checks in `u` bins (`predictive_checks`);
+* **the exact posterior** of the linear model (Normal-inverse-gamma,
+  `conjugate_posterior`) and **least squares** (`least_squares`), with the paper's
+  thresholds of a least-squares line (`plug_in_thresholds`);
+* **correlations** of `u` and `β` (`pearson`, `spearman`, and `correlations` with
+  prompt-bootstrap intervals) and the **AUROC** of `u` for `β > 0` (`auroc`).
+
+The thresholds and risks that a fitted model implies are in `uhlm_jax.threshold`.
+"""
+# ruff: noqa: F722  (jaxtyping shape strings are not forward references)
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+from jax.scipy.stats import norm
+
+from uhlm_jax import threshold
+from uhlm_jax.threshold import BETA_POSITIVE_TOL
+from uhlm_jax.types import Array, Float
+
+__all__ = [
+    "BETA_CLIP",
+    "BOOTSTRAP_LEVEL",
+    "HURDLE_SITES",
+    "LINEAR_SITES",
+    "PPC_DRAWS",
+    "ConjugatePosterior",
+    "HurdleGroups",
+    "HurdlePrior",
+    "LinearPrior",
+    "LinearStats",
+    "PlugInThresholds",
+    "Waic",
+    "auroc",
+    "average_ranks",
+    "conjugate_posterior",
+    "correlations",
+    "hurdle",
+    "hurdle_grouped",
+    "hurdle_groups",
+    "hurdle_pointwise_loglik",
+    "least_squares",
+    "linear_gaussian",
+    "linear_gaussian_stats",
+    "linear_pointwise_loglik",
+    "linear_stats",
+    "pearson",
+    "plug_in_thresholds",
+    "predictive_checks",
+    "replicate_hurdle",
+    "replicate_linear",
+    "sample_conjugate",
+    "spearman",
+    "thin_draws",
+    "waic",
+]
+
+# Sample sites of the posterior draws of each model.
+LINEAR_SITES = ("slope", "intercept", "sigma")
+HURDLE_SITES = (
+    "positive_slope",
+    "positive_intercept",
+    "mean_slope",
+    "mean_intercept",
+    "concentration",
+)
+
+# Positive β are clipped into (0, 1) before the Beta log density, which is infinite at
+# β = 1 (an LLM probability that underflowed to 0) for concentrations below 1.
+BETA_CLIP = 1e-6
+# Posterior draws used for the predictive checks and tokens per WAIC chunk.
+PPC_DRAWS = 100
+WAIC_CHUNK = 4096
+# Central mass of the bootstrap intervals of the correlations.
+BOOTSTRAP_LEVEL = 0.95
+# Bootstrap replicates computed together (bounds memory to this many copies of the tokens).
+BOOTSTRAP_BATCH = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPrior:
+    """Conjugate prior of the linear-Gaussian model.
+
+    `σ² ~ InvGamma(shape, rate)`; `a, b | σ ~ Normal(0, scale·σ)` independently.
+    The defaults put the prior median of `σ` near 0.2 with a heavy right tail and
+    the prior sd of `a` and `b` near 2 for that `σ`: weak for `β, u ∈ [0, 1]`.
+    """
+
+    scale: float = 10.0
+    shape: float = 2.0
+    rate: float = 0.05
+
+    def __post_init__(self):
+        for name in ("scale", "shape", "rate"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"LinearPrior.{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HurdlePrior:
+    """Weakly informative prior of the hurdle model.
+
+    Logistic slopes and intercepts `c, e, f, g ~ Normal(0, logit_scale)`;
+    the Beta concentration `κ ~ LogNormal(log(concentration_median),
+    concentration_log_sd)`.
+    """
+
+    logit_scale: float = 5.0
+    concentration_median: float = 5.0
+    concentration_log_sd: float = 1.5
+
+    def __post_init__(self):
+        for name in ("logit_scale", "concentration_median", "concentration_log_sd"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"HurdlePrior.{name} must be a finite number > 0, got {value!r}")
+
+
+# --- models ----------------------------------------------------------------------------
+
+
+def linear_gaussian(
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"] | None = None,
+    prior: LinearPrior = LinearPrior(),
+) -> None:
+    """The paper's model, one observation per token: `β ~ Normal(a·u + b, σ)`."""
+    sigma_sq = numpyro.sample("sigma_sq", dist.InverseGamma(prior.shape, prior.rate))
+    sigma = numpyro.deterministic("sigma", jnp.sqrt(sigma_sq))
+    slope = numpyro.sample("slope", dist.Normal(0.0, prior.scale * sigma))
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior.scale * sigma))
+    with numpyro.plate("tokens", u.shape[0]):
+        numpyro.sample("beta", dist.Normal(slope * u + intercept, sigma), obs=beta)
+
+
+class LinearStats(NamedTuple):
+    """Sufficient statistics of the linear-Gaussian likelihood, centred for precision.
+
+    Attributes:
+      n: number of tokens.
+      u_mean, beta_mean: sample means.
+      suu, sub, sbb: centred sums `Σ(u−ū)²`, `Σ(u−ū)(β−β̄)`, `Σ(β−β̄)²`.
+    """
+
+    n: Any
+    u_mean: Any
+    beta_mean: Any
+    suu: Any
+    sub: Any
+    sbb: Any
+
+
+def linear_stats(u: np.ndarray, beta: np.ndarray) -> LinearStats:
+    """`LinearStats` of a sample, computed in float64."""
+    u = np.asarray(u, np.float64)
+    beta = np.asarray(beta, np.float64)
+    uc, bc = u - u.mean(), beta - beta.mean()
+    return LinearStats(
+        n=float(u.size),
+        u_mean=float(u.mean()),
+        beta_mean=float(beta.mean()),
+        suu=float(uc @ uc),
+        sub=float(uc @ bc),
+        sbb=float(bc @ bc),
+    )
+
+
+def linear_gaussian_stats(stats: LinearStats, prior: LinearPrior = LinearPrior()) -> None:
+    """`linear_gaussian` with its likelihood written in sufficient statistics.
+
+    `Σ_i (β_i − a·u_i − b)² = sbb − 2a·sub + a²·suu + n·(β̄ − a·ū − b)²`, so the
+    log density equals `linear_gaussian`'s on the tokens the stats came from.
+    """
+    sigma_sq = numpyro.sample("sigma_sq", dist.InverseGamma(prior.shape, prior.rate))
+    sigma = numpyro.deterministic("sigma", jnp.sqrt(sigma_sq))
+    slope = numpyro.sample("slope", dist.Normal(0.0, prior.scale * sigma))
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior.scale * sigma))
+    rss = (
+        stats.sbb
+        - 2.0 * slope * stats.sub
+        + slope**2 * stats.suu
+        + stats.n * (stats.beta_mean - slope * stats.u_mean - intercept) ** 2
+    )
+    numpyro.factor("beta", -0.5 * rss / sigma_sq - 0.5 * stats.n * jnp.log(2 * jnp.pi * sigma_sq))
+
+
+def _hurdle_params(prior: HurdlePrior) -> tuple[Array, Array, Array, Array, Array]:
+    s = prior.logit_scale
+    c = numpyro.sample("positive_slope", dist.Normal(0.0, s))
+    e = numpyro.sample("positive_intercept", dist.Normal(0.0, s))
+    f = numpyro.sample("mean_slope", dist.Normal(0.0, s))
+    g = numpyro.sample("mean_intercept", dist.Normal(0.0, s))
+    kappa = numpyro.sample(
+        "concentration",
+        dist.LogNormal(math.log(prior.concentration_median), prior.concentration_log_sd),
+    )
+    return c, e, f, g, kappa
+
+
+def hurdle(
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"] | None = None,
+    prior: HurdlePrior = HurdlePrior(),
+) -> None:
+    """Hurdle model, one observation per token.
+
+    `positive ~ Bernoulli(σ(c·u + e))` with `positive = β > BETA_POSITIVE_TOL`;
+    where positive, `β ~ Beta(m·κ, (1 − m)·κ)`, `m = σ(f·u + g)`; else `β = 0`.
+    Without `beta` it samples replicated data (the `beta` deterministic site).
+    """
+    c, e, f, g, kappa = _hurdle_params(prior)
+    mean = jax.nn.sigmoid(f * u + g)
+    with numpyro.plate("tokens", u.shape[0]):
+        observed_positive = None if beta is None else beta > BETA_POSITIVE_TOL
+        positive = numpyro.sample(
+            "positive", dist.Bernoulli(logits=c * u + e), obs=observed_positive
+        ).astype(bool)
+        # Masked-out entries still enter the Beta density; 0.5 keeps it finite.
+        observed_value = (
+            None
+            if beta is None
+            else jnp.where(positive, jnp.clip(beta, BETA_CLIP, 1 - BETA_CLIP), 0.5)
+        )
+        with numpyro.handlers.mask(mask=positive):
+            value = numpyro.sample(
+                "positive_beta", dist.Beta(mean * kappa, (1 - mean) * kappa), obs=observed_value
+            )
+        numpyro.deterministic("beta", jnp.where(positive, value, 0.0))
+
+
+class HurdleGroups(NamedTuple):
+    """Tokens grouped by their value of `u`: the hurdle likelihood's exact statistics.
+
+    Attributes:
+      u: `(g,)` distinct uncertainties.
+      count: `(g,)` tokens per group.
+      positive: `(g,)` tokens with `β > BETA_POSITIVE_TOL`.
+      sum_log_beta, sum_log1m_beta: `(g,)` `Σ log β` and `Σ log(1 − β)` over the
+        positive tokens, `β` clipped to `[BETA_CLIP, 1 − BETA_CLIP]`.
+    """
+
+    u: Any
+    count: Any
+    positive: Any
+    sum_log_beta: Any
+    sum_log1m_beta: Any
+
+
+def hurdle_groups(u: np.ndarray, beta: np.ndarray) -> HurdleGroups:
+    """`HurdleGroups` of a sample, summed in float64, stored as float32."""
+    values, group = np.unique(np.asarray(u, np.float32), return_inverse=True)
+    beta = np.asarray(beta, np.float64)
+    positive = beta > BETA_POSITIVE_TOL
+    clipped = np.clip(beta, BETA_CLIP, 1 - BETA_CLIP)
+    g = values.size
+
+    def total(w: np.ndarray) -> np.ndarray:
+        return np.bincount(group, weights=w, minlength=g).astype(np.float32)
+
+    return HurdleGroups(
+        u=values.astype(np.float32),
+        count=total(np.ones_like(beta)),
+        positive=total(positive.astype(np.float64)),
+        sum_log_beta=total(np.where(positive, np.log(clipped), 0.0)),
+        sum_log1m_beta=total(np.where(positive, np.log1p(-clipped), 0.0)),
+    )
+
+
+def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> None:
+    """`hurdle` with its likelihood summed within groups of equal `u` (same density)."""
+    c, e, f, g, kappa = _hurdle_params(prior)
+    logits = c * groups.u + e
+    numpyro.factor(
+        "positive",
+        jnp.sum(
+            groups.positive * jax.nn.log_sigmoid(logits)
+            + (groups.count - groups.positive) * jax.nn.log_sigmoid(-logits)
+        ),
+    )
+    mean = jax.nn.sigmoid(f * groups.u + g)
+    a, b = mean * kappa, (1 - mean) * kappa
+    log_norm = (
+        jax.scipy.special.gammaln(kappa)
+        - jax.scipy.special.gammaln(a)
+        - jax.scipy.special.gammaln(b)
+    )
+    numpyro.factor(
+        "positive_beta",
+        jnp.sum(
+            groups.positive * log_norm
+            + (a - 1) * groups.sum_log_beta
+            + (b - 1) * groups.sum_log1m_beta
+        ),
+    )
+
+
+# --- pointwise likelihoods and WAIC ----------------------------------------------------
+
+
+def _beta_log_density(a: Array, b: Array, total: Array, x: Array) -> Array:
+    """`log Beta(x; a, b)` with `total = a + b`, written out in `gammaln`."""
+    gammaln = jax.scipy.special.gammaln
+    return gammaln(total) - gammaln(a) - gammaln(b) + (a - 1) * jnp.log(x) + (b - 1) * jnp.log1p(-x)
+
+
+def linear_pointwise_loglik(
+    params: dict[str, Array], u: Float[Array, " n"], beta: Float[Array, " n"]
+) -> Float[Array, " n"]:
+    """Per-token log likelihood of the linear model on the observed scale, one draw.
+
+    The observed `β = clip(β*, 0, 1)` of the latent `β* ~ Normal(a·u + b, σ)`:
+    `log Φ(−μ/σ)` at `β = 0`, `log Φ((μ − 1)/σ)` at `β = 1`, the Normal log
+    density in between.
+    """
+    mu = params["slope"] * u + params["intercept"]
+    sigma = params["sigma"]
+    at_zero = beta <= BETA_POSITIVE_TOL
+    at_one = beta >= 1 - BETA_CLIP
+    inside = norm.logpdf(beta, mu, sigma)
+    return jnp.where(
+        at_zero, norm.logcdf(-mu / sigma), jnp.where(at_one, norm.logcdf((mu - 1) / sigma), inside)
+    )
+
+
+def hurdle_pointwise_loglik(
+    params: dict[str, Array], u: Float[Array, " n"], beta: Float[Array, " n"]
+) -> Float[Array, " n"]:
+    """Per-token log likelihood of the hurdle model, one draw (as `hurdle` scores it)."""
+    logits = params["positive_slope"] * u + params["positive_intercept"]
+    mean = jax.nn.sigmoid(params["mean_slope"] * u + params["mean_intercept"])
+    kappa = params["concentration"]
+    positive = beta > BETA_POSITIVE_TOL
+    value = jnp.where(positive, jnp.clip(beta, BETA_CLIP, 1 - BETA_CLIP), 0.5)
+    beta_density = _beta_log_density(mean * kappa, (1 - mean) * kappa, kappa, value)
+    return jnp.where(
+        positive, jax.nn.log_sigmoid(logits) + beta_density, jax.nn.log_sigmoid(-logits)
+    )
+
+
+class Waic(NamedTuple):
+    """WAIC (Watanabe 2010; Vehtari, Gelman, Gabry 2017), per token and in total.
+
+    Attributes:
+      elpd_i: `(n,)` pointwise `lppd_i − p_i`.
+      p_i: `(n,)` pointwise effective parameters, the variance over draws of the
+        log likelihood.
+    """
+
+    elpd_i: np.ndarray
+    p_i: np.ndarray
+
+    def summary(self) -> dict[str, float]:
+        n = self.elpd_i.size
+        elpd = float(self.elpd_i.sum())
+        return {
+            "elpd": elpd,
+            "p_waic": float(self.p_i.sum()),
+            "waic": -2.0 * elpd,
+            "se": 2.0 * float(np.sqrt(n * np.var(self.elpd_i))),
+        }
+
+
+def waic(loglik, draws: dict[str, Array], u: np.ndarray, beta: np.ndarray) -> Waic:
+    """WAIC of a model from its pointwise log likelihood, in token chunks.
+
+    `elpd_i = log mean_s p(β_i | θ_s) − var_s log p(β_i | θ_s)`.
+
+    Args:
+      loglik: `(params, u, beta) -> (n,)` for one draw.
+      draws: site -> `(S,)` posterior draws.
+      u, beta: `(n,)` data.
+
+    Returns:
+      The pointwise `Waic`.
+    """
+    n = u.shape[0]
+    pad = (-n) % WAIC_CHUNK
+    u_chunks = jnp.pad(jnp.asarray(u, jnp.float32), (0, pad)).reshape(-1, WAIC_CHUNK)
+    beta_chunks = jnp.pad(jnp.asarray(beta, jnp.float32), (0, pad)).reshape(-1, WAIC_CHUNK)
+    num_draws = next(iter(draws.values())).shape[0]
+
+    def pointwise(draws, xs):
+        def chunk(args):
+            u_c, beta_c = args
+            ll = jax.vmap(loglik, in_axes=(0, None, None))(draws, u_c, beta_c)  # (S, chunk)
+            lppd = jax.nn.logsumexp(ll, axis=0) - jnp.log(num_draws)
+            return lppd, jnp.var(ll, axis=0)
+
+        return jax.lax.map(chunk, xs)
+
+    # Draws are arguments, not closed-over constants, which XLA would try to fold.
+    lppd, p = jax.jit(pointwise)(draws, (u_chunks, beta_chunks))
+    lppd, p = np.asarray(lppd).reshape(-1)[:n], np.asarray(p).reshape(-1)[:n]
+    return Waic(elpd_i=lppd - p, p_i=p)
+
+
+# --- posterior draws and predictive checks ---------------------------------------------
+
+
+def thin_draws(draws: dict[str, np.ndarray], num: int | None = None) -> dict[str, jnp.ndarray]:
+    """Draws flattened over chains and thinned evenly to at most `num` (all if None).
+
+    Args:
+      draws: site -> draws of any shape, e.g. `(chains, draws)`.
+      num: most draws kept per site; all if None.
+
+    Returns:
+      site -> `(m,)` float32 draws, `m = min(num, total)`.
+    """
+    flat = {k: v.reshape(-1) for k, v in draws.items()}
+    total = next(iter(flat.values())).size
+    index = np.linspace(0, total - 1, total if num is None else min(num, total)).astype(int)
+    return {k: jnp.asarray(v[index], jnp.float32) for k, v in flat.items()}
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def replicate_linear(
+    rng: np.random.Generator, draws: dict[str, np.ndarray], u: np.ndarray
+) -> np.ndarray:
+    """`(S, n)` replicated `β ~ Normal(a·u + b, σ)`, one row per draw (`linear_gaussian`)."""
+    a, b, sigma = (np.asarray(draws[k], np.float32)[:, None] for k in LINEAR_SITES)
+    noise = rng.standard_normal((a.shape[0], u.shape[0]), dtype=np.float32)
+    return a * u + b + sigma * noise
+
+
+def replicate_hurdle(
+    rng: np.random.Generator, draws: dict[str, np.ndarray], u: np.ndarray
+) -> np.ndarray:
+    """`(S, n)` replicated `β` of the hurdle model, one row per draw (`hurdle`).
+
+    NumPy's Beta sampler, not `jax.random.beta`, whose rejection loop took tens
+    of seconds for 10^7 draws on the 2-core CPU.
+    """
+    c, e, f, g, kappa = (np.asarray(draws[k], np.float64)[:, None] for k in HURDLE_SITES)
+    u = np.asarray(u, np.float64)[None, :]
+    positive = rng.random((c.shape[0], u.shape[1])) < _sigmoid(c * u + e)
+    mean = _sigmoid(f * u + g)
+    rows, cols = np.nonzero(positive)
+    m, k = mean[rows, cols], kappa[rows, 0]
+    out = np.zeros(positive.shape, np.float32)
+    out[rows, cols] = rng.beta(m * k, (1 - m) * k)
+    return out
+
+
+def predictive_checks(
+    u: np.ndarray,
+    beta: np.ndarray,
+    linear_draws: dict[str, np.ndarray],
+    hurdle_draws: dict[str, np.ndarray],
+    num_bins: int,
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """Observed vs replicated share of `β > 0` and mean `β` in equal-width `u` bins.
+
+    Replicates come from `PPC_DRAWS` posterior draws of each model, on the same
+    `u`; each bin reports the replicated statistic's 5%, 50% and 95% quantiles
+    and whether the observed value lies in that range.
+
+    Args:
+      u, beta: `(n,)` observed tokens.
+      linear_draws, hurdle_draws: site -> posterior draws of each model.
+      num_bins: equal-width `u` bins between the smallest and largest `u`.
+      rng: the generator of the replicates.
+
+    Returns:
+      One dict per non-empty bin.
+    """
+    edges = np.linspace(float(u.min()), float(u.max()), num_bins + 1)
+    bins = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, num_bins - 1)
+    thin = lambda d: {k: np.asarray(v) for k, v in thin_draws(d, PPC_DRAWS).items()}  # noqa: E731
+    replicated = {
+        "linear": replicate_linear(rng, thin(linear_draws), u),
+        "hurdle": replicate_hurdle(rng, thin(hurdle_draws), u),
+    }
+    one_hot = np.eye(num_bins, dtype=np.float32)[bins]  # (n, bins)
+    count = np.maximum(one_hot.sum(0), 1)
+    stats_rep = {
+        name: (((rep > BETA_POSITIVE_TOL) @ one_hot) / count, (rep @ one_hot) / count)
+        for name, rep in replicated.items()
+    }
+    observed_share = ((beta > BETA_POSITIVE_TOL).astype(np.float32) @ one_hot) / count
+    observed_mean = (beta @ one_hot) / count
+    out = []
+    for k in range(num_bins):
+        if one_hot[:, k].sum() == 0:
+            continue
+        row = {
+            "u_low": float(edges[k]),
+            "u_high": float(edges[k + 1]),
+            "num_tokens": int(one_hot[:, k].sum()),
+            "observed_share_positive": float(observed_share[k]),
+            "observed_mean_beta": float(observed_mean[k]),
+        }
+        for name, (share, mean) in stats_rep.items():
+            qs = np.quantile(share[:, k], [0.05, 0.5, 0.95])
+            qm = np.quantile(mean[:, k], [0.05, 0.5, 0.95])
+            row[name] = {
+                "share_positive": [float(x) for x in qs],
+                "mean_beta": [float(x) for x in qm],
+                "share_covered": bool(qs[0] <= observed_share[k] <= qs[2]),
+                "mean_covered": bool(qm[0] <= observed_mean[k] <= qm[2]),
+            }
+        out.append(row)
+    return out
+
+
+# --- exact posterior and least squares -------------------------------------------------
+
+
+class ConjugatePosterior(NamedTuple):
+    """Normal-inverse-gamma posterior of `(a, b, σ²)` under `LinearPrior`.
+
+    `σ² ~ InvGamma(shape, rate)`, `(a, b) | σ² ~ Normal(mean, σ²·precision⁻¹)`;
+    marginally `(a, b)` is Student-t with `2·shape` degrees of freedom.
+    Arrays may carry leading batch axes (one posterior per split).
+    """
+
+    mean: np.ndarray  # (..., 2): slope, intercept
+    precision: np.ndarray  # (..., 2, 2)
+    shape: np.ndarray  # (...)
+    rate: np.ndarray  # (...)
+
+    def moments(self) -> dict[str, dict[str, float]]:
+        """Posterior means and sds of slope, intercept and σ (σ's by Monte Carlo)."""
+        dof = 2 * self.shape
+        cov = self.rate / self.shape * np.linalg.inv(self.precision) * dof / (dof - 2)
+        draws = sample_conjugate(np.random.default_rng(0), self, 20_000)
+        return {
+            "slope": {"mean": float(self.mean[0]), "sd": float(np.sqrt(cov[0, 0]))},
+            "intercept": {"mean": float(self.mean[1]), "sd": float(np.sqrt(cov[1, 1]))},
+            "sigma": {"mean": float(draws[2].mean()), "sd": float(draws[2].std())},
+        }
+
+
+def conjugate_posterior(
+    n: np.ndarray,
+    sum_u: np.ndarray,
+    sum_beta: np.ndarray,
+    sum_uu: np.ndarray,
+    sum_ubeta: np.ndarray,
+    sum_betabeta: np.ndarray,
+    prior: LinearPrior = LinearPrior(),
+) -> ConjugatePosterior:
+    """Exact posterior of the linear-Gaussian model from raw sums (float64).
+
+    With `X = [u, 1]` and prior precision `I / scale²`:
+    `Λ = XᵀX + I/scale²`, `mean = Λ⁻¹Xᵀβ`, `shape = α0 + n/2`,
+    `rate = β0 + (βᵀβ − meanᵀΛ mean)/2`. Inputs may be batched (leading axes).
+    """
+    n, sum_u, sum_beta, sum_uu, sum_ubeta, sum_betabeta = (
+        np.asarray(x, np.float64) for x in (n, sum_u, sum_beta, sum_uu, sum_ubeta, sum_betabeta)
+    )
+    ridge = 1.0 / prior.scale**2
+    precision = np.stack(
+        [np.stack([sum_uu + ridge, sum_u], -1), np.stack([sum_u, n + ridge], -1)], -2
+    )
+    xty = np.stack([sum_ubeta, sum_beta], -1)
+    mean = np.linalg.solve(precision, xty[..., None])[..., 0]
+    quad = np.einsum("...i,...i->...", mean, xty)
+    return ConjugatePosterior(
+        mean=mean,
+        precision=precision,
+        shape=prior.shape + n / 2,
+        rate=prior.rate + np.maximum(sum_betabeta - quad, 0.0) / 2,
+    )
+
+
+def sample_conjugate(
+    rng: np.random.Generator, post: ConjugatePosterior, num_draws: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Draws `(slope, intercept, sigma)`, each `(..., num_draws)`, from the exact posterior."""
+    batch = post.shape.shape
+    sigma_sq = post.rate[..., None] / rng.gamma(post.shape[..., None], size=batch + (num_draws,))
+    chol = np.linalg.cholesky(np.linalg.inv(post.precision))  # (..., 2, 2)
+    z = rng.standard_normal(batch + (num_draws, 2))
+    ab = post.mean[..., None, :] + np.sqrt(sigma_sq)[..., None] * np.einsum(
+        "...ij,...mj->...mi", chol, z
+    )
+    return ab[..., 0], ab[..., 1], np.sqrt(sigma_sq)
+
+
+def least_squares(u: np.ndarray, beta: np.ndarray) -> dict[str, float]:
+    """Ordinary least squares `β ≈ a·u + b` (numpy `lstsq`), σ with `n − 2` dof."""
+    x = np.stack([np.asarray(u, np.float64), np.ones(len(u))], axis=1)
+    y = np.asarray(beta, np.float64)
+    (slope, intercept), *_ = np.linalg.lstsq(x, y, rcond=None)
+    residual = y - x @ np.array([slope, intercept])
+    return {
+        "slope": float(slope),
+        "intercept": float(intercept),
+        "sigma": float(np.sqrt(residual @ residual / max(len(y) - 2, 1))),
+    }
+
+
+class PlugInThresholds(NamedTuple):
+    """The paper's thresholds of a least-squares line, with the empirical `Δ` plugged in.
+
+    Attributes:
+      slope, intercept: least-squares `a, b` of `β ≈ a·u + b`.
+      rejection_share: `Δ = P(β > 0)` (`threshold.rejection_share`).
+      risk_averse: `−b/a` clipped to `[0, 1]`; NaN when `a ≤ 0`, where rejection does not
+        grow with `u` and the paper's thresholds do not apply.
+      risk_prone: `(Δ − b)/a` clipped to `[0, 1]`; NaN when `a ≤ 0`.
+    """
+
+    slope: float
+    intercept: float
+    rejection_share: float
+    risk_averse: float
+    risk_prone: float
+
+
+def plug_in_thresholds(u: np.ndarray, beta: np.ndarray) -> PlugInThresholds:
+    """Least-squares `a, b` and the empirical `Δ` pushed through the paper's formulas.
+
+    The thresholds are computed in float32 from `a`, `b` and `Δ` rounded to float32
+    (`threshold.risk_averse`, `threshold.risk_prone`; U-HLM §III).
+
+    Args:
+      u, beta: `(n,)` uncertainties and rejection probabilities of the same tokens.
+
+    Returns:
+      The `PlugInThresholds`.
+    """
+    ls = least_squares(u, beta)
+    share = float(threshold.rejection_share(jnp.asarray(beta, jnp.float32)))
+    if ls["slope"] <= 0:
+        return PlugInThresholds(ls["slope"], ls["intercept"], share, math.nan, math.nan)
+    a, b = jnp.float32(ls["slope"]), jnp.float32(ls["intercept"])
+    return PlugInThresholds(
+        slope=ls["slope"],
+        intercept=ls["intercept"],
+        rejection_share=share,
+        risk_averse=float(threshold.risk_averse(a, b)),
+        risk_prone=float(threshold.risk_prone(a, b, jnp.float32(share))),
+    )
+
+
+# --- correlations and AUROC ------------------------------------------------------------
+
+
+def pearson(x: np.ndarray, y: np.ndarray, weight: np.ndarray | None = None) -> float:
+    """Pearson's correlation of `x` and `y`, token `j` counting `weight_j` times (float64).
+
+    Args:
+      x, y: `(n,)` samples.
+      weight: `(n,)` non-negative token weights; all ones if omitted.
+
+    Returns:
+      The correlation; NaN when either sample has no spread.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    w = np.ones_like(x) if weight is None else np.asarray(weight, np.float64)
+    total = w.sum()
+    mx, my = (w @ x) / total, (w @ y) / total
+    dx, dy = x - mx, y - my
+    cov = w @ (dx * dy)
+    denom = math.sqrt(float(w @ (dx * dx)) * float(w @ (dy * dy)))
+    return float(cov / denom) if denom > 0 else float("nan")
+
+
+def average_ranks(x: np.ndarray, weight: np.ndarray | None = None) -> np.ndarray:
+    """Ranks of `x`, ties sharing their average (mid-) rank, token `j` counting `weight_j`
+    times.
+
+    With unit weights these are the ranks `1 … n`, e.g. `[3, 1, 3, 2] -> [3.5, 1, 3.5, 2]`;
+    with integer weights, the ranks each token's value has in the sample with token `j`
+    repeated `weight_j` times.
+
+    Args:
+      x: `(n,)` sample.
+      weight: `(n,)` non-negative token weights; all ones if omitted.
+
+    Returns:
+      `(n,)` float64 mid-ranks.
+    """
+    _, group = np.unique(np.asarray(x), return_inverse=True)
+    w = np.ones(group.size) if weight is None else np.asarray(weight, np.float64)
+    group_weight = np.bincount(group, weights=w, minlength=int(group.max()) + 1)
+    mid = np.cumsum(group_weight) - (group_weight - 1) / 2
+    return mid[group]
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation: `pearson` of the `average_ranks` of `x` and `y`."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float:
+    """Area under the ROC curve of `score` for a binary `label` (Mann–Whitney U).
+
+    `AUROC = (R₁ − n₁(n₁ + 1)/2) / (n₁ n₀)` with `R₁` the sum of the positives' average
+    ranks: the probability that a random positive scores above a random negative, ties
+    counting one half. NaN when a class is empty.
+    """
+    label = np.asarray(label, bool)
+    n1, n0 = int(label.sum()), int((~label).sum())
+    if n1 == 0 or n0 == 0:
+        return float("nan")
+    ranks = average_ranks(score)
+    return float((ranks[label].sum() - n1 * (n1 + 1) / 2) / (n1 * n0))
+
+
+class _RankGroups(NamedTuple):
+    """Tied values of a sample in sorted order, for mid-ranks under any token weights.
+
+    Attributes:
+      order: `(n,)` argsort of the sample.
+      last: `(G,)` sorted position of the last token of each group of equal values.
+      group: `(n,)` group of each token (groups numbered in increasing value).
+    """
+
+    order: np.ndarray
+    last: np.ndarray
+    group: np.ndarray
+
+
+def _rank_groups(x: np.ndarray) -> _RankGroups:
+    order = np.argsort(x, kind="stable")
+    sorted_x = x[order]
+    starts = np.concatenate([[True], sorted_x[1:] != sorted_x[:-1]])
+    group_sorted = np.cumsum(starts) - 1
+    group = np.empty_like(group_sorted)
+    group[order] = group_sorted
+    last = np.concatenate([np.nonzero(starts)[0][1:] - 1, [x.size - 1]])
+    return _RankGroups(order=order, last=last, group=group)
+
+
+def _weighted_midranks(w: Array, groups: _RankGroups) -> Array:
+    """Mid-ranks / total weight of every token when token j counts `w_j` times."""
+    cumulative = jnp.cumsum(w[groups.order])
+    end = cumulative[groups.last]
+    before = jnp.concatenate([jnp.zeros((1,), end.dtype), end[:-1]])
+    mid = (before + 1.0 + end) / 2.0
+    return mid[groups.group] / cumulative[-1]
+
+
+def _weighted_pearson_jnp(x: Array, y: Array, w: Array) -> Array:
+    total = jnp.sum(w)
+    dx = x - jnp.sum(w * x) / total
+    dy = y - jnp.sum(w * y) / total
+    return jnp.sum(w * dx * dy) / jnp.sqrt(jnp.sum(w * dx * dx) * jnp.sum(w * dy * dy))
+
+
+def _bootstrap_correlations(
+    u: np.ndarray, beta: np.ndarray, prompt: np.ndarray, counts: np.ndarray
+) -> np.ndarray:
+    """`(B, 2)` Pearson and Spearman correlations of prompt-bootstrap replicates.
+
+    Replicate `i` weights token `j` by `counts[i, prompt_j]`, its prompt's number of
+    copies; Spearman's ρ uses that replicate's own weighted mid-ranks. float32, with
+    ranks scaled to (0, 1] and moments centred.
+    """
+    u_groups, beta_groups = _rank_groups(u), _rank_groups(beta)
+    u32, beta32 = jnp.asarray(u, jnp.float32), jnp.asarray(beta, jnp.float32)
+
+    def one(c: Array) -> Array:
+        w = c[prompt]
+        linear = _weighted_pearson_jnp(u32, beta32, w)
+        ranked = _weighted_pearson_jnp(
+            _weighted_midranks(w, u_groups), _weighted_midranks(w, beta_groups), w
+        )
+        return jnp.stack([linear, ranked])
+
+    compute = jax.jit(lambda cs: jax.lax.map(one, cs, batch_size=BOOTSTRAP_BATCH))
+    return np.asarray(compute(jnp.asarray(counts, jnp.float32)))
+
+
+def correlations(
+    u: np.ndarray,
+    beta: np.ndarray,
+    prompt: np.ndarray,
+    num_prompts: int,
+    num_bootstrap: int,
+    rng: np.random.Generator,
+) -> dict[str, Any]:
+    """Pearson and Spearman correlation of `u` and `β` with prompt-bootstrap intervals.
+
+    Each bootstrap replicate draws `num_prompts` prompts with replacement and
+    weights every token by its prompt's count; Spearman's ρ is recomputed from
+    the replicate's own (weighted, mid-) ranks. Intervals are percentile
+    intervals at `BOOTSTRAP_LEVEL`. Point estimates are float64.
+    """
+    u = np.asarray(u, np.float64)
+    beta = np.asarray(beta, np.float64)
+    counts = rng.multinomial(num_prompts, np.full(num_prompts, 1.0 / num_prompts), num_bootstrap)
+    boot = _bootstrap_correlations(u, beta, prompt, counts)
+    tail = (1 - BOOTSTRAP_LEVEL) / 2 * 100
+    lo, hi = np.nanpercentile(boot, [tail, 100 - tail], axis=0)
+    return {
+        "pearson": {"estimate": pearson(u, beta), "interval": [float(lo[0]), float(hi[0])]},
+        "spearman": {"estimate": spearman(u, beta), "interval": [float(lo[1]), float(hi[1])]},
+        "level": BOOTSTRAP_LEVEL,
+        "num_bootstrap": num_bootstrap,
+        "resampled_unit": "prompt",
+    }
