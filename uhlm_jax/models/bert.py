@@ -351,11 +351,15 @@ def init_params(config: BertConfig, key: Array) -> BertParams:
 
 def _hf_layout(config: BertConfig) -> dict[tuple[str, ...], tuple[list[str], bool, tuple]]:
     """Path in `BertParams.weights` -> (HF tensor names joined along the last axis,
-    whether each is transposed from HF's `[out, in]`, the HF shape of each)."""
+    whether they are transposed from HF's `[out, in]`, the HF shape each of them has)."""
     h, i = config.hidden_size, config.intermediate_size
     vector = (h,)
     layout: dict[tuple[str, ...], tuple[list[str], bool, tuple]] = {
-        ("embeddings", "word"): (["embeddings.word_embeddings.weight"], False, (config.vocab_size, h)),
+        ("embeddings", "word"): (
+            ["embeddings.word_embeddings.weight"],
+            False,
+            (config.vocab_size, h),
+        ),
         ("embeddings", "position"): (
             ["embeddings.position_embeddings.weight"],
             False,
@@ -382,8 +386,16 @@ def _hf_layout(config: BertConfig) -> dict[tuple[str, ...], tuple[list[str], boo
             layout[("layers", n, block, "kernel")] = ([f"{x}.weight" for x in names], True, shape)
             layout[("layers", n, block, "bias")] = ([f"{x}.bias" for x in names], False, shape[:1])
         for block, prefix in (("attention_norm", "attention.output"), ("mlp_norm", "output")):
-            layout[("layers", n, block, "scale")] = ([f"{hf}.{prefix}.LayerNorm.weight"], False, vector)
-            layout[("layers", n, block, "bias")] = ([f"{hf}.{prefix}.LayerNorm.bias"], False, vector)
+            layout[("layers", n, block, "scale")] = (
+                [f"{hf}.{prefix}.LayerNorm.weight"],
+                False,
+                vector,
+            )
+            layout[("layers", n, block, "bias")] = (
+                [f"{hf}.{prefix}.LayerNorm.bias"],
+                False,
+                vector,
+            )
     return layout
 
 
@@ -412,7 +424,9 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> Ber
     layout = _hf_layout(config)
     expected = {name for names, _, _ in layout.values() for name in names}
     unexpected = sorted(
-        name for name in tensors if name not in expected and not name.startswith(_UNUSED_HF_PREFIXES)
+        name
+        for name in tensors
+        if name not in expected and not name.startswith(_UNUSED_HF_PREFIXES)
     )
     missing = sorted(expected - set(tensors))
     for problem, names in (("unexpected", unexpected), ("missing", missing)):

