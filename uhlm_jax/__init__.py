@@ -3,7 +3,8 @@
 The library is pure functions and frozen dataclasses; jobs live in `calibration/` and
 `analysis/`, and the `uhlm` command dispatches to them. Modules, by topic:
 
-  models       Llama-family decoders, KV cache, GGUF / safetensors loaders, tokenizers
+  models       Llama-family decoders, KV cache, GGUF / safetensors loaders, tokenizers;
+               a BERT encoder for all-MiniLM-L6-v2 sentence embeddings
   pair         an SLM/LLM pair over one vocabulary
   speculative  exact verification of one draft position: accept, residual resample, β, TV
   uncertainty  uncertainty measures of the SLM (types)
@@ -12,6 +13,7 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   truncation   CU-HLM top-k uplink compression
   threshold    analytic thresholds and risk; posterior and distribution-free versions
   metrics      TR, skip rates, acceptance, risk, accuracy, throughput from records
+  answers      whether a response gives a short reference answer, and the rate over prompts
   replay       trace replay of calibration records over a grid
 """
 
