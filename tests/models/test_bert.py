@@ -240,9 +240,9 @@ def test_params_from_hf_names_missing_and_misshapen_tensors():
         tensors["encoder.layer.1.output.dense.weight"].T,
     )
     missing = {k: v for k, v in tensors.items() if k != "encoder.layer.1.output.dense.bias"}
-    with pytest.raises(ValueError, match=r"missing tensors .*layer\.1\.output\.dense\.bias"):
+    with pytest.raises(ValueError, match=r"Missing tensors .*layer\.1\.output\.dense\.bias"):
         params_from_hf(TINY, missing)
-    with pytest.raises(ValueError, match="unexpected tensors"):
+    with pytest.raises(ValueError, match="Tensors not part of a BERT encoder with 2 layers"):
         params_from_hf(
             TINY, {**tensors, "encoder.layer.2.output.dense.bias": tensors["pooler.dense.bias"]}
         )

@@ -43,6 +43,8 @@ import numpy as np
 from flax import traverse_util
 from jaxtyping import Array, Bool, Float, Int
 
+from uhlm_jax.models import hf_layout
+
 __all__ = [
     "MINILM_L6_H384",
     "BertConfig",
@@ -349,53 +351,46 @@ def init_params(config: BertConfig, key: Array) -> BertParams:
     return BertParams(config=config, weights={"embeddings": embeddings, "layers": layers})
 
 
-def _hf_layout(config: BertConfig) -> dict[tuple[str, ...], tuple[list[str], bool, tuple]]:
-    """Path in `BertParams.weights` -> (HF tensor names joined along the last axis,
-    whether they are transposed from HF's `[out, in]`, the HF shape each of them has)."""
+def _hf_layout(config: BertConfig) -> hf_layout.Layout:
+    """The `hf_layout.Layout` of `BertParams.weights` in an HF `BertModel` checkpoint."""
     h, i = config.hidden_size, config.intermediate_size
-    vector = (h,)
-    layout: dict[tuple[str, ...], tuple[list[str], bool, tuple]] = {
+    vector = [(h,)]
+    layout = {
         ("embeddings", "word"): (
             ["embeddings.word_embeddings.weight"],
             False,
-            (config.vocab_size, h),
+            [(config.vocab_size, h)],
         ),
         ("embeddings", "position"): (
             ["embeddings.position_embeddings.weight"],
             False,
-            (config.max_positions, h),
+            [(config.max_positions, h)],
         ),
         ("embeddings", "token_type"): (
             ["embeddings.token_type_embeddings.weight"],
             False,
-            (config.type_vocab_size, h),
+            [(config.type_vocab_size, h)],
         ),
         ("embeddings", "norm", "scale"): (["embeddings.LayerNorm.weight"], False, vector),
         ("embeddings", "norm", "bias"): (["embeddings.LayerNorm.bias"], False, vector),
     }
     for n in range(config.num_layers):
         hf = f"encoder.layer.{n}"
-        qkv = [f"{hf}.attention.self.{name}" for name in ("query", "key", "value")]
         blocks = {
-            "qkv": (qkv, (h, h)),
+            "qkv": ([f"{hf}.attention.self.{x}" for x in ("query", "key", "value")], (h, h)),
             "attention_out": ([f"{hf}.attention.output.dense"], (h, h)),
             "up": ([f"{hf}.intermediate.dense"], (i, h)),
             "down": ([f"{hf}.output.dense"], (h, i)),
         }
         for block, (names, shape) in blocks.items():
-            layout[("layers", n, block, "kernel")] = ([f"{x}.weight" for x in names], True, shape)
-            layout[("layers", n, block, "bias")] = ([f"{x}.bias" for x in names], False, shape[:1])
+            kernels = ([f"{x}.weight" for x in names], True, [shape] * len(names))
+            biases = ([f"{x}.bias" for x in names], False, [shape[:1]] * len(names))
+            layout[("layers", n, block, "kernel")] = kernels
+            layout[("layers", n, block, "bias")] = biases
         for block, prefix in (("attention_norm", "attention.output"), ("mlp_norm", "output")):
-            layout[("layers", n, block, "scale")] = (
-                [f"{hf}.{prefix}.LayerNorm.weight"],
-                False,
-                vector,
-            )
-            layout[("layers", n, block, "bias")] = (
-                [f"{hf}.{prefix}.LayerNorm.bias"],
-                False,
-                vector,
-            )
+            norm = f"{hf}.{prefix}.LayerNorm"
+            layout[("layers", n, block, "scale")] = ([f"{norm}.weight"], False, vector)
+            layout[("layers", n, block, "bias")] = ([f"{norm}.bias"], False, vector)
     return layout
 
 
@@ -422,30 +417,12 @@ def params_from_hf(config: BertConfig, tensors: Mapping[str, np.ndarray]) -> Ber
     if tensors and all(name.startswith("bert.") for name in tensors):
         tensors = {name.removeprefix("bert."): array for name, array in tensors.items()}
     layout = _hf_layout(config)
-    expected = {name for names, _, _ in layout.values() for name in names}
-    unexpected = sorted(
-        name
-        for name in tensors
-        if name not in expected and not name.startswith(_UNUSED_HF_PREFIXES)
-    )
-    missing = sorted(expected - set(tensors))
-    for problem, names in (("unexpected", unexpected), ("missing", missing)):
-        if names:
-            raise ValueError(
-                f"BERT checkpoint has {problem} tensors for {config}: {names[:8]}"
-                f"{' ...' if len(names) > 8 else ''}"
-            )
+    model = f"a BERT encoder with {config.num_layers} layers"
+    hf_layout.check(layout, tensors, model, lambda name: name.startswith(_UNUSED_HF_PREFIXES))
     flat = {}
-    for path, (names, transpose, shape) in layout.items():
-        parts = []
-        for name in names:
-            array = np.asarray(tensors[name], np.float32)
-            if array.shape != shape:
-                raise ValueError(
-                    f"Tensor {name} has shape {array.shape}, but the config implies {shape}."
-                )
-            parts.append(array.T if transpose else array)
-        flat[path] = jnp.asarray(parts[0] if len(parts) == 1 else np.concatenate(parts, -1))
+    for path, (names, transpose, _) in layout.items():
+        parts = [np.asarray(tensors[name], np.float32) for name in names]
+        flat[path] = jnp.asarray(np.concatenate([p.T if transpose else p for p in parts], -1))
     weights = traverse_util.unflatten_dict(flat)
     weights["layers"] = tuple(weights["layers"][n] for n in range(config.num_layers))
     return BertParams(config=config, weights=weights)

@@ -37,6 +37,7 @@ import numpy as np
 from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
+from uhlm_jax.models import hf_layout
 from uhlm_jax.models.cache import KVCache
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.transfer import RowSource, host_buffer, row_chunks, to_device
@@ -558,34 +559,16 @@ def hf_param_arrays(
             does not match `config` (raised before the first array is yielded).
     """
     layout = _hf_layout(config)
-    expected = {name for names, _, _ in layout.values() for name in names}
-    unexpected = sorted(
-        name
-        for name in tensors
-        if name not in expected
-        and not _IGNORED_HF_TENSOR.fullmatch(name)
-        and not (name == "lm_head.weight" and config.tie_word_embeddings)
+    model = (
+        f"a {config.architecture.value} model with {config.num_layers} layers, "
+        f"qkv_bias={config.qkv_bias}, tie_word_embeddings={config.tie_word_embeddings}"
     )
-    if unexpected:
-        raise ValueError(
-            f"Tensors not part of a {config.architecture.value} model with "
-            f"{config.num_layers} layers, qkv_bias={config.qkv_bias}, "
-            f"tie_word_embeddings={config.tie_word_embeddings}: {unexpected[:8]}"
-            f"{' ...' if len(unexpected) > 8 else ''}"
-        )
-    missing = sorted(expected - set(tensors))
-    if missing:
-        raise ValueError(
-            f"Missing tensors for the configured model: {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}"
-        )
-    for names, _, shapes in layout.values():
-        for name, shape in zip(names, shapes, strict=True):
-            if tuple(tensors[name].shape) != shape:
-                raise ValueError(
-                    f"Tensor {name} has shape {tuple(tensors[name].shape)}, but the config "
-                    f"implies {shape}."
-                )
+
+    def ignored(name: str) -> bool:
+        tied_head = name == "lm_head.weight" and config.tie_word_embeddings
+        return tied_head or _IGNORED_HF_TENSOR.fullmatch(name) is not None
+
+    hf_layout.check(layout, tensors, model, ignored)
     return _fill_params(layout, param_shapes(config), tensors, jnp.dtype(dtype))
 
 
