@@ -1,7 +1,8 @@
 """Tests of answer correctness on hand-written cases.
 
 Oracles: hand-judged replies (numbers, yes/no, casing, punctuation, unicode, partial
-words, empty replies), and the standard error of a Bernoulli rate computed by hand.
+words, empty replies), the shipped prompts' written references (each gives its own short
+answer), and the standard error of a Bernoulli rate computed by hand.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 import numpy as np
 import pytest
 
+from calibration.prompts import embedded_prompts_path, read_prompts
 from uhlm_jax.answers import (
     AnswerMatch,
     answer_tokens,
@@ -138,6 +140,16 @@ def test_yes_no_references_need_the_reply_to_answer_the_same(response, reference
 def test_exact_match(response, reference, expected):
     assert exact_match(response, reference) is expected
     assert is_correct(response, reference, AnswerMatch.EXACT) is expected
+
+
+def test_every_shipped_reference_gives_its_own_short_answer():
+    prompts = [p for p in read_prompts(embedded_prompts_path()) if p.answer]
+    assert len(prompts) >= 100
+    result = correctness([p.reference for p in prompts], [p.answer for p in prompts],
+                         AnswerMatch.CONTAINS)
+    wrong = [(p.answer, p.reference) for p, ok in zip(prompts, result.correct, strict=True)
+             if not ok]
+    assert not wrong
 
 
 @pytest.mark.parametrize("reference", ["", "  ", "The.", "?!"])
