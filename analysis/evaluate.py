@@ -23,9 +23,11 @@ Definitions:
 * The LLM's NLL of a response is the mean negative log-probability (nats per token,
   temperature 1) the LLM gives its tokens, recorded during the rollout; a mode's NLL is
   the mean over prompts. Both means carry their standard error over prompts.
-* Throughput and speedup cost the recorded transmissions under a link preset and the
-  default cost profile (TinyLlama-1.1B on a phone, Llama-2-7B on a data-centre GPU, as
-  `uhlm link`); the speedup over HLM is bounded by `1/(1 − s)` for skip share `s`.
+* Throughput and speedup cost the recorded transmissions under a link preset and a cost
+  profile (`--cost-profile`, as `uhlm link`): by default `named`, the paper's
+  TinyLlama-1.1B on a phone and Llama-2-7B on a data-centre GPU with V = 32 000; `pair`
+  prices the run's own pair at its dtype and V. `evaluation.json` and the printed table
+  state which; the speedup over HLM is bounded by `1/(1 − s)` for skip share `s`.
 * Rand-HLM transmits each token with probability equal to the transmission rate U-HLM
   reached on these prompts at the operating threshold (the first of Learn-then-Test,
   risk-bounded, risk-prone that `thresholds.json` gives).
@@ -48,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import sweep as sw
+from analysis.link import COST_PROFILES, NAMED_COSTS, cost_caption, pair_profile
 from analysis.link import Config as LinkConfig
 from calibration import records
 from calibration.prompts import embedded_prompts_path, read_prompts
@@ -114,6 +117,8 @@ class Config:
         max_new_tokens: tokens per response at most (None: the calibration's).
         link: link preset of the throughput columns.
         seed: base seed of the rollouts (None: the calibration's).
+        cost_profile_name: the models the throughput columns price, one of
+            `analysis.link.COST_PROFILES` (`pair`: the run's pair).
     """
 
     run_dir: str
@@ -123,6 +128,7 @@ class Config:
     max_new_tokens: int | None = None
     link: ch.LinkPreset = ch.LinkPreset.MEDIUM
     seed: int | None = None
+    cost_profile_name: str = NAMED_COSTS
 
     def __post_init__(self):
         for name in ("num_prompts", "max_new_tokens"):
@@ -134,6 +140,11 @@ class Config:
             raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise ValueError(f"prompts={self.prompts!r}: no such file; pass a JSON Lines file")
+        if self.cost_profile_name not in COST_PROFILES:
+            raise ValueError(
+                f"unknown cost profile {self.cost_profile_name!r}; use one of: "
+                f"{', '.join(COST_PROFILES)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +157,8 @@ class Result:
         thresholds: the U-HLM thresholds evaluated, by name.
         operating: the name of the operating threshold.
         seconds: wall-clock time of the job.
+        costs: which models and devices the throughput columns price
+            (`analysis.link.cost_caption`).
     """
 
     summary: pd.DataFrame
@@ -153,6 +166,7 @@ class Result:
     thresholds: dict[str, float]
     operating: str
     seconds: float
+    costs: str
 
 
 def named_thresholds(th: dict[str, Any]) -> dict[str, float]:
@@ -391,7 +405,9 @@ def run(cfg: Config, progress: bool = True) -> Result:
     }
     texts = [p.text for p in prompts]
     prompt_ids = np.arange(len(prompts)) + _FIRST_PROMPT_ID
-    profile = LinkConfig(preset=cfg.link).cost_profile()
+    pair_costs = pair_profile(cfg.cost_profile_name, run_config)
+    profile = LinkConfig(preset=cfg.link, pair=pair_costs).cost_profile()
+    costs = cost_caption(profile, pair_costs)
     reference = embed_texts(pair, [np.asarray(pair.tokenizer.encode(p.reference), np.int32)
                                    for p in prompts])
 
@@ -469,7 +485,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
                 "prompts": str(prompts_path), "split": cfg.split, "num_prompts": len(prompts),
                 "max_new_tokens": max_new, "seed": seed, "link": cfg.link.name.lower(),
                 "measure": measure_name, **temperatures,
-                "pair": pair.name,
+                "pair": pair.name, "costs": costs,
             },
             "thresholds": thresholds,
             "operating": operating,
@@ -480,7 +496,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         },
     )
     return Result(summary=summary, per_prompt=per_prompt, thresholds=thresholds,
-                  operating=operating, seconds=seconds)
+                  operating=operating, seconds=seconds, costs=costs)
 
 
 _MODE_LABELS = {
@@ -505,6 +521,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link", default="medium", choices=["good", "medium", "poor"],
                         help="link preset of the throughput columns")
     parser.add_argument("--seed", type=int, help="base seed (default: the calibration's)")
+    parser.add_argument("--cost-profile", default=NAMED_COSTS, choices=COST_PROFILES,
+                        help="models the throughput columns price: named (the paper's "
+                        "TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype "
+                        "and V)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -517,12 +537,14 @@ def config_from_args(args: argparse.Namespace) -> Config:
         max_new_tokens=args.max_new_tokens,
         link=ch.LinkPreset[args.link.upper()],
         seed=args.seed,
+        cost_profile_name=args.cost_profile,
     )
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        result = run(config_from_args(args))
+        cfg = config_from_args(args)
+        result = run(cfg)
     except (ValueError, FileNotFoundError) as err:
         print(f"uhlm evaluate: error: {err}", file=sys.stderr)
         return 2
@@ -530,6 +552,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary.to_dict(orient="records"), indent=2))
     else:
         print(format_table(summary_table(result.summary)))
+        print(f"\nThroughput and speedup: {cfg.link.name.lower()} link, {result.costs}.")
         print(f"\nWrote {Path(args.run_dir) / SUMMARY_FILE} and {PER_PROMPT_FILE} "
               f"({result.seconds:.0f} s).")
     return 0

@@ -7,6 +7,12 @@ payload (the full distribution, or CU-HLM top-k with `--top-k`). It prints the e
 latency per token, the token throughput and the speedup over HLM, then U-HLM's speedup
 with its `1/(1 − s)` bound. `--json` prints one JSON object instead.
 
+Cost profiles (`--cost-profile`, `COST_PROFILES`): `named` prices the named model profiles
+`--slm-model` and `--llm-model` (by default the paper's TinyLlama-1.1B and Llama-2-7B,
+V = 32 000, float16); `pair` prices a pair's own models (`--pair NAME`), at the dtype they
+run in, with the pair's V on the uplink. `uhlm evaluate`, `sweep` and `report` take the
+same names, `pair` being the pair recorded in the run directory (`pair_profile`).
+
 Expectations are analytic (`uhlm_jax.channel`): fading and outage are averaged in closed
 form or by quadrature, and throughput is `1 / E[latency]`. Rand-HLM skips the same share
 as U-HLM.
@@ -17,17 +23,26 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from uhlm_jax import channel as ch
+from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.modes import Mode
 
 # Skip share reported for U-HLM with TinyLlama-1.1B / Llama-2-7B (arXiv 2412.12687).
 PAPER_SKIP_SHARE = 0.4593
+# Cost profiles: the named model profiles (the paper's pair by default), or the pair's own.
+NAMED_COSTS = "named"
+PAIR_COSTS = "pair"
+COST_PROFILES = (NAMED_COSTS, PAIR_COSTS)
+# Parameter dtype of a run that does not record one (every run before dtypes were options).
+DEFAULT_RUN_DTYPE = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +56,12 @@ class Config:
         fading: fading model of the link.
         skip_share: share of tokens U-HLM (and Rand-HLM) do not transmit, in [0, 1).
         slm_model, slm_device, slm_precision: the drafting model and where it runs.
-        llm_model, llm_device, llm_precision: the verifying model and where it runs.
+        llm_model, llm_device, llm_precision: the verifying model and where it runs. A
+            precision of None is the profile's: float16 for named models, the pair's dtype
+            for a pair.
+        pair: a measured pair whose own models replace `slm_model` and `llm_model`, and
+            whose V the uplink carries (the `pair` cost profile); None prices the named
+            models, with the LLM's V.
         context_tokens: cached tokens attended to per step, for both models.
         bits_per_prob: bits per uplinked probability.
         top_k: CU-HLM truncation k; None sends the full distribution.
@@ -55,14 +75,15 @@ class Config:
     skip_share: float = PAPER_SKIP_SHARE
     slm_model: ch.ModelSize = ch.ModelSize.TINYLLAMA_1_1B
     slm_device: ch.Device = ch.Device.PHONE_SOC
-    slm_precision: ch.Precision = ch.Precision.FLOAT16
+    slm_precision: ch.Precision | None = None
     llm_model: ch.ModelSize = ch.ModelSize.LLAMA_2_7B
     llm_device: ch.Device = ch.Device.DATACENTER_GPU
-    llm_precision: ch.Precision = ch.Precision.FLOAT16
+    llm_precision: ch.Precision | None = None
     context_tokens: int = 512
     bits_per_prob: float = 16.0
     top_k: int | None = None
     uncertainty_samples: int = 20
+    pair: ch.PairProfile | None = None
 
     def __post_init__(self):
         for name, kind in [
@@ -70,10 +91,11 @@ class Config:
             ("fading", ch.Fading),
             ("slm_model", ch.ModelSize),
             ("slm_device", ch.Device),
-            ("slm_precision", ch.Precision),
+            ("slm_precision", ch.Precision | None),
             ("llm_model", ch.ModelSize),
             ("llm_device", ch.Device),
-            ("llm_precision", ch.Precision),
+            ("llm_precision", ch.Precision | None),
+            ("pair", ch.PairProfile | None),
         ]:
             if not isinstance(getattr(self, name), kind):
                 raise ValueError(
@@ -94,20 +116,99 @@ class Config:
         )
 
     def cost_profile(self) -> ch.CostProfile:
-        """The cost profile this configuration describes."""
+        """The cost profile this configuration describes (V: the LLM's, or the pair's)."""
+        if self.pair is None:
+            slm, llm, precision = self.slm_model, self.llm_model, ch.Precision.FLOAT16
+        else:
+            slm, llm, precision = self.pair.slm, self.pair.llm, self.pair.precision
+        llm_deployment = ch.Deployment(
+            llm, self.llm_device, self.llm_precision or precision, self.context_tokens
+        )
         return ch.CostProfile(
             slm=ch.Deployment(
-                self.slm_model, self.slm_device, self.slm_precision, self.context_tokens
+                slm, self.slm_device, self.slm_precision or precision, self.context_tokens
             ),
-            llm=ch.Deployment(
-                self.llm_model, self.llm_device, self.llm_precision, self.context_tokens
-            ),
+            llm=llm_deployment,
             link=self.link(),
-            vocab_size=self.llm_model.value.vocab_size,
+            vocab_size=llm_deployment.model_profile.vocab_size,
             bits_per_prob=self.bits_per_prob,
             top_k=self.top_k,
             uncertainty_samples=self.uncertainty_samples,
         )
+
+
+def pair_profile(
+    cost_profile: str, run_config: Mapping[str, Any] | None = None, pair: str | None = None
+) -> ch.PairProfile | None:
+    """The pair a cost profile prices (`Config.pair`), from its name.
+
+    Args:
+        cost_profile: one of `COST_PROFILES`.
+        run_config: a calibration run's `config.json`; `pair` prices the pair it records,
+            from the models' recorded configs and the run's dtype (a run that records only
+            the pair's name loads the pair).
+        pair: where there is no run, the pair to load (a name or "SLM,LLM", as
+            `uhlm_jax.pair.load_pair` takes it).
+
+    Returns:
+        None for `named`; for `pair`, the pair's own models, precision and V.
+
+    Raises:
+        ValueError: for an unknown profile name, or `pair` with no pair to price.
+    """
+    if cost_profile not in COST_PROFILES:
+        raise ValueError(
+            f"unknown cost profile {cost_profile!r}; use one of: {', '.join(COST_PROFILES)}"
+        )
+    if cost_profile == NAMED_COSTS:
+        return None
+    recorded, settings = {}, {}
+    if run_config is not None:
+        recorded = run_config.get("pair") or {}
+        settings = run_config.get("settings") or {}
+        pair = settings.get("pair") or recorded.get("name")
+    if not pair:
+        raise ValueError(
+            "the 'pair' cost profile needs a pair: a run directory whose config.json names "
+            "it, or --pair NAME"
+        )
+    if "slm" in recorded and "llm" in recorded:
+        configs = [ModelConfig.from_fields(recorded[role]) for role in ("slm", "llm")]
+        dtype = settings.get("dtype", DEFAULT_RUN_DTYPE)
+    else:
+        from uhlm_jax.pair import load_pair
+
+        loaded = load_pair(pair)
+        configs, dtype = [loaded.slm.config, loaded.llm.config], loaded.slm.dtype
+    names = _model_names(pair)
+    slm, llm = (ch.ModelProfile.from_config(c, n) for c, n in zip(configs, names, strict=True))
+    return ch.PairProfile(pair, slm, llm, ch.Precision.from_dtype(dtype))
+
+
+def _model_names(pair: str) -> tuple[str, str]:
+    """The SLM's and the LLM's names in a pair's name (a named pair's, or "SLM,LLM")."""
+    from uhlm_jax.pair import PAIR_SEPARATOR, PAIRS
+
+    if pair in PAIRS:
+        return PAIRS[pair]
+    if PAIR_SEPARATOR in pair:
+        slm, llm = pair.split(PAIR_SEPARATOR, 1)
+        return os.path.basename(slm.rstrip("/")), os.path.basename(llm.rstrip("/"))
+    return f"{pair} SLM", f"{pair} LLM"
+
+
+def cost_caption(profile: ch.CostProfile, pair: ch.PairProfile | None) -> str:
+    """Which models a cost profile prices, as table captions state it."""
+    which = (
+        f"cost profile '{NAMED_COSTS}'" if pair is None
+        else f"cost profile '{PAIR_COSTS}' (pair {pair.name})"
+    )
+    slm, llm = profile.slm, profile.llm
+    return (
+        f"{which}: {slm.model_profile.name} {slm.precision.name.lower()} on "
+        f"{slm.device_profile.name}, {llm.model_profile.name} {llm.precision.name.lower()} on "
+        f"{llm.device_profile.name}, V = {profile.vocab_size}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +253,21 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable summary (enums by name)."""
+        profile = self.config.cost_profile()
         cfg = {
             f.name: _json_value(getattr(self.config, f.name))
             for f in dataclasses.fields(self.config)
         }
+        pair = self.config.pair
+        cfg.update(
+            pair=None if pair is None else pair.name,
+            cost_profile=NAMED_COSTS if pair is None else PAIR_COSTS,
+            slm_model=profile.slm.model_profile.name,
+            slm_precision=_json_value(profile.slm.precision),
+            llm_model=profile.llm.model_profile.name,
+            llm_precision=_json_value(profile.llm.precision),
+            vocab_size=profile.vocab_size,
+        )
         return {
             "config": cfg,
             "link": {
@@ -271,13 +383,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--skip-share", type=float, default=d.skip_share,
         help=f"share of tokens U-HLM does not transmit, in [0, 1) (default: {d.skip_share})",
     )
+    parser.add_argument(
+        "--cost-profile", default=NAMED_COSTS, choices=COST_PROFILES,
+        help=f"models to price: '{NAMED_COSTS}', the model profiles --slm-model and "
+        f"--llm-model (default), or '{PAIR_COSTS}', the models of --pair at their dtype, "
+        "with the pair's V on the uplink",
+    )
+    parser.add_argument(
+        "--pair", default=None,
+        help=f"the pair --cost-profile {PAIR_COSTS} prices: a named pair or 'SLM,LLM'",
+    )
     for role in ("slm", "llm"):
         model, device = getattr(d, f"{role}_model"), getattr(d, f"{role}_device")
-        precision = getattr(d, f"{role}_precision")
         parser.add_argument(
-            f"--{role}-model", default=_json_value(model),
-            help=f"{role.upper()} size profile: {_names(ch.ModelSize)} "
-            f"(default: {_json_value(model)})",
+            f"--{role}-model", default=None,
+            help=f"{role.upper()} size profile of the '{NAMED_COSTS}' cost profile: "
+            f"{_names(ch.ModelSize)} (default: {_json_value(model)})",
         )
         parser.add_argument(
             f"--{role}-device", default=_json_value(device),
@@ -285,9 +406,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             f"(default: {_json_value(device)})",
         )
         parser.add_argument(
-            f"--{role}-precision", default=_json_value(precision),
-            help=f"{role.upper()} weight precision: {_names(ch.Precision)} "
-            f"(default: {_json_value(precision)})",
+            f"--{role}-precision", default=None,
+            help=f"{role.upper()} weight precision: {_names(ch.Precision)} (default: "
+            f"float16 for named models, the pair's dtype for '{PAIR_COSTS}')",
         )
     parser.add_argument(
         "--context-tokens", type=int, default=d.context_tokens,
@@ -317,35 +438,50 @@ def config_from_args(args: argparse.Namespace) -> Config:
     fading_names = {f.value: f for f in ch.Fading}
     if args.fading not in fading_names:
         raise ValueError(f"unknown fading {args.fading!r}; use one of: {_names(ch.Fading)}")
+    named = args.cost_profile == NAMED_COSTS
+    if named and args.pair is not None:
+        raise ValueError(
+            f"--pair is the pair that --cost-profile {PAIR_COSTS} prices; pass that too"
+        )
+    if not named and (args.slm_model or args.llm_model):
+        raise ValueError(
+            f"--slm-model and --llm-model choose the models of --cost-profile {NAMED_COSTS}; "
+            f"--cost-profile {PAIR_COSTS} takes them from --pair"
+        )
+    d = Config()
+    optional = lambda parse, text: None if text is None else parse(text)
     return Config(
         preset=ch.LinkPreset.from_name(args.preset),
         snr_db=args.snr_db,
         bandwidth_hz=args.bandwidth_hz,
         fading=fading_names[args.fading],
         skip_share=args.skip_share,
-        slm_model=ch.ModelSize.from_name(args.slm_model),
+        slm_model=optional(ch.ModelSize.from_name, args.slm_model) or d.slm_model,
         slm_device=ch.Device.from_name(args.slm_device),
-        slm_precision=ch.Precision.from_name(args.slm_precision),
-        llm_model=ch.ModelSize.from_name(args.llm_model),
+        slm_precision=optional(ch.Precision.from_name, args.slm_precision),
+        llm_model=optional(ch.ModelSize.from_name, args.llm_model) or d.llm_model,
         llm_device=ch.Device.from_name(args.llm_device),
-        llm_precision=ch.Precision.from_name(args.llm_precision),
+        llm_precision=optional(ch.Precision.from_name, args.llm_precision),
         context_tokens=args.context_tokens,
         bits_per_prob=args.bits_per_prob,
         top_k=args.top_k,
         uncertainty_samples=args.uncertainty_samples,
+        pair=pair_profile(args.cost_profile, pair=args.pair),
     )
 
 
 def format_table(result: Result) -> str:
     """The human-readable report."""
     cfg = result.config
+    profile = cfg.cost_profile()
     payload = (
-        f"full distribution, {cfg.llm_model.value.vocab_size} x {cfg.bits_per_prob:g} bits"
+        f"full distribution, {profile.vocab_size} x {cfg.bits_per_prob:g} bits"
         if cfg.top_k is None
         else f"CU-HLM top-{cfg.top_k}"
     )
     b = result.breakdown_ms
     lines = [
+        f"costs    {cost_caption(profile, cfg.pair)}",
         f"link     {cfg.preset.name.lower()} ({cfg.preset.value.description}), "
         f"{cfg.fading.value} fading",
         f"         {result.bandwidth_hz / 1e6:g} MHz, mean SNR {result.mean_snr_db:.2f} dB, "
@@ -353,10 +489,10 @@ def format_table(result: Result) -> str:
         f"ergodic rate {result.ergodic_rate_bits_per_s / 1e6:.3f} Mbit/s",
         f"uplink   {payload} = {result.uplink_bits:g} bits, {b['uplink']:.4g} ms expected",
         f"downlink {result.downlink_bits} bits, {b['downlink']:.4g} ms expected",
-        f"SLM      {_json_value(cfg.slm_model)} {_json_value(cfg.slm_precision)} on "
+        f"SLM      {profile.slm.model_profile.name} {_json_value(profile.slm.precision)} on "
         f"{_json_value(cfg.slm_device)}: {b['slm']:.3f} ms/token, uncertainty "
         f"(K={cfg.uncertainty_samples}) {b['uncertainty']:.4g} ms",
-        f"LLM      {_json_value(cfg.llm_model)} {_json_value(cfg.llm_precision)} on "
+        f"LLM      {profile.llm.model_profile.name} {_json_value(profile.llm.precision)} on "
         f"{_json_value(cfg.llm_device)}: {b['llm']:.3f} ms/token",
         "",
         f"{'mode':<10} {'ms/token':>10} {'tokens/s':>10} {'vs HLM':>8}",
@@ -378,7 +514,7 @@ def main(args: argparse.Namespace) -> int:
     """Runs `uhlm link`; returns the exit status."""
     try:
         cfg = config_from_args(args)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         print(f"uhlm link: error: {error}", file=sys.stderr)
         return 2
     result = run(cfg)

@@ -49,6 +49,7 @@ import pandas as pd
 
 from analysis import evaluate, plots
 from analysis import sweep as sw
+from analysis.link import COST_PROFILES, NAMED_COSTS, cost_caption
 from calibration import records
 from uhlm_jax import channel as ch
 from uhlm_jax import rejection
@@ -108,12 +109,15 @@ class Config:
         measure: the uncertainty measure U-HLM gates on.
         threshold: the operating threshold; None picks one (see the module doc).
         link: the link of the table and the threshold curves.
+        cost_profile_name: the models the table's throughput prices, one of
+            `analysis.link.COST_PROFILES` (`pair`: the run's pair).
     """
 
     run_dir: str
     measure: str = "temperature_perturbation"
     threshold: float | None = None
     link: ch.LinkPreset = ch.LinkPreset.MEDIUM
+    cost_profile_name: str = NAMED_COSTS
 
     def __post_init__(self):
         if self.measure not in sw.KNOWN_MEASURES:
@@ -124,6 +128,11 @@ class Config:
             raise ValueError(f"threshold={self.threshold!r} must be finite")
         if not isinstance(self.link, ch.LinkPreset):
             raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
+        if self.cost_profile_name not in COST_PROFILES:
+            raise ValueError(
+                f"unknown cost profile {self.cost_profile_name!r}; use one of: "
+                f"{', '.join(COST_PROFILES)}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,7 +464,9 @@ def _evaluation_blocks(evaluation: tuple[dict[str, Any], pd.DataFrame] | None) -
         _para(
             f"Real rollouts of every mode on {s['num_prompts']} `{s['split']}` prompts "
             f"(≤ {s['max_new_tokens']} new tokens, seed {s['seed']}, gate measure "
-            f"`{s['measure']}`), {s['link']} link. Accuracy = mean cosine similarity between "
+            f"`{s['measure']}`), {s['link']} link"
+            + (f", throughput priced with {s['costs']}" if s.get("costs") else "")
+            + ". Accuracy = mean cosine similarity between "
             "the LLM's mean-pooled final hidden states of the response and of the prompt's "
             "reference answer (± SE over prompts); % of LLM divides it by LLM-only's. LLM NLL "
             "= the LLM's mean negative log-likelihood of the emitted tokens. Rand-HLM "
@@ -478,15 +489,23 @@ def _versions() -> dict[str, str]:
 
 
 def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens: rp.Tokens,
-                 notes: list[str]) -> pd.DataFrame:
+                 notes: list[str], cost_profile_name: str) -> pd.DataFrame:
     path = run_dir / sw.SWEEP_FILE
     if path.is_file():
+        swept = ((_read_optional(run_dir / sw.SUMMARY_FILE) or {}).get("config") or {}).get(
+            "cost_profile_name", NAMED_COSTS)
+        if swept != cost_profile_name:
+            notes.append(
+                f"{sw.SWEEP_FILE} prices the '{swept}' cost profile: the threshold and "
+                f"Pareto figures use it, the tables the '{cost_profile_name}' one."
+            )
         return pd.read_parquet(path)
     notes.append(
         f"No {sw.SWEEP_FILE}: the threshold and Pareto figures use a default replay "
         "computed for this report (run `uhlm sweep` to choose the grid and add rollouts)."
     )
-    cfg = sw.Config(run_dir=str(run_dir), measures=measures, snr_db=())
+    cfg = sw.Config(run_dir=str(run_dir), measures=measures, snr_db=(),
+                    cost_profile_name=cost_profile_name)
     return sw.replay_frame(cfg, tokens, measures, progress=False)
 
 
@@ -546,7 +565,8 @@ def run(cfg: Config) -> Result:
             f"empirical R ≤ {FALLBACK_RISK}",
         )
     threshold, source, op_name = chosen
-    profile = sw.Config(run_dir=str(run_dir)).cost_profile(cfg.link)
+    costs = sw.Config(run_dir=str(run_dir), cost_profile_name=cfg.cost_profile_name)
+    profile = costs.cost_profile(cfg.link)
     named = {op_name: threshold}
     for name, t in [("risk-averse", averse), ("risk-prone", prone)] + [
         (n, float(v)) for n, v in certified if v is not None
@@ -610,7 +630,8 @@ def run(cfg: Config) -> Result:
                      "threshold posterior (run `uhlm fit`).")
 
     # Sweep figures.
-    sweep_table = _sweep_table(run_dir, cfg.measure, measures, tokens, notes)
+    sweep_table = _sweep_table(run_dir, cfg.measure, measures, tokens, notes,
+                               cfg.cost_profile_name)
     replay = sweep_table[sweep_table["source"] == "replay"]
     link_label = cfg.link.name.lower()
     at_link = replay[(replay["link"] == link_label) & (replay["top_k"] == rp.FULL_DISTRIBUTION)]
@@ -660,6 +681,7 @@ def run(cfg: Config) -> Result:
         run_dir=str(run_dir), thresholds=(threshold,), measures=(cfg.measure,), presets=(),
         snr_db=sw.DEFAULT_SNR_DB,
         transmit_probabilities=(float(uh.transmission_rate),),
+        cost_profile_name=cfg.cost_profile_name,
     )
     snr_table = sw.replay_frame(snr_cfg, tokens, measures, progress=False)
     figures.append(
@@ -714,11 +736,10 @@ def run(cfg: Config) -> Result:
             f"{len(df)} generated tokens from {df['prompt_id'].nunique()} prompts; pair "
             f"`{(run_config.get('pair') or {}).get('name', 'unknown')}`. Gate measure "
             f"`{cfg.measure}`; operating threshold u_th = {threshold:.4f} ({source}). "
-            f"Costs: {profile.slm.model_profile.name} on {profile.slm.device_profile.name}, "
-            f"{profile.llm.model_profile.name} on {profile.llm.device_profile.name}, "
+            f"Costs: {cost_caption(profile, costs.pair_profile())}; "
             f"{link_label} link ({float(profile.link.mean_snr_db):.1f} dB mean SNR, "
             f"{float(profile.link.bandwidth_hz) / 1e6:g} MHz, Rayleigh fading), "
-            f"{float(profile.bits_per_prob):g} bits per probability, V = {profile.vocab_size}."
+            f"{float(profile.bits_per_prob):g} bits per probability."
         ),
         *_evaluation_blocks(evaluation),
         _heading("## Modes by trace replay of the calibration records"),
@@ -857,6 +878,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threshold", type=float, default=None,
                         help="operating threshold (default: the risk-prone threshold)")
     parser.add_argument("--link", default="medium", help="link preset: good, medium, poor")
+    parser.add_argument("--cost-profile", default=NAMED_COSTS, choices=COST_PROFILES,
+                        help="models the table's throughput prices: named (the paper's "
+                        "TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype "
+                        "and V)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary")
 
 
@@ -864,7 +889,8 @@ def main(args: argparse.Namespace) -> int:
     """Runs `uhlm report`; returns the exit status (2 on bad input)."""
     try:
         cfg = Config(run_dir=args.run_dir, measure=args.measure, threshold=args.threshold,
-                     link=ch.LinkPreset.from_name(args.link))
+                     link=ch.LinkPreset.from_name(args.link),
+                     cost_profile_name=args.cost_profile)
         result = run(cfg)
     except ValueError as err:
         print(f"uhlm report: error: {err}", file=sys.stderr)

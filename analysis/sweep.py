@@ -64,6 +64,7 @@ import pandas as pd
 from tqdm import tqdm
 
 import uhlm_jax
+from analysis.link import NAMED_COSTS, PAIR_COSTS, pair_profile
 from analysis.link import Config as LinkConfig
 from calibration import records
 from uhlm_jax import channel as ch
@@ -135,6 +136,9 @@ class Config:
         bits_per_prob: bits per uploaded probability.
         slm_model, slm_device, llm_model, llm_device: the cost profile (independent of
             the models that made the records).
+        cost_profile_name: `named` prices `slm_model` and `llm_model`; `pair` prices the
+            pair recorded in the run's `config.json`, with its V on the uplink
+            (`analysis.link.pair_profile`).
         chunk_size: grid points per vectorized chunk (bounds memory).
         rollout_thresholds: U-HLM thresholds to also run as real rollouts.
         rollout_modes: other modes to run as real rollouts.
@@ -166,6 +170,7 @@ class Config:
     slm_device: ch.Device = ch.Device.PHONE_SOC
     llm_model: ch.ModelSize = ch.ModelSize.LLAMA_2_7B
     llm_device: ch.Device = ch.Device.DATACENTER_GPU
+    cost_profile_name: str = NAMED_COSTS
     chunk_size: int = 4096
     rollout_thresholds: tuple[float, ...] = ()
     rollout_modes: tuple[Mode, ...] = ()
@@ -214,11 +219,19 @@ class Config:
         for p in self.transmit_probabilities + (self.rollout_transmit_probability,):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"transmit probability {p!r} must lie in [0, 1]")
-        vocab = self.llm_model.value.vocab_size
+        if self.cost_profile_name != NAMED_COSTS and (
+            self.slm_model is not Config.slm_model or self.llm_model is not Config.llm_model
+        ):
+            raise ValueError(
+                "slm_model and llm_model choose the models of the 'named' cost profile; the "
+                f"{self.cost_profile_name!r} cost profile takes them from the run's pair"
+            )
+        profile = self.cost_profile()
+        vocab = profile.vocab_size
         if any(k < 0 or k > vocab for k in self.top_k):
             raise ValueError(
                 f"top_k={self.top_k!r}: each k must lie in [1, {vocab}] (the vocabulary of "
-                f"{self.llm_model.value.name}), or be 0 for no truncation"
+                f"{profile.llm.model_profile.name}), or be 0 for no truncation"
             )
         if any(not d > 0 for d in self.rollout_draft_temperatures + self.rollout_max_temperatures):
             raise ValueError(
@@ -243,10 +256,9 @@ class Config:
                 f"max_rollout_prompts={self.max_rollout_prompts} must be >= 2 (the Monte "
                 "Carlo error is estimated across prompts)"
             )
-        # Builds every link and the cost profile, validating SNRs, bandwidths and k.
+        # Builds every link, validating SNRs and bandwidths.
         for link in link_points(self):
             ch.link_from_budget(link[1], bandwidth_hz=link[3], snr_db=link[2])
-        self.cost_profile()
 
     def cost_profile(self, preset: ch.LinkPreset = ch.LinkPreset.MEDIUM) -> ch.CostProfile:
         """The cost profile (the grid point replaces its link and payload)."""
@@ -256,7 +268,18 @@ class Config:
             slm_device=self.slm_device,
             llm_model=self.llm_model,
             llm_device=self.llm_device,
+            pair=self.pair_profile(),
         ).cost_profile()
+
+    def pair_profile(self) -> ch.PairProfile | None:
+        """The run's pair if `cost_profile_name` is `pair`, else None."""
+        config_path = Path(self.run_dir) / records.CONFIG_FILE
+        run_config = (
+            records.read_json(config_path)
+            if self.cost_profile_name == PAIR_COSTS and config_path.is_file()
+            else {}
+        )
+        return pair_profile(self.cost_profile_name, run_config)
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready fields (enums by value)."""
@@ -822,6 +845,7 @@ _FLAGS: dict[str, tuple[str, Any]] = {
     "slm_device": ("slm_device", str),
     "llm_model": ("llm_model", str),
     "llm_device": ("llm_device", str),
+    "cost_profile": ("cost_profile_name", str),
     "chunk_size": ("chunk_size", int),
     "rollout_thresholds": ("rollout_thresholds", parse_values),
     "rollout_modes": ("rollout_modes", _names),
@@ -847,6 +871,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "presets": "link presets (good, medium, poor)",
         "snr_db": "custom mean SNRs in dB, e.g. -10:40:11",
         "top_k": "CU-HLM top-k values; 0 uploads the full distribution",
+        "cost_profile": "models to price: named (--slm-model, --llm-model; default the "
+        "paper's TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype and V)",
         "rollout_thresholds": "U-HLM thresholds to also run as real rollouts",
         "rollout_modes": "other modes to run as real rollouts",
     }

@@ -1,5 +1,6 @@
 """Tests for the link, compute-latency and throughput model (uhlm_jax.channel)."""
 
+import dataclasses
 import math
 
 import chex
@@ -169,6 +170,106 @@ def test_parameter_counts_match_published_totals():
     assert ch.parameter_count(ch.ModelSize.TINYLLAMA_1_1B.value) == 1_100_048_384
     assert ch.parameter_count(ch.ModelSize.LLAMA_2_7B.value) == 6_738_415_616
     assert ch.parameter_count(ch.ModelSize.SMOLLM2_135M.value) == 134_515_008
+
+
+# The size keys of each checkpoint's Hugging Face config.json.
+TINYLLAMA_HF = {  # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+    "model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632,
+    "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+    "vocab_size": 32000, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+LLAMA_2_7B_HF = {  # meta-llama/Llama-2-7b-hf
+    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+    "vocab_size": 32000, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
+}
+
+
+@pytest.mark.parametrize(
+    ("hf", "named"),
+    [(TINYLLAMA_HF, ch.ModelSize.TINYLLAMA_1_1B), (LLAMA_2_7B_HF, ch.ModelSize.LLAMA_2_7B)],
+)
+def test_profile_from_a_published_config_is_the_named_profile(hf, named):
+    from uhlm_jax.models.config import ModelConfig
+
+    config = ModelConfig.from_hf_config(hf)
+    profile = ch.ModelProfile.from_config(config, named.value.name)
+    assert profile == named.value
+    assert ch.parameter_count(profile) == ch.parameter_count(named.value) == config.num_params
+
+
+def test_profile_from_the_smollm2_config_counts_134_5_million():
+    from uhlm_jax.models.config import SMOLLM2_135M
+
+    profile = ch.ModelProfile.from_config(SMOLLM2_135M, "smollm2-135m")
+    assert profile == ch.ModelSize.SMOLLM2_135M.value
+    assert ch.parameter_count(profile) == 134_515_008  # 134.5 M
+
+
+def test_profile_of_a_tiny_config_counts_by_hand():
+    from uhlm_jax.models.config import Architecture, ModelConfig
+
+    # h 8, d_ff 12, 2 layers, 2 query heads and 1 KV head of 4, V 10, untied, q/k/v bias:
+    # per layer q 8·8 + k 8·4 + v 8·4 + o 8·8 = 192, biases 8 + 4 + 4 = 16,
+    # MLP 3·8·12 = 288, two norms 16: 512; two layers 1024 + embedding 80 + head 80 +
+    # final norm 8 = 1192.
+    config = ModelConfig(
+        architecture=Architecture.QWEN2, vocab_size=10, hidden_size=8, intermediate_size=12,
+        num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4, rope_theta=1e4,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, qkv_bias=True,
+    )
+    profile = ch.ModelProfile.from_config(config, "tiny")
+    assert ch.parameter_count(profile) == 1192 == config.num_params
+    # A decode step multiplies the blocks' matrices and the head, not biases or lookups:
+    # 2 · (2 · (192 + 288) + 80) FLOPs (attention adds 4·L·heads·d per cached token).
+    assert ch.decode_flops(profile, 0) == 2 * (2 * (192 + 288) + 80) == config.flops_per_token()
+    assert ch.decode_flops(profile, 3) == ch.decode_flops(profile, 0) + 4 * 2 * 2 * 4 * 3
+    tied = ch.ModelProfile.from_config(dataclasses.replace(config, tie_word_embeddings=True), "t")
+    assert ch.parameter_count(tied) == 1192 - 80
+
+
+def test_profiles_of_loaded_models_count_their_arrays():
+    from uhlm_jax.models import early_exit as ee
+    from uhlm_jax.models.toy import toy_pair
+
+    slm, llm = toy_pair()
+    draft = ee.build_draft(llm, ee.init_exit_head(llm, 1))
+    for params in (slm, llm, draft):
+        profile = ch.ModelProfile.from_config(params.config, "m")
+        assert ch.parameter_count(profile) == sum(x.size for x in jax.tree.leaves(params.weights))
+    # The early-exit draft costs what it runs: one shared layer, the exit block and an
+    # untied (adapter-folded) head.
+    profile = ch.ModelProfile.from_config(draft.config, "draft")
+    assert (profile.n_layers, profile.tied_embeddings) == (2, False)
+
+
+@pytest.mark.slow
+def test_profiles_of_the_embedded_pair_count_their_arrays():
+    from uhlm_jax.pair import load_pair
+
+    pair = load_pair("smollm2-exit")
+    for params in (pair.slm, pair.llm):
+        profile = ch.ModelProfile.from_config(params.config, "m")
+        assert ch.parameter_count(profile) == sum(x.size for x in jax.tree.leaves(params.weights))
+    assert ch.parameter_count(ch.ModelProfile.from_config(pair.llm.config, "m")) == 134_515_008
+    draft = ch.ModelProfile.from_config(pair.slm.config, "draft")
+    assert draft.n_layers < pair.llm.config.num_layers and not draft.tied_embeddings
+
+
+def test_precision_of_a_dtype_is_its_bytes_per_parameter():
+    assert ch.Precision.from_dtype(jnp.float32) is ch.Precision.FLOAT32
+    assert ch.Precision.from_dtype(jnp.bfloat16) is ch.Precision.FLOAT16
+    assert ch.Precision.from_dtype("float16") is ch.Precision.FLOAT16
+    with pytest.raises(ValueError, match=r"int32.*float32, float16, bfloat16"):
+        ch.Precision.from_dtype(jnp.int32)
+
+
+def test_pair_profile_needs_one_vocabulary():
+    slm = ch.ModelSize.SMOLLM2_135M.value
+    with pytest.raises(ValueError, match=r"V = 49152.*V = 32000"):
+        ch.PairProfile("mixed", slm, ch.ModelSize.LLAMA_2_7B.value, ch.Precision.FLOAT16)
+    pair = ch.PairProfile("same", slm, slm, ch.Precision.FLOAT32)
+    assert pair.vocab_size == 49152
 
 
 def test_roofline_picks_the_binding_limit():

@@ -99,3 +99,84 @@ def test_bad_values_are_rejected_by_name(argv, message):
 def test_config_rejects_strings_for_enums():
     with pytest.raises(ValueError, match=r"preset='poor'.*LinkPreset"):
         link.Config(preset="poor")
+
+
+def test_pair_cost_profile_prices_the_toy_pair_with_its_own_vocabulary(capsys):
+    # Given the toy pair (V = 260, float32), When `uhlm link --cost-profile pair` prices it
+    argv = ["--cost-profile", "pair", "--pair", "toy", "--bits-per-prob", "16"]
+    assert link.main(_parse([*argv, "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    # Then the uplink carries 260 probabilities and the downlink ⌈log2 260⌉ = 9 bits
+    assert out["uplink_bits"] == 260 * 16
+    assert out["downlink_bits"] == 9
+    cfg = out["config"]
+    assert (cfg["cost_profile"], cfg["pair"], cfg["vocab_size"]) == ("pair", "toy", 260)
+    assert (cfg["slm_model"], cfg["llm_model"]) == ("toy-slm", "toy-llm")
+    assert cfg["slm_precision"] == cfg["llm_precision"] == "float32"
+    # And the models' compute is the toy configs' roofline, far below TinyLlama's
+    pair = link.pair_profile("pair", pair="toy")
+    slm_s = ch.compute_latency_s(ch.Deployment(pair.slm, ch.Device.PHONE_SOC, ch.Precision.FLOAT32))
+    assert out["breakdown_ms"]["slm"] == pytest.approx(slm_s * 1e3, rel=FLOAT32_RTOL)
+    assert link.main(_parse(argv)) == 0
+    table = capsys.readouterr().out
+    assert "cost profile 'pair' (pair toy): toy-slm float32 on phone-soc" in table
+    assert "full distribution, 260 x 16 bits = 4160 bits" in table
+
+
+def test_named_cost_profile_is_the_default_and_says_so(capsys):
+    assert link.main(_parse(["--json"])) == 0
+    cfg = json.loads(capsys.readouterr().out)["config"]
+    assert (cfg["cost_profile"], cfg["pair"], cfg["vocab_size"]) == ("named", None, 32000)
+    assert (cfg["slm_model"], cfg["slm_precision"]) == ("tinyllama-1.1b", "float16")
+    assert link.main(_parse(["--llm-precision", "float32"])) == 0
+    table = capsys.readouterr().out
+    assert table.startswith("costs    cost profile 'named': tinyllama-1.1b float16 on phone-soc")
+    assert "llama-2-7b float32 on datacenter-gpu, V = 32000" in table
+
+
+def test_a_precision_flag_overrides_the_pairs_dtype():
+    cfg = link.config_from_args(
+        _parse(["--cost-profile", "pair", "--pair", "toy", "--slm-precision", "int8"])
+    )
+    profile = cfg.cost_profile()
+    assert profile.slm.precision is ch.Precision.INT8
+    assert profile.llm.precision is ch.Precision.FLOAT32
+
+
+def test_pair_profile_from_a_run_record_equals_the_loaded_pair():
+    # config.json records each model's config (calibration.collect); no model is loaded
+    from calibration.collect import _describe
+    from uhlm_jax.pair import load_pair
+
+    pair = load_pair("toy")
+    run_config = {"settings": {"pair": "toy"},
+                  "pair": {"name": "toy", "slm": _describe(pair.slm.config),
+                           "llm": _describe(pair.llm.config)}}
+    assert link.pair_profile("pair", run_config) == link.pair_profile("pair", pair="toy")
+    assert link.pair_profile("named", run_config) is None
+    bf16 = {**run_config, "settings": {"pair": "toy", "dtype": "bfloat16"}}
+    assert link.pair_profile("pair", bf16).precision is ch.Precision.FLOAT16
+    two = link.pair_profile("pair", pair="toy-slm,toy-llm")
+    assert (two.name, two.slm.name, two.llm.name) == ("toy-slm,toy-llm", "toy-slm", "toy-llm")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cost-profile", "pair"], r"needs a pair"),
+        (["--pair", "toy"], r"--pair is the pair that --cost-profile pair prices"),
+        (["--cost-profile", "pair", "--pair", "toy", "--slm-model", "llama-2-7b"],
+         r"--slm-model and --llm-model choose the models of --cost-profile named"),
+        (["--cost-profile", "pair", "--pair", "nope"], r"Unknown pair 'nope'"),
+    ],
+)
+def test_bad_cost_profile_input_is_one_line(argv, message, capsys):
+    with pytest.raises(ValueError, match=message):
+        link.config_from_args(_parse(argv))
+    assert link.main(_parse(argv)) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_unknown_cost_profile_name_is_rejected():
+    with pytest.raises(ValueError, match=r"'paper'.*named, pair"):
+        link.pair_profile("paper")

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from uhlm_jax.channel.checks import parse_enum, positive
 from uhlm_jax.channel.payload import token_id_bits
+
+if TYPE_CHECKING:
+    from uhlm_jax.models.config import ModelConfig
 
 # FLOPs charged per (sample, vocabulary entry) of the temperature-perturbation
 # uncertainty: Gumbel noise -log(-log U) (two logs, one FLOP each by convention),
@@ -40,6 +46,23 @@ class Precision(enum.Enum):
         """Parses ``"float32"``, ``"float16"``, ``"int8"`` or ``"int4"``."""
         return parse_enum(cls, name, "precision")
 
+    @classmethod
+    def from_dtype(cls, dtype: Any) -> Precision:
+        """The precision of parameters stored in ``dtype``, by bytes per parameter.
+
+        ``float32`` is `FLOAT32`; ``float16`` and ``bfloat16`` (2 bytes each) are `FLOAT16`.
+
+        Raises:
+          ValueError: for a dtype of another size or kind, naming it.
+        """
+        name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
+        by_name = {"float32": cls.FLOAT32, "float16": cls.FLOAT16, "bfloat16": cls.FLOAT16}
+        if name not in by_name:
+            raise ValueError(
+                f"dtype {dtype!r} has no precision profile; use one of: {', '.join(by_name)}"
+            )
+        return by_name[name]
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelProfile:
@@ -55,6 +78,9 @@ class ModelProfile:
       d_ff: SwiGLU intermediate size.
       vocab_size: ``V``.
       tied_embeddings: whether the output head reuses the input embedding.
+      qkv_bias: whether the q, k and v projections carry a bias (qwen2). Biases count as
+        parameters, not as multiplied or read weights of a decode step (they are
+        ``(n_heads + 2 · n_kv_heads) · head_dim`` per layer, under 0.1% of a layer).
     """
 
     name: str
@@ -66,12 +92,41 @@ class ModelProfile:
     d_ff: int
     vocab_size: int
     tied_embeddings: bool
+    qkv_bias: bool = False
 
     def __post_init__(self):
         for field in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field}={getattr(self, field)} is invalid: it must be >= 1")
         token_id_bits(self.vocab_size)
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, name: str) -> ModelProfile:
+        """The architecture numbers of a decoder the package runs.
+
+        A model costs what its config describes: an early-exit draft
+        (`uhlm_jax.models.early_exit.build_draft`) has ``L + 1`` layers (the shared ones
+        and the exit block) and an untied head, and is costed as such.
+
+        Args:
+          config: the decoder's `ModelConfig`.
+          name: the name the profile is shown under.
+
+        Returns:
+          The profile; `parameter_count` of it equals ``config.num_params``.
+        """
+        return cls(
+            name=name,
+            n_layers=config.num_layers,
+            d_model=config.hidden_size,
+            n_heads=config.num_heads,
+            n_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            d_ff=config.intermediate_size,
+            vocab_size=config.vocab_size,
+            tied_embeddings=config.tie_word_embeddings,
+            qkv_bias=config.qkv_bias,
+        )
 
 
 def _layer_matmul_parameters(model: ModelProfile) -> int:
@@ -81,8 +136,10 @@ def _layer_matmul_parameters(model: ModelProfile) -> int:
 
 
 def parameter_count(model: ModelProfile) -> int:
-    """All parameters: blocks, RMSNorm gains, embedding and (untied) output head."""
-    blocks = model.n_layers * (_layer_matmul_parameters(model) + 2 * model.d_model)
+    """All parameters: blocks (with q/k/v biases), RMSNorm gains, embedding and (untied)
+    output head."""
+    bias = (model.n_heads + 2 * model.n_kv_heads) * model.head_dim if model.qkv_bias else 0
+    blocks = model.n_layers * (_layer_matmul_parameters(model) + bias + 2 * model.d_model)
     embeddings = model.vocab_size * model.d_model * (1 if model.tied_embeddings else 2)
     return blocks + embeddings + model.d_model
 
@@ -161,6 +218,35 @@ class ModelSize(enum.Enum):
     def from_name(cls, name: str) -> ModelSize:
         """Parses ``"tinyllama-1.1b"``, ``"llama-2-7b"`` or ``"smollm2-135m"``."""
         return parse_enum(cls, name, "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairProfile:
+    """An SLM/LLM pair as the cost model sees it: the pair's own models, not named ones.
+
+    Attributes:
+      name: the pair's name.
+      slm: the drafting model's numbers (`ModelProfile.from_config` of its config).
+      llm: the verifying model's numbers.
+      precision: bytes per parameter of both, from the dtype the pair ran in.
+    """
+
+    name: str
+    slm: ModelProfile
+    llm: ModelProfile
+    precision: Precision
+
+    def __post_init__(self):
+        if self.slm.vocab_size != self.llm.vocab_size:
+            raise ValueError(
+                f"pair {self.name!r}: the SLM has V = {self.slm.vocab_size} and the LLM "
+                f"V = {self.llm.vocab_size}; a pair shares one vocabulary"
+            )
+
+    @property
+    def vocab_size(self) -> int:
+        """``V`` of the pair's distributions, the uplinked one included."""
+        return self.llm.vocab_size
 
 
 @dataclasses.dataclass(frozen=True)

@@ -169,6 +169,23 @@ class ModelConfig:
         return float(2 * (matmul_params + head_params) + attention)
 
     @classmethod
+    def from_fields(cls, d: Mapping[str, Any]) -> ModelConfig:
+        """The config of a mapping of its fields, the architecture by value.
+
+        The inverse of writing `dataclasses.asdict(config)` with the enum by value, as
+        run directories' `config.json` and the weight cache record configs.
+
+        Raises:
+            ValueError: for a missing or unknown field, or an invalid value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(d) != names:
+            raise ValueError(
+                f"A ModelConfig needs the fields {sorted(names)}; got {sorted(d)}."
+            )
+        return cls(**{**d, "architecture": Architecture(d["architecture"])})
+
+    @classmethod
     def from_hf_config(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Builds a config from a Hugging Face `config.json` dictionary.
 

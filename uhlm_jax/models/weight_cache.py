@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
-from uhlm_jax.models.config import Architecture, ModelConfig
+from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.gguf import GGUFModel, gguf_fingerprint, read_gguf
 from uhlm_jax.models.hf import SafetensorsWriter, read_safetensors, safetensors_metadata
 from uhlm_jax.models.llama import (
@@ -253,9 +253,7 @@ def _read(entry: pathlib.Path, dtype: np.dtype) -> tuple[ModelParams, Tokenizer]
     meta = safetensors_metadata(entry)
     if meta.get("format") != _FORMAT:
         raise ValueError(f"{entry} has format {meta.get('format')!r}, not {_FORMAT!r}")
-    config = json.loads(meta["config"])
-    config["architecture"] = Architecture(config["architecture"])
-    config = ModelConfig(**config)
+    config = ModelConfig.from_fields(json.loads(meta["config"]))
     tensors = read_safetensors(entry)
     expected = {_SEP.join(path): shape for path, shape in param_shapes(config).items()}
     stored = {name: tensor.shape for name, tensor in tensors.items()}
