@@ -497,7 +497,8 @@ def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens:
         if swept != cost_profile_name:
             notes.append(
                 f"{sw.SWEEP_FILE} prices the '{swept}' cost profile: the threshold and "
-                f"Pareto figures use it, the tables the '{cost_profile_name}' one."
+                f"Pareto figures use it, the replay table and the SNR figure the "
+                f"'{cost_profile_name}' one."
             )
         return pd.read_parquet(path)
     notes.append(

@@ -174,3 +174,27 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     with pytest.raises(ValueError, match="num_prompts=0"):
         evaluate.Config(run_dir=str(tmp_path), num_prompts=0)
+
+
+def test_pair_cost_profile_prices_the_runs_pair(tmp_path, capsys):
+    # Given a run of the toy pair (V = 260)
+    run_dir = _thresholds_run(tmp_path)
+    # When `uhlm evaluate --cost-profile pair` runs
+    argv = [str(run_dir), "--num-prompts", "2", "--max-new-tokens", "4", "--cost-profile", "pair"]
+    assert _main(argv) == 0
+    out = capsys.readouterr().out
+    # Then the printed note, evaluation.json and the payload are the pair's
+    caption = "cost profile 'pair' (pair toy): toy-slm float32 on phone-soc, toy-llm float32"
+    assert f"Throughput and speedup: medium link, {caption}" in out and "V = 260." in out
+    data, summary = evaluate.read_summary(run_dir)
+    assert data["settings"]["costs"].startswith(caption)
+    slm_only = summary[summary["mode"] == "slm_only"].iloc[0]
+    assert slm_only["uplink_bits_saved"] == slm_only["tokens"] * 260 * 16
+
+
+def test_named_cost_profile_is_stated_in_the_summary(evaluated):
+    run_dir, result = evaluated
+    assert result.costs.startswith("cost profile 'named': tinyllama-1.1b float16 on phone-soc")
+    assert evaluate.read_summary(run_dir)[0]["settings"]["costs"] == result.costs
+    with pytest.raises(ValueError, match=r"'paper'.*named, pair"):
+        evaluate.Config(run_dir=str(run_dir), cost_profile_name="paper")

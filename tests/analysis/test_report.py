@@ -209,3 +209,20 @@ def test_report_renders_from_a_calibration_run(tmp_path):
     _check_table(run_dir, records.read_records(run_dir))
     _check_html(run_dir, len(result.plots))
     assert "pair `toy`" in result.markdown.read_text()
+
+
+def test_report_states_the_cost_profile(tmp_path, capsys):
+    # Given a run of the toy pair with records only
+    write_synthetic_run(tmp_path)
+    # When the report prices the pair itself
+    assert report.main(_parse([str(tmp_path), "--cost-profile", "pair"])) == 0
+    capsys.readouterr()
+    # Then its caption says so, with the pair's V
+    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    assert ("Costs: cost profile 'pair' (pair toy): toy-slm float32 on phone-soc, toy-llm "
+            "float32 on datacenter-gpu, V = 260;") in markdown
+    # And by default the paper's models
+    assert report.main(_parse([str(tmp_path)])) == 0
+    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    assert "Costs: cost profile 'named': tinyllama-1.1b float16 on phone-soc" in markdown
+    assert "V = 32000;" in markdown

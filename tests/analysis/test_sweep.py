@@ -8,7 +8,9 @@ import pandas as pd
 import pytest
 
 from analysis import sweep as sw
+from calibration import records
 from tests.analysis import collect_toy_run, write_synthetic_run
+from uhlm_jax import channel as ch
 from uhlm_jax.modes import Mode
 
 # Replay and rollout agree when |difference| ≤ Z_MAX · SE (SE: jackknife over prompts).
@@ -203,3 +205,46 @@ def test_rollout_prompts_follow_the_collection_settings_for_shipped_prompts(tmp_
     expected = read_prompts(embedded_prompts_path(), "calibration")[1:4]
     assert texts == [p.text for p in expected]
     np.testing.assert_array_equal(ids, [1, 2, 3])
+
+
+def test_pair_cost_profile_prices_the_runs_pair(toy_run, capsys):
+    # Given a calibration run of the toy pair (its config.json records both configs)
+    argv = [str(toy_run), "--modes", "hlm,slm_only", "--thresholds", "0.5", "--presets",
+            "medium", "--snr-db", "", "--no-progress"]
+    tables = {}
+    for name in ("named", "pair"):
+        # When it is swept under each cost profile
+        assert sw.main(_parse([*argv, "--cost-profile", name])) == 0
+        table = pd.read_parquet(toy_run / sw.SWEEP_FILE)
+        tables[name] = table.set_index(["mode", "metric"])["value"]
+        summary = records.read_json(toy_run / sw.SUMMARY_FILE)
+        assert summary["config"]["cost_profile_name"] == name
+    capsys.readouterr()
+    # Then HLM uploads the pair's 260 probabilities, not the paper's 32 000
+    assert tables["pair"]["hlm", "uplink_bits_per_token"] == 260 * 16
+    assert tables["named"]["hlm", "uplink_bits_per_token"] == 32000 * 16
+    # And SLM-only costs the toy SLM's roofline (it computes no uncertainty)
+    from analysis.link import pair_profile
+
+    profile = sw.Config(run_dir=str(toy_run), cost_profile_name="pair").cost_profile()
+    assert profile.slm.model_profile == pair_profile("pair", pair="toy").slm
+    expected_s = ch.compute_latency_s(profile.slm)
+    np.testing.assert_allclose(
+        tables["pair"]["slm_only", "throughput_tokens_per_s"], 1 / expected_s, rtol=ORACLE_RTOL
+    )
+
+
+def test_pair_cost_profile_bad_input(synthetic, tmp_path):
+    run_dir, _ = synthetic
+    with pytest.raises(ValueError, match=r"slm_model and llm_model choose the models"):
+        sw.Config(run_dir=str(run_dir), cost_profile_name="pair",
+                  slm_model=ch.ModelSize.SMOLLM2_135M)
+    with pytest.raises(ValueError, match=r"'paper'.*named, pair"):
+        sw.Config(run_dir=str(run_dir), cost_profile_name="paper")
+    with pytest.raises(ValueError, match=r"needs a pair"):
+        sw.Config(run_dir=str(tmp_path / "elsewhere"), cost_profile_name="pair")
+    # A run that records only the pair's name: the pair is loaded for its configs.
+    cfg = sw.Config(run_dir=str(run_dir), cost_profile_name="pair", top_k=(260,))
+    assert cfg.cost_profile().vocab_size == 260
+    with pytest.raises(ValueError, match=r"each k must lie in \[1, 260\].*toy-llm"):
+        sw.Config(run_dir=str(run_dir), cost_profile_name="pair", top_k=(261,))
