@@ -23,14 +23,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from uhlm_jax.models.cache import KVCache, init_cache
-from uhlm_jax.models.llama import ModelParams, decode, prefill
+from uhlm_jax.models.cache import init_cache
 from uhlm_jax.models.registry import SMOLLM2_135M_INSTRUCT, LoadedModel, load_model
+from uhlm_jax.sampling import ReplyConfig, reply_step, start_replies
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -122,89 +120,9 @@ class Result:
         return d
 
 
-@flax.struct.dataclass
-class GenerationState:
-    """Decode state between steps.
-
-    Attributes:
-        cache: the model's KV cache, one row.
-        logits: `[b, v]` float32 logits of the next token.
-    """
-
-    cache: KVCache
-    logits: Float[Array, "b v"]
-
-
-def sample_token(
-    logits: Float[Array, " v"],
-    key: PRNGKeyArray,
-    temperature: Float[Array, ""],
-    top_k: int,
-    num_ids: int,
-) -> Int[Array, ""]:
-    """Samples one token id from one row of logits.
-
-    Ids `>= num_ids` (embedding rows the tokenizer does not have) are never chosen. With
-    `top_k > 0`, ids whose logit is below the `top_k`-th largest are dropped (ties at the
-    boundary are kept). `temperature == 0` returns the argmax.
-
-    Args:
-        logits: `[v]` float32 logits.
-        key: PRNG key of this step.
-        temperature: scalar, traced (changing it does not recompile); `>= 0`.
-        top_k: static; 0 keeps all ids.
-        num_ids: static; the tokenizer's vocabulary size, `<= v`.
-
-    Returns:
-        An int32 scalar id.
-    """
-    if logits.ndim != 1:
-        raise ValueError(f"sample_token: logits must be [v], got shape {logits.shape}.")
-    logits = logits.astype(jnp.float32)
-    ids = jnp.arange(logits.shape[0])
-    logits = jnp.where(ids < num_ids, logits, -jnp.inf)
-    if top_k > 0:
-        kth_largest = jax.lax.top_k(logits, top_k)[0][-1]
-        logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
-    greedy = jnp.argmax(logits)
-    # Guard the division: the sampled branch is discarded when temperature == 0.
-    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    sampled = jax.random.categorical(key, logits / safe_temperature)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
-
-
-def generation_step(
-    params: ModelParams,
-    state: GenerationState,
-    key: PRNGKeyArray,
-    temperature: Float[Array, ""],
-    top_k: int,
-    num_ids: int,
-) -> tuple[GenerationState, Int[Array, " b"]]:
-    """Samples the next token and runs it through the model.
-
-    Returns:
-        The state after the token, and the token `[b]`.
-    """
-    token = jax.vmap(sample_token, in_axes=(0, None, None, None, None))(
-        state.logits, key, temperature, top_k, num_ids
-    )
-    logits, cache = decode(params, token, state.cache)
-    return GenerationState(cache=cache, logits=logits), token
-
-
-# Jitted at the job boundary; shapes and the static sampling settings key the compile cache.
-_prefill = jax.jit(prefill)
-_generation_step = jax.jit(
-    generation_step, static_argnames=("top_k", "num_ids"), donate_argnames=("state",)
-)
-
-
-def prompt_text(cfg: Config, model: LoadedModel) -> str:
-    """The text to tokenize: the prompt, wrapped in the chat template if `cfg.chat`."""
-    if not cfg.chat:
-        return cfg.prompt
-    return model.tokenizer.apply_chat_template([{"role": "user", "content": cfg.prompt}])
+# Jitted at the job boundary; shapes and the static reply settings key the compile cache.
+_start_replies = jax.jit(start_replies)
+_reply_step = jax.jit(reply_step, static_argnames=("config",), donate_argnames=("state",))
 
 
 def generate(
@@ -225,38 +143,44 @@ def generate(
             and `cfg.chat` is set.
     """
     params, tokenizer = model.params, model.tokenizer
-    text = prompt_text(cfg, model)
+    if cfg.chat and tokenizer.chat_template is None:
+        raise ValueError(
+            f"Model {cfg.model!r} has no ChatML chat template; prompt it with plain text "
+            "instead (generate --no-chat)."
+        )
+    text = tokenizer.prompt_text(cfg.prompt, cfg.chat)
     prompt_ids = tokenizer.encode(text)
     if not prompt_ids:
         raise ValueError("The prompt encodes to no tokens; pass a non-empty prompt.")
     t = len(prompt_ids)
     cache = init_cache(params.config, 1, t + cfg.max_new_tokens)
     start = time.perf_counter()
-    logits, cache = _prefill(
+    state = _start_replies(
         params, jnp.asarray([prompt_ids], jnp.int32), jnp.asarray([t], jnp.int32), cache
     )
-    state = GenerationState(cache=cache, logits=jax.block_until_ready(logits))
+    state = jax.block_until_ready(state)
     prefill_s = time.perf_counter() - start
 
+    reply_config = ReplyConfig(
+        top_k=cfg.top_k, num_ids=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids
+    )
     temperature = jnp.asarray(cfg.temperature, jnp.float32)
     base_key = jax.random.PRNGKey(cfg.seed)
-    stop_ids = set(tokenizer.stop_ids)
     token_ids: list[int] = []
     first_step_s = decode_s = 0.0
     start = time.perf_counter()
     for i in range(cfg.max_new_tokens):
-        state, token = _generation_step(
-            params, state, jax.random.fold_in(base_key, i), temperature,
-            top_k=cfg.top_k, num_ids=tokenizer.vocab_size,
+        state, record = _reply_step(
+            params, state, jax.random.fold_in(base_key, i), temperature, config=reply_config
         )
-        token_id = int(token[0])
+        token_id = int(record.token[0])
         token_ids.append(token_id)
         if i == 0:  # the first step compiles; the decode rate excludes it
             first_step_s = time.perf_counter() - start
             start = time.perf_counter()
         if on_token is not None:
             on_token(token_id)
-        if token_id in stop_ids:
+        if bool(state.done[0]):
             break
     if len(token_ids) > 1:
         decode_s = time.perf_counter() - start
@@ -266,7 +190,7 @@ def generate(
         prompt_ids=tuple(prompt_ids),
         token_ids=tuple(token_ids),
         text=tokenizer.decode(token_ids),
-        stopped=bool(token_ids) and token_ids[-1] in stop_ids,
+        stopped=bool(state.done[0]),
         prefill_s=prefill_s,
         first_step_s=first_step_s,
         decode_s=decode_s,

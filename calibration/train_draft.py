@@ -42,17 +42,15 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from importlib import resources
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 from jaxtyping import Array, Float, Int
 
-from uhlm_jax.models.cache import init_cache
+from calibration.prompts import Prompt, embedded_prompts_path, read_prompts
 from uhlm_jax.models.early_exit import (
     ExitHead,
     draft_flops_fraction,
@@ -63,8 +61,9 @@ from uhlm_jax.models.early_exit import (
     load_exit_head,
     save_exit_head,
 )
-from uhlm_jax.models.llama import ModelParams, decode, output_logits, prefill
+from uhlm_jax.models.llama import ModelParams, output_logits
 from uhlm_jax.models.tokenizer import Tokenizer
+from uhlm_jax.sampling import ReplyConfig, generate_replies, pad_rows, padded_length
 from uhlm_jax.speculative import total_variation
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -108,18 +107,14 @@ class Divergence(enum.Enum):
         return self.value
 
 
-def default_prompts_path() -> str:
-    """The prompt set shipped with the package (`uhlm_jax/data/prompts.jsonl`)."""
-    return str(resources.files("uhlm_jax") / "data" / "prompts.jsonl")
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Settings of one training run.
 
     Attributes:
         model: the full model (a name or path `load_model` accepts).
-        prompts: JSON Lines file with `prompt` and `split` fields.
+        prompts: prompt file (`calibration.prompts`); the `train` split trains, the
+            others measure acceptance.
         exit_layer: L, the full model's layers kept by the draft.
         source_layer: the full model's layer that initialises the exit block (default L).
         adapter_init: how the adapter starts (see `AdapterInit`).
@@ -146,7 +141,7 @@ class Config:
     """
 
     model: str = DEFAULT_MODEL
-    prompts: str = dataclasses.field(default_factory=default_prompts_path)
+    prompts: str = dataclasses.field(default_factory=embedded_prompts_path)
     exit_layer: int = 10
     source_layer: int | None = None
     adapter_init: AdapterInit = AdapterInit.LEAST_SQUARES
@@ -280,30 +275,22 @@ class Result:
 # Data.
 
 
-def read_split(path: str, splits: Sequence[str] | None, exclude: bool = False) -> list[str]:
-    """Prompts of a JSONL file whose `split` is (or, with `exclude`, is not) in `splits`."""
-    prompts = [
-        prompt
-        for prompt, split in read_splits(path)
-        if splits is None or ((split in splits) != exclude)
-    ]
-    if not prompts:
-        raise ValueError(f"{path} has no prompts in splits {splits} (exclude={exclude}).")
-    return prompts
+def train_and_heldout(path: str) -> tuple[list[Prompt], list[Prompt]]:
+    """The prompts of a prompt file in the `train` split, and all the others (held out).
 
-
-def read_splits(path: str) -> list[tuple[str, str]]:
-    """`(prompt, split)` of every record of a JSONL file (`split` defaults to `train`)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if "prompt" not in record:
-                raise ValueError(f"{path}, line {number}: a record needs a 'prompt' key.")
-            records.append((record["prompt"], str(record.get("split", TRAIN_SPLIT))))
-    return records
+    Raises:
+        ValueError: naming the file, if either part is empty.
+    """
+    prompts = read_prompts(path)
+    train = [p for p in prompts if p.split == TRAIN_SPLIT]
+    heldout = [p for p in prompts if p.split != TRAIN_SPLIT]
+    for name, part in (("train", train), ("held-out", heldout)):
+        if not part:
+            raise ValueError(
+                f"{path} has no {name} prompts; give the training prompts split "
+                f"{TRAIN_SPLIT!r} and the held-out prompts another split."
+            )
+    return train, heldout
 
 
 def subset(sequences: Sequences, features: Features, index: Sequence[int]):
@@ -320,61 +307,7 @@ def subset(sequences: Sequences, features: Features, index: Sequence[int]):
     )
 
 
-def _padded_length(n: int) -> int:
-    return -(-n // _PAD_MULTIPLE) * _PAD_MULTIPLE
-
-
-def _pad(rows: Sequence[np.ndarray], length: int, value=0) -> np.ndarray:
-    out = np.full((len(rows), length, *rows[0].shape[1:]), value, rows[0].dtype)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
-
-
-def _sample_batch(
-    params: ModelParams,
-    tokens: Int[Array, "b t"],
-    lengths: Int[Array, " b"],
-    key: Array,
-    temperature: Float[Array, ""],
-    max_new_tokens: int,
-    num_ids: int,
-    stop_ids: tuple[int, ...],
-) -> tuple[Int[Array, "b n"], Int[Array, " b"]]:
-    """Samples replies to right-padded prompts; returns the ids and each reply's length.
-
-    A reply ends after its first stop id (included in its length).
-    """
-    b, t = tokens.shape
-    cache = init_cache(params.config, b, t + max_new_tokens, params.dtype)
-    logits, cache = prefill(params, tokens, lengths, cache)
-    ids = jnp.arange(logits.shape[-1])
-    stops = jnp.asarray(stop_ids, jnp.int32)
-
-    def step(carry, step_key):
-        logits, cache, done = carry
-        logits = jnp.where(ids < num_ids, logits, -jnp.inf) / temperature
-        token = jax.random.categorical(step_key, logits, axis=-1).astype(jnp.int32)
-        logits, cache = decode(params, token, cache)
-        finished = done | jnp.isin(token, stops)
-        return (logits, cache, finished), (token, done)
-
-    keys = jax.random.split(key, max_new_tokens)
-    done = jnp.zeros((b,), bool)
-    _, (new, was_done) = lax.scan(step, (logits, cache, done), keys)
-    return new.T, jnp.sum(~was_done, axis=0)
-
-
-_sample_batch_jit = jax.jit(
-    _sample_batch, static_argnames=("max_new_tokens", "num_ids", "stop_ids")
-)
-
-
-def prompt_text(tokenizer: Tokenizer, prompt: str) -> str:
-    """The prompt as one user message in the chat template, or as is without a template."""
-    if tokenizer.chat_template is None:
-        return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+_generate_replies_jit = jax.jit(generate_replies, static_argnames=("config", "max_new_tokens"))
 
 
 def sample_sequences(
@@ -387,13 +320,15 @@ def sample_sequences(
     seed: int,
     progress: bool = True,
 ) -> Sequences:
-    """The full model's replies to `prompts` (see `prompt_text`), with the prompts.
+    """The full model's replies to `prompts` (as chat messages, see
+    `Tokenizer.prompt_text`), with the prompts.
 
     Batch `j` of sample round `r` uses the key `fold_in(fold_in(key(seed), r), j)`.
     """
     from tqdm import tqdm
 
-    encoded = [np.asarray(tokenizer.encode(prompt_text(tokenizer, p)), np.int32) for p in prompts]
+    encoded = [np.asarray(tokenizer.encode(tokenizer.prompt_text(p)), np.int32) for p in prompts]
+    config = ReplyConfig(num_ids=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids)
     base = jax.random.key(seed)
     tokens, prompt_lengths = [], []
     batches = [
@@ -402,17 +337,16 @@ def sample_sequences(
         for j in range(-(-len(encoded) // _SAMPLE_BATCH))
     ]
     for r, j, rows in tqdm(batches, desc="sampling replies", disable=not progress):
-        length = _padded_length(max(len(x) for x in rows))
+        length = padded_length(max(len(x) for x in rows), _PAD_MULTIPLE)
         key = jax.random.fold_in(jax.random.fold_in(base, r), j)
-        new, reply_lengths = _sample_batch_jit(
+        new, reply_lengths = _generate_replies_jit(
             params,
-            jnp.asarray(_pad(rows, length)),
+            jnp.asarray(pad_rows(rows, length)),
             jnp.asarray([len(x) for x in rows], jnp.int32),
             key,
             jnp.asarray(temperature, jnp.float32),
+            config=config,
             max_new_tokens=max_new_tokens,
-            num_ids=tokenizer.vocab_size,
-            stop_ids=tuple(int(i) for i in tokenizer.stop_ids),
         )
         new, reply_lengths = np.asarray(new), np.asarray(reply_lengths)
         for row, reply, n in zip(rows, new, reply_lengths, strict=True):
@@ -469,7 +403,7 @@ def compute_features(
         lengths = np.asarray([len(x) for x in rows], np.int32)
         states = _hidden_states_jit(
             params,
-            jnp.asarray(_pad(rows, _padded_length(int(lengths.max())))),
+            jnp.asarray(pad_rows(rows, padded_length(int(lengths.max()), _PAD_MULTIPLE))),
             jnp.asarray(lengths),
             exit_layers=exit_layers,
         )
@@ -591,13 +525,13 @@ def measure_acceptance(
     for start in range(0, n, _FEATURE_BATCH):
         index = range(start, min(n, start + _FEATURE_BATCH))
         lengths = [len(sequences.tokens[i]) for i in index]
-        t = _padded_length(max(lengths))
+        t = padded_length(max(lengths), _PAD_MULTIPLE)
         values = np.asarray(
             _acceptance_batch_jit(
                 head,
                 params,
-                jnp.asarray(_pad([features.hidden[i] for i in index], t)),
-                jnp.asarray(_pad([features.final[i] for i in index], t)),
+                jnp.asarray(pad_rows([features.hidden[i] for i in index], t)),
+                jnp.asarray(pad_rows([features.final[i] for i in index], t)),
                 jnp.asarray(lengths, jnp.int32),
             )
         )
@@ -643,16 +577,16 @@ def least_squares_adapter(
     for start in range(0, n, _FEATURE_BATCH):
         index = range(start, min(n, start + _FEATURE_BATCH))
         lengths = [len(sequences.tokens[i]) for i in index]
-        t = _padded_length(max(lengths))
+        t = padded_length(max(lengths), _PAD_MULTIPLE)
         x = _exit_hidden_jit(
             params,
             identity,
-            jnp.asarray(_pad([features.hidden[i] for i in index], t)),
+            jnp.asarray(pad_rows([features.hidden[i] for i in index], t)),
             jnp.asarray(lengths, jnp.int32),
         )
         mask = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t) > 0
         x = np.asarray(x, np.float64)[mask]
-        y = _pad([features.final[i] for i in index], t).astype(np.float64)[mask]
+        y = pad_rows([features.final[i] for i in index], t).astype(np.float64)[mask]
         xtx += x.T @ x
         xty += x.T @ y
     penalty = ridge * np.trace(xtx) / h
@@ -774,15 +708,15 @@ def train_head(
     for step in range(done, stop):
         index = batches[step]
         lengths = [len(sequences.tokens[i]) for i in index]
-        t = _padded_length(max(lengths))
+        t = padded_length(max(lengths), _PAD_MULTIPLE)
         reply = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t)
         columns, weights = _loss_columns(reply)
-        final = _pad([features.final[i] for i in index], t)
+        final = pad_rows([features.final[i] for i in index], t)
         final = final.reshape(len(index) * t, final.shape[-1])[columns]
         head, opt_state, loss_value = step_jit(
             head,
             opt_state,
-            jnp.asarray(_pad([features.hidden[i] for i in index], t)),
+            jnp.asarray(pad_rows([features.hidden[i] for i in index], t)),
             jnp.asarray(lengths, jnp.int32),
             jnp.asarray(columns),
             jnp.asarray(final),
@@ -825,8 +759,9 @@ def load_sequences(cfg: Config, params: ModelParams, tokenizer: Tokenizer, progr
     Held-out replies: one per prompt outside the `train` split, with seed `seed + 1`.
     """
     settings = sequence_settings(cfg)
-    train_prompts = read_split(cfg.prompts, [TRAIN_SPLIT])[: cfg.max_train_prompts]
-    heldout_prompts = read_split(cfg.prompts, [TRAIN_SPLIT], exclude=True)[: cfg.max_heldout]
+    train_prompts, heldout_prompts = train_and_heldout(cfg.prompts)
+    train_prompts = [p.text for p in train_prompts[: cfg.max_train_prompts]]
+    heldout_prompts = [p.text for p in heldout_prompts[: cfg.max_heldout]]
     train = cached_sequences(
         cfg.workdir,
         "train",
@@ -948,9 +883,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     save_exit_head(cfg.output, head, params.config, metadata={"base_model": cfg.model})
     stored, _ = load_exit_head(cfg.output, params.config, params.dtype)
     trained = measure_acceptance(params, stored, heldout, heldout_features)
-    heldout_splits = [split for _, split in read_splits(cfg.prompts) if split != TRAIN_SPLIT][
-        : cfg.max_heldout
-    ]
+    heldout_splits = [p.split for p in train_and_heldout(cfg.prompts)[1][: cfg.max_heldout]]
     by_split = {}
     for split in sorted(set(heldout_splits)):
         index = [i for i, s in enumerate(heldout_splits) if s == split]

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from uhlm_jax import speculative
+from uhlm_jax.sampling import sample_token
 from uhlm_jax.testing import (
     DistributionPair,
     distribution_pairs,
@@ -137,7 +138,7 @@ def _wrong_always_accept(key, log_q, log_p, draft):
 def _simulate(key, log_q, log_p):
     def one(position_key):
         draft_key, verify_key = jax.random.split(position_key)
-        draft = speculative.sample_draft(draft_key, log_q)
+        draft = sample_token(draft_key, log_q)
         verification = speculative.verify(verify_key, log_q, log_p, draft)
         return draft, verification.token, verification.accepted
 
@@ -147,7 +148,7 @@ def _simulate(key, log_q, log_p):
 def _simulate_with(verifier, key, log_q, log_p):
     def one(position_key):
         draft_key, verify_key = jax.random.split(position_key)
-        draft = speculative.sample_draft(draft_key, log_q)
+        draft = sample_token(draft_key, log_q)
         return verifier(verify_key, log_q, log_p, draft).token
 
     return jax.jit(jax.vmap(one))(jax.random.split(key, NUM_DRAWS))
@@ -427,10 +428,10 @@ def test_vmap_equals_python_loop():
     drafts = jnp.array([draft for _, draft in positions], jnp.int32)
     keys = jax.random.split(jax.random.key(11), len(positions))
     batched = jax.vmap(speculative.verify)(keys, log_q, log_p, drafts)
-    batched_draft = jax.vmap(speculative.sample_draft)(keys, log_q)
+    batched_draft = jax.vmap(sample_token)(keys, log_q)
     for i, (pair, draft) in enumerate(positions):
         single = speculative.verify(keys[i], pair.log_q, pair.log_p, jnp.int32(draft))
         assert int(batched.token[i]) == int(single.token)
         assert bool(batched.accepted[i]) == bool(single.accepted)
         np.testing.assert_allclose(float(batched.beta[i]), float(single.beta), atol=FLOAT32_ATOL)
-        assert int(batched_draft[i]) == int(speculative.sample_draft(keys[i], pair.log_q))
+        assert int(batched_draft[i]) == int(sample_token(keys[i], pair.log_q))

@@ -25,7 +25,6 @@ Shapes (see `uhlm_jax.types`): `b` rows, `n` steps, `v` vocabulary, `m` measures
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -42,6 +41,7 @@ from uhlm_jax.models.cache import KVCache, init_cache
 from uhlm_jax.models.llama import ModelParams, Padding, decode, prefill
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import ModelPair
+from uhlm_jax.sampling import mask_unused_ids, pad_rows, padded_length, sample_token
 from uhlm_jax.truncation import FixedK, ToleranceK, verify_compressed
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, UncertaintyMeasure
 
@@ -262,13 +262,11 @@ def hybrid_position(
         The position's outcome; `token` is what the row emits in `config.mode`.
     """
     draft_key, measure_key, transmit_key, verify_key, llm_key = jax.random.split(key, 5)
-    if config.num_token_ids is not None and config.num_token_ids < slm_logits.shape[-1]:
-        usable = jnp.arange(slm_logits.shape[-1]) < config.num_token_ids
-        slm_logits = jnp.where(usable, slm_logits, -jnp.inf)
-        llm_logits = jnp.where(usable, llm_logits, -jnp.inf)
+    slm_logits = mask_unused_ids(slm_logits, config.num_token_ids)
+    llm_logits = mask_unused_ids(llm_logits, config.num_token_ids)
     log_q = speculative.draft_log_probs(slm_logits, params.draft_temperature, config.top_k)
     log_p = jax.nn.log_softmax(llm_logits / params.llm_temperature)
-    draft = speculative.sample_draft(draft_key, log_q)
+    draft = sample_token(draft_key, log_q)
     measure_keys = jax.random.split(measure_key, len(config.measures))
     uncertainty = jnp.stack(
         [
@@ -298,7 +296,7 @@ def hybrid_position(
         transmitted = jnp.bool_(False)
 
     if mode is Mode.LLM_ONLY:
-        token = jax.random.categorical(llm_key, log_p).astype(jnp.int32)
+        token = sample_token(llm_key, log_p)
     else:
         token = jnp.where(transmitted, verification.token, draft).astype(jnp.int32)
     finite = ~(
@@ -452,7 +450,7 @@ def rollout(
 
 def cache_length_for(prompt_length: int, max_new_tokens: int, multiple: int = 64) -> int:
     """Cache slots for a batch, rounded up so nearby prompt lengths share one compile."""
-    return multiple * math.ceil((prompt_length + max_new_tokens) / multiple)
+    return padded_length(prompt_length + max_new_tokens, multiple)
 
 
 class RolloutOutput(NamedTuple):
@@ -546,7 +544,8 @@ PROMPT_LENGTH_MULTIPLE = 16
 
 
 def encode_prompts(pair: ModelPair, prompts: Sequence[str], chat: bool = True) -> list[list[int]]:
-    """Token ids of each prompt, with the chat template applied when the model has one.
+    """Token ids of each prompt, with the chat template applied when the model has one
+    (see `Tokenizer.prompt_text`).
 
     Raises:
         ValueError: for an empty prompt.
@@ -555,19 +554,8 @@ def encode_prompts(pair: ModelPair, prompts: Sequence[str], chat: bool = True) -
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise ValueError(f"Prompt {i} is empty; every prompt needs some text.")
-        if chat and pair.tokenizer.chat_template is not None:
-            prompt = pair.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
-        encoded.append(pair.tokenizer.encode(prompt))
+        encoded.append(pair.tokenizer.encode(pair.tokenizer.prompt_text(prompt, chat)))
     return encoded
-
-
-def _pad_batch(encoded: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    longest = max(len(ids) for ids in encoded)
-    width = PROMPT_LENGTH_MULTIPLE * math.ceil(longest / PROMPT_LENGTH_MULTIPLE)
-    tokens = np.full((len(encoded), width), pad_id, np.int32)
-    for row, ids in enumerate(encoded):
-        tokens[row, : len(ids)] = ids
-    return tokens, np.array([len(ids) for ids in encoded], np.int32)
 
 
 def run_rollout(
@@ -622,7 +610,9 @@ def run_rollout(
         num_token_ids=config.num_token_ids or tokenizer.vocab_size,
     )
     encoded = encode_prompts(pair, prompts, chat)
-    tokens, lengths = _pad_batch(encoded, tokenizer.pad_id)
+    lengths = np.array([len(ids) for ids in encoded], np.int32)
+    width = padded_length(int(lengths.max()), PROMPT_LENGTH_MULTIPLE)
+    tokens = pad_rows(encoded, width, tokenizer.pad_id, np.int32)
     if max_cache_length is not None:
         for i, length in enumerate(lengths):
             if length + config.max_new_tokens > max_cache_length:

@@ -6,7 +6,7 @@ log space: probabilities that are exactly zero are `-inf` log-probabilities.
 
 The HLM step (one draft token per round):
 
-1. the SLM samples `d ~ q` (`draft_log_probs`, `sample_draft`);
+1. the SLM samples `d ~ q` (`draft_log_probs`, then `uhlm_jax.sampling.sample_token`);
 2. the LLM accepts `d` with probability `min(1, p_d / q_d)`;
 3. on rejection it samples from the residual `r ∝ max(0, p − q)` (`verify`).
 
@@ -38,6 +38,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from uhlm_jax.sampling import sample_token
 from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
@@ -46,7 +47,6 @@ __all__ = [
     "draft_log_probs",
     "rejection_probability",
     "residual_log_weights",
-    "sample_draft",
     "total_variation",
     "verify",
 ]
@@ -128,20 +128,6 @@ def draft_log_probs(
         keep = jnp.zeros(scaled.shape, bool).at[kept].set(True)
         scaled = jnp.where(keep, scaled, -jnp.inf)
     return jax.nn.log_softmax(scaled)
-
-
-def sample_draft(key: PRNGKeyArray, log_q: Float[Array, " v"]) -> Int[Array, ""]:
-    """Samples a draft token `d ~ q` (Gumbel-argmax; `-inf` entries are never drawn).
-
-    Args:
-      key: PRNG key.
-      log_q: `[v]` draft log-probabilities, e.g. from `draft_log_probs`.
-
-    Returns:
-      int32 `[]` token id.
-    """
-    log_q = _as_log_probs(log_q)
-    return jax.random.categorical(key, log_q).astype(jnp.int32)
 
 
 def _log_ratio(log_q_d: Float[Array, "*v"], log_p_d: Float[Array, "*v"]) -> Float[Array, "*v"]:
@@ -286,7 +272,7 @@ def verify(
     log_r = residual_log_weights(log_q, log_p)
     residual_is_empty = jnp.all(jnp.isneginf(log_r))
     resample_logits = jnp.where(residual_is_empty, log_p, log_r)
-    resampled = jax.random.categorical(residual_key, resample_logits).astype(jnp.int32)
+    resampled = sample_token(residual_key, resample_logits)
 
     token = jnp.where(accepted, draft, resampled)
     return Verification(token=token, accepted=accepted, beta=beta)

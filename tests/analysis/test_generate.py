@@ -20,6 +20,7 @@ import pytest
 from analysis import generate as job
 from uhlm_jax.models.llama import forward
 from uhlm_jax.models.registry import load_model
+from uhlm_jax.sampling import sample_token
 
 # Monte Carlo draws for the frequency checks, and the tolerance in standard errors.
 NUM_DRAWS = 20_000
@@ -89,14 +90,14 @@ def test_cli_options_map_to_the_config():
 
 
 # ---------------------------------------------------------------------------------------
-# sample_token.
+# uhlm_jax.sampling.sample_token, as generate uses it.
 
 
 def _frequencies(logits, temperature, top_k, num_ids):
     keys = jax.random.split(jax.random.PRNGKey(0), NUM_DRAWS)
     draws = jax.jit(
-        jax.vmap(job.sample_token, in_axes=(None, 0, None, None, None)), static_argnums=(3, 4)
-    )(logits, keys, jnp.float32(temperature), top_k, num_ids)
+        jax.vmap(sample_token, in_axes=(0, None, None, None, None)), static_argnums=(3, 4)
+    )(keys, logits, jnp.float32(temperature), top_k, num_ids)
     return np.bincount(np.asarray(draws), minlength=logits.shape[0]) / NUM_DRAWS
 
 
@@ -130,7 +131,7 @@ def test_changing_the_temperature_does_not_recompile():
     @jax.jit
     @chex.assert_max_traces(n=1)
     def sample(logits, key, temperature):
-        return job.sample_token(logits, key, temperature, 0, 3)
+        return sample_token(key, logits, temperature, 0, 3)
 
     logits, key = jnp.array([0.1, 3.0, 2.9]), jax.random.PRNGKey(1)
     for temperature in (0.0, 0.5, 1.0, 2.0):

@@ -65,11 +65,29 @@ def _config(prompts_file, workdir, toy, **overrides):
     return train_draft.Config(**{**settings, **overrides})
 
 
-def test_read_split_keeps_splits_disjoint(prompts_file):
-    train = train_draft.read_split(prompts_file, ["train"])
-    heldout = train_draft.read_split(prompts_file, ["train"], exclude=True)
-    assert train == [p for p, s in PROMPTS if s == "train"]
-    assert heldout == ["Name a fruit.", "Say goodbye."]
+def test_train_and_heldout_keeps_splits_disjoint(prompts_file):
+    train, heldout = train_draft.train_and_heldout(prompts_file)
+    assert [p.text for p in train] == [p for p, s in PROMPTS if s == "train"]
+    assert [p.text for p in heldout] == ["Name a fruit.", "Say goodbye."]
+    assert [p.split for p in heldout] == ["calibration", "evaluation"]
+
+
+def test_train_and_heldout_reads_alpaca_records_and_needs_both_parts(tmp_path):
+    # Given Alpaca records, one without a split (so held out),
+    path = tmp_path / "alpaca.jsonl"
+    records = [
+        {"instruction": "Add.", "input": "1 + 1", "output": "2", "split": "train"},
+        {"instruction": "Name a colour.", "output": "red"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    # then the instruction and input form the prompt,
+    train, heldout = train_draft.train_and_heldout(str(path))
+    assert [p.text for p in train] == ["Add.\n\n1 + 1"]
+    assert [p.text for p in heldout] == ["Name a colour."]
+    # and a file with no held-out prompts is refused, naming the file.
+    path.write_text(json.dumps(records[0]) + "\n")
+    with pytest.raises(ValueError, match="no held-out prompts"):
+        train_draft.train_and_heldout(str(path))
 
 
 def test_reply_weights_by_hand():

@@ -306,6 +306,7 @@ EVALUATION_PROMPTS = 12
 def test_committed_head_reproduces_the_stated_acceptance():
     # Given the acceptance on the evaluation prompts stated next to the committed head,
     from calibration import train_draft
+    from calibration.prompts import embedded_prompts_path, read_prompts
     from uhlm_jax.models.registry import load_model
 
     meta = _embedded_sidecar()
@@ -316,8 +317,8 @@ def test_committed_head_reproduces_the_stated_acceptance():
     # when it is measured again on newly sampled replies to those prompts (other keys),
     # A third of the evaluation prompts keeps the test to a few minutes on 2 cores; the
     # tolerance grows with the standard error accordingly.
-    prompts = train_draft.read_split(train_draft.default_prompts_path(), ["evaluation"])
-    prompts = prompts[:EVALUATION_PROMPTS]
+    prompts = read_prompts(embedded_prompts_path(), "evaluation")
+    prompts = [p.text for p in prompts[:EVALUATION_PROMPTS]]
     replies = train_draft.sample_sequences(
         model.params,
         model.tokenizer,

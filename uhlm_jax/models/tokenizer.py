@@ -288,13 +288,29 @@ class Tokenizer:
             )
         return self.chat_template.render(messages, add_generation_prompt)
 
+    def prompt_text(self, prompt: str, chat: bool = True) -> str:
+        """The text to encode for one prompt.
+
+        Args:
+            prompt: the user's message.
+            chat: wrap it as one user message in the chat template, followed by the
+                prefix of the assistant's reply. Without a template (base and toy models)
+                the prompt is used as is.
+
+        Returns:
+            The text to pass to `encode`.
+        """
+        if not chat or self.chat_template is None:
+            return prompt
+        return self.apply_chat_template([{"role": "user", "content": prompt}])
+
     def check_fits(self, num_embeddings: int, where: str) -> None:
         """Checks that every token id has a row in a model's embedding table.
 
         A tokenizer may have fewer ids than the table has rows: checkpoints pad the table
         to a round size (Qwen2: 151,665 ids, 151,936 rows), and the extra rows are never
         produced by `encode`. Generation must then not sample them; see
-        `analysis.generate`, which masks ids `>= vocab_size`.
+        `uhlm_jax.sampling.mask_unused_ids`, which masks ids `>= vocab_size`.
 
         Args:
             num_embeddings: rows of the model's embedding table (`ModelConfig.vocab_size`).
