@@ -168,9 +168,7 @@ def _reference_replies(model, prompts, key, temperature, config, steps):
         counts = np.array([len(r) for r in rows])
         logits = score(model.params, jnp.asarray(padded), jnp.asarray(counts))
         last = logits[jnp.arange(len(rows)), counts - 1]
-        token = np.asarray(
-            sample_token(step_key, last, temperature, config.top_k, config.num_ids)
-        )
+        token = np.asarray(sample_token(step_key, last, temperature, config.top_k, config.num_ids))
         lengths += ~done
         done |= np.isin(token, config.stop_ids)
         tokens.append(token)

@@ -6,6 +6,7 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   models       Llama-family decoders, KV cache, GGUF / safetensors loaders, tokenizers;
                a BERT encoder for all-MiniLM-L6-v2 sentence embeddings
   pair         an SLM/LLM pair over one vocabulary
+  sampling     token sampling with the unused-id mask, row padding, reply generation
   speculative  exact verification of one draft position: accept, residual resample, β, TV
   uncertainty  uncertainty measures of the SLM (types)
   rollout      batched prefill + lax.scan decode of a pair in every mode, per-token records
