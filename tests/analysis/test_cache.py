@@ -8,7 +8,8 @@ import pytest
 
 from analysis import cache, cli
 from tests.models.test_gguf import TINY_LLAMA, random_hf_tensors, write_gguf
-from uhlm_jax.models import weight_cache
+from tests.models.test_split_file import fake_parts, install_parts, split_of
+from uhlm_jax.models import split_file, weight_cache
 
 
 def _parse(argv):
@@ -85,3 +86,23 @@ def test_a_cache_turned_off_says_so(monkeypatch, capsys):
     }
     assert cache.main(_parse([])) == 0
     assert "cache is off" in capsys.readouterr().out
+
+
+def test_assembled_files_are_listed_and_cleared(cache_dir, tmp_path, monkeypatch, capsys):
+    # Given a file assembled from wheel parts next to the two dequantized entries
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+    parts = fake_parts()
+    install_parts(site, parts)
+    split = split_of(parts)
+    with split_file.assembled(split):
+        pass
+    # When the cache is listed, Then the assembled file is an entry, its part set the source
+    assert cache.main(_parse([])) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split()[:3] == [*split.description.split(), "-"] for line in lines)
+    assert lines[-1].startswith("3 entries")
+    # When it is cleared, Then nothing is left
+    assert len(cache.run(cache.Config(clear=True)).entries) == 3
+    assert list(cache_dir.iterdir()) == []

@@ -26,6 +26,8 @@ from uhlm_jax.models.tokenizer import toy_tokenizer
 
 def test_known_models_lists_the_named_models():
     assert set(known_models()) == {
+        "qwen2.5-coder-0.5b-instruct",
+        "qwen2.5-coder-1.5b-instruct",
         "smollm2-135m-instruct",
         "smollm2-exit-draft",
         "toy-llm",

@@ -22,12 +22,12 @@ VERSION = "1.2.3"
 PART_SIZES = (5, 1, 300, 7, 0, 64, 2, 3, 129, 11, 40)
 
 
-def _parts(seed: int = 0) -> list[bytes]:
+def fake_parts(seed: int = 0) -> list[bytes]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in PART_SIZES]
 
 
-def _split(parts: list[bytes]) -> SplitFile:
+def split_of(parts: list[bytes]) -> SplitFile:
     return SplitFile(
         file_name="fake.gguf",
         prefix=PREFIX,
@@ -37,7 +37,7 @@ def _split(parts: list[bytes]) -> SplitFile:
     )
 
 
-def _install(root, parts: list[bytes], skip: tuple[int, ...] = ()) -> None:
+def install_parts(root, parts: list[bytes], skip: tuple[int, ...] = ()) -> None:
     """Lays out part packages under `root`, leaving out the 1-based indices in `skip`."""
     for index, data in enumerate(parts, start=1):
         if index in skip:
@@ -66,11 +66,11 @@ def site(tmp_path, monkeypatch):
 
 def test_parts_are_concatenated_in_numeric_order_into_the_cache(cache, site, monkeypatch):
     # Given eleven parts, streamed in chunks smaller than most parts
-    parts = _parts()
-    _install(site, parts)
+    parts = fake_parts()
+    install_parts(site, parts)
     monkeypatch.setattr(split_file, "_CHUNK_BYTES", 16)
     # When the file is assembled
-    with assembled(_split(parts)) as path:
+    with assembled(split_of(parts)) as path:
         # Then it is the parts' concatenation in order, in the cache's assembled folder
         assert path == cache / split_file.FOLDER / "fake.gguf"
         assert path.read_bytes() == b"".join(parts)
@@ -78,9 +78,9 @@ def test_parts_are_concatenated_in_numeric_order_into_the_cache(cache, site, mon
 
 
 def test_a_verified_file_is_not_hashed_again_and_no_longer_needs_the_parts(cache, site):
-    parts = _parts()
-    _install(site, parts)
-    split = _split(parts)
+    parts = fake_parts()
+    install_parts(site, parts)
+    split = split_of(parts)
     with assembled(split):
         pass
     # Given the parts gone and hashing made impossible
@@ -99,9 +99,9 @@ def test_a_verified_file_is_not_hashed_again_and_no_longer_needs_the_parts(cache
 
 
 def test_a_file_without_its_sidecar_is_hashed_and_kept(cache, site):
-    parts = _parts()
-    _install(site, parts)
-    split = _split(parts)
+    parts = fake_parts()
+    install_parts(site, parts)
+    split = split_of(parts)
     with assembled(split) as path:
         pass
     sidecar = path.with_name(path.name + ".verified")
@@ -113,9 +113,9 @@ def test_a_file_without_its_sidecar_is_hashed_and_kept(cache, site):
 
 
 def test_a_changed_file_is_assembled_again(cache, site):
-    parts = _parts()
-    _install(site, parts)
-    split = _split(parts)
+    parts = fake_parts()
+    install_parts(site, parts)
+    split = split_of(parts)
     with assembled(split) as path:
         pass
     path.write_bytes(b"tampered")  # new size and mtime: the sidecar no longer applies
@@ -124,11 +124,11 @@ def test_a_changed_file_is_assembled_again(cache, site):
 
 
 def test_a_corrupt_part_names_the_part_set_and_the_fix_and_leaves_nothing(cache, site):
-    parts = _parts()
-    split = _split(parts)
+    parts = fake_parts()
+    split = split_of(parts)
     damaged = list(parts)
     damaged[2] = bytes([damaged[2][0] ^ 1]) + damaged[2][1:]
-    _install(site, damaged)
+    install_parts(site, damaged)
     with pytest.raises(PartsMismatchError) as err:
         with assembled(split):
             pass
@@ -142,11 +142,11 @@ def test_a_corrupt_part_names_the_part_set_and_the_fix_and_leaves_nothing(cache,
 
 
 def test_missing_parts_are_named_with_the_command_that_installs_them(cache, site):
-    parts = _parts()
-    _install(site, parts, skip=(3, 10))
+    parts = fake_parts()
+    install_parts(site, parts, skip=(3, 10))
     (site / f"{PREFIX.replace('-', '_')}7" / "data" / "part07.bin").unlink()  # no data
     with pytest.raises(FileNotFoundError) as err:
-        with assembled(_split(parts)):
+        with assembled(split_of(parts)):
             pass
     message = str(err.value)
     assert "\n" not in message
@@ -160,18 +160,18 @@ def test_missing_parts_are_named_with_the_command_that_installs_them(cache, site
 
 def test_with_the_cache_off_the_file_is_temporary(site, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "")
-    parts = _parts()
-    _install(site, parts)
-    with assembled(_split(parts)) as path:
+    parts = fake_parts()
+    install_parts(site, parts)
+    with assembled(split_of(parts)) as path:
         assert path.read_bytes() == b"".join(parts)
     assert not path.exists() and not path.parent.exists()
     assert split_file.entries() == []
 
 
 def test_entries_list_the_assembled_files_and_clear_deletes_them(cache, site):
-    parts = _parts()
-    _install(site, parts)
-    with assembled(_split(parts)) as path:
+    parts = fake_parts()
+    install_parts(site, parts)
+    with assembled(split_of(parts)) as path:
         pass
     leftover = path.with_name(".fake.gguf.0123abcd.tmp")
     leftover.write_bytes(b"x")
