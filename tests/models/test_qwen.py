@@ -28,8 +28,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reference():
     with np.load(FIXTURE) as data:
-        yield dict(data)
-    registry._load_cached.cache_clear()  # 8 GB of float32 params: free them for later tests
+        return dict(data)
 
 
 @pytest.fixture(scope="module", params=list(QWEN_PARTS))
@@ -44,7 +43,9 @@ def case(request, reference):
               if field.startswith(key + "_")}
     tokens, lengths = arrays["tokens"], arrays["lengths"]
     logits = np.asarray(jax.jit(forward)(model.params, jnp.asarray(tokens), jnp.asarray(lengths)))
-    return model, arrays, logits
+    yield model, arrays, logits
+    del model
+    registry._load_cached.cache_clear()  # up to 6 GB of float32 params: free them for later tests
 
 
 def test_the_tokenizer_encodes_the_prompts_as_transformers_does(case, reference):
