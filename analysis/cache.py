@@ -5,8 +5,8 @@ GGUF file it was made from, the dtype of its params, its size and when it was la
 then the files assembled from wheel parts (`uhlm_jax.models.split_file`), with their part
 set as the source; then the total. `uhlm cache --clear` deletes them all (and temporary
 files left by killed loads); the next load of each model assembles and dequantizes it
-again. `--json` prints one JSON object
-instead: the folder, the entries and the total bytes (and whether they were cleared).
+again. `--json` prints one JSON object instead: the folder, the entries and the total
+bytes (and whether they were cleared).
 
 The folder is `$UHLM_CACHE_DIR` if set, else `$XDG_CACHE_HOME/uhlm_jax`, else
 `~/.cache/uhlm_jax`.
