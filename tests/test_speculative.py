@@ -256,6 +256,18 @@ def test_rejection_probability_hand_cases(log_q, log_p, draft, beta):
     np.testing.assert_allclose(float(got), beta, atol=FLOAT32_ATOL)
 
 
+def test_zero_rejection_is_positive_zero():
+    # −expm1(0) is −0.0; a stored β must be +0.0 (eager, jitted, and from verify).
+    log_q = jnp.asarray(HAND_Q)
+    for beta in (
+        speculative.rejection_probability(log_q, log_q, jnp.int32(1)),
+        jax.jit(speculative.rejection_probability)(log_q, log_q, jnp.int32(1)),
+        speculative.total_variation(log_q, log_q),
+        speculative.verify(jax.random.key(0), log_q, log_q, jnp.int32(1)).beta,
+    ):
+        assert float(beta) == 0.0 and not np.signbit(np.asarray(beta))
+
+
 @pytest.mark.parametrize("log_q, log_p, tv", [(HAND_Q, HAND_P, 0.25), (HAND_Q2, HAND_P2, 0.6)])
 def test_total_variation_hand_cases(log_q, log_p, tv):
     np.testing.assert_allclose(

@@ -1,5 +1,7 @@
 """Tests for uhlm_jax.uncertainty: hand cases, quadrature accuracy, sampling, validation."""
 
+from fractions import Fraction
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -16,6 +18,8 @@ from uhlm_jax.uncertainty import (
     OneMinusMaxProbability,
     TemperaturePerturbation,
     TopTwoMargin,
+    disagreement_share,
+    exact_fractions,
     quadrature_rule,
 )
 
@@ -297,14 +301,46 @@ def test_zero_temperature_limit_is_exact_argmax():
         assert float(expected(keys[0], logits, log_q, draft)) == float(draft != top)
 
 
-def test_sampled_perturbation_is_a_multiple_of_one_over_k():
+MAX_DENOMINATOR = 64
+
+
+def correctly_rounded_float32(fraction: Fraction) -> np.float32:
+    """The float32 nearest to an exact rational (ties to even), by exact comparison."""
+    guess = np.float32(float(fraction))
+    neighbours = [np.nextafter(guess, np.float32(-np.inf)), guess,
+                  np.nextafter(guess, np.float32(np.inf))]  # fmt: skip
+    errors = [abs(Fraction(float(x)) - fraction) for x in neighbours]
+    best = min(errors)
+    ties = [x for x, e in zip(neighbours, errors, strict=True) if e == best]
+    return min(ties, key=lambda x: int(np.asarray(x).view(np.int32)) & 1)
+
+
+def test_disagreement_share_is_the_correctly_rounded_fraction_for_every_k():
+    # Given: every K ≤ 64 and every count j ≤ K of disagreeing re-draws, eager and jitted.
+    share = jax.jit(disagreement_share)
+    for k in range(1, MAX_DENOMINATOR + 1):
+        table = np.asarray(exact_fractions(k))
+        for j in range(k + 1):
+            disagree = jnp.arange(k) < j
+            expected = correctly_rounded_float32(Fraction(j, k))
+            # Then: u is bit-identical to the float32 nearest to j/K.
+            assert table[j] == expected, (j, k)
+            assert np.asarray(disagreement_share(disagree)) == expected, (j, k)
+            assert np.asarray(share(disagree)) == expected, (j, k)
+
+
+@pytest.mark.parametrize("num_samples", [7, 20])
+def test_sampled_perturbation_is_exactly_j_over_k(num_samples):
     logits = example_logits(VOCAB)
-    keys = jax.random.split(jax.random.key(8), 50)
-    measure = TemperaturePerturbation(num_samples=7)
+    keys = jax.random.split(jax.random.key(8), 200)
+    measure = TemperaturePerturbation(num_samples=num_samples)
     batched = jax.jit(jax.vmap(measure, in_axes=(0, None, None, None)))
     u = np.asarray(batched(keys, logits, _log_q(logits), 2))
-    np.testing.assert_allclose(u * 7, np.round(u * 7), atol=1e-5)
-    assert len(np.unique(u)) > 1  # the keys matter
+    counts = np.round(u * num_samples).astype(int)
+    exact = np.array([correctly_rounded_float32(Fraction(int(j), num_samples)) for j in counts])
+    np.testing.assert_array_equal(u, exact)
+    assert len(np.unique(u)) > 2  # the keys matter
+    assert not np.any(np.signbit(u))
 
 
 # ---------------------------------------------------------------------------------------

@@ -147,7 +147,8 @@ def rejection_probability(
 ) -> Float[Array, ""]:
     """Rejection probability of the draft, `β = max(0, 1 − p_d / q_d)`.
 
-    Computed as `β = −expm1(min(0, log p_d − log q_d))`, never as a ratio. Conventions
+    Computed as `β = |expm1(min(0, log p_d − log q_d))|`, never as a ratio; the absolute
+    value (of a non-positive number) makes a zero `+0.0`, where `−expm1(0)` is `−0.0`. Conventions
     at zero probabilities:
       * `p_d = 0`: `β = 1`, the verifier never emits a token it gives probability zero
         (this takes precedence, also for the undraftable `q_d = 0`);
@@ -166,7 +167,7 @@ def rejection_probability(
     log_q, log_p, draft = _as_log_probs(log_q), _as_log_probs(log_p), _as_token(draft)
     chex.assert_equal_shape([log_q, log_p])
     log_ratio = _log_ratio(log_q[draft], log_p[draft])
-    return -jnp.expm1(jnp.minimum(0.0, log_ratio))
+    return jnp.abs(jnp.expm1(jnp.minimum(0.0, log_ratio)))
 
 
 def total_variation(log_q: Float[Array, " v"], log_p: Float[Array, " v"]) -> Float[Array, ""]:
@@ -185,7 +186,7 @@ def total_variation(log_q: Float[Array, " v"], log_p: Float[Array, " v"]) -> Flo
     """
     log_q, log_p = _as_log_probs(log_q), _as_log_probs(log_p)
     chex.assert_equal_shape([log_q, log_p])
-    beta = -jnp.expm1(jnp.minimum(0.0, _log_ratio(log_q, log_p)))
+    beta = jnp.abs(jnp.expm1(jnp.minimum(0.0, _log_ratio(log_q, log_p))))
     return jnp.clip(jnp.sum(jnp.exp(log_q) * beta), 0.0, 1.0)
 
 
@@ -263,7 +264,7 @@ def verify(
     accept_key, residual_key = jax.random.split(key)
 
     log_ratio = _log_ratio(log_q[draft], log_p[draft])
-    beta = -jnp.expm1(jnp.minimum(0.0, log_ratio))
+    beta = jnp.abs(jnp.expm1(jnp.minimum(0.0, log_ratio)))
     # U ∈ [0, 1): log U < 0 ≤ log_ratio whenever p_d ≥ q_d, and log U ≥ -inf = log_ratio
     # whenever p_d = 0, so both extremes are decided exactly.
     log_u = jnp.log(jax.random.uniform(accept_key, dtype=jnp.float32))

@@ -46,10 +46,10 @@ from typing import NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.scipy.special import betainc, xlogy
 
 from uhlm_jax.types import Array, Float, Int
+from uhlm_jax.uncertainty import exact_fractions
 
 __all__ = [
     "BETA_POSITIVE_TOL",
@@ -310,12 +310,12 @@ def linear_model_risk(
 def threshold_grid(size: int) -> Float[Array, " p"]:
     """`size` thresholds `k / (size − 1)`, `k = 0 … size − 1`, each correctly rounded.
 
-    Computed in float64 on the host and rounded once, so a grid point equals the
-    float32 value of the same fraction stored elsewhere (e.g. a perturbation
-    uncertainty `u = j/K`) and `u ≤ u_th` includes it; `linspace` and XLA's
-    float32 division can land one ulp below.
+    The table of `uncertainty.exact_fractions`, so a grid point equals the float32
+    value of the same fraction stored elsewhere (a perturbation uncertainty
+    `u = j/K` is stored from that table too) and `u ≤ u_th` includes it;
+    `linspace` and XLA's float32 division can land one ulp off.
     """
-    return jnp.asarray(np.arange(size) / (size - 1), jnp.float32)
+    return exact_fractions(size - 1)
 
 
 def _grid_bins(u: Array, grid: Array) -> Array:

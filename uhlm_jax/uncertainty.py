@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhlm_jax.types import Array, Float, Int, PRNGKeyArray
+from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
     "DEFAULT_MEASURES",
@@ -52,6 +52,8 @@ __all__ = [
     "TemperaturePerturbation",
     "TopTwoMargin",
     "UncertaintyMeasure",
+    "disagreement_share",
+    "exact_fractions",
     "quadrature_rule",
 ]
 
@@ -100,6 +102,30 @@ def _check_inputs(
     if logits.shape[0] < 2:
         raise ValueError(f"vocabulary size {logits.shape[0]} must be >= 2 for uncertainty.")
     return logits, log_q, draft.astype(jnp.int32)
+
+
+def exact_fractions(denominator: int) -> Float[Array, " k1"]:
+    """`j / denominator` for `j = 0 … denominator`, each the correctly rounded float32.
+
+    Built in float64 on the host and rounded once. A share computed on device as
+    `count / K` may be rounded through `count · (1/K)` and land one ulp off (9/20 as
+    0.45000002), so `u ≤ 0.45` would miss it; indexing this table by `count` cannot.
+    `threshold.threshold_grid` rounds its points the same way.
+
+    Args:
+      denominator: static `K ≥ 1`.
+
+    Returns:
+      `(K + 1,)` float32.
+    """
+    return jnp.asarray(np.arange(denominator + 1) / denominator, jnp.float32)
+
+
+def disagreement_share(disagree: Bool[Array, " k"]) -> Float[Array, ""]:
+    """`(1/K) Σ_k disagree_k`, the correctly rounded float32 of `j / K` (`exact_fractions`)."""
+    chex.assert_rank(disagree, 1)
+    count = jnp.sum(disagree, dtype=jnp.int32)
+    return exact_fractions(disagree.shape[0])[count]
 
 
 def quadrature_rule(num_panels: int, nodes_per_panel: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,7 +200,7 @@ class TemperaturePerturbation:
         log_q: Float[Array, " v"],
         draft: Int[Array, ""],
     ) -> Float[Array, ""]:
-        """Returns float32 `[]` in `[0, 1]`, a multiple of `1 / num_samples`."""
+        """Returns float32 `[]`: `j / num_samples` correctly rounded (`exact_fractions`)."""
         logits, _, draft = _check_inputs(logits, log_q, draft)
         theta = self.temperatures(key)
         _, redraw_key = jax.random.split(key)
@@ -182,7 +208,7 @@ class TemperaturePerturbation:
         scaled = shifted[None, :] / theta[:, None]
         log_prob_draft = scaled[:, draft] - jax.nn.logsumexp(scaled, axis=-1)
         log_u = jnp.log(jax.random.uniform(redraw_key, (self.num_samples,), jnp.float32))
-        return jnp.mean(log_u >= log_prob_draft, dtype=jnp.float32)
+        return disagreement_share(log_u >= log_prob_draft)
 
     def redraws_disagree_gumbel(
         self, key: PRNGKeyArray, logits: Float[Array, " v"], draft: Int[Array, ""]
@@ -196,7 +222,7 @@ class TemperaturePerturbation:
         _, gumbel_key = jax.random.split(key)
         gumbel = jax.random.gumbel(gumbel_key, (self.num_samples, logits.shape[0]), jnp.float32)
         redraws = jnp.argmax(logits[None, :] + theta[:, None] * gumbel, axis=-1)
-        return jnp.mean(redraws != draft, dtype=jnp.float32)
+        return disagreement_share(redraws != draft)
 
 
 @flax.struct.dataclass

@@ -54,6 +54,9 @@ def test_collect_writes_a_complete_run_directory(tmp_path):
     assert {"u_temperature_perturbation", "u_entropy", "beta", "tv", "accepted"} <= set(df.columns)
     assert df.groupby("prompt_id").position.max().le(5).all()
     assert df.beta.between(0, 1).all()
+    floats = df.select_dtypes("floating").to_numpy()
+    assert not np.signbit(floats).any()  # no −0.0 (nor any negative) in any record
+    assert (df.beta == 0).any()  # the toy pair accepts some drafts outright
 
 
 def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
