@@ -370,12 +370,30 @@ def evaluated_modes(summary: pd.DataFrame, path: str | os.PathLike, *, link: str
     return _save(fig, path)
 
 
+def risk_legend_label(name: str, exceed: float, no_skip: float = 0.0) -> str:
+    """Legend entry of one method in `risk_histograms`.
+
+    A split where the method skipped nothing has realised risk 0, which is not a success
+    of risk control but the absence of any saving; the label says how often that happened.
+
+    Args:
+        name: the method.
+        exceed: share of splits whose realised risk exceeds `ε`.
+        no_skip: share of splits in which the method skipped nothing.
+    """
+    if no_skip >= 1.0:
+        return f"{_pretty(name)}: skipped nothing in every split (no risk taken, no saving)"
+    label = f"{_pretty(name)}: exceeds ε in {exceed:.0%} of splits"
+    return label + (f"; skipped nothing in {no_skip:.0%}" if no_skip > 0 else "")
+
+
 def risk_histograms(
     realised: Mapping[str, np.ndarray],
     path: str | os.PathLike,
     *,
     eps: float,
     delta: float | None = None,
+    no_skip: Mapping[str, float] | None = None,
 ) -> Path:
     """Realised risk on held-out prompts over random splits, one histogram per method.
 
@@ -384,7 +402,10 @@ def risk_histograms(
         path: the PNG to write.
         eps: the risk level `ε`.
         delta: the allowed exceedance share `δ` (for the legend).
+        no_skip: method -> share of splits in which it skipped nothing (for the legend,
+            `risk_legend_label`); 0 for methods not named.
     """
+    no_skip = no_skip or {}
     fig, ax = _figure()
     values = [np.asarray(v, np.float64) for v in realised.values()]
     finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.array([eps])])
@@ -395,9 +416,10 @@ def risk_histograms(
     ):
         v = np.asarray(v, np.float64)
         exceed = float(np.mean(v > eps)) if v.size else float("nan")
+        label = risk_legend_label(name, exceed, float(no_skip.get(name, 0.0)))
         # Step outlines, so methods piled on the same bin stay visible.
         ax.hist(v, bins=bins, histtype="step", lw=2.2 - 0.3 * k, ls=styles[k % len(styles)],
-                color=colour, label=f"{_pretty(name)}: exceeds ε in {exceed:.0%} of splits")
+                color=colour, label=label)
     ax.axvline(eps, color="black", ls="--", lw=1.5,
                label=f"ε = {eps:g}" + (f" (allowed share δ = {delta:g})" if delta else ""))
     ax.set_xlabel("realised risk per token on held-out prompts")

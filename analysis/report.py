@@ -65,6 +65,7 @@ __all__ = [
     "Config",
     "Result",
     "add_arguments",
+    "ltt_note",
     "main",
     "measure_scores",
     "mode_table",
@@ -264,15 +265,23 @@ def plug_in_thresholds(
     if "slope" not in analytic:
         return rejection.plug_in_thresholds(u, beta)
 
-    def threshold(name: str) -> float:
-        return (analytic.get(name) or {}).get("threshold", math.nan)
+    def paper(rule: T.PaperRule) -> T.PaperThreshold:
+        block = analytic.get(rule.value) or {}
+        value = block.get("threshold")
+        threshold = math.nan if value is None else float(value)
+        raw = block.get("raw", value)
+        return T.PaperThreshold(
+            raw=math.nan if raw is None else float(raw),
+            threshold=threshold,
+            reason=block.get("reason"),
+        )
 
     return rejection.PlugInThresholds(
         slope=analytic["slope"],
         intercept=analytic["intercept"],
         rejection_share=analytic["rejection_share"],
-        risk_averse=threshold("risk_averse"),
-        risk_prone=threshold("risk_prone"),
+        risk_averse=paper(T.PaperRule.RISK_AVERSE),
+        risk_prone=paper(T.PaperRule.RISK_PRONE),
     )
 
 
@@ -374,7 +383,7 @@ def _read_optional(path: Path) -> dict[str, Any] | None:
 def _threshold_rows(th: dict[str, Any]) -> pd.DataFrame:
     rows = []
 
-    def add(name: str, block: dict | None, guarantee: str):
+    def add(name: str, block: dict | None, guarantee: str, note: str | None = None):
         if not block:
             return
         emp = block.get("empirical") or {}
@@ -386,6 +395,7 @@ def _threshold_rows(th: dict[str, Any]) -> pd.DataFrame:
                 _fmt(emp.get("per_token"), 4),
                 _fmt(emp.get("given_skip"), 4),
                 guarantee,
+                note if note is not None else block.get("reason"),
             ]
         )
 
@@ -401,12 +411,23 @@ def _threshold_rows(th: dict[str, Any]) -> pd.DataFrame:
         bound + " under the hurdle model")
     ltt = th.get("ltt") or {}
     if ltt:
-        add("Learn-then-Test", ltt, f"P(R ≤ {eps}) ≥ {conf}, distribution-free")
+        add("Learn-then-Test", ltt, f"P(R ≤ {eps}) ≥ {conf}, distribution-free",
+            ltt_note(ltt))
     return pd.DataFrame(
         rows,
         columns=["Threshold", "u_th", "Skip share", "Risk per token", "Risk given skip",
-                 "Guarantee"],
+                 "Guarantee", "Note"],
     )
+
+
+def ltt_note(ltt: dict[str, Any]) -> str | None:
+    """What Learn-then-Test needed: the prompts it certified with, or why it certified
+    nothing and how many prompts would do."""
+    if ltt.get("certified"):
+        return f"certified with {ltt.get('num_prompts')} prompts"
+    if ltt.get("reason"):
+        return f"skips nothing: {ltt['reason']}"
+    return "skips nothing: no threshold certified"
 
 
 def _fit_rows(fit: dict[str, Any]) -> pd.DataFrame:
@@ -539,6 +560,8 @@ def run(cfg: Config) -> Result:
             f"The least-squares slope a = {slope:.4f} is not positive: u does not predict "
             "rejection linearly, so the analytic thresholds −b/a and (Δ − b)/a are undefined."
         )
+    else:
+        notes += [f"Analytic threshold: {p.reason}." for p in (averse, prone) if p.reason]
     bounded = (((th or {}).get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {}
     certified = []
     if same_measure:
@@ -549,7 +572,7 @@ def run(cfg: Config) -> Result:
         *((t, f"the {name} threshold of {THRESHOLDS_FILE}", name) for name, t in certified),
         ((analytic.get("risk_prone") or {}).get("threshold") if same_measure else None,
          f"the analytic risk-prone threshold of {THRESHOLDS_FILE}", "risk-prone"),
-        (float(np.clip(prone, 0.0, 1.0)) if np.isfinite(prone) else None,
+        (prone.threshold if np.isfinite(prone.threshold) else None,
          "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records",
          "risk-prone"),
     ]
@@ -569,10 +592,9 @@ def run(cfg: Config) -> Result:
     costs = sw.Config(run_dir=str(run_dir), cost_profile_name=cfg.cost_profile_name)
     profile = costs.cost_profile(cfg.link)
     named = {op_name: threshold}
-    for name, t in [("risk-averse", averse), ("risk-prone", prone)] + [
+    for name, t in [("risk-averse", averse.threshold), ("risk-prone", prone.threshold)] + [
         (n, float(v)) for n, v in certified if v is not None
     ]:
-        t = float(np.clip(t, 0.0, 1.0)) if np.isfinite(t) else t
         if name not in named and np.isfinite(t):
             named[name] = t
     table, metrics = mode_table(tokens, gate, named, profile)
@@ -581,7 +603,7 @@ def run(cfg: Config) -> Result:
     figures: list[tuple[Path, str]] = []
 
     # u-β figure.
-    marks = {"risk-averse −b/a": averse, "risk-prone (Δ−b)/a": prone}
+    marks = {"risk-averse −b/a": averse.threshold, "risk-prone (Δ−b)/a": prone.threshold}
     if th:
         ltt = (th.get("ltt") or {}).get("threshold")
         if ltt is not None:
@@ -711,9 +733,12 @@ def run(cfg: Config) -> Result:
                 plots.risk_histograms(
                     realised, plot_dir / "risk_histograms.png", eps=float(th["risk"]),
                     delta=validation.get("allowed_exceed_frequency"),
+                    no_skip={name: float(m.get("no_skip_frequency") or 0.0)
+                             for name, m in validation["methods"].items()},
                 ),
                 f"Realised risk per token on held-out prompts over "
-                f"{validation.get('num_splits')} random splits.",
+                f"{validation.get('num_splits')} random splits; a split in which a method "
+                "skipped nothing has risk 0 and saves nothing.",
             )
         )
 
@@ -786,6 +811,8 @@ def run(cfg: Config) -> Result:
             ),
             _table(_threshold_rows(th)),
         ]
+        if th.get("ltt"):
+            blocks.append(_para(f"Learn-then-Test: {ltt_note(th['ltt'])}."))
         if validation.get("methods"):
             rows = [
                 [name.replace("_", " "), _fmt(m.get("exceed_frequency_per_token")),
@@ -810,8 +837,8 @@ def run(cfg: Config) -> Result:
         blocks.append(_para(
             f"No {THRESHOLDS_FILE} (run `uhlm threshold --run RUN_DIR`). Least-squares "
             f"plug-ins: a = {slope:.4f}, b = {intercept:.4f}, Δ = P(β > 0) = {share:.4f}; "
-            f"risk-averse −b/a = {averse:.4f}, risk-prone (Δ − b)/a = {prone:.4f}; no "
-            "risk bound."
+            f"risk-averse −b/a = {averse.threshold:.4f}, risk-prone (Δ − b)/a = "
+            f"{prone.threshold:.4f}; no risk bound."
         ))
     blocks.append(_heading("## Fit"))
     if fit:

@@ -26,6 +26,12 @@ writes `thresholds.json` with, on a grid of thresholds `u_th ∈ [0, 1]`:
   exact conjugate posterior of the NUTS model (`rejection.conjugate_posterior`), and
   the analytic thresholds are refitted by least squares.
 
+When Learn-then-Test certifies nothing, `ltt.reason` says why and
+`ltt.prompts_needed` how many calibration prompts the observed risk curve would
+need. `uhlm threshold --run RUN_DIR --plan-prompts` answers that question for every
+threshold, taking the run as a pilot: it reads only the records, needs no fit and
+writes nothing.
+
 Risk means the expected rejection probability of skipped tokens per generated
 token, `E[β · 1{u ≤ u_th}]`. A threshold of `null` in the output means "skip
 nothing": no grid point met the requirement.
@@ -61,6 +67,7 @@ __all__ = [
     "add_arguments",
     "from_run",
     "main",
+    "prompt_plan",
     "run",
     "split_masks",
 ]
@@ -80,6 +87,7 @@ class ThresholdSource(enum.Enum):
 
     ANALYTIC = "analytic"  # a given slope and intercept
     RUN = "run"  # a run directory's records and fit
+    PLAN = "plan"  # a run's records as a pilot: prompts Learn-then-Test needs
 
 
 def _in_open_unit(name: str, value: Any, fix: str) -> None:
@@ -109,6 +117,10 @@ class Config:
       num_posterior_draws: most posterior draws used (thinned evenly).
       credible_mass: central mass of the credible intervals.
       seed: seed of the splits, the bootstrap and the per-split posterior draws.
+      plan_prompts: treat the run as a pilot and report, for each threshold, how many
+        calibration prompts Learn-then-Test needs to certify it at `risk` and
+        `confidence` if the per-prompt risk stays as observed; writes nothing.
+      max_plan_prompts: the largest calibration size the plan considers.
     """
 
     slope: float | None = None
@@ -124,6 +136,8 @@ class Config:
     num_posterior_draws: int = 1000
     credible_mass: float = 0.9
     seed: int = 0
+    plan_prompts: bool = False
+    max_plan_prompts: int = 10_000
 
     def __post_init__(self):
         analytic = self.slope is not None or self.intercept is not None
@@ -165,10 +179,15 @@ class Config:
         _int_at_least("num_splits", self.num_splits, 100)
         _int_at_least("num_posterior_draws", self.num_posterior_draws, 10)
         _int_at_least("seed", self.seed, 0)
+        _int_at_least("max_plan_prompts", self.max_plan_prompts, 1)
+        if self.plan_prompts and self.run_dir is None:
+            raise ValueError("--plan-prompts needs a pilot run: pass --run RUN_DIR")
 
     @property
     def source(self) -> ThresholdSource:
-        return ThresholdSource.RUN if self.run_dir is not None else ThresholdSource.ANALYTIC
+        if self.run_dir is None:
+            return ThresholdSource.ANALYTIC
+        return ThresholdSource.PLAN if self.plan_prompts else ThresholdSource.RUN
 
     @property
     def error_level(self) -> float:
@@ -193,18 +212,30 @@ def _interval(x: np.ndarray, mass: float) -> list[float]:
     return [float(v) for v in np.quantile(x, [tail, 1 - tail])]
 
 
+def _paper_block(paper: T.PaperThreshold) -> dict[str, Any]:
+    """A paper threshold as JSON: the value used, the formula's raw value, and why they
+    differ (`reason` is null when the formula's value lies in [0, 1])."""
+    return {
+        "threshold": _json_threshold(paper.threshold),
+        "raw": _json_threshold(paper.raw),
+        "reason": paper.reason,
+    }
+
+
 def analytic(cfg: Config) -> dict[str, Any]:
     """The paper's thresholds for a given linear rejection model."""
-    a, b = jnp.float32(cfg.slope), jnp.float32(cfg.intercept)
+    a, b = float(cfg.slope), float(cfg.intercept)
     out = {
         "mode": ThresholdSource.ANALYTIC.value,
-        "slope": float(cfg.slope),
-        "intercept": float(cfg.intercept),
-        "risk_averse": float(T.risk_averse(a, b)),
+        "slope": a,
+        "intercept": b,
+        "risk_averse": _paper_block(T.paper_threshold(T.PaperRule.RISK_AVERSE, a, b)),
     }
     if cfg.delta is not None:
         out["delta"] = float(cfg.delta)
-        out["risk_prone"] = float(T.risk_prone(a, b, jnp.float32(cfg.delta)))
+        out["risk_prone"] = _paper_block(
+            T.paper_threshold(T.PaperRule.RISK_PRONE, a, b, float(cfg.delta))
+        )
     return out
 
 
@@ -334,6 +365,8 @@ def _posterior(
     delta_draws = jnp.asarray(dirichlet @ positives / (dirichlet @ tokens), jnp.float32)
     averse = np.asarray(jax.vmap(T.risk_averse)(linear["slope"], linear["intercept"]))
     prone = np.asarray(jax.vmap(T.risk_prone)(linear["slope"], linear["intercept"], delta_draws))
+    slope_draws = np.asarray(linear["slope"], np.float64)
+    intercept_draws = np.asarray(linear["intercept"], np.float64)
     sample = T.weighted_sample(u)
     linear_curves = jax.jit(jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None)))(
         linear["slope"], linear["intercept"], sample, grid
@@ -346,10 +379,14 @@ def _posterior(
             "risk_averse": {
                 "mean": float(averse.mean()),
                 "interval": _interval(averse, cfg.credible_mass),
+                "clipped": _clipped_shares(slope_draws, intercept_draws, 0.0),
             },
             "risk_prone": {
                 "mean": float(prone.mean()),
                 "interval": _interval(prone, cfg.credible_mass),
+                "clipped": _clipped_shares(
+                    slope_draws, intercept_draws, np.asarray(delta_draws, np.float64)
+                ),
             },
             "rejection_share": {
                 "mean": float(delta_draws.mean()),
@@ -366,6 +403,17 @@ def _posterior(
     }
 
 
+def _clipped_shares(slope: np.ndarray, intercept: np.ndarray, level) -> dict[str, float]:
+    """Shares of posterior draws whose `(level − b)/a` leaves [0, 1] (or has `a ≤ 0`)."""
+    rising = slope > 0
+    raw = (level - intercept) / np.where(rising, slope, 1.0)
+    return {
+        "below_0": float(np.mean(rising & (raw < 0))),
+        "above_1": float(np.mean(rising & (raw > 1))),
+        "slope_not_positive": float(np.mean(~rising)),
+    }
+
+
 def _curve_summary(curves: jnp.ndarray, cfg: Config) -> dict[str, list[float]]:
     """Posterior mean risk and `P(R ≤ ε | data)` at every grid threshold, for plots."""
     curves = np.asarray(curves)
@@ -375,17 +423,82 @@ def _curve_summary(curves: jnp.ndarray, cfg: Config) -> dict[str, list[float]]:
     }
 
 
-def _ltt(cfg: Config, prompt_risks: jnp.ndarray, grid: jnp.ndarray, u, beta) -> dict[str, Any]:
+def _ltt_plan(
+    cfg: Config, ltt: T.LTTResult, grid: jnp.ndarray, skip_share: jnp.ndarray
+) -> dict[str, Any]:
+    """Prompts Learn-then-Test needs for each threshold at the observed risk curve.
+
+    `steps` is the staircase of `T.ltt_prompts_needed`: for each calibration size at
+    which the certified threshold grows, that size and the threshold it reaches.
+    """
+    needed = np.asarray(
+        jax.jit(T.ltt_prompts_needed, static_argnums=3)(
+            ltt.risk_hat, jnp.float32(cfg.risk), jnp.float32(cfg.error_level),
+            cfg.max_plan_prompts,
+        )
+    )  # fmt: skip
+    steps = []
+    for k in range(needed.size):
+        last_at_size = k + 1 == needed.size or needed[k + 1] != needed[k]
+        if needed[k] > 0 and last_at_size:
+            steps.append(
+                {
+                    "prompts": int(needed[k]),
+                    "threshold": float(grid[k]),
+                    "skip_share": float(skip_share[k]),
+                    "risk_hat": float(ltt.risk_hat[k]),
+                }
+            )
+    return {
+        "pilot_prompts": int(ltt.num_prompts),
+        "max_prompts": cfg.max_plan_prompts,
+        "prompts_to_certify_any": int(needed[0]) if needed[0] > 0 else None,
+        "assumption": "the mean per-prompt risk of the calibration prompts equals the "
+        "pilot's at every threshold; a new sample scatters around it, so at the stated "
+        "size certification succeeds about half the time",
+        "steps": steps,
+        "prompts_needed": [int(x) if x > 0 else None for x in needed],
+    }
+
+
+def _ltt_reason(cfg: Config, ltt: T.LTTResult, grid: jnp.ndarray, plan: dict) -> str:
+    """Why Learn-then-Test certified nothing, and what would certify."""
+    first, risk0, pvalue0 = float(grid[0]), float(ltt.risk_hat[0]), float(ltt.pvalues[0])
+    n = int(ltt.num_prompts)
+    if risk0 >= cfg.risk:
+        return (
+            f"the observed risk at the smallest threshold u_th = {first:.4g} is {risk0:.4f} "
+            f">= eps = {cfg.risk:g}: no number of prompts certifies a threshold at this eps"
+        )
+    needed = plan["prompts_to_certify_any"]
+    would = (
+        f"the observed risk curve would certify with {needed} prompts"
+        if needed is not None
+        else f"even {plan['max_prompts']} prompts would not certify it"
+    )
+    return (
+        f"with {n} prompts the p-value of the smallest threshold u_th = {first:.4g} "
+        f"(observed risk {risk0:.4f}) is {pvalue0:.3f} > delta = {cfg.error_level:g}; {would}"
+    )
+
+
+def _ltt(
+    cfg: Config, prompt_risks: jnp.ndarray, grid: jnp.ndarray, u, beta
+) -> dict[str, Any]:
     result = T.ltt_threshold(
         prompt_risks, grid, jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
     )
     index = int(result.index)
+    plan = _ltt_plan(cfg, result, grid, T.risk_curve(jnp.ones_like(u), u, grid))
     out: dict[str, Any] = {
         "threshold": _json_threshold(float(result.threshold)),
         "certified": index >= 0,
         "num_prompts": int(result.num_prompts),
         "estimand": "per-prompt risk E_prompt[(1/T) sum_t beta_t 1{u_t <= u_th}]",
         "pvalue_first": float(result.pvalues[0]),
+        "prompts_needed": plan["prompts_to_certify_any"],
+        "reason": None if index >= 0 else _ltt_reason(cfg, result, grid, plan),
+        "plan": plan,
         "curve": {
             "risk_hat": [float(x) for x in result.risk_hat],
             "pvalues": [float(x) for x in result.pvalues],
@@ -537,6 +650,32 @@ def _validation(
     }
 
 
+def _prompt_risks(data: RunData, grid: jnp.ndarray) -> jnp.ndarray:
+    return jax.jit(T.prompt_risk_curves, static_argnums=3)(
+        jnp.asarray(data.u), jnp.asarray(data.beta), jnp.asarray(data.prompt),
+        data.num_prompts, grid,
+    )  # fmt: skip
+
+
+def prompt_plan(cfg: Config) -> dict[str, Any]:
+    """The Learn-then-Test sample-size plan of a pilot run (`--plan-prompts`)."""
+    run_dir = records.require_run_dir(cfg.run_dir)
+    measure = cfg.measure or fit.Config(run_dir=str(run_dir)).measure
+    data = _load_data(records.read_records(run_dir), measure)
+    grid = T.threshold_grid(cfg.grid_size)
+    u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
+    ltt = _ltt(cfg, _prompt_risks(data, grid), grid, u, beta)
+    return {
+        "mode": ThresholdSource.PLAN.value,
+        "run_dir": str(run_dir),
+        "measure": measure,
+        "risk": cfg.risk,
+        "confidence": cfg.confidence,
+        "data": {"num_tokens": int(data.u.size), "num_prompts": data.num_prompts},
+        "ltt": ltt,
+    }
+
+
 def from_run(cfg: Config) -> dict[str, Any]:
     """Everything `thresholds.json` holds, computed from a run directory."""
     run_dir = records.require_run_dir(cfg.run_dir)
@@ -553,24 +692,14 @@ def from_run(cfg: Config) -> dict[str, Any]:
         "rejection_share": plug_in.rejection_share,
         "fit": "least squares on all records",
     }
-    if plug_in.slope > 0:
-        analytic_section["risk_averse"] = {
-            "threshold": plug_in.risk_averse,
-            "empirical": _empirical(u, beta, plug_in.risk_averse),
-        }
-        analytic_section["risk_prone"] = {
-            "threshold": plug_in.risk_prone,
-            "empirical": _empirical(u, beta, plug_in.risk_prone),
-        }
-    else:
-        analytic_section["note"] = (
-            f"slope {plug_in.slope:.4g} <= 0: rejection does not grow with this measure, "
-            "the paper's thresholds do not apply"
-        )
+    for rule in T.PaperRule:
+        paper = getattr(plug_in, rule.value)
+        block = _paper_block(paper)
+        if math.isfinite(paper.threshold):
+            block["empirical"] = _empirical(u, beta, paper.threshold)
+        analytic_section[rule.value] = block
 
-    prompt_risks = jax.jit(T.prompt_risk_curves, static_argnums=3)(
-        u, beta, jnp.asarray(data.prompt), data.num_prompts, grid
-    )
+    prompt_risks = _prompt_risks(data, grid)
     return {
         "mode": ThresholdSource.RUN.value,
         "run_dir": str(run_dir),
@@ -606,6 +735,8 @@ def run(cfg: Config) -> Result:
     """Computes the thresholds; in run mode writes `RUN_DIR/thresholds.json` atomically."""
     if cfg.source is ThresholdSource.ANALYTIC:
         return Result(summary=analytic(cfg), path=None)
+    if cfg.source is ThresholdSource.PLAN:
+        return Result(summary=prompt_plan(cfg), path=None)
     summary = from_run(cfg)
     path = Path(cfg.run_dir) / THRESHOLDS_FILE
     records.write_json(path, summary)
@@ -639,6 +770,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"prompt splits of the validation, >= 100 (default: {d.num_splits})",
     )
     parser.add_argument("--grid-size", type=int, default=d.grid_size, help="threshold grid points")
+    parser.add_argument(
+        "--plan-prompts",
+        action="store_true",
+        help="with --run: how many calibration prompts Learn-then-Test needs for --risk and "
+        "--confidence, taking the run as a pilot (needs no fit, writes nothing)",
+    )
+    parser.add_argument(
+        "--max-plan-prompts",
+        type=int,
+        default=d.max_plan_prompts,
+        help=f"largest calibration size the plan considers (default: {d.max_plan_prompts})",
+    )
     parser.add_argument("--seed", type=int, default=d.seed, help="seed")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -656,6 +799,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         num_splits=args.splits,
         grid_size=args.grid_size,
         seed=args.seed,
+        plan_prompts=args.plan_prompts,
+        max_plan_prompts=args.max_plan_prompts,
     )
 
 
@@ -663,34 +808,87 @@ def _fmt(t: float | None) -> str:
     return "none (skip nothing)" if t is None else f"{t:.4f}"
 
 
+def format_paper(rule: T.PaperRule, block: dict[str, Any]) -> str:
+    """One line for a paper threshold block: the value used and, if clipped, why."""
+    text = f"{rule.label} {rule.formula} = "
+    text += "undefined" if block["threshold"] is None else f"{block['threshold']:.4f}"
+    return text + (f" ({block['reason']})" if block.get("reason") else "")
+
+
+def format_ltt(ltt: dict[str, Any]) -> str:
+    """One line on Learn-then-Test: the certified threshold, or why there is none."""
+    if ltt["certified"]:
+        return (
+            f"Learn-then-Test: {ltt['threshold']:.4f} (certified with {ltt['num_prompts']} "
+            "prompts)"
+        )
+    return f"Learn-then-Test: none (skip nothing): {ltt['reason']}"
+
+
+# Rows of the plan printed by `format_plan` (the JSON holds them all).
+PLAN_ROWS = 12
+
+
+def format_plan(summary: dict[str, Any]) -> str:
+    """The `--plan-prompts` table: calibration prompts against the threshold they certify."""
+    ltt = summary["ltt"]
+    plan = ltt["plan"]
+    lines = [
+        f"Learn-then-Test plan at risk {summary['risk']}, confidence {summary['confidence']}, "
+        f"from a pilot of {plan['pilot_prompts']} prompts ({summary['data']['num_tokens']} "
+        f"tokens, measure {summary['measure']})",
+        format_ltt(ltt),
+    ]
+    steps = plan["steps"]
+    if not steps:
+        lines.append(f"no threshold certifies with up to {plan['max_prompts']} prompts")
+        return "\n".join(lines)
+    shown = [steps[int(i)] for i in np.unique(np.linspace(0, len(steps) - 1, PLAN_ROWS).round())]
+    lines.append(f"{'prompts':>8}  {'largest u_th':>12}  {'skip share':>10}  {'risk':>7}")
+    lines += [
+        f"{s['prompts']:>8}  {s['threshold']:>12.4f}  {s['skip_share']:>10.3f}  "
+        f"{s['risk_hat']:>7.4f}"
+        for s in shown
+    ]
+    lines.append(f"assumes {plan['assumption']}")
+    return "\n".join(lines)
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable report."""
     if summary["mode"] == ThresholdSource.ANALYTIC.value:
-        lines = [f"risk-averse threshold -b/a = {summary['risk_averse']:.4f}"]
-        if "risk_prone" in summary:
-            lines.append(f"risk-prone threshold (delta-b)/a = {summary['risk_prone']:.4f}")
-        return "\n".join(lines)
+        return "\n".join(
+            format_paper(rule, summary[rule.value]) for rule in T.PaperRule if rule.value in summary
+        )
     eps, conf = summary["risk"], summary["confidence"]
+    if summary["mode"] == ThresholdSource.PLAN.value:
+        return format_plan(summary)
     lines = [
         f"{summary['data']['num_tokens']} tokens, {summary['data']['num_prompts']} prompts, "
         f"measure {summary['measure']}; risk {eps}, confidence {conf}"
     ]
     an = summary["analytic"]
-    if "risk_averse" in an:
-        lines.append(
-            f"analytic (a={an['slope']:.4f}, b={an['intercept']:.4f}, delta="
-            f"{an['rejection_share']:.3f}): risk-averse {an['risk_averse']['threshold']:.4f}, "
-            f"risk-prone {an['risk_prone']['threshold']:.4f}"
-        )
+    lines.append(
+        f"analytic (a={an['slope']:.4f}, b={an['intercept']:.4f}, delta="
+        f"{an['rejection_share']:.3f}): "
+        + "; ".join(format_paper(rule, an[rule.value]) for rule in T.PaperRule)
+    )
     lin = summary["posterior"]["linear"]
     lo, hi = lin["risk_averse"]["interval"]
     lo2, hi2 = lin["risk_prone"]["interval"]
     lines.append(f"posterior risk-averse [{lo:.4f}, {hi:.4f}], risk-prone [{lo2:.4f}, {hi2:.4f}]")
+    for rule in T.PaperRule:
+        clipped = lin[rule.value].get("clipped") or {}
+        if clipped.get("above_1", 0) > 0 or clipped.get("below_0", 0) > 0:
+            lines.append(
+                f"  {rule.label} {rule.formula}: {clipped['above_1']:.1%} of draws > 1 "
+                f"(skip everything), {clipped['below_0']:.1%} < 0 (skip only u = 0)"
+            )
     lines.append(
         f"risk-bounded: linear {_fmt(lin['risk_bounded']['threshold'])}, hurdle "
         f"{_fmt(summary['posterior']['hurdle']['risk_bounded']['threshold'])}"
     )
-    lines.append(f"Learn-then-Test: {_fmt(summary['ltt']['threshold'])}")
+    lines.append(format_ltt(summary["ltt"]))
     val = summary["validation"]
     for name, m in val["methods"].items():
         lines.append(

@@ -250,11 +250,18 @@ def test_plug_in_thresholds_hand_checked():
     # −b/a and (Δ − b)/a clipped to [0, 1].
     assert plug_in.slope == pytest.approx(0.82) and plug_in.intercept == pytest.approx(-0.06)
     assert plug_in.rejection_share == 1.0
-    assert round(plug_in.risk_averse, 4) == 0.0732 and plug_in.risk_prone == 1.0
+    assert round(plug_in.risk_averse.threshold, 4) == 0.0732
+    assert plug_in.risk_averse.reason is None
+    # (Δ − b)/a = 1.06/0.82 leaves [0, 1]: clipped to 1, and it says so.
+    assert plug_in.risk_prone.threshold == 1.0
+    assert plug_in.risk_prone.raw == pytest.approx(1.06 / 0.82)
+    assert plug_in.risk_prone.reason == (
+        "(Δ − b)/a = 1.293 > 1: risk-prone skips everything (SLM-only)"
+    )
     # A line that does not rise gives no thresholds.
     flat = rejection.plug_in_thresholds(u, 0.5 - 0.2 * u)
     assert flat.slope == pytest.approx(-0.2)
-    assert math.isnan(flat.risk_averse) and math.isnan(flat.risk_prone)
+    assert math.isnan(flat.risk_averse.threshold) and math.isnan(flat.risk_prone.threshold)
 
 
 def test_pearson_and_spearman_match_numpy_and_scipy():

@@ -53,6 +53,34 @@ def test_thresholds_clip_and_handle_flat_lines(slope, intercept, delta, averse, 
     )
 
 
+@pytest.mark.parametrize(
+    "rule, slope, intercept, delta, raw, threshold, reason",
+    [
+        (T.PaperRule.RISK_PRONE, 0.5, 0.02, 0.54, 1.04, 1.0,
+         "(Δ − b)/a = 1.04 > 1: risk-prone skips everything (SLM-only)"),
+        (T.PaperRule.RISK_AVERSE, 0.5, 0.1, None, -0.2, 0.0,
+         "−b/a = -0.2 < 0: risk-averse skips only tokens with u = 0"),
+        (T.PaperRule.RISK_AVERSE, 0.82, -0.06, None, 0.06 / 0.82, 0.06 / 0.82, None),
+        (T.PaperRule.RISK_PRONE, 0.82, -0.06, 0.29, 0.35 / 0.82, 0.35 / 0.82, None),
+    ],
+)  # fmt: skip
+def test_paper_threshold_states_raw_value_clipped_value_and_reason(
+    rule, slope, intercept, delta, raw, threshold, reason
+):
+    paper = T.paper_threshold(rule, slope, intercept, delta)
+    assert paper.raw == pytest.approx(raw, rel=1e-12)
+    assert paper.threshold == pytest.approx(threshold, abs=F32_TOL)
+    assert paper.reason == reason
+
+
+def test_paper_threshold_of_a_falling_line_is_undefined_with_its_reason():
+    paper = T.paper_threshold(T.PaperRule.RISK_PRONE, -0.2, 0.5, 0.3)
+    assert math.isnan(paper.raw) and math.isnan(paper.threshold)
+    assert paper.reason.startswith("slope a = -0.2 ≤ 0")
+    with pytest.raises(ValueError, match="needs delta"):
+        T.paper_threshold(T.PaperRule.RISK_PRONE, 0.5, 0.0)
+
+
 def test_thresholds_vmap_matches_loop():
     rng = np.random.default_rng(0)
     a = rng.uniform(-0.2, 1.5, 64).astype(np.float32)
@@ -356,3 +384,42 @@ def test_threshold_grid_points_equal_stored_fractions():
     # u = j/20 stored as float32 sits exactly on the grid point 5j/100.
     for j in range(21):
         assert grid[5 * j] == np.float32(j / 20)
+
+
+# --- Learn-then-Test sample size -------------------------------------------------------
+
+
+@pytest.mark.parametrize("eps, delta", [(0.05, 0.1), (0.1, 0.05), (0.02, 0.2)])
+def test_prompts_needed_when_the_first_threshold_is_risk_free(eps, delta):
+    # Given an observed risk of 0 at the first threshold, its p-value is (1 − ε)^n
+    # (Hoeffding; Bentkus is e times larger), so it certifies at n = ⌈log δ / log(1 − ε)⌉:
+    # 45 prompts at ε = 0.05, δ = 0.1.
+    risk_hat = f32([0.0, 0.5])
+    needed = T.ltt_prompts_needed(risk_hat, f32(eps), f32(delta), 1000)
+    assert int(needed[0]) == math.ceil(math.log(delta) / math.log1p(-eps))
+    assert int(needed[1]) == -1  # a risk above ε never certifies
+    assert int(T.ltt_prompts_needed(f32([0.0]), f32(0.05), f32(0.1), 44)[0]) == -1
+
+
+def test_prompts_needed_equals_a_brute_force_search_over_n():
+    # Given an observed risk curve (dyadic values, so n copies average back exactly)
+    risk_hat = np.array([0, 1, 3, 8, 16, 24, 30, 40, 60], np.float32) / 1024
+    eps, delta, max_prompts = f32(0.05), f32(0.1), 1500
+    needed = np.asarray(
+        jax.jit(T.ltt_prompts_needed, static_argnums=3)(f32(risk_hat), eps, delta, max_prompts)
+    )
+    # When Learn-then-Test runs on n prompts that each have that risk curve, n = 1, 2, ...
+    prompt_risks = jnp.tile(f32(risk_hat), (max_prompts, 1))
+    grid = jnp.linspace(0.0, 1.0, risk_hat.size)
+    ltt = jax.jit(lambda w: T.ltt_threshold(prompt_risks, grid, eps, delta, w).index)
+    certified = np.array(
+        [
+            int(ltt((jnp.arange(max_prompts) < n).astype(jnp.float32)))
+            for n in range(1, max_prompts + 1)
+        ]
+    )
+    # Then N_k is the first n at which it certifies grid[k] (−1 if none does).
+    for k in range(risk_hat.size):
+        reached = np.nonzero(certified >= k)[0]
+        assert needed[k] == (reached[0] + 1 if reached.size else -1), k
+    assert np.all(np.diff(needed[needed > 0]) >= 0) and (needed > 0).sum() >= 5

@@ -627,41 +627,36 @@ class PlugInThresholds(NamedTuple):
     Attributes:
       slope, intercept: least-squares `a, b` of `β ≈ a·u + b`.
       rejection_share: `Δ = P(β > 0)` (`threshold.rejection_share`).
-      risk_averse: `−b/a` clipped to `[0, 1]`; NaN when `a ≤ 0`, where rejection does not
-        grow with `u` and the paper's thresholds do not apply.
-      risk_prone: `(Δ − b)/a` clipped to `[0, 1]`; NaN when `a ≤ 0`.
+      risk_averse: `−b/a`, raw and clipped to `[0, 1]` (`threshold.paper_threshold`);
+        NaN with a reason when `a ≤ 0`, where rejection does not grow with `u`.
+      risk_prone: `(Δ − b)/a`, likewise.
     """
 
     slope: float
     intercept: float
     rejection_share: float
-    risk_averse: float
-    risk_prone: float
+    risk_averse: threshold.PaperThreshold
+    risk_prone: threshold.PaperThreshold
 
 
 def plug_in_thresholds(u: np.ndarray, beta: np.ndarray) -> PlugInThresholds:
     """Least-squares `a, b` and the empirical `Δ` pushed through the paper's formulas.
 
-    The thresholds are computed in float32 from `a`, `b` and `Δ` rounded to float32
-    (`threshold.risk_averse`, `threshold.risk_prone`; U-HLM §III).
-
     Args:
       u, beta: `(n,)` uncertainties and rejection probabilities of the same tokens.
 
     Returns:
-      The `PlugInThresholds`.
+      The `PlugInThresholds` (U-HLM §III).
     """
     ls = least_squares(u, beta)
     share = float(threshold.rejection_share(jnp.asarray(beta, jnp.float32)))
-    if ls["slope"] <= 0:
-        return PlugInThresholds(ls["slope"], ls["intercept"], share, math.nan, math.nan)
-    a, b = jnp.float32(ls["slope"]), jnp.float32(ls["intercept"])
+    a, b = ls["slope"], ls["intercept"]
     return PlugInThresholds(
-        slope=ls["slope"],
-        intercept=ls["intercept"],
+        slope=a,
+        intercept=b,
         rejection_share=share,
-        risk_averse=float(threshold.risk_averse(a, b)),
-        risk_prone=float(threshold.risk_prone(a, b, jnp.float32(share))),
+        risk_averse=threshold.paper_threshold(threshold.PaperRule.RISK_AVERSE, a, b),
+        risk_prone=threshold.paper_threshold(threshold.PaperRule.RISK_PRONE, a, b, share),
     )
 
 

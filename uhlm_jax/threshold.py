@@ -40,6 +40,7 @@ References:
 
 from __future__ import annotations
 
+import enum
 import math
 from typing import NamedTuple
 
@@ -55,6 +56,8 @@ __all__ = [
     "BETA_POSITIVE_TOL",
     "NO_SKIP",
     "LTTResult",
+    "PaperRule",
+    "PaperThreshold",
     "Risk",
     "WeightedSample",
     "check_linear_model",
@@ -66,7 +69,9 @@ __all__ = [
     "linear_mean",
     "linear_model_risk",
     "linear_risk_curve",
+    "ltt_prompts_needed",
     "ltt_threshold",
+    "paper_threshold",
     "prompt_risk_curves",
     "rejection_share",
     "risk_averse",
@@ -82,6 +87,10 @@ __all__ = [
 # β is computed as 1 − exp(min(0, log p_d − log q_d)) in float32, which is exactly
 # 0 when p_d ≥ q_d; anything at or below this counts as "no rejection".
 BETA_POSITIVE_TOL = 1e-6
+
+# Calibration sizes tested together by `ltt_prompts_needed` (bounds memory to this many
+# p-value vectors).
+PLAN_BATCH = 1024
 
 # The threshold that skips nothing: `u ≤ NO_SKIP` is false for every finite u.
 # Returned when no grid threshold is certified.
@@ -195,6 +204,80 @@ def risk_prone(
     """
     chex.assert_rank([slope, intercept, delta], 0)
     return _largest_below(slope, intercept, delta)
+
+
+class PaperRule(enum.Enum):
+    """The paper's two threshold rules, `u_th = (level − b)/a` clipped to `[0, 1]`."""
+
+    RISK_AVERSE = "risk_averse"  # level 0: skip where no rejection is predicted
+    RISK_PRONE = "risk_prone"  # level Δ: skip where predicted rejection is at most Δ
+
+    @property
+    def label(self) -> str:
+        return self.value.replace("_", "-")
+
+    @property
+    def formula(self) -> str:
+        return "−b/a" if self is PaperRule.RISK_AVERSE else "(Δ − b)/a"
+
+
+class PaperThreshold(NamedTuple):
+    """One of the paper's thresholds before and after clipping to `[0, 1]`.
+
+    Attributes:
+      raw: `(level − b)/a` in float64; NaN when `a ≤ 0`.
+      threshold: the threshold used, `raw` clipped to `[0, 1]` (as `risk_averse` and
+        `risk_prone` compute it, in float32); NaN when `a ≤ 0`.
+      reason: why the formula's value is not used as is, e.g. "(Δ − b)/a = 1.04 > 1:
+        risk-prone skips everything (SLM-only)"; None when `raw` lies in `[0, 1]`.
+    """
+
+    raw: float
+    threshold: float
+    reason: str | None
+
+
+def paper_threshold(
+    rule: PaperRule, slope: float, intercept: float, delta: float | None = None
+) -> PaperThreshold:
+    """A paper threshold of a fitted line `β ≈ a·u + b`, with what clipping did to it.
+
+    Python-level, for reporting one fitted line; `risk_averse` and `risk_prone` are the
+    traceable forms for posterior draws. A threshold of 0 still skips tokens with
+    `u = 0`; one of 1 skips every token.
+
+    Args:
+      rule: which threshold.
+      slope: `a`.
+      intercept: `b`.
+      delta: `Δ = P(β > 0)`, needed by `PaperRule.RISK_PRONE`.
+
+    Returns:
+      The `PaperThreshold`.
+
+    Raises:
+      ValueError: if the risk-prone rule is given no `delta`.
+    """
+    if rule is PaperRule.RISK_PRONE and delta is None:
+        raise ValueError("the risk-prone threshold (Δ − b)/a needs delta = P(beta > 0)")
+    if not slope > 0:
+        reason = (
+            f"slope a = {slope:.4g} ≤ 0: rejection does not grow with u, so {rule.formula} "
+            "does not apply"
+        )
+        return PaperThreshold(raw=math.nan, threshold=math.nan, reason=reason)
+    level = 0.0 if rule is PaperRule.RISK_AVERSE else float(delta)
+    raw = (level - float(intercept)) / float(slope)
+    a, b = jnp.float32(slope), jnp.float32(intercept)
+    clipped = float(
+        risk_averse(a, b) if rule is PaperRule.RISK_AVERSE else risk_prone(a, b, jnp.float32(level))
+    )
+    reason = None
+    if raw > 1:
+        reason = f"{rule.formula} = {raw:.4g} > 1: {rule.label} skips everything (SLM-only)"
+    elif raw < 0:
+        reason = f"{rule.formula} = {raw:.4g} < 0: {rule.label} skips only tokens with u = 0"
+    return PaperThreshold(raw=raw, threshold=clipped, reason=reason)
 
 
 def rejection_share(beta: Float[Array, " n"]) -> Float[Array, ""]:
@@ -504,6 +587,48 @@ def ltt_threshold(
         risk_hat=risk_hat,
         num_prompts=n,
     )
+
+
+def ltt_prompts_needed(
+    risk_hat: Float[Array, " p"],
+    eps: Float[Array, ""],
+    delta: Float[Array, ""],
+    max_prompts: int,
+) -> Int[Array, " p"]:
+    """Fewest prompts at which an observed risk curve would certify each grid threshold.
+
+    `N_k = min{n ≤ max_prompts : fixed-sequence testing of the Hoeffding–Bentkus
+    p-values `p_j(n) = hoeffding_bentkus_pvalue(risk_hat[j], n, ε)` rejects `H0_0 … H0_k`
+    at level `δ`}`: the calibration size at which `ltt_threshold` would certify
+    `grid[k]` if the mean per-prompt risk came out as `risk_hat` again. It is a
+    sample-size line for planning, not a power guarantee: a new sample's mean risk
+    scatters around the pilot's, and near `N_k` it certifies roughly half the time.
+    The Bentkus term makes `p_j(n)` non-monotone in `n`, so every `n` is tested; for
+    a grid that starts at a threshold skipping nothing risky (`risk_hat[0] = 0`),
+    `N_0 = ⌈log δ / log(1 − ε)⌉`, the `n` with `(1 − ε)^n ≤ δ`.
+
+    Args:
+      risk_hat: `(p,)` observed mean per-prompt risk along an increasing grid
+        (`LTTResult.risk_hat`).
+      eps: `ε`, scalar.
+      delta: `δ`, scalar.
+      max_prompts: static, the largest calibration size considered.
+
+    Returns:
+      `(p,)` int32 `N_k`, or −1 where even `max_prompts` prompts would not certify.
+    """
+    chex.assert_rank([risk_hat, eps, delta], [1, 0, 0])
+    num_grid = risk_hat.shape[0]
+    sizes = jnp.arange(1, max_prompts + 1, dtype=jnp.float32)
+
+    def certified_index(n: Array) -> Array:
+        pvalues = jax.vmap(hoeffding_bentkus_pvalue, in_axes=(0, None, None))(risk_hat, n, eps)
+        return fixed_sequence_index(pvalues, delta)
+
+    index = jax.lax.map(certified_index, sizes, batch_size=PLAN_BATCH)  # (max_prompts,)
+    reached = index[:, None] >= jnp.arange(num_grid)[None, :]  # (max_prompts, p)
+    first = jnp.argmax(reached, axis=0)
+    return jnp.where(jnp.any(reached, axis=0), first + 1, -1).astype(jnp.int32)
 
 
 def risk_bounded_index(

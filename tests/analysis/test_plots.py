@@ -136,6 +136,25 @@ def test_risk_histograms(tmp_path):
     )
 
 
+def test_risk_histogram_legend_marks_methods_that_skipped_nothing(tmp_path):
+    # A method that skipped nothing has realised risk 0: the legend says so, not "0%".
+    assert plots.risk_legend_label("ltt", 0.0, 1.0) == (
+        "ltt: skipped nothing in every split (no risk taken, no saving)"
+    )
+    assert plots.risk_legend_label("ltt", 0.02, 0.25).endswith(
+        "exceeds ε in 2% of splits; skipped nothing in 25%"
+    )
+    assert plots.risk_legend_label("ltt", 0.02).endswith("exceeds ε in 2% of splits")
+    _check(
+        plots.risk_histograms(
+            {"ltt": np.zeros(100), "analytic_risk_prone": np.full(100, 0.08)},
+            tmp_path / "risk.png",
+            eps=0.05,
+            no_skip={"ltt": 1.0},
+        )
+    )
+
+
 def test_measure_comparison(run, tmp_path):
     _, df, _ = run
     _check(plots.measure_comparison(report.measure_scores(df), tmp_path / "measures.png"))

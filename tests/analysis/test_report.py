@@ -10,6 +10,7 @@ from analysis import report
 from calibration import records
 from tests.analysis import collect_toy_run, write_synthetic_run
 from uhlm_jax import rejection
+from uhlm_jax import threshold as T
 
 # The table prints rates with 3 decimals and percentages with 1 or 2.
 TABLE_ATOL = 5e-4
@@ -190,7 +191,14 @@ def test_plug_in_thresholds_are_read_from_thresholds_json_when_it_has_them(tmp_p
         "risk_averse": {"threshold": 0.2},
         "risk_prone": {"threshold": 0.8},
     }
-    assert tuple(report.plug_in_thresholds(analytic, u, beta)) == (0.5, -0.1, 0.3, 0.2, 0.8)
+    plug_in = report.plug_in_thresholds(analytic, u, beta)
+    assert tuple(plug_in[:3]) == (0.5, -0.1, 0.3)
+    assert (plug_in.risk_averse.threshold, plug_in.risk_prone.threshold) == (0.2, 0.8)
+    # A clipped threshold keeps its raw value and reason.
+    analytic["risk_prone"] = {"threshold": 1.0, "raw": 1.04, "reason": "(Δ − b)/a = 1.04 > 1"}
+    assert report.plug_in_thresholds(analytic, u, beta).risk_prone == T.PaperThreshold(
+        raw=1.04, threshold=1.0, reason="(Δ − b)/a = 1.04 > 1"
+    )
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):

@@ -4,6 +4,7 @@ a run directory end to end with the split validation checked against a direct co
 import argparse
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ from calibration import derive_thresholds as th
 from calibration import fit, records
 from tests.calibration import synthetic_records, write_run
 from uhlm_jax import rejection
+from uhlm_jax import threshold as T
 
 # Realised risks are float32 sums over a few thousand tokens.
 RISK_ATOL = 1e-5
@@ -27,16 +29,30 @@ def test_paper_thresholds_from_the_command_line(capsys):
     assert th.main(parse(["--slope", "0.82", "--intercept", "-0.06", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
     # Then the risk-averse threshold is 0.0732 and no risk-prone one is computed.
-    assert round(out["risk_averse"], 4) == 0.0732 and "risk_prone" not in out
+    assert round(out["risk_averse"]["threshold"], 4) == 0.0732 and "risk_prone" not in out
+    assert out["risk_averse"]["reason"] is None
     assert (
         th.main(parse(["--slope", "0.82", "--intercept", "-0.06", "--delta", "0.29", "--json"]))
         == 0
     )
     out = json.loads(capsys.readouterr().out)
-    assert round(out["risk_averse"], 4) == 0.0732 and round(out["risk_prone"], 4) == 0.4268
+    assert round(out["risk_averse"]["threshold"], 4) == 0.0732
+    assert round(out["risk_prone"]["threshold"], 4) == 0.4268
     assert th.main(parse(["--slope", "0.82", "--intercept", "-0.06", "--delta", "0.29"])) == 0
     text = capsys.readouterr().out
     assert "0.0732" in text and "0.4268" in text
+
+
+def test_a_clipped_paper_threshold_says_why(capsys):
+    # Given a line whose risk-prone crossing (Δ − b)/a = (0.54 − 0.02)/0.5 lies beyond 1
+    argv = ["--slope", "0.5", "--intercept", "0.02", "--delta", "0.54"]
+    assert th.main(parse([*argv, "--json"])) == 0
+    prone = json.loads(capsys.readouterr().out)["risk_prone"]
+    # Then the JSON and the text give the raw value, the clipped one and the reason.
+    assert prone["threshold"] == 1.0 and prone["raw"] == pytest.approx(1.04)
+    assert prone["reason"] == "(Δ − b)/a = 1.04 > 1: risk-prone skips everything (SLM-only)"
+    assert th.main(parse(argv)) == 0
+    assert "= 1.0000 ((Δ − b)/a = 1.04 > 1: risk-prone skips everything" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -97,6 +113,13 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     # With 240 prompts the distribution-free bound certifies some skipping.
     ltt = summary["ltt"]
     assert ltt["certified"] and ltt["pvalue"] <= 0.1 and ltt["empirical"]["per_token"] <= 0.05
+    assert ltt["reason"] is None and ltt["prompts_needed"] <= 240
+    # The paper's thresholds carry their raw values; a clipped one says why.
+    for rule in ("risk_averse", "risk_prone"):
+        block = summary["analytic"][rule]
+        inside = 0 <= block["raw"] <= 1
+        assert (block["reason"] is None) == inside
+        assert block["threshold"] == pytest.approx(min(max(block["raw"], 0), 1), abs=1e-6)
     for model in ("linear", "hurdle"):
         bounded = summary["posterior"][model]["risk_bounded"]
         assert bounded["probability_within_risk"] >= 0.9
@@ -257,3 +280,41 @@ def test_coverage_with_known_risk_ltt_bounded_and_posterior_reported(record_prop
     assert np.mean(np.isfinite(t_ltt)) > 0.9
     # and the posterior threshold is a real threshold whose frequency is reported.
     assert np.all(np.isfinite(t_post)) and 0.0 <= posterior_violation <= 1.0
+
+
+def test_plan_prompts_says_how_many_prompts_learn_then_test_needs(tmp_path, capsys):
+    # Given a pilot of 16 prompts, too few to certify at ε = 0.05, δ = 0.1
+    write_run(tmp_path, synthetic_records(np.random.default_rng(8), 16, 16))
+    argv = ["--run", str(tmp_path), "--plan-prompts", "--max-plan-prompts", "3000"]
+    # When the plan is asked for
+    assert th.main(parse([*argv, "--json"])) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # Then it reads the records alone: no fit, nothing written
+    assert summary["mode"] == "plan"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "records"]
+    ltt = summary["ltt"]
+    assert not ltt["certified"] and ltt["num_prompts"] == 16
+    # and the fewest prompts that certify anything is the library's sample-size answer.
+    needed = T.ltt_prompts_needed(
+        jnp.asarray(ltt["curve"]["risk_hat"], jnp.float32),
+        jnp.float32(0.05),
+        jnp.float32(0.1),
+        3000,
+    )
+    assert ltt["prompts_needed"] == int(needed[0]) > 16
+    assert f"would certify with {ltt['prompts_needed']} prompts" in ltt["reason"]
+    steps = ltt["plan"]["steps"]
+    assert steps[0]["prompts"] == ltt["prompts_needed"]
+    assert all(a["prompts"] < b["prompts"] and a["threshold"] < b["threshold"]
+               for a, b in zip(steps, steps[1:], strict=False))  # fmt: skip
+    assert all(s["risk_hat"] < 0.05 for s in steps)
+    # The text form gives the reason and the table.
+    assert th.main(parse(argv)) == 0
+    text = capsys.readouterr().out
+    assert "Learn-then-Test: none (skip nothing): with 16 prompts" in text
+    assert f"{steps[0]['prompts']:>8}  {steps[0]['threshold']:>12.4f}" in text
+
+
+def test_plan_prompts_needs_a_run(capsys):
+    assert th.main(parse(["--slope", "0.8", "--intercept", "0", "--plan-prompts"])) == 2
+    assert "--plan-prompts needs a pilot run" in capsys.readouterr().err
