@@ -78,10 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
     try:
         result = run(
             Config(

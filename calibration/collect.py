@@ -7,10 +7,14 @@ shard was written but not checkpointed is run again and its shard replaced, so n
 is lost or duplicated. Keys depend only on the seed, the prompt id and the step, so a
 resumed run writes the same records as an uninterrupted one.
 
-Scale-out: every batch is placed on a `jax.sharding.Mesh` over all visible devices (one
-`data` axis), so the rows of a batch run in parallel on several GPUs or TPU cores. For a
-multi-host TPU pod slice, start the same command on every host with `--distributed`
-(which calls `jax.distributed.initialize()`); only process 0 writes files.
+Scale-out: every batch runs on a `data` x `model` mesh over all devices
+(`uhlm_jax.sharding`; `--mesh data=D,model=M`, default every device on `data`). Rows are
+split over `data`; the LLM's heads and MLP columns over `model`. For several processes
+(hosts of a TPU pod or a GPU cluster), start the same command in every process with
+`--distributed`, which calls `jax.distributed.initialize()` (with `--coordinator-address`,
+`--num-processes` and `--process-id`, or what the cluster provides). The processes first
+check that they run the same config. The run directory must be visible to every process;
+only process 0 writes to it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -29,7 +34,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pandas as pd
 import pyarrow.parquet as pq
-from jax.sharding import Mesh
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from calibration.prompts import embedded_prompts_path, read_prompts
@@ -44,6 +49,7 @@ from calibration.records import (
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
+from uhlm_jax.sharding import DATA, MODEL, MeshShape, check_model_split, make_mesh, place_pair
 
 CHECKPOINT_DIR = "checkpoints"
 _VERSIONED_PACKAGES = ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "orbax-checkpoint")
@@ -64,11 +70,19 @@ class Config:
         first_prompt: skip this many prompts first (to keep calibration and evaluation
             prompts disjoint).
         max_new_tokens: tokens generated per prompt at most.
-        batch_size: prompts per batch; a multiple of the device count.
+        batch_size: prompts per batch; a multiple of the mesh's `data` axis.
         seed: base seed of all keys.
         draft_temperature: SLM draft temperature.
         llm_temperature: LLM temperature.
         resume: continue an interrupted run in `out`.
+        mesh: device mesh `"data=D,model=M"` (`uhlm_jax.sharding.MeshShape.parse`); the
+            LLM is split over `model`. None puts every device on `data`.
+        distributed: join the other processes of a multi-process run
+            (`jax.distributed.initialize`) before anything else; process 0 writes.
+        coordinator_address: `host:port` of process 0's coordinator; None lets JAX
+            detect it on a cluster it knows (TPU pods, Slurm).
+        num_processes: processes in the run; None: detected, as above.
+        process_id: this process's index in `[0, num_processes)`; None: detected.
     """
 
     pair: str
@@ -83,6 +97,11 @@ class Config:
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
     resume: bool = False
+    mesh: str | None = None
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         if self.num_prompts is not None and self.num_prompts < 1:
@@ -96,14 +115,38 @@ class Config:
         for name in ("draft_temperature", "llm_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        if self.mesh is not None:
+            MeshShape.parse(self.mesh)
+        process = {k: getattr(self, k) for k in _PROCESS_FIELDS}
+        if not self.distributed and any(v is not None for v in process.values()):
+            given = ", ".join(f"{k}={v!r}" for k, v in process.items() if v is not None)
+            raise ValueError(f"{given} needs distributed=True (--distributed).")
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {self.num_processes}.")
+        if self.process_id is not None and not (
+            0 <= self.process_id < (self.num_processes or self.process_id + 1)
+        ):
+            raise ValueError(
+                f"process_id {self.process_id} must be in [0, num_processes="
+                f"{self.num_processes})."
+            )
+
+    def mesh_shape(self) -> MeshShape:
+        return MeshShape() if self.mesh is None else MeshShape.parse(self.mesh)
 
     def prompts_path(self) -> str:
         return embedded_prompts_path() if self.prompts is None else self.prompts
 
     def settings(self) -> dict:
-        """What determines the records (everything but `out` and `resume`)."""
+        """What determines the records (not `out`, `resume`, nor where the run runs)."""
         fields = dataclasses.asdict(self)
-        return {k: v for k, v in fields.items() if k not in ("out", "resume")}
+        return {k: v for k, v in fields.items() if k not in _PLACEMENT_FIELDS}
+
+
+# Fields that say how one process joins a multi-process run.
+_PROCESS_FIELDS = ("coordinator_address", "num_processes", "process_id")
+# Fields that do not change the records.
+_PLACEMENT_FIELDS = ("out", "resume", "mesh", "distributed", *_PROCESS_FIELDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +218,43 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
         )
 
 
+def _join(cfg: Config) -> None:
+    """Joins the multi-process run (once per process) and checks every process's config.
+
+    Raises:
+        ValueError: naming the fields, if another process runs another config.
+    """
+    if not jax.distributed.is_initialized():
+        jax.distributed.initialize(
+            coordinator_address=cfg.coordinator_address,
+            num_processes=cfg.num_processes,
+            process_id=cfg.process_id,
+        )
+    # One hash per field that every process must share (all but its own id and how it
+    # reaches the coordinator).
+    fields = [f.name for f in dataclasses.fields(cfg) if f.name not in _PROCESS_FIELDS]
+    hashes = np.array(
+        [
+            int.from_bytes(hashlib.sha256(repr(getattr(cfg, f)).encode()).digest()[:4], "little")
+            for f in fields
+        ],
+        np.uint32,
+    )
+    every = np.asarray(multihost_utils.process_allgather(hashes))
+    for process, theirs in enumerate(every):
+        differ = [f for f, a, b in zip(fields, hashes, theirs, strict=True) if a != b]
+        if differ:
+            raise ValueError(
+                f"process {jax.process_index()} and process {process} run different collect "
+                f"configs (they differ in {', '.join(differ)}); start every process with the "
+                "same flags."
+            )
+
+
 def run(cfg: Config) -> Result:
     """Collects records into `cfg.out`; see the module docstring."""
+    if cfg.distributed:
+        _join(cfg)
     run_dir = Path(cfg.out).absolute()
     prompts = read_prompts(cfg.prompts_path(), cfg.split)[cfg.first_prompt :]
     if cfg.num_prompts is not None:
@@ -187,10 +265,15 @@ def run(cfg: Config) -> Result:
             "--first-prompt."
         )
     num_devices = jax.device_count()
-    if cfg.batch_size % num_devices:
+    try:
+        mesh = make_mesh(cfg.mesh_shape())
+    except ValueError as err:
+        raise ValueError(f"--mesh: {err}") from None
+    data = mesh.shape[DATA]
+    if cfg.batch_size % data:
         raise ValueError(
-            f"batch_size {cfg.batch_size} is not a multiple of the {num_devices} devices; "
-            f"use --batch-size {num_devices * max(1, cfg.batch_size // num_devices)}."
+            f"batch_size {cfg.batch_size} is not a multiple of the mesh's data axis of {data} "
+            f"devices; use --batch-size {data * max(1, cfg.batch_size // data)}."
         )
     if cfg.resume:
         _check_resumable(run_dir, cfg)
@@ -201,11 +284,19 @@ def run(cfg: Config) -> Result:
         )
 
     pair = load_pair(cfg.pair)
+    try:
+        check_model_split(pair.llm.config, mesh.shape[MODEL])
+    except ValueError as err:
+        raise ValueError(f"--mesh: {err}") from None
+    pair = place_pair(pair, mesh)
     config = RolloutConfig(mode=Mode.HLM, max_new_tokens=cfg.max_new_tokens)
     params = RolloutParams.create(
         draft_temperature=cfg.draft_temperature, llm_temperature=cfg.llm_temperature
     )
     writer = jax.process_index() == 0
+    if jax.process_count() > 1:
+        # Every process has checked the run directory before process 0 writes to it.
+        multihost_utils.sync_global_devices("collect: run directory checked")
     if writer and not cfg.resume:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(
@@ -220,18 +311,31 @@ def run(cfg: Config) -> Result:
                 },
                 "measures": list(config.measure_names),
                 "num_devices": num_devices,
+                "num_processes": jax.process_count(),
+                "mesh": f"{DATA}={mesh.shape[DATA]},{MODEL}={mesh.shape[MODEL]}",
                 "versions": _versions(),
             },
         )
-    manager = ocp.CheckpointManager(
-        run_dir / CHECKPOINT_DIR, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-    )
     next_batch = 0
-    if cfg.resume and manager.latest_step() is not None:
-        state = manager.restore(manager.latest_step(), args=ocp.args.JsonRestore())
-        next_batch = int(state["next_batch"])
+    if writer:
+        # Only this process saves checkpoints; orbax leaves creating the folder to it.
+        (run_dir / CHECKPOINT_DIR).mkdir(parents=True, exist_ok=True)
+        manager = ocp.CheckpointManager(
+            run_dir / CHECKPOINT_DIR,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=2,
+                create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=0, active_processes={0}
+                ),
+            ),
+        )
+        if cfg.resume and manager.latest_step() is not None:
+            state = manager.restore(manager.latest_step(), args=ocp.args.JsonRestore())
+            next_batch = int(state["next_batch"])
+    if jax.process_count() > 1:
+        next_batch = int(multihost_utils.broadcast_one_to_all(np.int32(next_batch)))
 
-    mesh = Mesh(np.array(jax.devices()), ("data",))
     starts = range(0, len(prompts), cfg.batch_size)
     num_tokens = 0
     progress = tqdm(
@@ -255,7 +359,10 @@ def run(cfg: Config) -> Result:
         progress.update(1)
         progress.set_postfix(tokens=num_tokens)
     progress.close()
-    manager.close()
+    if writer:
+        manager.close()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("collect: records written")
     shards = sorted((run_dir / RECORDS_DIR).glob("shard-*.parquet"))
     total = sum(pq.read_metadata(s).num_rows for s in shards)
     return Result(run_dir=run_dir, num_shards=len(shards), num_tokens=total)
@@ -283,10 +390,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--llm-temperature", type=float, default=1.0)
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument(
+        "--mesh",
+        metavar="data=D,model=M",
+        help="device mesh; the LLM is split over 'model' (default: every device on 'data')",
+    )
+    parser.add_argument(
         "--distributed",
         action="store_true",
-        help="multi-host run: call jax.distributed.initialize() first (TPU pods, GPU clusters)",
+        help="multi-process run: call jax.distributed.initialize() first (TPU pods, GPU "
+        "clusters); process 0 writes",
     )
+    parser.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
+    parser.add_argument("--num-processes", type=int, help="processes in a --distributed run")
+    parser.add_argument("--process-id", type=int, help="this process's index, from 0")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -304,12 +420,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         draft_temperature=args.draft_temperature,
         llm_temperature=args.llm_temperature,
         resume=args.resume,
+        mesh=args.mesh,
+        distributed=args.distributed,
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    if getattr(args, "distributed", False):
-        jax.distributed.initialize()
     try:
         result = run(config_from_args(args))
     except (ValueError, FileNotFoundError) as err:

@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
-from uhlm_jax import speculative
+from uhlm_jax import sharding, speculative
 from uhlm_jax.models.cache import KVCache, init_cache
 from uhlm_jax.models.llama import ModelParams, Padding, decode, prefill
 from uhlm_jax.modes import Mode
@@ -396,11 +396,13 @@ def rollout(
     params: RolloutParams,
     config: RolloutConfig,
     cache_length: int,
+    mesh: Mesh | None = None,
 ) -> Records:
     """Runs a batch of prompts through the pair in `config.mode`.
 
-    Pure: apply `jax.jit` at the call site with `config` and `cache_length` static. `vmap`
-    over `params` (e.g. a vector of thresholds) runs a sweep on the same prompts.
+    Pure: apply `jax.jit` at the call site with `config`, `cache_length` and `mesh`
+    static. `vmap` over `params` (e.g. a vector of thresholds) runs a sweep on the same
+    prompts.
 
     Args:
         slm: the small model.
@@ -413,6 +415,8 @@ def rollout(
         params: traced settings.
         config: static settings.
         cache_length: slots per cache; at least `t + config.max_new_tokens`.
+        mesh: the mesh the models and rows were placed on (`uhlm_jax.sharding`); the
+            caches are laid out to match. None: no layout is imposed.
 
     Returns:
         `Records` with leaves `[n, b]` (`n = config.max_new_tokens`).
@@ -424,12 +428,13 @@ def rollout(
             f"SLM vocabulary size {slm.config.vocab_size} differs from the LLM's "
             f"{llm.config.vocab_size}; a pair must share one tokenizer and vocabulary."
         )
-    slm_logits, slm_cache = prefill(
-        slm, tokens, lengths, init_cache(slm.config, b, cache_length, slm.dtype), Padding.RIGHT
-    )
-    llm_logits, llm_cache = prefill(
-        llm, tokens, lengths, init_cache(llm.config, b, cache_length, llm.dtype), Padding.RIGHT
-    )
+    slm_cache = init_cache(slm.config, b, cache_length, slm.dtype)
+    llm_cache = init_cache(llm.config, b, cache_length, llm.dtype)
+    if mesh is not None:
+        slm_cache = sharding.constrain_cache(slm_cache, mesh, split_heads=False)
+        llm_cache = sharding.constrain_cache(llm_cache, mesh, split_heads=True)
+    slm_logits, slm_cache = prefill(slm, tokens, lengths, slm_cache, Padding.RIGHT)
+    llm_logits, llm_cache = prefill(llm, tokens, lengths, llm_cache, Padding.RIGHT)
     state = RolloutState(
         slm_cache=slm_cache,
         llm_cache=llm_cache,
@@ -472,7 +477,7 @@ class RolloutOutput(NamedTuple):
 
 # The jit boundary of the library's entry point: config and cache length are static, the
 # caches are created inside, and everything swept is traced.
-_rollout_jit = jax.jit(rollout, static_argnames=("config", "cache_length"))
+_rollout_jit = jax.jit(rollout, static_argnames=("config", "cache_length", "mesh"))
 
 
 def grid_size(params: RolloutParams) -> int | None:
@@ -511,6 +516,7 @@ def sweep(
     params: RolloutParams,
     config: RolloutConfig,
     cache_length: int,
+    mesh: Mesh | None = None,
 ) -> Records:
     """`rollout` vmapped over grid points of `params`.
 
@@ -532,12 +538,13 @@ def sweep(
             point,
             config,
             cache_length,
+            mesh,
         )
 
     return jax.vmap(one)(params)
 
 
-_sweep_jit = jax.jit(sweep, static_argnames=("config", "cache_length"))
+_sweep_jit = jax.jit(sweep, static_argnames=("config", "cache_length", "mesh"))
 
 # Prompt lengths are padded up to a multiple of this, so nearby lengths share a compile.
 PROMPT_LENGTH_MULTIPLE = 16
@@ -587,8 +594,10 @@ def run_rollout(
             the same id to get the same tokens whatever the batch.
         chat: apply the chat template of instruct models.
         max_cache_length: refuse prompts whose length plus `max_new_tokens` exceeds this.
-        mesh: place the batch on this mesh's `data` axis (rows split over devices) and
-            replicate the models; None runs on the default device.
+        mesh: a `data` x `model` mesh (`uhlm_jax.sharding.make_mesh`): rows are split
+            over `data`, the LLM over `model` and the SLM replicated
+            (`uhlm_jax.sharding.place_pair`; place the pair once beforehand to do it
+            once). None runs on the default device.
         check_finite: raise if any valid step saw NaN or +inf logits; otherwise they are
             only flagged in `Records.finite`.
 
@@ -596,8 +605,9 @@ def run_rollout(
         `RolloutOutput`.
 
     Raises:
-        ValueError: for an empty prompt, a prompt too long for `max_cache_length`, or
-            non-finite logits when `check_finite`.
+        ValueError: for an empty prompt, a prompt too long for `max_cache_length`, a
+            batch the mesh's `data` axis does not divide, an LLM its `model` axis does not
+            divide, or non-finite logits when `check_finite`.
     """
     if not prompts:
         raise ValueError("No prompts given; pass at least one prompt.")
@@ -627,18 +637,25 @@ def run_rollout(
     cache_length = cache_length_for(tokens.shape[1], config.max_new_tokens)
     is_sweep = grid_size(params) is not None
     fn = _sweep_jit if is_sweep else _rollout_jit
-    models = (pair.slm, pair.llm)
     rows = (tokens, lengths, ids.astype(np.int32), limits)
     if mesh is not None:
-        if len(prompts) % mesh.size:
+        data = mesh.shape[sharding.DATA]
+        if len(prompts) % data:
             raise ValueError(
-                f"{len(prompts)} prompts cannot be split evenly over {mesh.size} devices; "
-                f"use a multiple of {mesh.size}."
+                f"{len(prompts)} prompts cannot be split evenly over the mesh's data axis "
+                f"of {data} devices; use a multiple of {data}."
             )
-        models = jax.device_put(models, NamedSharding(mesh, PartitionSpec()))
-        rows = jax.device_put(rows, NamedSharding(mesh, PartitionSpec("data")))
+        pair = sharding.place_pair(pair, mesh)
+        rows = jax.device_put(rows, sharding.row_sharding(mesh))
     records = fn(
-        *models, *rows, jax.random.key(seed), params, config=config, cache_length=cache_length
+        pair.slm,
+        pair.llm,
+        *rows,
+        jax.random.key(seed),
+        params,
+        config=config,
+        cache_length=cache_length,
+        mesh=mesh,
     )
     if jax.process_count() > 1:
         # Multi-host: every process gathers all rows (the inputs were identical everywhere).

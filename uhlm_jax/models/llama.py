@@ -75,10 +75,16 @@ class ModelParams:
             `mlp/down_proj/kernel [i, h]`; then `norm/scale [h]` and, unless the head is
             tied to the embedding, `lm_head/kernel [h, v]`. Kernels are `[in, out]`
             (transposed relative to HF); `params_from_hf`/`params_to_hf` convert.
+        fused_blocks: the fused kernels (and the qkv bias) hold their output columns as
+            this many equal blocks, block `j` being `[q_j | k_j | v_j]` (resp.
+            `[gate_j | up_j]`) with the `j`-th share of the kv heads (resp. MLP columns).
+            A mesh's `model` axis of this size then splits them on head boundaries
+            (`uhlm_jax.sharding`). 1 is the plain layout `[q | k | v]`.
     """
 
     config: ModelConfig = flax.struct.field(pytree_node=False)
     weights: dict
+    fused_blocks: int = flax.struct.field(pytree_node=False, default=1)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -192,6 +198,26 @@ def _attend(
     return out.reshape(b, kh, g, t, d).transpose(0, 3, 1, 2, 4).astype(q.dtype)
 
 
+def split_fused(
+    x: Float[Array, "... w"], widths: Sequence[int], blocks: int
+) -> list[Float[Array, "..."]]:
+    """Splits the output columns of a fused projection into its parts.
+
+    Args:
+        x: `[..., w]` with `w = sum(widths)`, held as `blocks` equal blocks that each put
+            their share `width / blocks` of every part side by side.
+        widths: the full width of each part (e.g. `q, k, v` widths).
+        blocks: the layout's block count (`ModelParams.fused_blocks`).
+
+    Returns:
+        The parts `[..., width]`, in the order of `widths`.
+    """
+    *lead, w = x.shape
+    shares = [width // blocks for width in widths]
+    parts = jnp.split(x.reshape(*lead, blocks, w // blocks), np.cumsum(shares)[:-1], axis=-1)
+    return [part.reshape(*lead, width) for part, width in zip(parts, widths, strict=True)]
+
+
 def _dense(features: int, use_bias: bool, dtype: Any, name: str) -> nn.Dense:
     return nn.Dense(
         features,
@@ -208,6 +234,7 @@ class _Attention(nn.Module):
 
     config: ModelConfig
     dtype: Any
+    fused_blocks: int = 1
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, index):
@@ -231,7 +258,7 @@ class _Attention(nn.Module):
         kh, g, d = cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
         q_width, kv_width = cfg.num_heads * d, kh * d
         qkv = _dense(q_width + 2 * kv_width, cfg.qkv_bias, self.dtype, "qkv_proj")(x)
-        q, k, v = jnp.split(qkv, [q_width, q_width + kv_width], axis=-1)
+        q, k, v = split_fused(qkv, (q_width, kv_width, kv_width), self.fused_blocks)
         q = _apply_rope(q.reshape(b, t, kh, g, d), cos[:, :, None, None], sin[:, :, None, None])
         k = _apply_rope(k.reshape(b, t, kh, d), cos[:, :, None], sin[:, :, None])
         k = k.transpose(0, 2, 1, 3)
@@ -251,35 +278,38 @@ class _MLP(nn.Module):
 
     config: ModelConfig
     dtype: Any
+    fused_blocks: int = 1
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         gate_up = _dense(2 * cfg.intermediate_size, False, self.dtype, "gate_up_proj")(x)
-        gate, up = jnp.split(gate_up, 2, axis=-1)
+        gate, up = split_fused(gate_up, (cfg.intermediate_size,) * 2, self.fused_blocks)
         return _dense(cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(gate) * up)
 
 
 class _DecoderLayer(nn.Module):
     config: ModelConfig
     dtype: Any
+    fused_blocks: int = 1
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, kv, index):
         """Pre-norm layer: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
         eps = self.config.rms_norm_eps
         y = _RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        att, kv = _Attention(self.config, self.dtype, name="self_attn")(
+        att, kv = _Attention(self.config, self.dtype, self.fused_blocks, name="self_attn")(
             y, cos, sin, mask, kv, index
         )
         x = x + att
         y = _RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + _MLP(self.config, self.dtype, name="mlp")(y), kv
+        return x + _MLP(self.config, self.dtype, self.fused_blocks, name="mlp")(y), kv
 
 
 class _Decoder(nn.Module):
     config: ModelConfig
     dtype: Any
+    fused_blocks: int = 1
 
     def setup(self):
         cfg = self.config
@@ -292,7 +322,9 @@ class _Decoder(nn.Module):
         )
         # Separate per-layer parameters (layers_0, layers_1, ...), not a stacked array:
         # on XLA:CPU slicing a stacked array inside the unrolled loop is slower.
-        self.layers = [_DecoderLayer(cfg, self.dtype) for _ in range(cfg.num_layers)]
+        self.layers = [
+            _DecoderLayer(cfg, self.dtype, self.fused_blocks) for _ in range(cfg.num_layers)
+        ]
         self.norm = _RMSNorm(cfg.rms_norm_eps, self.dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = _dense(cfg.vocab_size, False, self.dtype, "lm_head")
@@ -359,7 +391,8 @@ class _Decoder(nn.Module):
 
 def _module(params_or_config: ModelParams | ModelConfig, dtype=None) -> _Decoder:
     if isinstance(params_or_config, ModelParams):
-        return _Decoder(params_or_config.config, params_or_config.dtype)
+        params = params_or_config
+        return _Decoder(params.config, params.dtype, params.fused_blocks)
     return _Decoder(params_or_config, dtype)
 
 
@@ -599,7 +632,7 @@ def params_to_hf(params: ModelParams) -> dict[str, np.ndarray]:
     """The inverse of `params_from_hf`: HF tensor name -> `[out, in]` array.
 
     Args:
-        params: the model.
+        params: the model, in any `fused_blocks` layout.
 
     Returns:
         A dict of NumPy arrays in the params' dtype, without `lm_head.weight` for a tied
@@ -608,9 +641,11 @@ def params_to_hf(params: ModelParams) -> dict[str, np.ndarray]:
     flat = flax.traverse_util.flatten_dict(params.weights)
     tensors = {}
     for path, (names, transpose, shapes) in _hf_layout(params.config).items():
-        array = np.asarray(flat[path])
-        widths = np.cumsum([shape[0] for shape in shapes])[:-1]
-        for name, part in zip(names, np.split(array, widths, axis=-1), strict=True):
+        parts = [flat[path]]
+        if len(names) > 1:  # fused: split the output columns into the HF tensors
+            parts = split_fused(parts[0], [shape[0] for shape in shapes], params.fused_blocks)
+        for name, part in zip(names, parts, strict=True):
+            part = np.asarray(part)
             tensors[name] = np.ascontiguousarray(part.T if transpose else part)
     return tensors
 
