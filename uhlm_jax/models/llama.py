@@ -200,7 +200,7 @@ def _attend(
 
 def split_fused(
     x: Float[Array, "... w"], widths: Sequence[int], blocks: int
-) -> list[Float[Array, "..."]]:
+) -> list[Array]:
     """Splits the output columns of a fused projection into its parts.
 
     Args:
