@@ -126,18 +126,19 @@ class MeshShape:
         Raises:
             ValueError: naming the shape, if it does not use exactly `num_devices`.
         """
+        if self.data is not None:
+            if self.data * self.model != num_devices:
+                raise ValueError(
+                    f"mesh {self} uses {self.data * self.model} devices but {num_devices} "
+                    f"are visible; make data x model = {num_devices}, or leave data out."
+                )
+            return self
         if num_devices % self.model:
             raise ValueError(
                 f"mesh model={self.model} does not divide the {num_devices} devices; use a "
                 f"model axis that divides {num_devices}."
             )
-        data = num_devices // self.model if self.data is None else self.data
-        if data * self.model != num_devices:
-            raise ValueError(
-                f"mesh {self} uses {data * self.model} devices but {num_devices} are "
-                f"visible; use data={num_devices // self.model} or leave data out."
-            )
-        return MeshShape(data=data, model=self.model)
+        return MeshShape(data=num_devices // self.model, model=self.model)
 
     def __str__(self) -> str:
         return ",".join(f"{axis}={getattr(self, axis)}" for axis in _AXES)
