@@ -8,6 +8,9 @@ vocabulary 49152, tied head) in float32:
 - decode tokens/s at batch 1 and 32, with caches of 256 and 512 slots, under `jax.jit`
   with the cache donated, and the compile time of the step;
 - prefill tokens/s;
+- decode with the model split over a `model=3` mesh on 3 emulated CPU devices (a fresh
+  process: the device count is fixed when JAX starts), and the peak memory of one device
+  during a decode step, next to the same on one device;
 - the GQA attention step alone in its two formulations (matrix products vs
   multiply-reduce over the cache), which decided the one `llama.py` uses for decode.
 
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +40,7 @@ from jax import lax
 from benchmarks.results import machine, write_section
 from uhlm_jax.models import decode, init_cache, init_params, prefill
 from uhlm_jax.models.config import SMOLLM2_135M, ModelConfig
+from uhlm_jax.sharding import MeshShape, constrain_cache, make_mesh, split_model
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 SECTION = "Decode"
@@ -44,6 +51,9 @@ TARGET_BATCH32_TOK_S = 250.0
 TRANSFORMERS_BATCH1_TOK_S = 13.0
 TRANSFORMERS_BATCH32_TOK_S = 140.0
 PROMPT_LENGTH = 16
+# The mesh rows: the model split over this many emulated CPU devices. SmolLM2-135M has 3
+# kv heads, so 3 is the smallest model axis that splits it on head boundaries (2 does not).
+MESH_MODEL = 3
 
 
 def best_of(fn, repeats: int) -> float:
@@ -77,20 +87,33 @@ def matmul_flops(repeats: int) -> dict[str, float]:
     return rates
 
 
-def decode_rate(params, batch: int, max_length: int, steps: int, repeats: int) -> dict:
-    """Decode tokens/s (all rows) after a `PROMPT_LENGTH`-token prefill, and compile time."""
+def decode_rate(
+    params, batch: int, max_length: int, steps: int, repeats: int, mesh=None
+) -> dict:
+    """Decode tokens/s (all rows) after a `PROMPT_LENGTH`-token prefill, compile time, and
+    the peak bytes of one device during a step (arguments plus temporaries; the new cache
+    reuses the donated one). With a `mesh`, `params` are split over it and so is the cache.
+    """
     config = params.config
     tokens = jnp.ones((batch, PROMPT_LENGTH), jnp.int32)
     lengths = jnp.full((batch,), PROMPT_LENGTH, jnp.int32)
     run_prefill = jax.jit(prefill)
     step = jax.jit(decode, donate_argnums=2)
+
+    def empty_cache():
+        cache = init_cache(config, batch, max_length)
+        return cache if mesh is None else constrain_cache(cache, mesh, split_heads=True)
+
+    new_cache = jax.jit(empty_cache)
     start = time.perf_counter()
-    compiled = step.lower(params, tokens[:, 0], init_cache(config, batch, max_length)).compile()
+    compiled = step.lower(params, tokens[:, 0], new_cache()).compile()
     compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    device_bytes = memory.argument_size_in_bytes + memory.temp_size_in_bytes
     del compiled
 
     def fresh_cache():
-        logits, cache = run_prefill(params, tokens, lengths, init_cache(config, batch, max_length))
+        logits, cache = run_prefill(params, tokens, lengths, new_cache())
         return logits.argmax(-1), cache
 
     next_tokens, cache = fresh_cache()
@@ -110,7 +133,42 @@ def decode_rate(params, batch: int, max_length: int, steps: int, repeats: int) -
         "ms_per_step": 1e3 * best,
         "cpu_ms_per_step": 1e3 * cpu,
         "compile_s": compile_s,
+        "device_bytes": device_bytes,
     }
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set so far (VmHWM)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def mesh_decode(quick: bool) -> dict:
+    """Decode rows with the model split over `MESH_MODEL` devices (run in the child)."""
+    repeats = 3 if quick else 7
+    mesh = make_mesh(MeshShape(data=1, model=MESH_MODEL))
+    params = split_model(init_params(SMOLLM2_135M, jax.random.key(0)), mesh)
+    jax.block_until_ready(params)
+    results = {}
+    for batch in (1, 32):
+        steps = (8 if quick else 32) if batch == 1 else (4 if quick else 12)
+        results[batch] = decode_rate(params, batch, 256, steps, repeats, mesh)
+    return {"decode": results, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def mesh_decode_in_child(quick: bool) -> dict:
+    """`mesh_decode` in a fresh process with `MESH_MODEL` emulated CPU devices."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={MESH_MODEL}"
+    env["JAX_PLATFORMS"] = "cpu"
+    argv = [sys.executable, "-m", "benchmarks.decode", "--mesh-child"] + ["--quick"] * quick
+    done = subprocess.run(
+        argv, env=env, check=True, capture_output=True, text=True, cwd=RESULTS.parents[1]
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["decode"] = {int(k): v for k, v in result["decode"].items()}
+    return result
 
 
 def prefill_rate(params, batch: int, length: int, repeats: int) -> dict:
@@ -215,7 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and steps")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--mesh-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.mesh_child:
+        print(json.dumps(mesh_decode(args.quick)))
+        return 0
     repeats = 3 if args.quick else 7
     config = SMOLLM2_135M
     load_before = load_average()
@@ -238,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in ATTENTION_FORMULATIONS.items()
         for batch in (1, 32)
     }
+    split = mesh_decode_in_child(args.quick)
     load_after = load_average()
 
     weight_bytes = config.weight_bytes(4)
@@ -290,6 +353,14 @@ def main(argv: list[str] | None = None) -> int:
         f"| decode, batch 32, cache 512 | {b32_512['tok_s']:.0f} tok/s "
         f"({step_times(b32_512)}) | | | |"
     )
+    for batch in (1, 32):
+        one, two = decode_results[batch, 256], split["decode"][batch]
+        lines.append(
+            f"| decode, batch {batch}, cache 256, model={MESH_MODEL} mesh on {MESH_MODEL} "
+            f"emulated devices | {two['tok_s']:.1f} tok/s ({step_times(two)}); peak "
+            f"{two['device_bytes'] / 1e6:.0f} MB per device (1 device: "
+            f"{one['device_bytes'] / 1e6:.0f} MB) | | | |"
+        )
     for (batch, length), result in prefills.items():
         lines.append(f"| prefill, {batch} × {length} tokens | {result['tok_s']:.0f} tok/s | | | |")
     lines.append(
@@ -297,6 +368,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{b32['compile_s']:.1f} s | | | |"
     )
     lines += [
+        "",
+        f"The model={MESH_MODEL} rows split heads and MLP columns over {MESH_MODEL} emulated "
+        "CPU devices in one process (`uhlm_jax.sharding`; embedding and tied head "
+        "replicated), which share this machine's cores and memory: they show that the "
+        "split runs and what one device holds, not a speed-up. Peak per device = the step's "
+        "arguments (weights and cache) plus temporaries, from XLA's memory analysis; the "
+        f"{MESH_MODEL}-device process peaked at {split['peak_rss_bytes'] / 1e6:.0f} MB "
+        "resident.",
         "",
         f"Floors: batch 1 = bandwidth / weight bytes; batch 32 = matmul rate / "
         f"({flops_b32 / 1e6:.0f} MFLOP per token at 256 cached positions). Transformers "
