@@ -49,7 +49,7 @@ from calibration.records import (
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
-from uhlm_jax.sharding import DATA, MODEL, MeshShape, check_model_split, make_mesh, place_pair
+from uhlm_jax.sharding import MeshShape, make_mesh, place_pair
 
 CHECKPOINT_DIR = "checkpoints"
 _VERSIONED_PACKAGES = ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "orbax-checkpoint")
@@ -266,10 +266,11 @@ def run(cfg: Config) -> Result:
         )
     num_devices = jax.device_count()
     try:
-        mesh = make_mesh(cfg.mesh_shape())
+        shape = cfg.mesh_shape().resolve(num_devices)
     except ValueError as err:
         raise ValueError(f"--mesh: {err}") from None
-    data = mesh.shape[DATA]
+    mesh = make_mesh(shape)
+    data = shape.data
     if cfg.batch_size % data:
         raise ValueError(
             f"batch_size {cfg.batch_size} is not a multiple of the mesh's data axis of {data} "
@@ -285,10 +286,9 @@ def run(cfg: Config) -> Result:
 
     pair = load_pair(cfg.pair)
     try:
-        check_model_split(pair.llm.config, mesh.shape[MODEL])
-    except ValueError as err:
+        pair = place_pair(pair, mesh)
+    except ValueError as err:  # the model axis does not divide the LLM's heads
         raise ValueError(f"--mesh: {err}") from None
-    pair = place_pair(pair, mesh)
     config = RolloutConfig(mode=Mode.HLM, max_new_tokens=cfg.max_new_tokens)
     params = RolloutParams.create(
         draft_temperature=cfg.draft_temperature, llm_temperature=cfg.llm_temperature
@@ -312,7 +312,7 @@ def run(cfg: Config) -> Result:
                 "measures": list(config.measure_names),
                 "num_devices": num_devices,
                 "num_processes": jax.process_count(),
-                "mesh": f"{DATA}={mesh.shape[DATA]},{MODEL}={mesh.shape[MODEL]}",
+                "mesh": str(shape),
                 "versions": _versions(),
             },
         )

@@ -10,6 +10,7 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   speculative  exact verification of one draft position: accept, residual resample, β, TV
   uncertainty  uncertainty measures of the SLM (types)
   rollout      batched prefill + lax.scan decode of a pair in every mode, per-token records
+  sharding     data x model device meshes: rows over data, the LLM split over model
   channel      payload, link, compute latency and throughput
   truncation   CU-HLM top-k uplink compression
   threshold    analytic thresholds and risk; posterior and distribution-free versions

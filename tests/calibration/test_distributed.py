@@ -1,6 +1,7 @@
-"""`uhlm collect --distributed`: two processes of 2 emulated CPU devices each, joined by
-`jax.distributed.initialize` on a localhost coordinator, write the records of one process,
-resume after one of them is killed, and refuse to run different configs."""
+"""`uhlm collect --distributed` and `--mesh`: two processes of 2 emulated CPU devices each,
+joined by `jax.distributed.initialize` on a localhost coordinator, write the records of one
+process, resume after one of them is killed, and refuse to run different configs; bad
+meshes and process flags are one-line errors."""
 
 import signal
 import socket
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from calibration.collect import Config, run
 from calibration.records import read_records
 from tests.calibration.test_collect import FLOAT_ATOL, REPO, _collect_command, _env, _prompts
 
@@ -80,15 +82,58 @@ def _assert_same_records(got: pd.DataFrame, expected: pd.DataFrame) -> None:
     np.testing.assert_allclose(got[floats].to_numpy(), expected[floats].to_numpy(), atol=FLOAT_ATOL)
 
 
+def _config(tmp_path: Path, **overrides) -> Config:
+    return Config(
+        pair="toy",
+        prompts=str(_prompts(tmp_path / "p.jsonl", 2)),
+        out=str(tmp_path / "run"),
+        **overrides,
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(mesh="data=2,model=x"), r"^mesh 'data=2,model=x': model='x' must be a positive int"),
+        (dict(process_id=1), r"^process_id=1 needs distributed=True \(--distributed\)\.$"),
+        (dict(distributed=True, num_processes=2, process_id=2), r"process_id 2 must be in \[0, "),
+    ],
+)
+def test_bad_mesh_and_process_settings_are_one_line_errors(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message) as err:
+        _config(tmp_path, **overrides)
+    assert "\n" not in str(err.value)
+
+
+def test_mesh_that_does_not_fit_the_devices_stops_before_writing(tmp_path):
+    with pytest.raises(ValueError, match=r"^--mesh: mesh model=2 does not divide the 1 devices"):
+        run(_config(tmp_path, mesh="model=2"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_mesh_that_does_not_divide_the_heads_is_a_one_line_cli_error(tmp_path):
+    # Given: 4 devices and the toy LLM, which has 2 kv heads.
+    command = _collect_command(
+        _prompts(tmp_path / "p.jsonl", 4), tmp_path / "run", "--mesh", "model=4"
+    )
+    done = subprocess.run(command, env=_env(4), cwd=REPO, capture_output=True, text=True)
+    # Then: exit code 2 and one line naming the value; nothing is written.
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "uhlm collect: error: --mesh: mesh model=4 does not divide the LLM's 2 key/value "
+        "heads (num_kv_heads); use a model axis in [1, 2]."
+    )
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_two_processes_write_the_records_of_one_and_resume_after_a_kill(tmp_path):
     prompts = _prompts(tmp_path / "p.jsonl", NUM_PROMPTS)
     logs = tmp_path / "logs"
     logs.mkdir()
     # Given: the records of one process with one device.
-    subprocess.run(
-        _collect_command(prompts, tmp_path / "one"), check=True, env=_env(1), cwd=REPO
-    )
+    subprocess.run(_collect_command(prompts, tmp_path / "one"), check=True, env=_env(1), cwd=REPO)
     expected = read_records(tmp_path / "one")
 
     # When: two processes run the same collection.
