@@ -174,6 +174,7 @@ def _child(out: str) -> None:
     np.savez(out, **flat)
 
 
+@pytest.mark.slow
 def test_split_llm_gives_the_tokens_decisions_and_logits_of_one_device(tmp_path):
     # Given: 4 emulated devices in a fresh process.
     env = dict(os.environ)
