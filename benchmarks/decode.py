@@ -291,6 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     for batch, max_length in ((1, 256), (1, 512), (32, 256), (32, 512)):
         steps = (8 if args.quick else 32) if batch == 1 else (4 if args.quick else 12)
         decode_results[batch, max_length] = decode_rate(params, batch, max_length, steps, repeats)
+    # bfloat16 weights and cache halve the bytes a step reads; compute stays float32 where
+    # the model asks for it (norms, softmax, RoPE).
+    params_bf16 = init_params(config, jax.random.key(0), jnp.bfloat16)
+    bf16_results = {}
+    for batch in (1, 32):
+        steps = (8 if args.quick else 32) if batch == 1 else (4 if args.quick else 12)
+        bf16_results[batch] = decode_rate(params_bf16, batch, 256, steps, repeats)
+    del params_bf16
     prefills = {
         (batch, length): prefill_rate(params, batch, length, max(2, repeats // 2))
         for batch, length in ((1, 128), (8, 128))
@@ -354,6 +362,15 @@ def main(argv: list[str] | None = None) -> int:
         f"({step_times(b32_512)}) | | | |"
     )
     for batch in (1, 32):
+        one, half = decode_results[batch, 256], bf16_results[batch]
+        lines.append(
+            f"| decode, batch {batch}, cache 256, bfloat16 | {half['tok_s']:.1f} tok/s "
+            f"({step_times(half)}); peak {half['device_bytes'] / 1e6:.0f} MB (float32: "
+            f"{one['device_bytes'] / 1e6:.0f} MB) | "
+            + (f"{2 * floor_batch1:.1f} tok/s (bandwidth) " if batch == 1 else "")
+            + "| | |"
+        )
+    for batch in (1, 32):
         one, two = decode_results[batch, 256], split["decode"][batch]
         lines.append(
             f"| decode, batch {batch}, cache 256, model={MESH_MODEL} mesh on {MESH_MODEL} "
@@ -376,6 +393,10 @@ def main(argv: list[str] | None = None) -> int:
         "arguments (weights and cache) plus temporaries, from XLA's memory analysis; the "
         f"{MESH_MODEL}-device process peaked at {split['peak_rss_bytes'] / 1e6:.0f} MB "
         "resident.",
+        "",
+        "The bfloat16 rows store weights and KV cache in bfloat16 (half the bytes per "
+        "step, so twice the batch-1 bandwidth floor); the batch-32 rows show whether "
+        "bfloat16 also pays in compute on this CPU.",
         "",
         f"Floors: batch 1 = bandwidth / weight bytes; batch 32 = matmul rate / "
         f"({flops_b32 / 1e6:.0f} MFLOP per token at 256 cached positions). Transformers "
