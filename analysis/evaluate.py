@@ -29,8 +29,10 @@ Definitions:
   prices the run's own pair at its dtype and V. `evaluation.json` and the printed table
   state which; the speedup over HLM is bounded by `1/(1 − s)` for skip share `s`.
 * Rand-HLM transmits each token with probability equal to the transmission rate U-HLM
-  reached on these prompts at the operating threshold (the first of Learn-then-Test,
-  risk-bounded, risk-prone that `thresholds.json` gives).
+  reached on these prompts at the operating threshold (`calibration.run_dir.
+  operating_threshold`). A U-HLM threshold that failed its own prompt-split validation
+  in `thresholds.json` is labelled so, and the operating threshold's validation is
+  printed and written to `evaluation.json`.
 """
 
 from __future__ import annotations
@@ -49,10 +51,9 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from analysis import sweep as sw
 from analysis.link import COST_PROFILES, NAMED_COSTS, cost_caption, pair_profile
 from analysis.link import Config as LinkConfig
-from calibration import records
+from calibration import run_dir as rd
 from calibration.prompts import embedded_prompts_path, read_prompts
 from uhlm_jax import channel as ch
 from uhlm_jax import metrics
@@ -62,9 +63,7 @@ from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, OneMinusMaxProbability
 
 __all__ = [
-    "PER_PROMPT_FILE",
     "SUMMARY_COLUMNS",
-    "SUMMARY_FILE",
     "Config",
     "Result",
     "add_arguments",
@@ -73,14 +72,10 @@ __all__ = [
     "read_summary",
     "run",
     "summary_table",
+    "uhlm_label",
 ]
 
-PER_PROMPT_FILE = "evaluation.parquet"
-SUMMARY_FILE = "evaluation.json"
-THRESHOLDS_FILE = "thresholds.json"
 EVALUATION_SPLIT = "evaluation"
-# Operating threshold: the first of these that thresholds.json gives.
-OPERATING_ORDER = ("Learn-then-Test", "risk-bounded", "risk-prone")
 # Embedding batches are padded to a multiple of this many tokens (bounds recompiles).
 _PAD_MULTIPLE = 32
 _EMBED_BATCH = 16
@@ -155,7 +150,7 @@ class Result:
         summary: one row per mode (`SUMMARY_COLUMNS` plus raw numeric columns).
         per_prompt: one row per mode and prompt.
         thresholds: the U-HLM thresholds evaluated, by name.
-        operating: the name of the operating threshold.
+        operating: the operating threshold and its validation.
         seconds: wall-clock time of the job.
         costs: which models and devices the throughput columns price
             (`analysis.link.cost_caption`).
@@ -164,27 +159,9 @@ class Result:
     summary: pd.DataFrame
     per_prompt: pd.DataFrame
     thresholds: dict[str, float]
-    operating: str
+    operating: rd.OperatingThreshold
     seconds: float
     costs: str
-
-
-def named_thresholds(th: dict[str, Any]) -> dict[str, float]:
-    """The U-HLM thresholds of a `thresholds.json`, by name, clipped to [0, 1]."""
-    analytic = th.get("analytic") or {}
-    bounded = ((th.get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {}
-    ltt = th.get("ltt") or {}
-    found = {
-        "risk-averse": (analytic.get("risk_averse") or {}).get("threshold"),
-        "risk-prone": (analytic.get("risk_prone") or {}).get("threshold"),
-        "risk-bounded": bounded.get("threshold"),
-        "Learn-then-Test": ltt.get("threshold") if ltt.get("certified") else None,
-    }
-    return {
-        name: float(np.clip(value, 0.0, 1.0))
-        for name, value in found.items()
-        if value is not None and math.isfinite(float(value))
-    }
 
 
 def _response_rows(out_records: Records) -> list[np.ndarray]:
@@ -332,15 +309,21 @@ def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def read_summary(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame] | None:
     """`evaluation.json` of a run directory: its contents and the summary frame, or None."""
-    path = Path(run_dir) / SUMMARY_FILE
+    path = Path(run_dir) / rd.EVALUATION_SUMMARY_FILE
     if not path.is_file():
         return None
-    data = records.read_json(path)
+    data = rd.read_json(path)
     summary = pd.DataFrame(data["summary"])
     for column in summary.columns:
         if column not in ("label", "mode", "threshold_name"):
             summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
     return data, summary
+
+
+def uhlm_label(name: str, threshold: float, failed_validation: bool = False) -> str:
+    """The table label of U-HLM at a named threshold, flagged when it failed validation."""
+    flag = ", failed validation" if failed_validation else ""
+    return f"U-HLM, {name} (u_th = {threshold:.3f}{flag})"
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -354,41 +337,24 @@ def format_table(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _read_run(cfg: Config) -> tuple[dict[str, Any], dict[str, Any]]:
-    run_dir = records.require_run_dir(cfg.run_dir)
-    config_path = run_dir / records.CONFIG_FILE
-    if not config_path.is_file():
-        raise ValueError(
-            f"{str(run_dir)!r} has no {records.CONFIG_FILE}: it is not a calibration run "
-            f"directory; make one with `uhlm calibrate --out {run_dir}`"
-        )
-    th_path = run_dir / THRESHOLDS_FILE
-    if not th_path.is_file():
-        raise ValueError(
-            f"{str(run_dir)!r} has no {THRESHOLDS_FILE}; derive thresholds first with "
-            f"`uhlm threshold {run_dir}` (or run `uhlm calibrate`)"
-        )
-    return records.read_json(config_path), records.read_json(th_path)
-
-
 def run(cfg: Config, progress: bool = True) -> Result:
     """Runs every mode on the prompts and writes the two files; see the module doc."""
     from tqdm import tqdm
 
     start = time.perf_counter()
-    run_config, th = _read_run(cfg)
-    settings = run_config.get("settings", {})
-    thresholds = named_thresholds(th)
-    if not thresholds:
+    run_config = rd.RunConfig.read(cfg.run_dir)
+    th = rd.Thresholds.read(cfg.run_dir)
+    thresholds = th.named()
+    operating = rd.operating_threshold(th)
+    if operating is None:
         raise ValueError(
-            f"{THRESHOLDS_FILE} in {cfg.run_dir!r} gives no finite threshold; rerun "
-            "`uhlm threshold` on more calibration records"
+            f"{rd.THRESHOLDS_FILE} in {cfg.run_dir!r} gives no finite threshold; rerun "
+            f"`uhlm threshold --run {cfg.run_dir}` on more calibration records"
         )
-    operating = next((n for n in OPERATING_ORDER if n in thresholds), next(iter(thresholds)))
-    measure_name = th.get("measure", DEFAULT_MEASURES[0].name)
+    measure_name = th.measure or DEFAULT_MEASURES[0].name
     measure = next((m for m in DEFAULT_MEASURES if m.name == measure_name), None)
     if measure is None:
-        raise ValueError(f"unknown measure {measure_name!r} in {THRESHOLDS_FILE}")
+        raise ValueError(f"unknown measure {measure_name!r} in {rd.THRESHOLDS_FILE}")
     prompts_path = cfg.prompts or embedded_prompts_path()
     prompts = read_prompts(prompts_path, cfg.split)[: cfg.num_prompts]
     if not prompts:
@@ -396,12 +362,12 @@ def run(cfg: Config, progress: bool = True) -> Result:
             f"no prompts in {prompts_path!r} with split {cfg.split!r}; pick another split, or "
             "--split all to use every prompt"
         )
-    pair = load_pair(settings.get("pair") or run_config["pair"]["name"])
-    max_new = cfg.max_new_tokens or int(settings.get("max_new_tokens", 64))
-    seed = int(settings.get("seed", 0)) if cfg.seed is None else cfg.seed
+    pair = load_pair(run_config.pair)
+    max_new = cfg.max_new_tokens or run_config.max_new_tokens
+    seed = run_config.seed if cfg.seed is None else cfg.seed
     temperatures = {
-        "draft_temperature": float(settings.get("draft_temperature", 1.0)),
-        "llm_temperature": float(settings.get("llm_temperature", 1.0)),
+        "draft_temperature": run_config.draft_temperature,
+        "llm_temperature": run_config.llm_temperature,
     }
     texts = [p.text for p in prompts]
     prompt_ids = np.arange(len(prompts)) + _FIRST_PROMPT_ID
@@ -429,7 +395,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     labels = _MODE_LABELS
     sweep_points = [(Mode.SLM_ONLY, labels[Mode.SLM_ONLY], None, _SKIP_ALL),
                     (Mode.HLM, labels[Mode.HLM], None, _SEND_ALL)]
-    sweep_points += [(Mode.UHLM, f"{labels[Mode.UHLM]}, {n} (u_th = {t:.3f})", n, t)
+    sweep_points += [(Mode.UHLM, uhlm_label(n, t, th.failed_validation(n)), n, t)
                      for n, t in thresholds.items()]
     frames, rows = [], []
     llm_embeddings = None
@@ -461,7 +427,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     for i, (mode, label, name, t) in enumerate(sweep_points):
         row = add(mode, label, name, t if mode is Mode.UHLM else nan, nan,
                   jax.tree.map(lambda x, i=i: x[i], out.records), out.texts[i])
-        if name == operating:
+        if name == operating.name:
             matched = row["transmission_rate"]
     bar.set_postfix(mode=labels[Mode.RAND_HLM])
     out = rollout(Mode.RAND_HLM, transmit_probability=matched)
@@ -476,10 +442,10 @@ def run(cfg: Config, progress: bool = True) -> Result:
     per_prompt["prompt"] = [texts[i] for i in position]
     per_prompt["reference"] = [prompts[i].reference for i in position]
     run_dir = Path(cfg.run_dir)
-    sw._write_parquet(per_prompt, run_dir / PER_PROMPT_FILE)
+    rd.write_parquet(per_prompt, run_dir / rd.EVALUATION_FILE)
     seconds = time.perf_counter() - start
-    records.write_json(
-        run_dir / SUMMARY_FILE,
+    rd.write_json(
+        run_dir / rd.EVALUATION_SUMMARY_FILE,
         {
             "settings": {
                 "prompts": str(prompts_path), "split": cfg.split, "num_prompts": len(prompts),
@@ -488,7 +454,13 @@ def run(cfg: Config, progress: bool = True) -> Result:
                 "pair": pair.name, "costs": costs,
             },
             "thresholds": thresholds,
-            "operating": operating,
+            "operating": operating.name,
+            "operating_threshold": {
+                "name": operating.name,
+                "value": operating.value,
+                "passed_validation": operating.passed_validation,
+                "validation": operating.note,
+            },
             "accuracy": "cosine similarity of the LLM's mean-pooled final hidden states of "
             "the response and of the reference answer",
             "summary": _json_rows(summary),
@@ -553,6 +525,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         print(format_table(summary_table(result.summary)))
         print(f"\nThroughput and speedup: {cfg.link.name.lower()} link, {result.costs}.")
-        print(f"\nWrote {Path(args.run_dir) / SUMMARY_FILE} and {PER_PROMPT_FILE} "
-              f"({result.seconds:.0f} s).")
+        print(f"Operating threshold: {result.operating.describe()}.")
+        print(f"\nWrote {Path(args.run_dir) / rd.EVALUATION_SUMMARY_FILE} and "
+              f"{rd.EVALUATION_FILE} ({result.seconds:.0f} s).")
     return 0

@@ -25,12 +25,12 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from calibration.run_dir import RunConfig
 from uhlm_jax import channel as ch
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.modes import Mode
@@ -138,7 +138,7 @@ class Config:
 
 
 def pair_profile(
-    cost_profile: str, run_config: Mapping[str, Any] | None = None, pair: str | None = None
+    cost_profile: str, run_config: RunConfig | None = None, pair: str | None = None
 ) -> ch.PairProfile | None:
     """The pair a cost profile prices (`Config.pair`), from its name.
 
@@ -162,19 +162,17 @@ def pair_profile(
         )
     if cost_profile == NAMED_COSTS:
         return None
-    recorded, settings = {}, {}
     if run_config is not None:
-        recorded = run_config.get("pair") or {}
-        settings = run_config.get("settings") or {}
-        pair = settings.get("pair") or recorded.get("name")
+        pair = run_config.pair
     if not pair:
         raise ValueError(
             "the 'pair' cost profile needs a pair: a run directory whose config.json names "
             "it, or --pair NAME"
         )
-    if "slm" in recorded and "llm" in recorded:
-        configs = [ModelConfig.from_fields(recorded[role]) for role in ("slm", "llm")]
-        dtype = settings.get("dtype", DEFAULT_RUN_DTYPE)
+    if run_config is not None and run_config.slm_config and run_config.llm_config:
+        configs = [ModelConfig.from_fields(c) for c in (run_config.slm_config,
+                                                         run_config.llm_config)]
+        dtype = run_config.dtype or DEFAULT_RUN_DTYPE
     else:
         from uhlm_jax.pair import load_pair
 

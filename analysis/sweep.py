@@ -51,9 +51,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,16 +67,14 @@ import uhlm_jax
 from analysis.link import NAMED_COSTS, PAIR_COSTS, pair_profile
 from analysis.link import Config as LinkConfig
 from calibration import records
+from calibration import run_dir as rd
 from uhlm_jax import channel as ch
 from uhlm_jax import replay as rp
 from uhlm_jax.modes import Mode
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, TemperaturePerturbation
 
 __all__ = [
-    "COMPARISON_FILE",
     "KNOWN_MEASURES",
-    "SUMMARY_FILE",
-    "SWEEP_FILE",
     "Config",
     "Result",
     "add_arguments",
@@ -88,9 +86,6 @@ __all__ = [
     "run",
 ]
 
-SWEEP_FILE = "sweep.parquet"
-COMPARISON_FILE = "sweep_comparison.parquet"
-SUMMARY_FILE = "sweep.json"
 KNOWN_MEASURES = tuple(m.name for m in DEFAULT_MEASURES)
 # The calibration job records the default measures; their temperature perturbation is the
 # paper's (K = 20, θ_max = 2).
@@ -273,11 +268,9 @@ class Config:
 
     def pair_profile(self) -> ch.PairProfile | None:
         """The run's pair if `cost_profile_name` is `pair`, else None."""
-        config_path = Path(self.run_dir) / records.CONFIG_FILE
         run_config = (
-            records.read_json(config_path)
-            if self.cost_profile_name == PAIR_COSTS and config_path.is_file()
-            else {}
+            rd.RunConfig.read_optional(self.run_dir) if self.cost_profile_name == PAIR_COSTS
+            else None
         )
         return pair_profile(self.cost_profile_name, run_config)
 
@@ -530,7 +523,7 @@ def _z_score(difference: float, se: float) -> float:
     return 0.0 if difference == 0 else math.copysign(math.inf, difference)
 
 
-def _rollout_prompts(cfg: Config, settings: dict[str, Any]) -> tuple[list[str], np.ndarray]:
+def _rollout_prompts(cfg: Config, settings: Mapping[str, Any]) -> tuple[list[str], np.ndarray]:
     from calibration import collect
     from calibration.prompts import read_prompts
 
@@ -555,22 +548,21 @@ def _rollout_prompts(cfg: Config, settings: dict[str, Any]) -> tuple[list[str], 
 
 
 def rollout_frames(
-    cfg: Config, df: pd.DataFrame, run_config: dict[str, Any]
+    cfg: Config, df: pd.DataFrame, run_config: rd.RunConfig
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Real rollouts at the chosen points, and their comparison with replay."""
     from uhlm_jax.pair import load_pair
     from uhlm_jax.rollout import RolloutConfig, RolloutParams, run_rollout
 
-    settings = run_config.get("settings", {})
-    texts, ids = _rollout_prompts(cfg, settings)
-    pair = load_pair(settings.get("pair") or run_config["pair"]["name"])
+    texts, ids = _rollout_prompts(cfg, run_config.settings)
+    pair = load_pair(run_config.pair)
     gate = KNOWN_MEASURES.index(cfg.rollout_measure)
     temperatures = {
-        "draft_temperature": float(settings.get("draft_temperature", 1.0)),
-        "llm_temperature": float(settings.get("llm_temperature", 1.0)),
+        "draft_temperature": run_config.draft_temperature,
+        "llm_temperature": run_config.llm_temperature,
     }
-    max_new = int(settings.get("max_new_tokens", 64))
-    seed = int(settings.get("seed", 0))
+    max_new = run_config.max_new_tokens
+    seed = run_config.seed
     base = cfg.cost_profile(cfg.rollout_link)
     link = base.link
     calibration_temperature = temperatures["draft_temperature"]
@@ -693,23 +685,10 @@ def rollout_frames(
 # ------------------------------------------------------------------------- the job
 
 
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Writes a table atomically: a temporary sibling, then `os.replace`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def run(cfg: Config, progress: bool = True) -> Result:
     """Replays the grid (and runs the chosen rollouts) and writes the tables."""
-    run_dir = records.require_run_dir(cfg.run_dir)
+    run_dir = rd.require_run_dir(cfg.run_dir)
     df = records.read_records(run_dir)
-    config_path = run_dir / records.CONFIG_FILE
-    run_config = records.read_json(config_path) if config_path.is_file() else {}
     measures = cfg.measures or tuple(records.measure_names(df.columns))
     tokens = load_tokens(df, measures)
     start = time.perf_counter()
@@ -722,17 +701,17 @@ def run(cfg: Config, progress: bool = True) -> Result:
                 f"rollout measure {cfg.rollout_measure!r} is not in the records; recorded: "
                 f"{records.measure_names(df.columns)}"
             )
-        rollout_table, comparison = rollout_frames(cfg, df, run_config)
+        rollout_table, comparison = rollout_frames(cfg, df, rd.RunConfig.read(run_dir))
         rollout_table["point"] += int(table["point"].max()) + 1
         table = pd.concat([table, rollout_table], ignore_index=True)
-    paths = [run_dir / SWEEP_FILE]
-    _write_parquet(table, paths[0])
+    paths = [run_dir / rd.SWEEP_FILE]
+    rd.write_parquet(table, paths[0])
     if len(comparison):
-        paths.append(run_dir / COMPARISON_FILE)
-        _write_parquet(comparison, paths[-1])
+        paths.append(run_dir / rd.SWEEP_COMPARISON_FILE)
+        rd.write_parquet(comparison, paths[-1])
     num_points = int(table.loc[table["source"] == "replay", "point"].nunique())
-    records.write_json(
-        run_dir / SUMMARY_FILE,
+    rd.write_json(
+        run_dir / rd.SWEEP_SUMMARY_FILE,
         {
             "job": "sweep",
             "config": cfg.as_json(),
@@ -745,7 +724,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
             "files": [p.name for p in paths],
         },
     )
-    paths.append(run_dir / SUMMARY_FILE)
+    paths.append(run_dir / rd.SWEEP_SUMMARY_FILE)
     return Result(
         table=table,
         comparison=comparison,

@@ -38,20 +38,21 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from calibration.prompts import embedded_prompts_path, read_prompts
-from calibration.records import (
+from calibration.records import MEASURE_PREFIX, write_shard
+from calibration.run_dir import (
+    CHECKPOINT_DIR,
     CONFIG_FILE,
-    MEASURE_PREFIX,
     RECORDS_DIR,
-    read_json,
+    SHARD_GLOB,
+    RunConfig,
+    shard_name,
     write_json,
-    write_shard,
 )
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.sharding import MeshShape, make_mesh, place_pair
 
-CHECKPOINT_DIR = "checkpoints"
 _VERSIONED_PACKAGES = ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "orbax-checkpoint")
 
 
@@ -207,7 +208,7 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
             f"Cannot resume: {str(config_path)!r} is missing, so {str(run_dir)!r} is not a "
             "collection run; start a new run in another directory."
         )
-    old = read_json(config_path).get("settings", {})
+    old = RunConfig.read(run_dir).settings
     new = json.loads(json.dumps(cfg.settings()))
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if changed:
@@ -353,7 +354,7 @@ def run(cfg: Config) -> Result:
         frame = records_frame(output.records, output.prompt_ids, config.measure_names, rows)
         num_tokens += len(frame)
         if writer:
-            write_shard(frame, run_dir / RECORDS_DIR / f"shard-{batch:06d}.parquet")
+            write_shard(frame, run_dir / RECORDS_DIR / shard_name(batch))
             manager.save(batch + 1, args=ocp.args.JsonSave({"next_batch": batch + 1}))
             manager.wait_until_finished()
         progress.update(1)
@@ -363,7 +364,7 @@ def run(cfg: Config) -> Result:
         manager.close()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("collect: records written")
-    shards = sorted((run_dir / RECORDS_DIR).glob("shard-*.parquet"))
+    shards = sorted((run_dir / RECORDS_DIR).glob(SHARD_GLOB))
     total = sum(pq.read_metadata(s).num_rows for s in shards)
     return Result(run_dir=run_dir, num_shards=len(shards), num_tokens=total)
 

@@ -54,12 +54,12 @@ import numpy as np
 
 import uhlm_jax
 from calibration import fit, records
+from calibration import run_dir as rd
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
 
 __all__ = [
     "METHODS",
-    "THRESHOLDS_FILE",
     "Config",
     "Result",
     "RunData",
@@ -72,7 +72,6 @@ __all__ = [
     "split_masks",
 ]
 
-THRESHOLDS_FILE = "thresholds.json"
 # Uncertainties may exceed [0, 1] by float32 rounding only.
 U_RANGE_TOL = 1e-5
 # Splits evaluated per batch inside `lax.map` (bounds memory to a few splits' tokens).
@@ -287,12 +286,12 @@ def _load_data(df, measure: str) -> RunData:
 
 def _ensure_fit(cfg: Config, run_dir: Path) -> tuple[fit.Posterior, str]:
     """The run's posterior, fitting it first if `fit.json` is missing."""
-    fit_path = run_dir / fit.FIT_FILE
+    fit_path = run_dir / rd.FIT_FILE
     if not fit_path.exists():
         measure = cfg.measure or fit.Config(run_dir=str(run_dir)).measure
         fit.run(fit.Config(run_dir=str(run_dir), measure=measure, seed=cfg.seed))
     posterior = fit.load_posterior(run_dir)
-    fitted = posterior.summary["measure"]
+    fitted = posterior.fit.measure
     if cfg.measure is not None and cfg.measure != fitted:
         raise ValueError(
             f"{fit_path} was fitted for measure {fitted!r}, not {cfg.measure!r}; run "
@@ -678,7 +677,7 @@ def prompt_plan(cfg: Config) -> dict[str, Any]:
 
 def from_run(cfg: Config) -> dict[str, Any]:
     """Everything `thresholds.json` holds, computed from a run directory."""
-    run_dir = records.require_run_dir(cfg.run_dir)
+    run_dir = rd.require_run_dir(cfg.run_dir)
     df = records.read_records(run_dir)
     posterior, measure = _ensure_fit(cfg, run_dir)
     data = _load_data(df, measure)
@@ -726,7 +725,7 @@ def from_run(cfg: Config) -> dict[str, Any]:
             data,
             prompt_risks,
             grid,
-            rejection.LinearPrior(**posterior.summary["linear"]["prior"]),
+            posterior.fit.linear_prior,
         ),
     }
 
@@ -738,8 +737,8 @@ def run(cfg: Config) -> Result:
     if cfg.source is ThresholdSource.PLAN:
         return Result(summary=prompt_plan(cfg), path=None)
     summary = from_run(cfg)
-    path = Path(cfg.run_dir) / THRESHOLDS_FILE
-    records.write_json(path, summary)
+    path = Path(cfg.run_dir) / rd.THRESHOLDS_FILE
+    rd.write_json(path, summary)
     return Result(summary=summary, path=path)
 
 

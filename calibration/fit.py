@@ -63,14 +63,12 @@ from numpyro.infer.initialization import init_to_value
 
 import uhlm_jax
 from calibration import records
+from calibration import run_dir as rd
 from uhlm_jax import rejection
 from uhlm_jax.threshold import BETA_POSITIVE_TOL
 from uhlm_jax.types import Array
 
 __all__ = [
-    "FIT_FILE",
-    "HURDLE_FILE",
-    "LINEAR_FILE",
     "ChainMethod",
     "Config",
     "FitData",
@@ -91,9 +89,6 @@ __all__ = [
     "subsample_prompts",
 ]
 
-FIT_FILE = "fit.json"
-LINEAR_FILE = "posterior_linear.npz"
-HURDLE_FILE = "posterior_hurdle.npz"
 # Observed β outside [0, 1] by more than float32 rounding is a broken record.
 BETA_RANGE_TOL = 1e-5
 # Fewest tokens and prompts a fit accepts.
@@ -365,9 +360,9 @@ def run_svi(
 
 
 class Posterior(NamedTuple):
-    """What `uhlm fit` saved: the summary and flattened posterior draws."""
+    """What `uhlm fit` saved: the summary (`fit.json`) and flattened posterior draws."""
 
-    summary: dict[str, Any]
+    fit: rd.Fit
     linear: dict[str, np.ndarray]
     hurdle: dict[str, np.ndarray]
 
@@ -513,39 +508,36 @@ def run(cfg: Config) -> Result:
             "chain_method": summary["linear"]["nuts"]["chain_method"],
             "run_dir": str(run_dir),
         },
-        "files": {"linear": LINEAR_FILE, "hurdle": HURDLE_FILE},
+        "files": {"linear": rd.LINEAR_POSTERIOR_FILE, "hurdle": rd.HURDLE_POSTERIOR_FILE},
         **summary,
     }
-    records.write_npz(
-        run_dir / LINEAR_FILE,
+    rd.write_npz(
+        run_dir / rd.LINEAR_POSTERIOR_FILE,
         **linear_draws,
         **{f"svi_{k}": v for k, v in svi_draws.items()},
     )
-    records.write_npz(run_dir / HURDLE_FILE, **hurdle_draws)
-    records.write_json(run_dir / FIT_FILE, summary)
+    rd.write_npz(run_dir / rd.HURDLE_POSTERIOR_FILE, **hurdle_draws)
+    rd.write_json(run_dir / rd.FIT_FILE, summary)
     return Result(
         summary=summary,
         linear=linear_draws,
         svi=svi_draws,
         hurdle=hurdle_draws,
-        fit_path=run_dir / FIT_FILE,
+        fit_path=run_dir / rd.FIT_FILE,
     )
 
 
 def load_posterior(run_dir: str | Path) -> Posterior:
     """Reads `fit.json` and the saved draws (flattened over chains) of a run."""
-    run_dir = records.require_run_dir(run_dir)
-    for name in (FIT_FILE, LINEAR_FILE, HURDLE_FILE):
-        if not (run_dir / name).is_file():
-            raise ValueError(
-                f"{str(run_dir / name)!r} is missing; run `uhlm fit {run_dir}` to write the fit"
-            )
-    summary = records.read_json(run_dir / FIT_FILE)
-    with np.load(run_dir / LINEAR_FILE) as f:
+    run_dir = rd.require_run_dir(run_dir)
+    paths = [rd.require_file(run_dir, name) for name in
+             (rd.FIT_FILE, rd.LINEAR_POSTERIOR_FILE, rd.HURDLE_POSTERIOR_FILE)]
+    fitted = rd.Fit.from_json(rd.read_json(paths[0]))
+    with np.load(paths[1]) as f:
         linear = {s: f[s].reshape(-1) for s in rejection.LINEAR_SITES}
-    with np.load(run_dir / HURDLE_FILE) as f:
+    with np.load(paths[2]) as f:
         hurdle_draws = {s: f[s].reshape(-1) for s in rejection.HURDLE_SITES}
-    return Posterior(summary=summary, linear=linear, hurdle=hurdle_draws)
+    return Posterior(fit=fitted, linear=linear, hurdle=hurdle_draws)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -51,6 +51,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from calibration.prompts import Prompt, embedded_prompts_path, read_prompts
+from uhlm_jax.files import AtomicFile
 from uhlm_jax.models.early_exit import (
     ExitHead,
     draft_flops_fraction,
@@ -365,16 +366,14 @@ def cached_sequences(workdir: str, name: str, fingerprint: dict, make) -> Sequen
         tokens = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
         return Sequences(tokens=tokens, prompt_lengths=[int(n) for n in prompt_lengths])
     sequences = make()
-    os.makedirs(workdir, exist_ok=True)
     offsets = np.cumsum([0] + [len(x) for x in sequences.tokens])
-    tmp = path + ".tmp.npz"
-    np.savez(
-        tmp,
-        tokens=np.concatenate(sequences.tokens),
-        offsets=offsets,
-        prompt_lengths=np.asarray(sequences.prompt_lengths),
-    )
-    os.replace(tmp, path)
+    with AtomicFile(path) as f:
+        np.savez(
+            f,
+            tokens=np.concatenate(sequences.tokens),
+            offsets=offsets,
+            prompt_lengths=np.asarray(sequences.prompt_lengths),
+        )
     return sequences
 
 
@@ -442,10 +441,8 @@ def cached_features(
                 hidden=[hidden[a:b] for a, b in pieces], final=[final[a:b] for a, b in pieces]
             )
     features = compute_features(params, sequences, [exit_layer], progress)[exit_layer]
-    os.makedirs(workdir, exist_ok=True)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, hidden=np.concatenate(features.hidden), final=np.concatenate(features.final))
-    os.replace(tmp, path)
+    with AtomicFile(path) as f:
+        np.savez(f, hidden=np.concatenate(features.hidden), final=np.concatenate(features.final))
     return features
 
 

@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import pathlib
-import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
+from uhlm_jax.files import TMP_SUFFIX, AtomicFile
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.gguf import GGUFModel, gguf_fingerprint, read_gguf
 from uhlm_jax.models.hf import SafetensorsWriter, read_safetensors, safetensors_metadata
@@ -61,7 +61,6 @@ CACHE_ENV = "UHLM_CACHE_DIR"
 _FORMAT = "uhlm_jax.weight_cache/2"
 _SEP = "/"
 _SUFFIX = ".safetensors"
-_TMP_SUFFIX = ".tmp"
 
 
 def cache_dir() -> pathlib.Path | None:
@@ -145,7 +144,7 @@ def entries() -> list[CacheEntry]:
         return []
     found = []
     for path in folder.iterdir():
-        if not path.is_file() or not path.name.endswith((_SUFFIX, _TMP_SUFFIX)):
+        if not path.is_file() or not path.name.endswith((_SUFFIX, TMP_SUFFIX)):
             continue
         try:
             meta = safetensors_metadata(path) if path.name.endswith(_SUFFIX) else {}
@@ -214,23 +213,21 @@ def _written(
     The entry appears (by rename) only once every array is written; if writing fails,
     loading goes on without it.
     """
-    tmp = entry.with_name(f".{entry.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     specs = {
         _SEP.join(path): (shape, dtype) for path, shape in param_shapes(model.config).items()
     }
     try:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        file = open(tmp, "xb")  # noqa: SIM115 - closed below; mode 0666 less the umask
+        out = AtomicFile(entry)
     except OSError:
         yield from arrays
         return
-    try:
-        writer: SafetensorsWriter | None = SafetensorsWriter(
-            file, specs, _metadata(model, source, dtype)
-        )
-    except OSError:
-        writer = None
-    try:
+    with out:  # discarded if loading fails or stops early
+        try:
+            writer: SafetensorsWriter | None = SafetensorsWriter(
+                out.file, specs, _metadata(model, source, dtype)
+            )
+        except OSError:
+            writer = None
         for path, host in arrays:
             if writer is not None:
                 try:
@@ -239,14 +236,10 @@ def _written(
                     writer = None  # a full or read-only disk only costs the cache
             yield path, host
         if writer is not None and writer.done:
-            try:
-                file.close()
-                os.replace(tmp, entry)
-            except OSError:
-                pass
-    finally:
-        file.close()
-        tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.commit()
+        else:
+            out.discard()
 
 
 def _read(entry: pathlib.Path, dtype: np.dtype) -> tuple[ModelParams, Tokenizer]:

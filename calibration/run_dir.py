@@ -1,0 +1,733 @@
+"""The run directory: its file names, atomic writers, readers and typed views.
+
+A run directory holds, by the command that writes each file:
+
+    config.json                   collect    how the records were made (pair, seeds, versions)
+    records/shard-*.parquet       collect    one row per generated token (`calibration.records`)
+    checkpoints/                  collect    where an interrupted collection resumes
+    fit.json                      fit        the fit's summary and diagnostics
+    posterior_linear.npz          fit        NUTS and SVI draws of the linear model
+    posterior_hurdle.npz          fit        NUTS draws of the hurdle model
+    thresholds.json               threshold  the thresholds, their risk bounds and validation
+    evaluation.parquet, .json     evaluate   the modes' real rollouts, per prompt and summed
+    sweep.parquet, sweep.json     sweep      the replay grid and its settings
+    sweep_comparison.parquet      sweep      replay against real rollouts
+    report.md, report.html        report     the report
+    plots/*.png                   report     its figures
+    demo.json, .uhlm-demo         demo       the demo's headline numbers, and its marker
+
+Every file is written atomically (`uhlm_jax.files.AtomicFile`): a reader sees the old file
+or the new one, never a partial write, and files are 0666 less the umask (0644 under the
+usual umask). `config.json`, `fit.json` and `thresholds.json` are read through frozen
+views (`RunConfig`, `Fit`, `Thresholds`); `operating_threshold` is the one rule that picks
+the threshold evaluate, report and demo operate at.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fnmatch
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from uhlm_jax import rejection
+from uhlm_jax.files import TMP_SUFFIX, AtomicFile
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "CONFIG_FILE",
+    "DEMO_FILE",
+    "DEMO_MARKER",
+    "EVALUATION_FILE",
+    "EVALUATION_SUMMARY_FILE",
+    "FIT_FILE",
+    "HURDLE_POSTERIOR_FILE",
+    "LINEAR_POSTERIOR_FILE",
+    "OPERATING_ORDER",
+    "PLOTS_DIR",
+    "RECORDS_DIR",
+    "REPORT_HTML_FILE",
+    "REPORT_MARKDOWN_FILE",
+    "SHARD_GLOB",
+    "SWEEP_COMPARISON_FILE",
+    "SWEEP_FILE",
+    "SWEEP_SUMMARY_FILE",
+    "THRESHOLDS_FILE",
+    "Correlation",
+    "Empirical",
+    "Fit",
+    "MethodValidation",
+    "NamedThreshold",
+    "NutsSummary",
+    "OperatingThreshold",
+    "ParamSummary",
+    "RunConfig",
+    "ThresholdName",
+    "Thresholds",
+    "Validation",
+    "foreign_files",
+    "operating_threshold",
+    "read_json",
+    "require_file",
+    "require_run_dir",
+    "shard_name",
+    "write_json",
+    "write_npz",
+    "write_parquet",
+    "write_text",
+]
+
+CONFIG_FILE = "config.json"
+RECORDS_DIR = "records"
+SHARD_GLOB = "shard-*.parquet"
+CHECKPOINT_DIR = "checkpoints"
+FIT_FILE = "fit.json"
+LINEAR_POSTERIOR_FILE = "posterior_linear.npz"
+HURDLE_POSTERIOR_FILE = "posterior_hurdle.npz"
+THRESHOLDS_FILE = "thresholds.json"
+EVALUATION_FILE = "evaluation.parquet"
+EVALUATION_SUMMARY_FILE = "evaluation.json"
+SWEEP_FILE = "sweep.parquet"
+SWEEP_COMPARISON_FILE = "sweep_comparison.parquet"
+SWEEP_SUMMARY_FILE = "sweep.json"
+REPORT_MARKDOWN_FILE = "report.md"
+REPORT_HTML_FILE = "report.html"
+PLOTS_DIR = "plots"
+DEMO_FILE = "demo.json"
+DEMO_MARKER = ".uhlm-demo"
+
+# The command that writes each file, for the error when it is missing.
+_MADE_BY = {
+    CONFIG_FILE: "uhlm calibrate --out {run_dir}",
+    RECORDS_DIR: "uhlm calibrate --out {run_dir}",
+    FIT_FILE: "uhlm fit {run_dir}",
+    LINEAR_POSTERIOR_FILE: "uhlm fit {run_dir}",
+    HURDLE_POSTERIOR_FILE: "uhlm fit {run_dir}",
+    THRESHOLDS_FILE: "uhlm threshold --run {run_dir}",
+    EVALUATION_FILE: "uhlm evaluate {run_dir}",
+    EVALUATION_SUMMARY_FILE: "uhlm evaluate {run_dir}",
+    SWEEP_FILE: "uhlm sweep {run_dir}",
+    SWEEP_COMPARISON_FILE: "uhlm sweep {run_dir} --rollout-thresholds ...",
+    SWEEP_SUMMARY_FILE: "uhlm sweep {run_dir}",
+    REPORT_MARKDOWN_FILE: "uhlm report {run_dir}",
+    REPORT_HTML_FILE: "uhlm report {run_dir}",
+    DEMO_FILE: "uhlm demo --out {run_dir}",
+}
+
+# Every path (relative, '/'-separated, fnmatch patterns) a job writes into a run directory,
+# temporary files of an interrupted write included.
+_RUN_PATHS = (
+    *_MADE_BY,
+    f"{RECORDS_DIR}/{SHARD_GLOB}",
+    CHECKPOINT_DIR,
+    f"{CHECKPOINT_DIR}/*",
+    PLOTS_DIR,
+    f"{PLOTS_DIR}/*.png",
+    DEMO_MARKER,
+    f".*{TMP_SUFFIX}",
+    f"*/.*{TMP_SUFFIX}",
+)
+
+
+def shard_name(index: int) -> str:
+    """The file name of record shard `index` (inside `RECORDS_DIR`)."""
+    return f"shard-{index:06d}.parquet"
+
+
+# ----------------------------------------------------------------------- paths
+
+
+def require_run_dir(run_dir: str | os.PathLike) -> Path:
+    """Returns `run_dir` as a Path, or raises ValueError if it is not a directory."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ValueError(
+            f"run directory {str(path)!r} does not exist; collect records into it first "
+            f"(`uhlm calibrate --out {path}`) or pass an existing run directory"
+        )
+    return path
+
+
+def require_file(run_dir: str | os.PathLike, name: str) -> Path:
+    """`run_dir/name`, or ValueError naming the file and the command that writes it."""
+    path = Path(run_dir) / name
+    if not path.exists():
+        command = _MADE_BY[name].format(run_dir=run_dir)
+        raise ValueError(f"{str(path)!r} is missing; write it with `{command}`")
+    return path
+
+
+def foreign_files(folder: str | os.PathLike) -> list[str]:
+    """Paths inside `folder` (relative, sorted) that no job writes into a run directory."""
+    root = Path(folder)
+    found = []
+    for path in sorted(root.rglob("*")):
+        relative = path.relative_to(root).as_posix()
+        if not any(fnmatch.fnmatchcase(relative, p) for p in _RUN_PATHS):
+            found.append(relative)
+    return found
+
+
+# ---------------------------------------------------------------------- writers
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Writes `obj` as indented JSON, atomically; NaN and ±inf are not allowed."""
+    text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
+    with AtomicFile(path) as f:
+        f.write(text.encode())
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` as UTF-8, atomically."""
+    with AtomicFile(path) as f:
+        f.write(text.encode())
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """Writes arrays to an `.npz` file, atomically."""
+    with AtomicFile(path) as f:
+        np.savez(f, **{k: np.asarray(v) for k, v in arrays.items()})
+
+
+def write_parquet(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Writes a table as Parquet (without its index), atomically."""
+    with AtomicFile(path) as f:
+        df.to_parquet(f, index=False)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Reads a JSON file, raising ValueError naming the file if it is corrupt."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({err}); delete it and rerun the job that writes it"
+        ) from err
+
+
+def _read_view(cls, run_dir: str | os.PathLike, name: str):
+    return cls.from_json(read_json(require_file(require_run_dir(run_dir), name)))
+
+
+def _read_optional_view(cls, run_dir: str | os.PathLike, name: str):
+    path = Path(run_dir) / name
+    return cls.from_json(read_json(path)) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------ views
+
+
+def _get(data: Any, *keys: str) -> Any:
+    """`data[k0][k1]…`, or None where a level is missing or null."""
+    for key in keys:
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _floats(values: Any) -> tuple[float, ...]:
+    return tuple(float(v) for v in values or ())
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """`config.json`: how the records were made (written by `uhlm collect`).
+
+    Attributes:
+        pair: the pair's name ("" when not recorded).
+        settings: the collection's settings (`collect.Config.settings()`).
+        max_new_tokens, seed, draft_temperature, llm_temperature: the decoding settings,
+            with collect's defaults where not recorded.
+        dtype: the models' dtype name, if recorded.
+        slm_config, llm_config: the models' recorded `ModelConfig` fields, if recorded.
+        measures: the recorded uncertainty measures.
+        versions: package versions of the collection.
+    """
+
+    pair: str = ""
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    max_new_tokens: int = 64
+    seed: int = 0
+    draft_temperature: float = 1.0
+    llm_temperature: float = 1.0
+    dtype: str | None = None
+    slm_config: Mapping[str, Any] | None = None
+    llm_config: Mapping[str, Any] | None = None
+    measures: tuple[str, ...] = ()
+    versions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RunConfig:
+        settings = dict(data.get("settings") or {})
+        d = cls()
+        return cls(
+            pair=settings.get("pair") or _get(data, "pair", "name") or "",
+            settings=settings,
+            max_new_tokens=int(settings.get("max_new_tokens", d.max_new_tokens)),
+            seed=int(settings.get("seed", d.seed)),
+            draft_temperature=float(settings.get("draft_temperature", d.draft_temperature)),
+            llm_temperature=float(settings.get("llm_temperature", d.llm_temperature)),
+            dtype=settings.get("dtype"),
+            slm_config=_get(data, "pair", "slm"),
+            llm_config=_get(data, "pair", "llm"),
+            measures=tuple(data.get("measures") or ()),
+            versions=dict(data.get("versions") or {}),
+        )
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> RunConfig:
+        """Reads `run_dir/config.json`; ValueError naming the file if it is missing."""
+        return _read_view(cls, run_dir, CONFIG_FILE)
+
+    @classmethod
+    def read_optional(cls, run_dir: str | os.PathLike) -> RunConfig | None:
+        return _read_optional_view(cls, run_dir, CONFIG_FILE)
+
+
+@dataclasses.dataclass(frozen=True)
+class Correlation:
+    """A correlation of `u` and `β` with its bootstrap interval."""
+
+    estimate: float
+    interval: tuple[float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSummary:
+    """Posterior summary of one parameter (numpyro.diagnostics)."""
+
+    mean: float | None
+    sd: float | None
+    interval: tuple[float | None, float | None]
+    r_hat: float | None
+    ess: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NutsSummary:
+    """One model's NUTS run: divergences and each parameter's summary."""
+
+    divergences: int | None
+    params: Mapping[str, ParamSummary]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelComparison:
+    """WAIC of the linear and hurdle models, and `elpd(hurdle) − elpd(linear) ± se`."""
+
+    linear_waic: float
+    hurdle_waic: float
+    elpd_difference: float
+    elpd_difference_se: float
+    preferred: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """`fit.json`: the rejection model's fit (written by `uhlm fit`).
+
+    Attributes:
+        measure: the uncertainty measure fitted.
+        seed: the fit's seed, if recorded.
+        correlations: `pearson`, `spearman` of `u` and `β`.
+        linear_prior: the linear model's prior, if recorded.
+        nuts: `linear`, `hurdle` NUTS summaries.
+        comparison: the WAIC comparison, if recorded.
+        predictive_mean_covered: per model, whether each `u` bin's replicated range covers
+            the observed mean `β`.
+    """
+
+    measure: str | None = None
+    seed: int | None = None
+    correlations: Mapping[str, Correlation] = dataclasses.field(default_factory=dict)
+    linear_prior: rejection.LinearPrior | None = None
+    nuts: Mapping[str, NutsSummary] = dataclasses.field(default_factory=dict)
+    comparison: ModelComparison | None = None
+    predictive_mean_covered: Mapping[str, tuple[bool, ...]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Fit:
+        correlations = {
+            name: Correlation(float(c["estimate"]), tuple(float(x) for x in c["interval"]))
+            for name, c in (data.get("correlation") or {}).items()
+        }
+        nuts = {}
+        for model in ("linear", "hurdle"):
+            block = _get(data, model, "nuts")
+            if block is None:
+                continue
+            params = {
+                name: ParamSummary(
+                    mean=_float(p.get("mean")),
+                    sd=_float(p.get("sd")),
+                    interval=tuple(_float(x) for x in p.get("interval", (None, None))),
+                    r_hat=_float(p.get("r_hat")),
+                    ess=_float(p.get("ess")),
+                )
+                for name, p in (block.get("params") or {}).items()
+            }
+            nuts[model] = NutsSummary(divergences=block.get("divergences"), params=params)
+        comp = data.get("comparison")
+        comparison = None if not comp else ModelComparison(
+            linear_waic=float(comp["linear"]["waic"]),
+            hurdle_waic=float(comp["hurdle"]["waic"]),
+            elpd_difference=float(comp["elpd_difference_hurdle_minus_linear"]),
+            elpd_difference_se=float(comp["elpd_difference_se"]),
+            preferred=comp["preferred"],
+        )
+        checks = data.get("predictive_checks") or []
+        prior = _get(data, "linear", "prior")
+        seed = _get(data, "config", "seed")
+        return cls(
+            measure=data.get("measure"),
+            seed=None if seed is None else int(seed),
+            correlations=correlations,
+            linear_prior=None if prior is None else rejection.LinearPrior(**prior),
+            nuts=nuts,
+            comparison=comparison,
+            predictive_mean_covered={
+                model: tuple(bool(_get(c, model, "mean_covered")) for c in checks)
+                for model in ("linear", "hurdle")
+            } if checks else {},
+        )
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> Fit:
+        """Reads `run_dir/fit.json`; ValueError naming the file if it is missing."""
+        return _read_view(cls, run_dir, FIT_FILE)
+
+    @classmethod
+    def read_optional(cls, run_dir: str | os.PathLike) -> Fit | None:
+        return _read_optional_view(cls, run_dir, FIT_FILE)
+
+
+class ThresholdName(enum.StrEnum):
+    """The named U-HLM thresholds of `thresholds.json`, as tables and files label them."""
+
+    RISK_AVERSE = "risk-averse"
+    RISK_PRONE = "risk-prone"
+    RISK_BOUNDED = "risk-bounded"
+    LEARN_THEN_TEST = "Learn-then-Test"
+
+
+@dataclasses.dataclass(frozen=True)
+class Empirical:
+    """A threshold's realised risk on all records: per token, given a skip, skip share."""
+
+    per_token: float | None
+    given_skip: float | None
+    skip_share: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class NamedThreshold:
+    """One threshold of `thresholds.json`.
+
+    Attributes:
+        threshold: `u_th` as written; None means "skip nothing" (no grid point qualified).
+        empirical: its realised risk on the records, when written.
+    """
+
+    threshold: float | None
+    empirical: Empirical | None = None
+
+    @classmethod
+    def from_json(cls, block: Any) -> NamedThreshold | None:
+        if not block:
+            return None
+        emp = block.get("empirical")
+        return cls(
+            threshold=_float(block.get("threshold")),
+            empirical=None if emp is None else Empirical(
+                per_token=_float(emp.get("per_token")),
+                given_skip=_float(emp.get("given_skip")),
+                skip_share=_float(emp.get("skip_share")),
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodValidation:
+    """One method's prompt-split validation (`uhlm threshold`).
+
+    Attributes:
+        exceed_frequency_per_token, exceed_frequency_per_prompt: share of splits whose
+            realised risk on the test prompts exceeds `ε` (pooled over tokens; mean of
+            per-prompt risks).
+        mean_skip_share: mean share of test tokens skipped.
+        no_skip_frequency: share of splits where the method skipped nothing.
+        realised_risk_per_token: each split's realised risk per token.
+    """
+
+    exceed_frequency_per_token: float | None = None
+    exceed_frequency_per_prompt: float | None = None
+    mean_skip_share: float | None = None
+    no_skip_frequency: float | None = None
+    realised_risk_per_token: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Validation:
+    """The prompt-split validation of `thresholds.json`.
+
+    Attributes:
+        num_splits: random prompt splits.
+        calibration_prompts, test_prompts: prompts per part of each split.
+        allowed_exceed_frequency: `δ`, the share of splits allowed to exceed `ε`.
+        methods: by method key (`ltt`, `posterior_linear`, `analytic_risk_averse`,
+            `analytic_risk_prone`).
+    """
+
+    num_splits: int | None
+    calibration_prompts: int | None
+    test_prompts: int | None
+    allowed_exceed_frequency: float | None
+    methods: Mapping[str, MethodValidation]
+
+
+# The validation method of each named threshold, and the risk its guarantee is about:
+# Learn-then-Test bounds the per-prompt risk, the others the risk per token.
+_VALIDATED_AS = {
+    ThresholdName.LEARN_THEN_TEST: ("ltt", "exceed_frequency_per_prompt"),
+    ThresholdName.RISK_BOUNDED: ("posterior_linear", "exceed_frequency_per_token"),
+    ThresholdName.RISK_PRONE: ("analytic_risk_prone", "exceed_frequency_per_token"),
+    ThresholdName.RISK_AVERSE: ("analytic_risk_averse", "exceed_frequency_per_token"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Thresholds:
+    """`thresholds.json`: the thresholds of a run (written by `uhlm threshold --run`).
+
+    Attributes:
+        measure: the uncertainty measure they gate on.
+        risk: `ε`; confidence: `1 − δ`.
+        seed: the job's seed, if recorded.
+        plug_in: the least-squares line and the paper's thresholds, if written.
+        risk_averse, risk_prone: the analytic thresholds `−b/a`, `(Δ − b)/a`.
+        risk_bounded, risk_bounded_hurdle: the posterior risk-bounded thresholds of the
+            linear and the hurdle model.
+        ltt: the Learn-then-Test threshold; `ltt_certified`: whether it is certified.
+        validation: the prompt-split validation, if written.
+    """
+
+    measure: str | None = None
+    risk: float | None = None
+    confidence: float | None = None
+    seed: int | None = None
+    plug_in: rejection.PlugInThresholds | None = None
+    risk_averse: NamedThreshold | None = None
+    risk_prone: NamedThreshold | None = None
+    risk_bounded: NamedThreshold | None = None
+    risk_bounded_hurdle: NamedThreshold | None = None
+    ltt: NamedThreshold | None = None
+    ltt_certified: bool = False
+    validation: Validation | None = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Thresholds:
+        analytic = data.get("analytic") or {}
+        plug_in = None
+        if "slope" in analytic:
+
+            def threshold(name: str) -> float:
+                value = _get(analytic, name, "threshold")
+                return math.nan if value is None else float(value)
+
+            plug_in = rejection.PlugInThresholds(
+                slope=float(analytic["slope"]),
+                intercept=float(analytic["intercept"]),
+                rejection_share=float(analytic["rejection_share"]),
+                risk_averse=threshold("risk_averse"),
+                risk_prone=threshold("risk_prone"),
+            )
+        val = data.get("validation")
+        validation = None
+        if val:
+            methods = {
+                name: MethodValidation(
+                    exceed_frequency_per_token=_float(m.get("exceed_frequency_per_token")),
+                    exceed_frequency_per_prompt=_float(m.get("exceed_frequency_per_prompt")),
+                    mean_skip_share=_float(m.get("mean_skip_share")),
+                    no_skip_frequency=_float(m.get("no_skip_frequency")),
+                    realised_risk_per_token=_floats(m.get("realised_risk_per_token")),
+                )
+                for name, m in (val.get("methods") or {}).items()
+            }
+            validation = Validation(
+                num_splits=val.get("num_splits"),
+                calibration_prompts=val.get("calibration_prompts"),
+                test_prompts=val.get("test_prompts"),
+                allowed_exceed_frequency=_float(val.get("allowed_exceed_frequency")),
+                methods=methods,
+            )
+        seed = _get(data, "config", "seed")
+        return cls(
+            measure=data.get("measure"),
+            risk=_float(data.get("risk")),
+            confidence=_float(data.get("confidence")),
+            seed=None if seed is None else int(seed),
+            plug_in=plug_in,
+            risk_averse=NamedThreshold.from_json(analytic.get("risk_averse")),
+            risk_prone=NamedThreshold.from_json(analytic.get("risk_prone")),
+            risk_bounded=NamedThreshold.from_json(
+                _get(data, "posterior", "linear", "risk_bounded")),
+            risk_bounded_hurdle=NamedThreshold.from_json(
+                _get(data, "posterior", "hurdle", "risk_bounded")),
+            ltt=NamedThreshold.from_json(data.get("ltt")),
+            ltt_certified=bool(_get(data, "ltt", "certified")),
+            validation=validation,
+        )
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> Thresholds:
+        """Reads `run_dir/thresholds.json`; ValueError naming the file if it is missing."""
+        return _read_view(cls, run_dir, THRESHOLDS_FILE)
+
+    @classmethod
+    def read_optional(cls, run_dir: str | os.PathLike) -> Thresholds | None:
+        return _read_optional_view(cls, run_dir, THRESHOLDS_FILE)
+
+    def named(self) -> dict[ThresholdName, float]:
+        """The finite U-HLM thresholds, clipped to [0, 1], in `ThresholdName` order.
+
+        Learn-then-Test counts only when certified.
+        """
+        found = {
+            ThresholdName.RISK_AVERSE: self.risk_averse,
+            ThresholdName.RISK_PRONE: self.risk_prone,
+            ThresholdName.RISK_BOUNDED: self.risk_bounded,
+            ThresholdName.LEARN_THEN_TEST: self.ltt if self.ltt_certified else None,
+        }
+        return {
+            name: float(np.clip(block.threshold, 0.0, 1.0))
+            for name, block in found.items()
+            if block is not None and block.threshold is not None
+            and math.isfinite(block.threshold)
+        }
+
+    def exceed_frequency(self, name: ThresholdName) -> float | None:
+        """The share of validation splits in which threshold `name` exceeded `ε` (None
+        without a validation of it): per prompt for Learn-then-Test, whose guarantee is
+        about the per-prompt risk, per token for the others."""
+        method, statistic = _VALIDATED_AS[name]
+        found = None if self.validation is None else self.validation.methods.get(method)
+        return None if found is None else getattr(found, statistic)
+
+    def passed_validation(self, name: ThresholdName) -> bool | None:
+        """Whether threshold `name` held its risk level out of sample: it exceeded `ε` in
+        at most a share `δ` of the validation splits. None without a validation."""
+        exceed = self.exceed_frequency(name)
+        allowed = None if self.validation is None else self.validation.allowed_exceed_frequency
+        if exceed is None or allowed is None:
+            return None
+        return exceed <= allowed
+
+    def failed_validation(self, name: ThresholdName) -> bool:
+        """True when threshold `name` exceeded `ε` in more validation splits than `δ`."""
+        return self.passed_validation(name) is False
+
+    def validation_note(self, name: ThresholdName) -> str:
+        """One sentence on how threshold `name` fared in validation ("" without one)."""
+        passed = self.passed_validation(name)
+        if passed is None:
+            return ""
+        val = self.validation
+        per = "per prompt" if name is ThresholdName.LEARN_THEN_TEST else "per token"
+        outcome = "passed" if passed else "FAILED"
+        eps = "ε" if self.risk is None else f"ε = {self.risk:g}"
+        return (
+            f"the {name} threshold {outcome} its validation: realised risk {per} exceeded "
+            f"{eps} in {self.exceed_frequency(name):.0%} of {val.num_splits} "
+            f"prompt splits (allowed: δ = {val.allowed_exceed_frequency:.0%})"
+        )
+
+
+# The operating threshold: the first of these that thresholds.json gives (see
+# `operating_threshold`).
+OPERATING_ORDER = (
+    ThresholdName.LEARN_THEN_TEST,
+    ThresholdName.RISK_BOUNDED,
+    ThresholdName.RISK_PRONE,
+    ThresholdName.RISK_AVERSE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatingThreshold:
+    """The threshold a run operates at.
+
+    Attributes:
+        name: which of the run's thresholds it is.
+        value: `u_th`, clipped to [0, 1].
+        passed_validation: whether it held `ε` in its prompt-split validation (None
+            without one).
+        note: one sentence on its validation ("" without one).
+    """
+
+    name: ThresholdName
+    value: float
+    passed_validation: bool | None
+    note: str
+
+    @property
+    def failed(self) -> bool:
+        """True when it exceeded `ε` in more validation splits than `δ` allows."""
+        return self.passed_validation is False
+
+    def describe(self) -> str:
+        """One line: which threshold, its value and how it fared in validation."""
+        text = f"{self.name} (u_th = {self.value:.3f})"
+        return f"{text}; {self.note}" if self.note else text
+
+
+def operating_threshold(thresholds: Thresholds) -> OperatingThreshold | None:
+    """The one rule that picks the operating threshold of a run (evaluate, report, demo).
+
+    The operating threshold is the first of `OPERATING_ORDER` that `thresholds.json` gives
+    as a finite number (`Thresholds.named`):
+
+    1. Learn-then-Test, when certified: distribution-free, `P(R ≤ ε) ≥ 1 − δ` over the
+       draw of calibration prompts;
+    2. the linear posterior's risk-bounded threshold: `P(R ≤ ε | data) ≥ 1 − δ` under the
+       model;
+    3. the analytic risk-prone threshold `(Δ − b)/a`: no stated risk;
+    4. the analytic risk-averse threshold `−b/a`: no stated risk.
+
+    That is, the strongest stated risk guarantee first. The value is clipped to [0, 1].
+    The choice does not depend on the validation, which is reported with it
+    (`OperatingThreshold.passed_validation`) so that a threshold that failed its own
+    validation is flagged wherever it is shown.
+
+    Args:
+        thresholds: the run's `thresholds.json`.
+
+    Returns:
+        The operating threshold, or None when the run has no finite threshold.
+    """
+    named = thresholds.named()
+    name = next((n for n in OPERATING_ORDER if n in named), None)
+    if name is None:
+        return None
+    return OperatingThreshold(
+        name=name,
+        value=named[name],
+        passed_validation=thresholds.passed_validation(name),
+        note=thresholds.validation_note(name),
+    )
