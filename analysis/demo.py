@@ -17,6 +17,8 @@ left. `--quick` runs a small version (a few prompts, short replies) for smoke te
 
 A rerun starts the run directory afresh (results are never reused); what it reuses is the
 machine's cache of the dequantized weights and tokenizer (`uhlm_jax.models.weight_cache`).
+It deletes only what the jobs write (`calibration.run_dir`): if the folder holds any other
+file, it stops and names it.
 """
 
 from __future__ import annotations
@@ -36,13 +38,12 @@ import numpy as np
 
 from analysis import evaluate, report, sweep
 from calibration import collect, derive_thresholds, fit, records
+from calibration import run_dir as rd
 from uhlm_jax import channel as ch
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 
-__all__ = ["DEMO_FILE", "Config", "Result", "add_arguments", "main", "run"]
+__all__ = ["Config", "Result", "add_arguments", "main", "run"]
 
-DEMO_FILE = "demo.json"
-DEMO_MARKER = ".uhlm-demo"
 DEFAULT_OUT = "runs/demo"
 CALIBRATION_SPLIT = "calibration"
 # Prior weight, in seconds, of the expected pace in the time-left estimate.
@@ -82,7 +83,8 @@ class Config:
     """Settings of `uhlm demo`.
 
     Attributes:
-        out: the run directory; a previous demo's directory there is replaced.
+        out: the run directory; a previous demo's output there is replaced (other files
+            there stop the demo).
         pair: the named pair to run.
         quick: run `QUICK` instead of `FULL`.
         seed: base seed of every stage.
@@ -169,18 +171,32 @@ class _Stages:
         return out
 
 
+# Files named in an error, at most.
+_MAX_NAMED_FILES = 5
+
+
 def _prepare_out(out: Path) -> None:
     """Empties a previous demo's directory (marked by `DEMO_MARKER`, written first, so an
-    interrupted demo counts too); refuses to touch any other non-empty folder."""
+    interrupted demo counts too); refuses to touch any other non-empty folder, or a demo's
+    folder holding files no job writes."""
     if out.exists() and any(out.iterdir()):
-        if not (out / DEMO_MARKER).is_file():
+        if not (out / rd.DEMO_MARKER).is_file():
             raise ValueError(
                 f"--out {str(out)!r} is a non-empty folder that is not a demo run directory; "
                 "pass a new or empty folder (the demo replaces its own previous output only)"
             )
+        foreign = rd.foreign_files(out)
+        if foreign:
+            named = ", ".join(foreign[:_MAX_NAMED_FILES])
+            more = f" and {len(foreign) - _MAX_NAMED_FILES} more" if len(
+                foreign) > _MAX_NAMED_FILES else ""
+            raise ValueError(
+                f"--out {str(out)!r} holds files the demo did not write ({named}{more}); move "
+                "them elsewhere or pass another --out (a rerun replaces the demo's own files)"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by uhlm demo; a rerun replaces this folder\n")
+    rd.write_text(out / rd.DEMO_MARKER, "written by uhlm demo; a rerun replaces this folder\n")
 
 
 def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[str, Any]:
@@ -189,10 +205,10 @@ def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[s
                if row["mode"] != "uhlm"}
     uhlm = {row["threshold_name"]: row for row in summary.to_dict(orient="records")
             if row["mode"] == "uhlm"}
-    op = uhlm[evaluation.operating]
-    fitted = records.read_json(run_dir / "fit.json")
-    derived = records.read_json(run_dir / "thresholds.json")
-    pearson = (fitted.get("correlation") or {}).get("pearson") or {}
+    thresholds = rd.Thresholds.read(run_dir)
+    operating = rd.operating_threshold(thresholds)
+    op = uhlm[operating.name]
+    pearson = rd.Fit.read(run_dir).correlations.get("pearson")
     return {
         "pair": cfg.pair,
         "quick": cfg.quick,
@@ -200,12 +216,14 @@ def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[s
         "calibration_tokens": int(len(records.read_records(run_dir))),
         "evaluation_prompts": int(op["prompts"]),
         "draft_acceptance_hlm": by_mode["hlm"]["acceptance_rate"],
-        "u_beta_pearson": pearson.get("estimate"),
-        "u_beta_pearson_interval": pearson.get("interval"),
-        "risk": derived.get("risk"),
-        "confidence": derived.get("confidence"),
+        "u_beta_pearson": None if pearson is None else pearson.estimate,
+        "u_beta_pearson_interval": None if pearson is None else list(pearson.interval),
+        "risk": thresholds.risk,
+        "confidence": thresholds.confidence,
         "thresholds": evaluation.thresholds,
-        "operating_threshold": evaluation.operating,
+        "operating_threshold": operating.name,
+        "operating_threshold_passed_validation": operating.passed_validation,
+        "operating_threshold_validation": operating.note,
         "uhlm_skip_share": op["skip_share"],
         "uhlm_accuracy_pct_of_llm": op["accuracy_pct_of_llm"],
         "uhlm_speedup_vs_hlm": op["speedup_vs_hlm"],
@@ -250,7 +268,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     summary = _headline(out, evaluation, cfg)
     summary["stage_seconds"] = stages.seconds
     summary["total_seconds"] = time.perf_counter() - stages.start
-    records.write_json(out / DEMO_FILE, _finite(summary))
+    rd.write_json(out / rd.DEMO_FILE, _finite(summary))
     return Result(
         run_dir=out, summary=summary, table=evaluate.summary_table(evaluation.summary),
         report_html=written.html, report_markdown=written.markdown,
@@ -283,6 +301,8 @@ def describe(result: Result) -> str:
         f"{s['u_beta_pearson']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}].",
         f"Thresholds (risk eps = {s['risk']}, confidence {s['confidence']}): {named}.",
         f"Draft acceptance under HLM: {_pct(s['draft_acceptance_hlm'])}.",
+        *([f"Warning: {s['operating_threshold_validation']}."]
+          if s["operating_threshold_passed_validation"] is False else []),
         f"U-HLM at the {s['operating_threshold']} threshold: skips "
         f"{_pct(s['uhlm_skip_share'])} of tokens, realised risk per token "
         f"{s['uhlm_realised_risk_per_token']:.3f}, accuracy "

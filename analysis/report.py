@@ -23,11 +23,12 @@ Only the records (`records/shard-*.parquet`) are required. A missing `fit.json`,
 `thresholds.json` or `sweep.parquet` drops its section with a note (a missing sweep is
 replaced by a default replay computed on the fly, not written).
 
-Operating threshold (the first available): `--threshold`; the Learn-then-Test, then the
-posterior risk-bounded threshold of `thresholds.json` (thresholds with a stated risk); its
-analytic risk-prone threshold; the risk-prone threshold `(Δ − b)/a` of a least-squares fit
-of the records (clipped to [0, 1]); the largest threshold whose realised risk per token on
-the records is at most `FALLBACK_RISK`.
+Operating threshold: `--threshold` if given; else, with a `thresholds.json` for the gate
+measure, the one `uhlm evaluate` and `uhlm demo` use (`calibration.run_dir.
+operating_threshold`), flagged when it failed its own prompt-split validation, with the
+thresholds that passed; else the risk-prone threshold `(Δ − b)/a` of a least-squares fit
+of the records (clipped to [0, 1]); else the largest threshold whose realised risk per
+token on the records is at most `FALLBACK_RISK`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import html
 import json
 import math
 import sys
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,7 @@ from analysis import evaluate, plots
 from analysis import sweep as sw
 from analysis.link import COST_PROFILES, NAMED_COSTS, cost_caption
 from calibration import records
+from calibration import run_dir as rd
 from uhlm_jax import channel as ch
 from uhlm_jax import rejection
 from uhlm_jax import replay as rp
@@ -58,10 +61,7 @@ from uhlm_jax import threshold as T
 from uhlm_jax.modes import Mode
 
 __all__ = [
-    "HTML_FILE",
-    "MARKDOWN_FILE",
     "MODE_TABLE_COLUMNS",
-    "PLOTS_DIR",
     "Config",
     "Result",
     "add_arguments",
@@ -73,12 +73,6 @@ __all__ = [
     "run",
 ]
 
-MARKDOWN_FILE = "report.md"
-HTML_FILE = "report.html"
-PLOTS_DIR = "plots"
-FIT_FILE = "fit.json"
-LINEAR_FILE = "posterior_linear.npz"
-THRESHOLDS_FILE = "thresholds.json"
 # Without a positive slope, the operating threshold is the largest on this grid whose
 # realised risk per token on the records is at most this.
 FALLBACK_GRID = 101
@@ -241,12 +235,6 @@ def _html(blocks: list[_Block], title: str) -> str:
     return "\n".join(out)
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------------ maths
 
 
@@ -258,31 +246,13 @@ def _fmt(x: Any, digits: int = 3) -> str | None:
 
 
 def plug_in_thresholds(
-    analytic: dict[str, Any], u: np.ndarray, beta: np.ndarray
+    thresholds: rd.Thresholds | None, u: np.ndarray, beta: np.ndarray
 ) -> rejection.PlugInThresholds:
-    """The least-squares plug-in thresholds: those of `analytic`, the `analytic` section of
-    `thresholds.json` for the gate measure, or computed from the records when it has none."""
-    if "slope" not in analytic:
+    """The least-squares plug-in thresholds: those of `thresholds.json` for the gate
+    measure, or computed from the records when it has none."""
+    if thresholds is None or thresholds.plug_in is None:
         return rejection.plug_in_thresholds(u, beta)
-
-    def paper(rule: T.PaperRule) -> T.PaperThreshold:
-        block = analytic.get(rule.value) or {}
-        value = block.get("threshold")
-        threshold = math.nan if value is None else float(value)
-        raw = block.get("raw", value)
-        return T.PaperThreshold(
-            raw=math.nan if raw is None else float(raw),
-            threshold=threshold,
-            reason=block.get("reason"),
-        )
-
-    return rejection.PlugInThresholds(
-        slope=analytic["slope"],
-        intercept=analytic["intercept"],
-        rejection_share=analytic["rejection_share"],
-        risk_averse=paper(T.PaperRule.RISK_AVERSE),
-        risk_prone=paper(T.PaperRule.RISK_PRONE),
-    )
+    return thresholds.plug_in
 
 
 def measure_scores(df: pd.DataFrame) -> pd.DataFrame:
@@ -312,6 +282,7 @@ def mode_table(
     measure_index: int,
     thresholds: dict[str, float],
     profile: ch.CostProfile,
+    failed_validation: Collection[str] = (),
 ) -> tuple[pd.DataFrame, dict[str, rp.ReplayMetrics]]:
     """The paper-style per-mode table, one U-HLM row per named threshold.
 
@@ -322,6 +293,7 @@ def mode_table(
         measure_index: the gate measure's row of `tokens.u`.
         thresholds: name -> U-HLM threshold (the first is the operating point).
         profile: cost profile (its link and payload are used).
+        failed_validation: names of thresholds that failed their validation (flagged).
 
     Returns:
         The table (`MODE_TABLE_COLUMNS`, formatted strings) and each row's metrics, keyed
@@ -350,8 +322,8 @@ def mode_table(
     rows_of = [(labels[Mode.LLM_ONLY], "llm_only", replay(Mode.LLM_ONLY)),
                (labels[Mode.SLM_ONLY], "slm_only", replay(Mode.SLM_ONLY)),
                (labels[Mode.HLM], "hlm", replay(Mode.HLM))]
-    rows_of += [(f"{labels[Mode.UHLM]}, {name} (u_th = {t:.3f})", f"uhlm:{name}", uhlm[name])
-                for name, t in named]
+    rows_of += [(evaluate.uhlm_label(name, t, name in failed_validation), f"uhlm:{name}",
+                 uhlm[name]) for name, t in named]
     rows_of.append((f"{labels[Mode.RAND_HLM]} (p = {matched:.3f})", "rand_hlm",
                     replay(Mode.RAND_HLM, 0.0, matched)))
     rows = []
@@ -376,43 +348,26 @@ def mode_table(
 # ----------------------------------------------------------------------- sections
 
 
-def _read_optional(path: Path) -> dict[str, Any] | None:
-    return records.read_json(path) if path.is_file() else None
-
-
-def _threshold_rows(th: dict[str, Any]) -> pd.DataFrame:
+def _threshold_rows(th: rd.Thresholds) -> pd.DataFrame:
     rows = []
 
-    def add(name: str, block: dict | None, guarantee: str, note: str | None = None):
-        if not block:
+    def add(name: str, block: rd.NamedThreshold | None, guarantee: str,
+            note: str | None = None):
+        if block is None:
             return
-        emp = block.get("empirical") or {}
-        rows.append(
-            [
-                name,
-                _fmt(block.get("threshold")) if block.get("threshold") is not None else None,
-                _fmt(emp.get("skip_share")),
-                _fmt(emp.get("per_token"), 4),
-                _fmt(emp.get("given_skip"), 4),
-                guarantee,
-                note if note is not None else block.get("reason"),
-            ]
-        )
+        emp = block.empirical or rd.Empirical(None, None, None)
+        rows.append([name, _fmt(block.threshold), _fmt(emp.skip_share), _fmt(emp.per_token, 4),
+                     _fmt(emp.given_skip, 4), guarantee,
+                     note if note is not None else block.reason])
 
-    analytic = th.get("analytic") or {}
-    add("analytic risk-averse −b/a", analytic.get("risk_averse"), "none (plug-in)")
-    add("analytic risk-prone (Δ−b)/a", analytic.get("risk_prone"), "none (plug-in)")
-    posterior = th.get("posterior") or {}
-    eps, conf = th.get("risk"), th.get("confidence")
-    bound = f"P(R ≤ {eps} | data) ≥ {conf}"
-    add("posterior risk-bounded (linear)", (posterior.get("linear") or {}).get("risk_bounded"),
-        bound + " under the linear model")
-    add("posterior risk-bounded (hurdle)", (posterior.get("hurdle") or {}).get("risk_bounded"),
+    add("analytic risk-averse −b/a", th.risk_averse, "none (plug-in)")
+    add("analytic risk-prone (Δ−b)/a", th.risk_prone, "none (plug-in)")
+    bound = f"P(R ≤ {th.risk} | data) ≥ {th.confidence}"
+    add("posterior risk-bounded (linear)", th.risk_bounded, bound + " under the linear model")
+    add("posterior risk-bounded (hurdle)", th.risk_bounded_hurdle,
         bound + " under the hurdle model")
-    ltt = th.get("ltt") or {}
-    if ltt:
-        add("Learn-then-Test", ltt, f"P(R ≤ {eps}) ≥ {conf}, distribution-free",
-            ltt_note(ltt))
+    add("Learn-then-Test", th.ltt, f"P(R ≤ {th.risk}) ≥ {th.confidence}, distribution-free",
+        ltt_note(th))
     return pd.DataFrame(
         rows,
         columns=["Threshold", "u_th", "Skip share", "Risk per token", "Risk given skip",
@@ -420,26 +375,24 @@ def _threshold_rows(th: dict[str, Any]) -> pd.DataFrame:
     )
 
 
-def ltt_note(ltt: dict[str, Any]) -> str | None:
+def ltt_note(th: rd.Thresholds) -> str:
     """What Learn-then-Test needed: the prompts it certified with, or why it certified
     nothing and how many prompts would do."""
-    if ltt.get("certified"):
-        return f"certified with {ltt.get('num_prompts')} prompts"
-    if ltt.get("reason"):
-        return f"skips nothing: {ltt['reason']}"
+    if th.ltt_certified:
+        return f"certified with {th.ltt_num_prompts} prompts"
+    if th.ltt is not None and th.ltt.reason:
+        return f"skips nothing: {th.ltt.reason}"
     return "skips nothing: no threshold certified"
 
 
-def _fit_rows(fit: dict[str, Any]) -> pd.DataFrame:
+def _fit_rows(fit: rd.Fit) -> pd.DataFrame:
     rows = []
-    for model in ("linear", "hurdle"):
-        nuts = (fit.get(model) or {}).get("nuts") or {}
-        for name, p in (nuts.get("params") or {}).items():
-            lo, hi = p.get("interval", [None, None])
+    for model, nuts in fit.nuts.items():
+        for name, p in nuts.params.items():
+            lo, hi = p.interval
             rows.append(
-                [model, name, _fmt(p.get("mean"), 4), _fmt(p.get("sd"), 4),
-                 f"[{_fmt(lo, 4)}, {_fmt(hi, 4)}]", _fmt(p.get("r_hat"), 3),
-                 _fmt(p.get("ess"), 0), nuts.get("divergences")]
+                [model, name, _fmt(p.mean, 4), _fmt(p.sd, 4), f"[{_fmt(lo, 4)}, {_fmt(hi, 4)}]",
+                 _fmt(p.r_hat, 3), _fmt(p.ess, 0), nuts.divergences]
             )
     return pd.DataFrame(
         rows, columns=["Model", "Parameter", "Mean", "SD", "Interval", "r-hat", "ESS",
@@ -448,7 +401,7 @@ def _fit_rows(fit: dict[str, Any]) -> pd.DataFrame:
 
 
 def _posterior_draws(run_dir: Path) -> dict[str, np.ndarray] | None:
-    path = run_dir / LINEAR_FILE
+    path = run_dir / rd.LINEAR_POSTERIOR_FILE
     if not path.is_file():
         return None
     with np.load(path) as f:
@@ -457,6 +410,18 @@ def _posterior_draws(run_dir: Path) -> dict[str, np.ndarray] | None:
         draws = {k: f[k].reshape(-1) for k in ("slope", "intercept")}
     index = np.linspace(0, draws["slope"].size - 1, min(MAX_DRAWS, draws["slope"].size))
     return {k: v[index.astype(int)] for k, v in draws.items()}
+
+
+def _validation_text(th: rd.Thresholds, operating: rd.OperatingThreshold) -> str:
+    """What the validation says of the operating threshold, and, when it failed, which
+    of the run's thresholds passed."""
+    if not operating.failed:
+        return operating.note[:1].upper() + operating.note[1:] + "." if operating.note else ""
+    passed = [f"{name} (u_th = {value:.3f})" for name, value in th.named().items()
+              if th.passed_validation(name)]
+    alternative = (f"Thresholds that passed: {', '.join(passed)}." if passed
+                   else "None of the run's thresholds passed its validation.")
+    return f"Warning: {operating.note}. {alternative}"
 
 
 def _comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
@@ -475,10 +440,11 @@ def _comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
 def _evaluation_blocks(evaluation: tuple[dict[str, Any], pd.DataFrame] | None) -> list[_Block]:
     heading = _heading("## Modes on held-out prompts (real rollouts)")
     if evaluation is None:
-        return [heading, _para(f"No {evaluate.SUMMARY_FILE}: run `uhlm evaluate RUN_DIR` to "
-                               "compare the modes with real rollouts on held-out prompts.")]
+        return [heading, _para(f"No {rd.EVALUATION_SUMMARY_FILE}: run `uhlm evaluate RUN_DIR` "
+                               "to compare the modes with real rollouts on held-out prompts.")]
     data, summary = evaluation
     s = data["settings"]
+    validation = (data.get("operating_threshold") or {}).get("validation")
     return [
         heading,
         _table(evaluate.summary_table(summary)),
@@ -491,7 +457,8 @@ def _evaluation_blocks(evaluation: tuple[dict[str, Any], pd.DataFrame] | None) -
             "the LLM's mean-pooled final hidden states of the response and of the prompt's "
             "reference answer (± SE over prompts); % of LLM divides it by LLM-only's. LLM NLL "
             "= the LLM's mean negative log-likelihood of the emitted tokens. Rand-HLM "
-            f"transmits with U-HLM's transmission rate at the {data['operating']} threshold. "
+            f"transmits with U-HLM's transmission rate at the {data['operating']} threshold"
+            + (f" ({validation})" if validation else "") + ". "
             "The speedup over HLM is bounded by 1/(1 − s) under this latency model."
         ),
     ]
@@ -511,19 +478,20 @@ def _versions() -> dict[str, str]:
 
 def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens: rp.Tokens,
                  notes: list[str], cost_profile_name: str) -> pd.DataFrame:
-    path = run_dir / sw.SWEEP_FILE
+    path = run_dir / rd.SWEEP_FILE
     if path.is_file():
-        swept = ((_read_optional(run_dir / sw.SUMMARY_FILE) or {}).get("config") or {}).get(
-            "cost_profile_name", NAMED_COSTS)
+        summary_path = run_dir / rd.SWEEP_SUMMARY_FILE
+        summary = rd.read_json(summary_path) if summary_path.is_file() else {}
+        swept = (summary.get("config") or {}).get("cost_profile_name", NAMED_COSTS)
         if swept != cost_profile_name:
             notes.append(
-                f"{sw.SWEEP_FILE} prices the '{swept}' cost profile: the threshold and "
+                f"{rd.SWEEP_FILE} prices the '{swept}' cost profile: the threshold and "
                 f"Pareto figures use it, the replay table and the SNR figure the "
                 f"'{cost_profile_name}' one."
             )
         return pd.read_parquet(path)
     notes.append(
-        f"No {sw.SWEEP_FILE}: the threshold and Pareto figures use a default replay "
+        f"No {rd.SWEEP_FILE}: the threshold and Pareto figures use a default replay "
         "computed for this report (run `uhlm sweep` to choose the grid and add rollouts)."
     )
     cfg = sw.Config(run_dir=str(run_dir), measures=measures, snr_db=(),
@@ -533,7 +501,7 @@ def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens:
 
 def run(cfg: Config) -> Result:
     """Writes `report.md`, `report.html` and the figures; see the module docstring."""
-    run_dir = records.require_run_dir(cfg.run_dir).absolute()
+    run_dir = rd.require_run_dir(cfg.run_dir).absolute()
     df = records.read_records(run_dir)
     measures = tuple(records.measure_names(df.columns))
     if cfg.measure not in measures:
@@ -542,19 +510,18 @@ def run(cfg: Config) -> Result:
             f"{list(measures)}"
         )
     notes: list[str] = []
-    run_config = _read_optional(run_dir / records.CONFIG_FILE) or {}
-    fit = _read_optional(run_dir / FIT_FILE)
-    th = _read_optional(run_dir / THRESHOLDS_FILE)
-    sweep_summary = _read_optional(run_dir / sw.SUMMARY_FILE)
+    run_config = rd.RunConfig.read_optional(run_dir) or rd.RunConfig()
+    fit = rd.Fit.read_optional(run_dir)
+    th = rd.Thresholds.read_optional(run_dir)
+    sweep_summary_path = run_dir / rd.SWEEP_SUMMARY_FILE
+    sweep_summary = rd.read_json(sweep_summary_path) if sweep_summary_path.is_file() else None
     tokens = sw.load_tokens(df, measures)
     gate = measures.index(cfg.measure)
     u = df[records.MEASURE_PREFIX + cfg.measure].to_numpy(np.float64)
     beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
-    analytic = (th or {}).get("analytic") or {}
-    same_measure = bool(th) and th.get("measure", cfg.measure) == cfg.measure
-    slope, intercept, share, averse, prone = plug_in_thresholds(
-        analytic if same_measure else {}, u, beta
-    )
+    # Thresholds of the gate measure (a file without a measure is taken to be of it).
+    gate_th = th if th is not None and th.measure in (None, cfg.measure) else None
+    slope, intercept, share, averse, prone = plug_in_thresholds(gate_th, u, beta)
     if not slope > 0:
         notes.append(
             f"The least-squares slope a = {slope:.4f} is not positive: u does not predict "
@@ -562,22 +529,22 @@ def run(cfg: Config) -> Result:
         )
     else:
         notes += [f"Analytic threshold: {p.reason}." for p in (averse, prone) if p.reason]
-    bounded = (((th or {}).get("posterior") or {}).get("linear") or {}).get("risk_bounded") or {}
-    certified = []
-    if same_measure:
-        certified = [("Learn-then-Test", (th.get("ltt") or {}).get("threshold")),
-                     ("posterior risk-bounded", bounded.get("threshold"))]
-    candidates = [
-        (cfg.threshold, "given with --threshold", "given"),
-        *((t, f"the {name} threshold of {THRESHOLDS_FILE}", name) for name, t in certified),
-        ((analytic.get("risk_prone") or {}).get("threshold") if same_measure else None,
-         f"the analytic risk-prone threshold of {THRESHOLDS_FILE}", "risk-prone"),
-        (prone.threshold if np.isfinite(prone.threshold) else None,
-         "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records",
-         "risk-prone"),
-    ]
-    chosen = next(((float(t), src, name) for t, src, name in candidates if t is not None), None)
-    if chosen is None:
+    from_file = gate_th.named() if gate_th is not None else {}
+    operating = rd.operating_threshold(gate_th) if gate_th is not None else None
+    validation_text = ""
+    if cfg.threshold is not None:
+        chosen = (cfg.threshold, "given with --threshold", "given")
+    elif operating is not None:
+        chosen = (operating.value, f"the {operating.name} threshold of {rd.THRESHOLDS_FILE}, "
+                  "the one `uhlm evaluate` and `uhlm demo` operate at", operating.name)
+        validation_text = _validation_text(gate_th, operating)
+        if operating.failed:
+            notes.append(validation_text)
+    elif np.isfinite(prone.threshold):
+        chosen = (prone.threshold,
+                  "the risk-prone threshold (Δ − b)/a of a least-squares fit of the records",
+                  rd.ThresholdName.RISK_PRONE)
+    else:
         grid = jnp.linspace(0.0, 1.0, FALLBACK_GRID)
         curve = np.asarray(T.risk_curve(jnp.asarray(beta, jnp.float32),
                                         jnp.asarray(u, jnp.float32), grid))
@@ -592,25 +559,23 @@ def run(cfg: Config) -> Result:
     costs = sw.Config(run_dir=str(run_dir), cost_profile_name=cfg.cost_profile_name)
     profile = costs.cost_profile(cfg.link)
     named = {op_name: threshold}
-    for name, t in [("risk-averse", averse.threshold), ("risk-prone", prone.threshold)] + [
-        (n, float(v)) for n, v in certified if v is not None
-    ]:
+    plug_ins = {rd.ThresholdName.RISK_AVERSE: averse.threshold,
+                rd.ThresholdName.RISK_PRONE: prone.threshold}
+    for name, t in [*plug_ins.items(), *from_file.items()]:
         if name not in named and np.isfinite(t):
-            named[name] = t
-    table, metrics = mode_table(tokens, gate, named, profile)
+            named[name] = float(np.clip(t, 0.0, 1.0))
+    failed = {name for name in from_file if gate_th.failed_validation(name)}
+    table, metrics = mode_table(tokens, gate, named, profile, failed)
     uh = metrics[f"uhlm:{op_name}"]
-    plot_dir = run_dir / PLOTS_DIR
+    plot_dir = run_dir / rd.PLOTS_DIR
     figures: list[tuple[Path, str]] = []
 
     # u-β figure.
     marks = {"risk-averse −b/a": averse.threshold, "risk-prone (Δ−b)/a": prone.threshold}
-    if th:
-        ltt = (th.get("ltt") or {}).get("threshold")
-        if ltt is not None:
-            marks["Learn-then-Test"] = ltt
-        if bounded.get("threshold") is not None:
-            marks["posterior risk-bounded"] = bounded["threshold"]
-    draws = _posterior_draws(run_dir) if fit and fit.get("measure") == cfg.measure else None
+    for name in (rd.ThresholdName.LEARN_THEN_TEST, rd.ThresholdName.RISK_BOUNDED):
+        if name in from_file:
+            marks[str(name)] = from_file[name]
+    draws = _posterior_draws(run_dir) if fit and fit.measure == cfg.measure else None
     figures.append(
         (
             plots.u_beta(
@@ -649,8 +614,8 @@ def run(cfg: Config) -> Result:
             )
         )
     if draws is None:
-        notes.append(f"No {FIT_FILE}/{LINEAR_FILE} for this measure: no posterior band or "
-                     "threshold posterior (run `uhlm fit`).")
+        notes.append(f"No {rd.FIT_FILE}/{rd.LINEAR_POSTERIOR_FILE} for this measure: no "
+                     "posterior band or threshold posterior (run `uhlm fit`).")
 
     # Sweep figures.
     sweep_table = _sweep_table(run_dir, cfg.measure, measures, tokens, notes,
@@ -722,22 +687,22 @@ def run(cfg: Config) -> Result:
             "Uncertainty measures: correlation with β and AUROC for β > 0.",
         )
     )
-    validation = (th or {}).get("validation") or {}
-    if validation.get("methods"):
+    validation = th.validation if th is not None else None
+    if validation is not None and validation.methods:
         realised = {
-            name: np.array(m.get("realised_risk_per_token", []), np.float64)
-            for name, m in validation["methods"].items()
+            name: np.array(m.realised_risk_per_token, np.float64)
+            for name, m in validation.methods.items()
         }
         figures.append(
             (
                 plots.risk_histograms(
-                    realised, plot_dir / "risk_histograms.png", eps=float(th["risk"]),
-                    delta=validation.get("allowed_exceed_frequency"),
-                    no_skip={name: float(m.get("no_skip_frequency") or 0.0)
-                             for name, m in validation["methods"].items()},
+                    realised, plot_dir / "risk_histograms.png", eps=th.risk,
+                    delta=validation.allowed_exceed_frequency,
+                    no_skip={name: m.no_skip_frequency or 0.0
+                             for name, m in validation.methods.items()},
                 ),
                 f"Realised risk per token on held-out prompts over "
-                f"{validation.get('num_splits')} random splits; a split in which a method "
+                f"{validation.num_splits} random splits; a split in which a method "
                 "skipped nothing has risk 0 and saves nothing.",
             )
         )
@@ -760,8 +725,9 @@ def run(cfg: Config) -> Result:
         _heading(f"# U-HLM report: {run_dir.name}"),
         _para(
             f"{len(df)} generated tokens from {df['prompt_id'].nunique()} prompts; pair "
-            f"`{(run_config.get('pair') or {}).get('name', 'unknown')}`. Gate measure "
+            f"`{run_config.pair or 'unknown'}`. Gate measure "
             f"`{cfg.measure}`; operating threshold u_th = {threshold:.4f} ({source}). "
+            + (f"{validation_text} " if validation_text else "") +
             f"Costs: {cost_caption(profile, costs.pair_profile())}; "
             f"{link_label} link ({float(profile.link.mean_snr_db):.1f} dB mean SNR, "
             f"{float(profile.link.bandwidth_hz) / 1e6:g} MHz, Rayleigh fading), "
@@ -776,14 +742,14 @@ def run(cfg: Config) -> Result:
             f"its speedup over HLM, {float(uh.speedup_vs_hlm):.3f}×, is {bound_text} under "
             "this latency model. Risk-averse and risk-prone rows use the least-squares "
             "plug-ins −b/a and (Δ − b)/a (clipped to [0, 1]); Learn-then-Test and posterior "
-            f"risk-bounded rows use {THRESHOLDS_FILE}. LLM agreement is "
+            f"risk-bounded rows use {rd.THRESHOLDS_FILE}. LLM agreement is "
             "1 − R, the expected share of emitted tokens the LLM would accept (R: realised "
             "rejection risk of skipped drafts per token), a token-level stand-in for "
             "accuracy relative to the LLM. HLM's expected latency per token is "
             f"{1e3 * float(hlm.latency_s):.2f} ms."
         ),
     ]
-    comparison_path = run_dir / sw.COMPARISON_FILE
+    comparison_path = run_dir / rd.SWEEP_COMPARISON_FILE
     blocks.append(_heading("## Replay against real rollouts"))
     if comparison_path.is_file():
         comparison = pd.read_parquet(comparison_path)
@@ -798,74 +764,70 @@ def run(cfg: Config) -> Result:
             ),
         ]
     else:
-        blocks.append(_para(f"No {sw.COMPARISON_FILE}: run `uhlm sweep --rollout-thresholds "
+        blocks.append(_para(f"No {rd.SWEEP_COMPARISON_FILE}: run `uhlm sweep --rollout-thresholds "
                             "...` to compare replay with real rollouts."))
     blocks.append(_heading("## Thresholds"))
-    if th:
+    if th is not None:
         blocks += [
             _para(
-                f"From {THRESHOLDS_FILE} (measure `{th.get('measure')}`): risk level ε = "
-                f"{_fmt(th.get('risk'))}, confidence 1 − δ = {_fmt(th.get('confidence'))}. "
+                f"From {rd.THRESHOLDS_FILE} (measure `{th.measure}`): risk level ε = "
+                f"{_fmt(th.risk)}, confidence 1 − δ = {_fmt(th.confidence)}. "
                 "Risk is the rejection probability of skipped drafts per generated token; "
                 "empirical columns are realised on all records."
             ),
             _table(_threshold_rows(th)),
         ]
-        if th.get("ltt"):
-            blocks.append(_para(f"Learn-then-Test: {ltt_note(th['ltt'])}."))
-        if validation.get("methods"):
+        if th.ltt is not None:
+            blocks.append(_para(f"Learn-then-Test: {ltt_note(th)}."))
+        if validation is not None and validation.methods:
             rows = [
-                [name.replace("_", " "), _fmt(m.get("exceed_frequency_per_token")),
-                 _fmt(m.get("exceed_frequency_per_prompt")), _fmt(m.get("mean_skip_share")),
-                 _fmt(m.get("no_skip_frequency"))]
-                for name, m in validation["methods"].items()
+                [name.replace("_", " "), _fmt(m.exceed_frequency_per_token),
+                 _fmt(m.exceed_frequency_per_prompt), _fmt(m.mean_skip_share),
+                 _fmt(m.no_skip_frequency)]
+                for name, m in validation.methods.items()
             ]
             blocks += [
                 _para(
-                    f"Validation over {validation.get('num_splits')} random prompt splits "
-                    f"({validation.get('calibration_prompts')} calibration / "
-                    f"{validation.get('test_prompts')} test prompts); allowed exceedance "
-                    f"share δ = {_fmt(validation.get('allowed_exceed_frequency'))}."
+                    f"Validation over {validation.num_splits} random prompt splits "
+                    f"({validation.calibration_prompts} calibration / "
+                    f"{validation.test_prompts} test prompts); allowed exceedance "
+                    f"share δ = {_fmt(validation.allowed_exceed_frequency)}."
+                    + (f" {validation_text}" if validation_text else "")
                 ),
                 _table(pd.DataFrame(rows, columns=[
                     "Method", "Exceeds ε (per token)", "Exceeds ε (per prompt)",
                     "Mean skip share", "Skips nothing"])),
             ]
     else:
-        notes.append(f"No {THRESHOLDS_FILE}: thresholds are least-squares plug-ins only "
+        notes.append(f"No {rd.THRESHOLDS_FILE}: thresholds are least-squares plug-ins only "
                      "(run `uhlm threshold --run RUN_DIR`).")
         blocks.append(_para(
-            f"No {THRESHOLDS_FILE} (run `uhlm threshold --run RUN_DIR`). Least-squares "
+            f"No {rd.THRESHOLDS_FILE} (run `uhlm threshold --run RUN_DIR`). Least-squares "
             f"plug-ins: a = {slope:.4f}, b = {intercept:.4f}, Δ = P(β > 0) = {share:.4f}; "
             f"risk-averse −b/a = {averse.threshold:.4f}, risk-prone (Δ − b)/a = "
             f"{prone.threshold:.4f}; no risk bound."
         ))
     blocks.append(_heading("## Fit"))
-    if fit:
-        corr = fit.get("correlation") or {}
-        comp = fit.get("comparison") or {}
-        text = [f"From {FIT_FILE} (measure `{fit.get('measure')}`)."]
-        for name in ("pearson", "spearman"):
-            if name in corr:
-                lo, hi = corr[name]["interval"]
-                text.append(f"{name.capitalize()} r(u, β) = {corr[name]['estimate']:.3f} "
-                            f"[{lo:.3f}, {hi:.3f}] (prompt bootstrap).")
-        if comp:
+    if fit is not None:
+        text = [f"From {rd.FIT_FILE} (measure `{fit.measure}`)."]
+        for name, c in fit.correlations.items():
+            lo, hi = c.interval
+            text.append(f"{name.capitalize()} r(u, β) = {c.estimate:.3f} "
+                        f"[{lo:.3f}, {hi:.3f}] (prompt bootstrap).")
+        comp = fit.comparison
+        if comp is not None:
             text.append(
-                f"WAIC: linear {comp['linear']['waic']:.1f}, hurdle {comp['hurdle']['waic']:.1f}; "
-                f"elpd(hurdle) − elpd(linear) = {comp['elpd_difference_hurdle_minus_linear']:.1f}"
-                f" ± {comp['elpd_difference_se']:.1f}, preferred: {comp['preferred']}."
+                f"WAIC: linear {comp.linear_waic:.1f}, hurdle {comp.hurdle_waic:.1f}; "
+                f"elpd(hurdle) − elpd(linear) = {comp.elpd_difference:.1f}"
+                f" ± {comp.elpd_difference_se:.1f}, preferred: {comp.preferred}."
             )
-        ppc = fit.get("predictive_checks") or []
-        if ppc:
-            for model in ("linear", "hurdle"):
-                covered = sum(bool((r.get(model) or {}).get("mean_covered")) for r in ppc)
-                text.append(f"Posterior predictive: the {model} model's 90% range covers "
-                            f"the observed mean β in {covered} of {len(ppc)} u bins.")
+        for model, covered in fit.predictive_mean_covered.items():
+            text.append(f"Posterior predictive: the {model} model's 90% range covers "
+                        f"the observed mean β in {sum(covered)} of {len(covered)} u bins.")
         blocks += [_para(" ".join(text)), _table(_fit_rows(fit))]
     else:
-        notes.append(f"No {FIT_FILE}: the fit section is empty (run `uhlm fit RUN_DIR`).")
-        blocks.append(_para(f"No {FIT_FILE} (run `uhlm fit RUN_DIR`). Least squares on the "
+        notes.append(f"No {rd.FIT_FILE}: the fit section is empty (run `uhlm fit RUN_DIR`).")
+        blocks.append(_para(f"No {rd.FIT_FILE} (run `uhlm fit RUN_DIR`). Least squares on the "
                             f"records: β ≈ {slope:.4f}·u {intercept:+.4f}."))
     blocks += [
         _heading("## Uncertainty measures"),
@@ -874,26 +836,26 @@ def run(cfg: Config) -> Result:
         _heading("## Figures"),
     ]
     blocks += [_image(path, caption) for path, caption in figures]
-    settings = run_config.get("settings") or {}
+    settings = run_config.settings
     blocks += [
         _heading("## Configuration"),
-        _para("Calibration settings (config.json): `" + json.dumps(settings) + "`."),
+        _para(f"Calibration settings ({rd.CONFIG_FILE}): `" + json.dumps(settings) + "`."),
         _para("Seeds: calibration " + str(settings.get("seed")) +
-              (f", fit {fit['config'].get('seed')}" if fit and "config" in fit else "") +
-              (f", thresholds {th['config'].get('seed')}" if th and "config" in th else "") +
+              (f", fit {fit.seed}" if fit is not None and fit.seed is not None else "") +
+              (f", thresholds {th.seed}" if th is not None and th.seed is not None else "") +
               "."),
-        _para("Versions (collection): `" + json.dumps(run_config.get("versions") or {}) +
+        _para("Versions (collection): `" + json.dumps(dict(run_config.versions)) +
               "`; (report): `" + json.dumps(_versions()) + "`."),
     ]
     if sweep_summary:
-        blocks.append(_para("Sweep configuration (sweep.json): `" +
+        blocks.append(_para(f"Sweep configuration ({rd.SWEEP_SUMMARY_FILE}): `" +
                             json.dumps(sweep_summary.get("config")) + "`."))
     if notes:
         blocks += [_heading("## Notes"), *(_para(n) for n in notes)]
-    markdown_path = run_dir / MARKDOWN_FILE
-    html_path = run_dir / HTML_FILE
-    _write_text(markdown_path, _markdown(blocks, run_dir))
-    _write_text(html_path, _html(blocks, f"U-HLM report: {run_dir.name}"))
+    markdown_path = run_dir / rd.REPORT_MARKDOWN_FILE
+    html_path = run_dir / rd.REPORT_HTML_FILE
+    rd.write_text(markdown_path, _markdown(blocks, run_dir))
+    rd.write_text(html_path, _html(blocks, f"U-HLM report: {run_dir.name}"))
     return Result(markdown=markdown_path, html=html_path,
                   plots=tuple(p for p, _ in figures), notes=tuple(notes))
 

@@ -658,7 +658,7 @@ def _prompt_risks(data: RunData, grid: jnp.ndarray) -> jnp.ndarray:
 
 def prompt_plan(cfg: Config) -> dict[str, Any]:
     """The Learn-then-Test sample-size plan of a pilot run (`--plan-prompts`)."""
-    run_dir = records.require_run_dir(cfg.run_dir)
+    run_dir = rd.require_run_dir(cfg.run_dir)
     measure = cfg.measure or fit.Config(run_dir=str(run_dir)).measure
     data = _load_data(records.read_records(run_dir), measure)
     grid = T.threshold_grid(cfg.grid_size)

@@ -39,6 +39,7 @@ import numpy as np
 import pandas as pd
 
 from uhlm_jax import rejection
+from uhlm_jax import threshold as T
 from uhlm_jax.files import TMP_SUFFIX, AtomicFile
 
 __all__ = [
@@ -363,9 +364,10 @@ class Fit:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Fit:
+        correlation = data.get("correlation") or {}
         correlations = {
             name: Correlation(float(c["estimate"]), tuple(float(x) for x in c["interval"]))
-            for name, c in (data.get("correlation") or {}).items()
+            for name in ("pearson", "spearman") if (c := correlation.get(name)) is not None
         }
         nuts = {}
         for model in ("linear", "hurdle"):
@@ -442,10 +444,14 @@ class NamedThreshold:
     Attributes:
         threshold: `u_th` as written; None means "skip nothing" (no grid point qualified).
         empirical: its realised risk on the records, when written.
+        raw: a paper threshold's formula value before clipping to [0, 1], when written.
+        reason: why the threshold is not the formula's value (or skips nothing), if so.
     """
 
     threshold: float | None
     empirical: Empirical | None = None
+    raw: float | None = None
+    reason: str | None = None
 
     @classmethod
     def from_json(cls, block: Any) -> NamedThreshold | None:
@@ -454,6 +460,8 @@ class NamedThreshold:
         emp = block.get("empirical")
         return cls(
             threshold=_float(block.get("threshold")),
+            raw=_float(block.get("raw")),
+            reason=block.get("reason"),
             empirical=None if emp is None else Empirical(
                 per_token=_float(emp.get("per_token")),
                 given_skip=_float(emp.get("given_skip")),
@@ -523,7 +531,8 @@ class Thresholds:
         risk_averse, risk_prone: the analytic thresholds `−b/a`, `(Δ − b)/a`.
         risk_bounded, risk_bounded_hurdle: the posterior risk-bounded thresholds of the
             linear and the hurdle model.
-        ltt: the Learn-then-Test threshold; `ltt_certified`: whether it is certified.
+        ltt: the Learn-then-Test threshold; `ltt_certified`: whether it is certified;
+            `ltt_num_prompts`: the calibration prompts it used.
         validation: the prompt-split validation, if written.
     """
 
@@ -538,6 +547,7 @@ class Thresholds:
     risk_bounded_hurdle: NamedThreshold | None = None
     ltt: NamedThreshold | None = None
     ltt_certified: bool = False
+    ltt_num_prompts: int | None = None
     validation: Validation | None = None
 
     @classmethod
@@ -546,16 +556,22 @@ class Thresholds:
         plug_in = None
         if "slope" in analytic:
 
-            def threshold(name: str) -> float:
-                value = _get(analytic, name, "threshold")
-                return math.nan if value is None else float(value)
+            def paper(rule: T.PaperRule) -> T.PaperThreshold:
+                block = analytic.get(rule.value) or {}
+                value = block.get("threshold")
+                raw = block.get("raw", value)
+                return T.PaperThreshold(
+                    raw=math.nan if raw is None else float(raw),
+                    threshold=math.nan if value is None else float(value),
+                    reason=block.get("reason"),
+                )
 
             plug_in = rejection.PlugInThresholds(
                 slope=float(analytic["slope"]),
                 intercept=float(analytic["intercept"]),
                 rejection_share=float(analytic["rejection_share"]),
-                risk_averse=threshold("risk_averse"),
-                risk_prone=threshold("risk_prone"),
+                risk_averse=paper(T.PaperRule.RISK_AVERSE),
+                risk_prone=paper(T.PaperRule.RISK_PRONE),
             )
         val = data.get("validation")
         validation = None
@@ -592,6 +608,7 @@ class Thresholds:
                 _get(data, "posterior", "hurdle", "risk_bounded")),
             ltt=NamedThreshold.from_json(data.get("ltt")),
             ltt_certified=bool(_get(data, "ltt", "certified")),
+            ltt_num_prompts=_get(data, "ltt", "num_prompts"),
             validation=validation,
         )
 

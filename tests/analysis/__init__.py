@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 
 from calibration import collect, records
+from calibration import run_dir as rd
 from calibration.prompts import embedded_prompts_path
 
 
@@ -26,8 +27,8 @@ def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
             "u_entropy": np.clip(u + rng.normal(0, 0.2, n), 0, None),
         }
     )
-    records.write_shard(df, run_dir / records.RECORDS_DIR / "shard-000000.parquet")
-    records.write_json(run_dir / records.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
+    records.write_shard(df, run_dir / rd.RECORDS_DIR / "shard-000000.parquet")
+    rd.write_json(run_dir / rd.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
     return records.read_records(run_dir)
 
 

@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import demo, evaluate, plots, report
+from analysis import demo, evaluate, plots
 from calibration import records
+from calibration import run_dir as rd
 from uhlm_jax.models import early_exit, registry
 
 EXPECTED_PLOTS = ("evaluated_modes.png", "u_beta.png", "threshold_posteriors.png",
@@ -45,25 +46,25 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     assert evaluate.SUMMARY_COLUMNS[0] in proc.stdout and "Rand-HLM" in proc.stdout
     assert "Report:" in proc.stdout and "Draft acceptance under HLM" in proc.stdout
     # And the run directory holds every stage's output
-    for name in (records.CONFIG_FILE, "fit.json", "posterior_linear.npz", "thresholds.json",
-                 evaluate.SUMMARY_FILE, evaluate.PER_PROMPT_FILE, "sweep.parquet",
-                 report.MARKDOWN_FILE, report.HTML_FILE, demo.DEMO_FILE, demo.DEMO_MARKER):
+    for name in (rd.CONFIG_FILE, "fit.json", "posterior_linear.npz", "thresholds.json",
+                 rd.EVALUATION_SUMMARY_FILE, rd.EVALUATION_FILE, "sweep.parquet",
+                 rd.REPORT_MARKDOWN_FILE, rd.REPORT_HTML_FILE, rd.DEMO_FILE, rd.DEMO_MARKER):
         assert (out / name).is_file(), name
     assert len(records.read_records(out)) > 0
     for name in EXPECTED_PLOTS:
-        with Image.open(out / report.PLOTS_DIR / name) as image:
+        with Image.open(out / rd.PLOTS_DIR / name) as image:
             assert image.size == (plots.FIGSIZE_IN[0] * plots.DPI, plots.FIGSIZE_IN[1] * plots.DPI)
-    per_prompt = pd.read_parquet(out / evaluate.PER_PROMPT_FILE)
+    per_prompt = pd.read_parquet(out / rd.EVALUATION_FILE)
     assert set(per_prompt["mode"]) == {"llm_only", "slm_only", "hlm", "uhlm", "rand_hlm"}
     assert (per_prompt["tokens"] > 0).all()
     # The headline numbers are computed and finite
-    summary = json.loads((out / demo.DEMO_FILE).read_text())
+    summary = json.loads((out / rd.DEMO_FILE).read_text())
     for key in ("draft_acceptance_hlm", "u_beta_pearson", "uhlm_skip_share",
                 "uhlm_accuracy_pct_of_llm", "uhlm_speedup_vs_hlm", "total_seconds"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert 0 < summary["draft_acceptance_hlm"] < 1
     assert set(summary["thresholds"]) >= {"risk-averse", "risk-prone", "risk-bounded"}
-    html = (out / report.HTML_FILE).read_text()
+    html = (out / rd.REPORT_HTML_FILE).read_text()
     assert "Modes on held-out prompts (real rollouts)" in html and "data:image/png;base64" in html
     # And the dequantized weights are cached for the next run
     assert registry.embedded_gguf_path().is_file()
@@ -115,7 +116,7 @@ def test_exit_head_of_another_model_is_refused(monkeypatch, capsys, tmp_path):
 def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path):
     # A calibration run directory of the user's, or any other folder, is never removed
     (tmp_path / "thesis.tex").write_text("keep me")
-    (tmp_path / records.CONFIG_FILE).write_text("{}")
+    (tmp_path / rd.CONFIG_FILE).write_text("{}")
     with pytest.raises(ValueError, match="not a demo run directory"):
         demo._prepare_out(tmp_path)
     assert (tmp_path / "thesis.tex").is_file()
@@ -124,7 +125,33 @@ def test_refuses_to_replace_a_folder_that_is_not_a_demo(tmp_path):
     demo._prepare_out(out)
     (out / "records").mkdir()
     demo._prepare_out(out)
-    assert [p.name for p in out.iterdir()] == [demo.DEMO_MARKER]
+    assert [p.name for p in out.iterdir()] == [rd.DEMO_MARKER]
+
+
+def test_a_rerun_refuses_to_delete_files_the_user_added(tmp_path):
+    # Given a previous demo's folder with the demo's own files and a note of the user's
+    out = tmp_path / "demo"
+    demo._prepare_out(out)
+    for name in (rd.CONFIG_FILE, rd.FIT_FILE, rd.REPORT_HTML_FILE,
+                 f"{rd.RECORDS_DIR}/{rd.shard_name(0)}", f"{rd.PLOTS_DIR}/u_beta.png",
+                 f"{rd.CHECKPOINT_DIR}/1/state"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    (out / "my_notes.txt").write_text("keep me")
+    (out / rd.PLOTS_DIR / "annotated.pdf").write_text("keep me too")
+    # When the demo is rerun, it stops with one line naming both files, and deletes nothing
+    with pytest.raises(ValueError) as err:
+        demo._prepare_out(out)
+    message = str(err.value)
+    assert "\n" not in message and "did not write" in message
+    assert "my_notes.txt" in message and f"{rd.PLOTS_DIR}/annotated.pdf" in message
+    assert (out / "my_notes.txt").read_text() == "keep me"
+    assert (out / rd.FIT_FILE).is_file()
+    # And once the user's files are moved, the rerun empties the folder
+    (out / "my_notes.txt").unlink()
+    (out / rd.PLOTS_DIR / "annotated.pdf").unlink()
+    demo._prepare_out(out)
+    assert [p.name for p in out.iterdir()] == [rd.DEMO_MARKER]
 
 
 def test_stage_estimates_follow_the_measured_pace(monkeypatch, capsys):

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import evaluate
-from calibration import records
+from calibration import run_dir as rd
 from tests.analysis import write_synthetic_run
 from uhlm_jax.models.llama import final_hidden_states, forward
 from uhlm_jax.pair import load_pair
@@ -30,7 +30,7 @@ THRESHOLDS = {"analytic": {"risk_averse": {"threshold": -0.3},  # clipped to 0
 
 def _thresholds_run(run_dir, th=THRESHOLDS):
     write_synthetic_run(run_dir)
-    records.write_json(run_dir / evaluate.THRESHOLDS_FILE, th)
+    rd.write_json(run_dir / rd.THRESHOLDS_FILE, th)
     return run_dir
 
 
@@ -42,12 +42,15 @@ def evaluated(tmp_path_factory):
 
 
 def test_named_thresholds_are_read_and_clipped():
-    assert evaluate.named_thresholds(THRESHOLDS) == {
+    def named_thresholds(th):
+        return rd.Thresholds.from_json(th).named()
+
+    assert named_thresholds(THRESHOLDS) == {
         "risk-averse": 0.0, "risk-prone": 1.0, "risk-bounded": pytest.approx(0.45)
     }
     certified = {**THRESHOLDS, "ltt": {"threshold": 0.3, "certified": True}}
-    assert evaluate.named_thresholds(certified)["Learn-then-Test"] == pytest.approx(0.3)
-    assert evaluate.named_thresholds({"analytic": {"risk_prone": {"threshold": None}}}) == {}
+    assert named_thresholds(certified)["Learn-then-Test"] == pytest.approx(0.3)
+    assert named_thresholds({"analytic": {"risk_prone": {"threshold": None}}}) == {}
 
 
 def test_every_mode_and_threshold_is_evaluated(evaluated):
@@ -58,9 +61,9 @@ def test_every_mode_and_threshold_is_evaluated(evaluated):
     assert list(summary.loc[summary["mode"] == "uhlm", "threshold_name"]) == [
         "risk-averse", "risk-prone", "risk-bounded"]
     assert len(per_prompt) == 7 * NUM_PROMPTS
-    assert result.operating == "risk-bounded"
+    assert result.operating.name == "risk-bounded"
     # Files: the per-prompt table and the summary read back with NaN and inf restored.
-    on_disk = pd.read_parquet(run_dir / evaluate.PER_PROMPT_FILE)
+    on_disk = pd.read_parquet(run_dir / rd.EVALUATION_FILE)
     assert len(on_disk) == len(per_prompt)
     data, back = evaluate.read_summary(run_dir)
     assert data["operating"] == "risk-bounded"
@@ -167,7 +170,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     write_synthetic_run(tmp_path)
     assert _main([str(tmp_path)]) == 2
     assert "uhlm threshold" in capsys.readouterr().err
-    records.write_json(tmp_path / evaluate.THRESHOLDS_FILE, {"analytic": {}})
+    rd.write_json(tmp_path / rd.THRESHOLDS_FILE, {"analytic": {}})
     assert _main([str(tmp_path)]) == 2
     assert "no finite threshold" in capsys.readouterr().err
     assert _main([str(tmp_path), "--prompts", str(tmp_path / "none.jsonl")]) == 2

@@ -146,15 +146,17 @@ def test_a_precision_flag_overrides_the_pairs_dtype():
 def test_pair_profile_from_a_run_record_equals_the_loaded_pair():
     # config.json records each model's config (calibration.collect); no model is loaded
     from calibration.collect import _describe
+    from calibration.run_dir import RunConfig
     from uhlm_jax.pair import load_pair
 
     pair = load_pair("toy")
-    run_config = {"settings": {"pair": "toy"},
-                  "pair": {"name": "toy", "slm": _describe(pair.slm.config),
-                           "llm": _describe(pair.llm.config)}}
+    recorded = {"settings": {"pair": "toy"},
+                "pair": {"name": "toy", "slm": _describe(pair.slm.config),
+                         "llm": _describe(pair.llm.config)}}
+    run_config = RunConfig.from_json(recorded)
     assert link.pair_profile("pair", run_config) == link.pair_profile("pair", pair="toy")
     assert link.pair_profile("named", run_config) is None
-    bf16 = {**run_config, "settings": {"pair": "toy", "dtype": "bfloat16"}}
+    bf16 = RunConfig.from_json({**recorded, "settings": {"pair": "toy", "dtype": "bfloat16"}})
     assert link.pair_profile("pair", bf16).precision is ch.Precision.FLOAT16
     two = link.pair_profile("pair", pair="toy-slm,toy-llm")
     assert (two.name, two.slm.name, two.llm.name) == ("toy-slm,toy-llm", "toy-slm", "toy-llm")

@@ -8,6 +8,7 @@ import pytest
 
 from analysis import report
 from calibration import records
+from calibration import run_dir as rd
 from tests.analysis import collect_toy_run, write_synthetic_run
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
@@ -40,7 +41,7 @@ def _value(cell: str) -> float:
 
 
 def _check_table(run_dir, df):
-    rows = parse_mode_table((run_dir / report.MARKDOWN_FILE).read_text())
+    rows = parse_mode_table((run_dir / rd.REPORT_MARKDOWN_FILE).read_text())
     assert {"LLM only", "SLM only", "HLM"} <= set(rows)
     hlm = rows["HLM"]
     assert _value(hlm["TR"]) == 1.0 and _value(hlm["Skip %"]) == 0.0
@@ -75,7 +76,7 @@ def _check_table(run_dir, df):
 
 
 def _check_html(run_dir, num_plots):
-    text = (run_dir / report.HTML_FILE).read_text()
+    text = (run_dir / rd.REPORT_HTML_FILE).read_text()
     assert text.count("data:image/png;base64,") == num_plots >= 5
     assert "<img" in text and 'src="plots' not in text and "src='plots" not in text
     assert "<table>" in text and "HLM" in text
@@ -88,12 +89,12 @@ def test_report_from_records_alone(tmp_path, capsys):
     assert report.main(_parse([str(tmp_path), "--json"])) == 0
     out = capsys.readouterr().out
     # Then the table is right, the figures are embedded and the absent files are noted
-    plots = sorted((tmp_path / report.PLOTS_DIR).glob("*.png"))
+    plots = sorted((tmp_path / rd.PLOTS_DIR).glob("*.png"))
     _check_table(tmp_path, df)
     _check_html(tmp_path, len(plots))
     assert "fit.json" in out and "thresholds.json" in out
     assert all(p.stat().st_size > 0 for p in plots)
-    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    markdown = (tmp_path / rd.REPORT_MARKDOWN_FILE).read_text()
     assert "No fit.json" in markdown and "No thresholds.json" in markdown
 
 
@@ -102,8 +103,8 @@ def test_report_with_fit_and_thresholds(tmp_path):
     # `uhlm threshold` write)
     df = write_synthetic_run(tmp_path)
     rng = np.random.default_rng(0)
-    records.write_npz(
-        tmp_path / report.LINEAR_FILE,
+    rd.write_npz(
+        tmp_path / rd.LINEAR_POSTERIOR_FILE,
         slope=rng.normal(0.8, 0.02, (2, 100)),
         intercept=rng.normal(-0.06, 0.01, (2, 100)),
         sigma=np.full((2, 100), 0.1),
@@ -116,8 +117,8 @@ def test_report_with_fit_and_thresholds(tmp_path):
         "ess": 180.0,
         "r_hat": 1.001,
     }
-    records.write_json(
-        tmp_path / report.FIT_FILE,
+    rd.write_json(
+        tmp_path / rd.FIT_FILE,
         {
             "measure": "temperature_perturbation",
             "config": {"seed": 7},
@@ -126,8 +127,8 @@ def test_report_with_fit_and_thresholds(tmp_path):
             "hurdle": {"nuts": {"divergences": 1, "params": {"positive_slope": params}}},
         },
     )
-    records.write_json(
-        tmp_path / report.THRESHOLDS_FILE,
+    rd.write_json(
+        tmp_path / rd.THRESHOLDS_FILE,
         {
             "measure": "temperature_perturbation",
             "risk": 0.05,
@@ -166,7 +167,7 @@ def test_report_with_fit_and_thresholds(tmp_path):
     # Then the certified threshold is the operating point, and every section is there
     rows = _check_table(tmp_path, df)
     assert "U-HLM, Learn-then-Test (u_th = 0.150)" in rows
-    assert "U-HLM, posterior risk-bounded (u_th = 0.200)" in rows
+    assert "U-HLM, risk-bounded (u_th = 0.200)" in rows
     assert "| Learn-then-Test | 0.150 |" in markdown
     assert "| linear | slope | 0.8000 |" in markdown
     assert "Seeds: calibration 0, fit 7, thresholds 3." in markdown
@@ -181,8 +182,12 @@ def test_plug_in_thresholds_are_read_from_thresholds_json_when_it_has_them(tmp_p
     beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
     computed = rejection.plug_in_thresholds(u, beta)
     # Without an analytic section, or with one lacking the fit, they come from the records
-    assert report.plug_in_thresholds({}, u, beta) == computed
-    assert report.plug_in_thresholds({"risk_averse": {"threshold": 0.075}}, u, beta) == computed
+    def plug_in(analytic):
+        return report.plug_in_thresholds(rd.Thresholds.from_json({"analytic": analytic}), u, beta)
+
+    assert report.plug_in_thresholds(None, u, beta) == computed
+    assert plug_in({}) == computed
+    assert plug_in({"risk_averse": {"threshold": 0.075}}) == computed
     # and otherwise from the section.
     analytic = {
         "slope": 0.5,
@@ -191,12 +196,12 @@ def test_plug_in_thresholds_are_read_from_thresholds_json_when_it_has_them(tmp_p
         "risk_averse": {"threshold": 0.2},
         "risk_prone": {"threshold": 0.8},
     }
-    plug_in = report.plug_in_thresholds(analytic, u, beta)
-    assert tuple(plug_in[:3]) == (0.5, -0.1, 0.3)
-    assert (plug_in.risk_averse.threshold, plug_in.risk_prone.threshold) == (0.2, 0.8)
+    plug = plug_in(analytic)
+    assert tuple(plug[:3]) == (0.5, -0.1, 0.3)
+    assert (plug.risk_averse.threshold, plug.risk_prone.threshold) == (0.2, 0.8)
     # A clipped threshold keeps its raw value and reason.
     analytic["risk_prone"] = {"threshold": 1.0, "raw": 1.04, "reason": "(Δ − b)/a = 1.04 > 1"}
-    assert report.plug_in_thresholds(analytic, u, beta).risk_prone == T.PaperThreshold(
+    assert plug_in(analytic).risk_prone == T.PaperThreshold(
         raw=1.04, threshold=1.0, reason="(Δ − b)/a = 1.04 > 1"
     )
 
@@ -226,11 +231,11 @@ def test_report_states_the_cost_profile(tmp_path, capsys):
     assert report.main(_parse([str(tmp_path), "--cost-profile", "pair"])) == 0
     capsys.readouterr()
     # Then its caption says so, with the pair's V
-    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    markdown = (tmp_path / rd.REPORT_MARKDOWN_FILE).read_text()
     assert ("Costs: cost profile 'pair' (pair toy): toy-slm float32 on phone-soc, toy-llm "
             "float32 on datacenter-gpu, V = 260;") in markdown
     # And by default the paper's models
     assert report.main(_parse([str(tmp_path)])) == 0
-    markdown = (tmp_path / report.MARKDOWN_FILE).read_text()
+    markdown = (tmp_path / rd.REPORT_MARKDOWN_FILE).read_text()
     assert "Costs: cost profile 'named': tinyllama-1.1b float16 on phone-soc" in markdown
     assert "V = 32000;" in markdown

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from analysis import sweep as sw
-from calibration import records
+from calibration import run_dir as rd
 from tests.analysis import collect_toy_run, write_synthetic_run
 from uhlm_jax import channel as ch
 from uhlm_jax.modes import Mode
@@ -48,7 +48,7 @@ def test_smoke_run_writes_one_row_per_point_and_metric(synthetic, capsys):
         )
     )
     assert code == 0, capsys.readouterr().err
-    table = pd.read_parquet(run_dir / sw.SWEEP_FILE)
+    table = pd.read_parquet(run_dir / rd.SWEEP_FILE)
     assert set(table["mode"]) == {m.value for m in Mode}
     assert not table.duplicated(["point", "metric"]).any()
     metrics = set(table["metric"])
@@ -57,7 +57,7 @@ def test_smoke_run_writes_one_row_per_point_and_metric(synthetic, capsys):
     uhlm = table[table["mode"] == "uhlm"]
     assert uhlm["point"].nunique() == 5 * 2 * 4
     assert len(uhlm) == 5 * 2 * 4 * len(metrics)
-    assert (run_dir / sw.SUMMARY_FILE).is_file()
+    assert (run_dir / rd.SWEEP_SUMMARY_FILE).is_file()
 
 
 def test_table_matches_a_numpy_oracle(synthetic):
@@ -215,9 +215,9 @@ def test_pair_cost_profile_prices_the_runs_pair(toy_run, capsys):
     for name in ("named", "pair"):
         # When it is swept under each cost profile
         assert sw.main(_parse([*argv, "--cost-profile", name])) == 0
-        table = pd.read_parquet(toy_run / sw.SWEEP_FILE)
+        table = pd.read_parquet(toy_run / rd.SWEEP_FILE)
         tables[name] = table.set_index(["mode", "metric"])["value"]
-        summary = records.read_json(toy_run / sw.SUMMARY_FILE)
+        summary = rd.read_json(toy_run / rd.SWEEP_SUMMARY_FILE)
         assert summary["config"]["cost_profile_name"] == name
     capsys.readouterr()
     # Then HLM uploads the pair's 260 probabilities, not the paper's 32 000

@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 
 from calibration import records
+from calibration import run_dir as rd
 
 # Temperature perturbation with K draws takes the values k/K.
 NUM_PERTURBATIONS = 20
@@ -60,7 +61,7 @@ def synthetic_records(
 
 def write_run(run_dir, df: pd.DataFrame, num_shards: int = 2) -> None:
     """Writes a run directory: `config.json` and `num_shards` shuffled record shards."""
-    records.write_json(run_dir / records.CONFIG_FILE, {"synthetic": True})
+    rd.write_json(run_dir / rd.CONFIG_FILE, {"synthetic": True})
     order = np.random.default_rng(0).permutation(len(df))
     for i, part in enumerate(np.array_split(order, num_shards)):
-        records.write_shard(df.iloc[part], run_dir / records.RECORDS_DIR / f"shard-{i:05d}.parquet")
+        records.write_shard(df.iloc[part], run_dir / rd.RECORDS_DIR / f"shard-{i:05d}.parquet")

@@ -10,6 +10,7 @@ import pytest
 
 from calibration import derive_thresholds as th
 from calibration import fit, records
+from calibration import run_dir as rd
 from tests.calibration import synthetic_records, write_run
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
@@ -99,7 +100,7 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     cfg = ["--run", str(fitted_run), "--risk", "0.05", "--confidence", "0.9", "--splits", "100"]
     assert th.main(parse(cfg + ["--json"])) == 0
     printed = json.loads(capsys.readouterr().out)
-    summary = json.loads((fitted_run / th.THRESHOLDS_FILE).read_text())
+    summary = json.loads((fitted_run / rd.THRESHOLDS_FILE).read_text())
     assert printed == summary
     assert summary["measure"] == "temperature_perturbation"
     assert summary["data"] == {
@@ -147,7 +148,7 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
 
 def test_split_validation_matches_a_direct_count(fitted_run):
     cfg = th.Config(run_dir=str(fitted_run), num_splits=100)
-    summary = json.loads((fitted_run / th.THRESHOLDS_FILE).read_text())
+    summary = json.loads((fitted_run / rd.THRESHOLDS_FILE).read_text())
     if summary["validation"]["num_splits"] != 100:
         summary = th.run(cfg).summary
     df = records.read_records(fitted_run)
@@ -202,7 +203,7 @@ def test_run_mode_fits_first_when_fit_is_missing(tmp_path, capsys):
     write_run(tmp_path, synthetic_records(np.random.default_rng(8), 16, 16))
     assert th.main(parse(["--run", str(tmp_path), "--json"])) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (tmp_path / fit.FIT_FILE).is_file() and (tmp_path / th.THRESHOLDS_FILE).is_file()
+    assert (tmp_path / rd.FIT_FILE).is_file() and (tmp_path / rd.THRESHOLDS_FILE).is_file()
     assert summary["ltt"]["num_prompts"] == 16
     # Sixteen prompts are too few to certify anything at the default level.
     assert summary["ltt"]["threshold"] is None and not summary["ltt"]["certified"]

