@@ -633,8 +633,7 @@ def run(cfg: Config) -> Result:
                                    (sweep_table["measure"] == cfg.measure)]
         # Only rollouts at the calibration's draft temperature, K and θ_max match replay.
         calibration = {
-            "draft_temperature": float((run_config.get("settings") or {}).get(
-                "draft_temperature", 1.0)),
+            "draft_temperature": run_config.draft_temperature,
             "num_samples": float(sw.DEFAULT_TP.num_samples),
             "max_temperature": float(sw.DEFAULT_TP.max_temperature),
         }

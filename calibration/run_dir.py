@@ -66,6 +66,7 @@ __all__ = [
     "Empirical",
     "Fit",
     "MethodValidation",
+    "ModelComparison",
     "NamedThreshold",
     "NutsSummary",
     "OperatingThreshold",

@@ -144,6 +144,22 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     # The human-readable form names every method.
     text = th.format_summary(summary)
     assert all(name in text for name in th.METHODS)
+    # The typed view reads back what was written.
+    view = rd.Thresholds.read(fitted_run)
+    assert (view.measure, view.risk, view.confidence) == ("temperature_perturbation", 0.05, 0.9)
+    assert view.ltt_certified and view.ltt.threshold == ltt["threshold"]
+    assert view.ltt.empirical.per_token == ltt["empirical"]["per_token"]
+    assert view.risk_bounded.threshold == post["risk_bounded"]["threshold"]
+    assert view.risk_prone.threshold == summary["analytic"]["risk_prone"]["threshold"]
+    assert view.plug_in.slope == summary["analytic"]["slope"]
+    assert view.validation.allowed_exceed_frequency == pytest.approx(0.1)
+    for method in th.METHODS:
+        m = validation["methods"][method]
+        assert view.validation.methods[method].exceed_frequency_per_prompt == m[
+            "exceed_frequency_per_prompt"]
+        assert view.validation.methods[method].realised_risk_per_token == tuple(
+            m["realised_risk_per_token"])
+    assert rd.operating_threshold(view).name is rd.ThresholdName.LEARN_THEN_TEST
 
 
 def test_split_validation_matches_a_direct_count(fitted_run):

@@ -199,6 +199,16 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     assert on_disk["comparison"]["preferred"] == "hurdle"  # the data are hurdle data
     assert len(on_disk["predictive_checks"]) >= 5
     posterior = fit.load_posterior(tmp_path)
+    # The typed view of fit.json reads back what was written
+    view = posterior.fit
+    assert view.measure == on_disk["measure"] and view.seed == on_disk["config"]["seed"]
+    pearson = on_disk["correlation"]["pearson"]
+    assert view.correlations["pearson"] == rd.Correlation(pearson["estimate"],
+                                                          tuple(pearson["interval"]))
+    assert view.comparison.preferred == "hurdle"
+    assert view.nuts["linear"].params["slope"].mean == on_disk["linear"]["nuts"]["params"][
+        "slope"]["mean"]
+    assert len(view.predictive_mean_covered["hurdle"]) == len(on_disk["predictive_checks"])
     assert posterior.linear["slope"].shape == (400,)
     assert set(posterior.hurdle) == set(rejection.HURDLE_SITES)
 
