@@ -12,6 +12,7 @@ from calibration import collect, records
 from calibration import run_dir as rd
 from tests.calibration import synthetic_records
 from uhlm_jax import files, rejection
+from uhlm_jax import threshold as T
 
 # File mode of a new file under the usual umask 022.
 UMASK = 0o022
@@ -208,7 +209,8 @@ def test_thresholds_view_reads_every_threshold(tmp_path):
     view = rd.Thresholds.read(tmp_path)
     assert (view.measure, view.risk, view.confidence, view.seed) == (
         "temperature_perturbation", 0.05, 0.9, 3)
-    assert view.plug_in == rejection.PlugInThresholds(0.5, -0.05, 0.35, 0.1, 0.8)
+    assert view.plug_in == rejection.PlugInThresholds(
+        0.5, -0.05, 0.35, T.PaperThreshold(0.1, 0.1, None), T.PaperThreshold(0.8, 0.8, None))
     assert view.risk_bounded == rd.NamedThreshold(0.45, rd.Empirical(0.01, 0.02, 0.5))
     assert view.risk_bounded_hurdle == rd.NamedThreshold(None, None)
     assert view.ltt.threshold == 0.3 and view.ltt_certified
