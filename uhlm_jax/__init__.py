@@ -16,6 +16,7 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   threshold    analytic thresholds and risk; posterior and distribution-free versions
   metrics      TR, skip rates, acceptance, risk, accuracy, throughput from records
   answers      whether a response gives a short reference answer, and the rate over prompts
+  accuracy     per-prompt sentence similarity to the reference and answer correctness
   replay       trace replay of calibration records over a grid
 """
 
