@@ -214,6 +214,7 @@ def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[s
         "uhlm_speedup_bound": op["speedup_bound"],
         "uhlm_realised_risk_per_token": op["risk_per_token"],
         "slm_only_accuracy_pct_of_llm": by_mode["slm_only"]["accuracy_pct_of_llm"],
+        "accuracy": evaluate.accuracy_caption(evaluation.summary),
     }
 
 
@@ -293,6 +294,7 @@ def describe(result: Result) -> str:
         f"{_pct(s['uhlm_correct_rate'])} (LLM only: {_pct(s['llm_only_correct_rate'])}), "
         f"{s['uhlm_speedup_vs_hlm']:.2f}x HLM's "
         f"throughput ({s['link']} link; bound 1/(1 - s) = {s['uhlm_speedup_bound']:.2f}x).",
+        s["accuracy"],
         f"Report: {result.report_html} (and {result.report_markdown.name}, plots/).",
         f"Done in {_clock(s['total_seconds'])}.",
     ]
