@@ -226,10 +226,13 @@ def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[s
         "operating_threshold_validation": operating.note,
         "uhlm_skip_share": op["skip_share"],
         "uhlm_accuracy_pct_of_llm": op["accuracy_pct_of_llm"],
+        "uhlm_correct_rate": op["correct_rate"],
+        "llm_only_correct_rate": by_mode["llm_only"]["correct_rate"],
         "uhlm_speedup_vs_hlm": op["speedup_vs_hlm"],
         "uhlm_speedup_bound": op["speedup_bound"],
         "uhlm_realised_risk_per_token": op["risk_per_token"],
         "slm_only_accuracy_pct_of_llm": by_mode["slm_only"]["accuracy_pct_of_llm"],
+        "accuracy": evaluate.accuracy_caption(evaluation.summary),
     }
 
 
@@ -305,10 +308,13 @@ def describe(result: Result) -> str:
           if s["operating_threshold_passed_validation"] is False else []),
         f"U-HLM at the {s['operating_threshold']} threshold: skips "
         f"{_pct(s['uhlm_skip_share'])} of tokens, realised risk per token "
-        f"{s['uhlm_realised_risk_per_token']:.3f}, accuracy "
+        f"{s['uhlm_realised_risk_per_token']:.3f}, accuracy (MiniLM cosine) "
         f"{s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only: "
-        f"{s['slm_only_accuracy_pct_of_llm']:.1f}%), {s['uhlm_speedup_vs_hlm']:.2f}x HLM's "
+        f"{s['slm_only_accuracy_pct_of_llm']:.1f}%), correct answers "
+        f"{_pct(s['uhlm_correct_rate'])} (LLM only: {_pct(s['llm_only_correct_rate'])}), "
+        f"{s['uhlm_speedup_vs_hlm']:.2f}x HLM's "
         f"throughput ({s['link']} link; bound 1/(1 - s) = {s['uhlm_speedup_bound']:.2f}x).",
+        s["accuracy"],
         f"Report: {result.report_html} (and {result.report_markdown.name}, plots/).",
         f"Done in {_clock(s['total_seconds'])}.",
     ]

@@ -7,8 +7,8 @@ the shipped prompts' evaluation split), with the same seed and per-prompt keys i
 and writes into the run directory
 
 * `evaluation.parquet`: one row per mode (U-HLM once per threshold) and prompt: token
-  counts, the response text and token ids, its accuracy, its embedding cosine to the
-  LLM-only response, and the LLM's NLL of it;
+  counts, the response text and token ids, its sentence similarity to the reference,
+  whether it gives the short answer, and the LLM's NLL of it;
 * `evaluation.json`: the settings and one summary row per mode (`SUMMARY_COLUMNS`).
 
 SLM-only, HLM and the U-HLM thresholds run as one vmapped U-HLM sweep (SLM-only and HLM
@@ -16,13 +16,18 @@ are its limits), LLM-only and Rand-HLM as one rollout each: three compiled rollo
 
 Definitions:
 
-* Accuracy of a response is the cosine similarity between its embedding and the reference
-  answer's (the LLM's final hidden states mean-pooled over the text,
-  `uhlm_jax.metrics.llm_embedder`); a mode's accuracy is the mean over prompts, and
-  "% of LLM" divides it by LLM-only's.
+* Accuracy (MiniLM cosine) of a response is the cosine similarity of the all-MiniLM-L6-v2
+  sentence embeddings of the response and of the prompt's reference, as the U-HLM paper
+  reports accuracy (`uhlm_jax.accuracy`). A mode's accuracy is the mean over the prompts
+  that have a reference (prompts without one are left out, and the count is stated), and
+  "% of LLM" divides it by LLM-only's: this is the paper's "% of LLM accuracy".
+* Correct answers: the share of replies that contain the prompt's short answer
+  (`answer` field; `uhlm_jax.answers`, containment), over the prompts that have one.
 * The LLM's NLL of a response is the mean negative log-probability (nats per token,
   temperature 1) the LLM gives its tokens, recorded during the rollout; a mode's NLL is
-  the mean over prompts. Both means carry their standard error over prompts.
+  the mean over prompts. Each mean carries its standard error over prompts.
+* A prompt file with neither references nor short answers cannot be scored for accuracy:
+  evaluate stops with an error unless `--skip-accuracy` is passed.
 * Throughput and speedup cost the recorded transmissions under a link preset and a cost
   profile (`--cost-profile`, as `uhlm link`): by default `named`, the paper's
   TinyLlama-1.1B on a phone and Llama-2-7B on a data-centre GPU with V = 32 000; `pair`
@@ -57,8 +62,10 @@ from calibration import run_dir as rd
 from calibration.prompts import embedded_prompts_path, read_prompts
 from uhlm_jax import channel as ch
 from uhlm_jax import metrics
+from uhlm_jax.accuracy import has_text, mean_estimate, score_responses
+from uhlm_jax.models.sentence_encoder import load_minilm
 from uhlm_jax.modes import Mode
-from uhlm_jax.pair import ModelPair, load_pair
+from uhlm_jax.pair import load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, OneMinusMaxProbability
 
@@ -66,6 +73,7 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "Config",
     "Result",
+    "accuracy_caption",
     "add_arguments",
     "format_table",
     "main",
@@ -76,9 +84,6 @@ __all__ = [
 ]
 
 EVALUATION_SPLIT = "evaluation"
-# Embedding batches are padded to a multiple of this many tokens (bounds recompiles).
-_PAD_MULTIPLE = 32
-_EMBED_BATCH = 16
 # Rollout keys are derived from prompt ids; evaluation ids start here, far past any
 # calibration prompt's, so the two never share keys.
 _FIRST_PROMPT_ID = 1_000_000
@@ -91,8 +96,9 @@ SUMMARY_COLUMNS = (
     "Skip %",
     "Acceptance",
     "True skip rate",
-    "Accuracy",
+    "Accuracy (MiniLM cosine)",
     "Accuracy (% of LLM)",
+    "Correct answers",
     "LLM NLL (nats/token)",
     "Throughput (tokens/s)",
     "Speedup vs HLM",
@@ -114,6 +120,9 @@ class Config:
         seed: base seed of the rollouts (None: the calibration's).
         cost_profile_name: the models the throughput columns price, one of
             `analysis.link.COST_PROFILES` (`pair`: the run's pair).
+        skip_accuracy: score no accuracy (MiniLM cosine to the reference, correct
+            answers), for prompts without references or short answers; NLL, TR and
+            throughput are still reported.
     """
 
     run_dir: str
@@ -124,6 +133,7 @@ class Config:
     link: ch.LinkPreset = ch.LinkPreset.MEDIUM
     seed: int | None = None
     cost_profile_name: str = NAMED_COSTS
+    skip_accuracy: bool = False
 
     def __post_init__(self):
         for name in ("num_prompts", "max_new_tokens"):
@@ -172,32 +182,9 @@ def _response_rows(out_records: Records) -> list[np.ndarray]:
     ]
 
 
-_embed_jit = jax.jit(lambda params, tokens, lengths: metrics.llm_embedder(params)(tokens, lengths))
-
-
-def embed_texts(pair: ModelPair, rows: list[np.ndarray]) -> np.ndarray:
-    """`[len(rows), h]` embeddings of token rows; an empty row embeds to zeros."""
-    out = []
-    pad = pair.tokenizer.pad_id
-    for start in range(0, len(rows), _EMBED_BATCH):
-        chunk = rows[start : start + _EMBED_BATCH]
-        lengths = np.asarray([len(r) for r in chunk], np.int32)
-        width = _PAD_MULTIPLE * max(1, math.ceil(max(lengths.max(), 1) / _PAD_MULTIPLE))
-        tokens = np.full((_EMBED_BATCH, width), pad, np.int32)
-        for i, r in enumerate(chunk):
-            tokens[i, : len(r)] = r
-        full_lengths = np.ones(_EMBED_BATCH, np.int32)
-        full_lengths[: len(chunk)] = np.maximum(lengths, 1)
-        emb = np.asarray(_embed_jit(pair.llm, jnp.asarray(tokens), jnp.asarray(full_lengths)))
-        emb = emb[: len(chunk)] * (lengths > 0)[:, None]
-        out.append(emb)
-    return np.concatenate(out)
-
-
 def _job_frame(
     label: str, mode: Mode, threshold_name: str | None, threshold: float,
     probability: float, out_records: Records, texts: list[str], prompt_ids: np.ndarray,
-    embeddings: np.ndarray, reference: np.ndarray,
 ) -> pd.DataFrame:
     valid = out_records.valid
     sent = (valid if mode is Mode.LLM_ONLY else out_records.transmitted & valid)
@@ -220,7 +207,6 @@ def _job_frame(
             "skipped": 0 if mode is Mode.LLM_ONLY else skip.sum(0),
             "skipped_beta": 0.0 if mode is Mode.LLM_ONLY else np.where(skip, beta, 0.0).sum(0),
             "llm_nll": np.where(tokens > 0, -log_prob / np.maximum(tokens, 1), np.nan),
-            "accuracy": np.asarray(metrics.cosine_similarity(embeddings, reference)),
             "text": texts,
             "response_tokens": [r.tolist() for r in _response_rows(out_records)],
         }
@@ -258,10 +244,6 @@ def _summary_row(
         "true_skip_rate": float(tm.true_skip_rate) if mode in (
             Mode.UHLM, Mode.RAND_HLM, Mode.SLM_ONLY) else float("nan"),
         "risk_per_token": float(tm.risk_per_token) if mode is not Mode.LLM_ONLY else 0.0,
-        "accuracy": float(frame["accuracy"].mean()),
-        "accuracy_se": float(frame["accuracy"].std(ddof=1) / math.sqrt(n)) if n > 1
-        else float("nan"),
-        "similarity_to_llm": float(frame["similarity_to_llm"].mean()),
         "llm_nll": float(frame["llm_nll"].mean()),
         "llm_nll_se": float(frame["llm_nll"].std(ddof=1) / math.sqrt(n)) if n > 1
         else float("nan"),
@@ -279,6 +261,44 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "∞" if math.isinf(x) else f"{x:.{digits}f}"
 
 
+def _fmt_estimate(mean: float, standard_error: float, digits: int = 3) -> str:
+    """`mean ± SE`, or "—" alone when the mean is undefined."""
+    if mean is None or math.isnan(mean):
+        return "—"
+    return f"{_fmt(mean, digits)} ± {_fmt(standard_error, digits)}"
+
+
+def _accuracy_summary(frame: pd.DataFrame) -> dict[str, Any]:
+    """Accuracy columns of one mode's summary row from its per-prompt rows."""
+    similarity = mean_estimate(frame["similarity"])
+    correct = mean_estimate(frame["correct"])
+    return {
+        "accuracy": similarity.mean,
+        "accuracy_se": similarity.standard_error,
+        "accuracy_prompts": similarity.count,
+        "correct_rate": correct.mean,
+        "correct_rate_se": correct.standard_error,
+        "correct_prompts": correct.count,
+    }
+
+
+def accuracy_caption(summary: pd.DataFrame) -> str:
+    """What the accuracy columns of `summary_table` measure, and on how many prompts."""
+    llm = summary[summary["mode"] == Mode.LLM_ONLY.value].iloc[0]
+    num_prompts = int(llm["prompts"])
+    scored, answered = int(llm["accuracy_prompts"]), int(llm["correct_prompts"])
+    if not scored and not answered:
+        return "Accuracy and correct answers were not scored (--skip-accuracy)."
+    return (
+        "Accuracy (MiniLM cosine): mean cosine similarity of the all-MiniLM-L6-v2 sentence "
+        f"embeddings of each reply and its prompt's reference, over the {scored} of "
+        f"{num_prompts} prompts with a reference (± 1 SE over prompts); its % of LLM is "
+        "the paper's \"% of LLM accuracy\". Correct answers: share of replies that "
+        f"contain the prompt's short answer, over the {answered} of {num_prompts} prompts "
+        "with one."
+    )
+
+
 def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     """The paper-style table (`SUMMARY_COLUMNS`, formatted strings) of a summary frame."""
     llm = summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"]
@@ -288,9 +308,10 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
         rows.append([
             r.label, _fmt(r.transmission_rate), _fmt(100 * r.skip_share, 1),
             _fmt(r.acceptance_rate), _fmt(r.true_skip_rate),
-            f"{_fmt(r.accuracy)} ± {_fmt(r.accuracy_se)}",
+            _fmt_estimate(r.accuracy, r.accuracy_se),
             _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else "—",
-            f"{_fmt(r.llm_nll, 2)} ± {_fmt(r.llm_nll_se, 2)}",
+            _fmt_estimate(r.correct_rate, r.correct_rate_se, 2),
+            _fmt_estimate(r.llm_nll, r.llm_nll_se, 2),
             _fmt(r.throughput_tokens_per_s, 2), _fmt(r.speedup_vs_hlm), _fmt(r.speedup_bound),
         ])
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
@@ -362,6 +383,16 @@ def run(cfg: Config, progress: bool = True) -> Result:
             f"no prompts in {prompts_path!r} with split {cfg.split!r}; pick another split, or "
             "--split all to use every prompt"
         )
+    if not cfg.skip_accuracy and not any(
+        has_text(p.reference) or has_text(p.answer) for p in prompts
+    ):
+        raise ValueError(
+            f"none of the {len(prompts)} prompts in {prompts_path!r} has a reference "
+            "('reference' or 'output' field) or a short answer ('answer' field) to score "
+            "accuracy against; add them, or pass --skip-accuracy"
+        )
+    # Loaded before the rollouts, so a missing wheel stops the job before its slow part.
+    encoder = None if cfg.skip_accuracy else load_minilm()
     pair = load_pair(run_config.pair)
     max_new = cfg.max_new_tokens or run_config.max_new_tokens
     seed = run_config.seed if cfg.seed is None else cfg.seed
@@ -374,8 +405,6 @@ def run(cfg: Config, progress: bool = True) -> Result:
     pair_costs = pair_profile(cfg.cost_profile_name, run_config)
     profile = LinkConfig(preset=cfg.link, pair=pair_costs).cost_profile()
     costs = cost_caption(profile, pair_costs)
-    reference = embed_texts(pair, [np.asarray(pair.tokenizer.encode(p.reference), np.int32)
-                                   for p in prompts])
 
     def rollout(mode: Mode, **params):
         # Only U-HLM gates on u; the other modes record the cheapest measure (one max over
@@ -398,21 +427,13 @@ def run(cfg: Config, progress: bool = True) -> Result:
     sweep_points += [(Mode.UHLM, uhlm_label(n, t, th.failed_validation(n)), n, t)
                      for n, t in thresholds.items()]
     frames, rows = [], []
-    llm_embeddings = None
     matched = float("nan")
     bar = tqdm(total=len(sweep_points) + 2, desc="evaluating modes", unit="mode",
                disable=not progress)
 
     def add(mode, label, name, threshold, probability, recs, generated):
-        nonlocal llm_embeddings
-        embeddings = embed_texts(pair, _response_rows(recs))
-        if mode is Mode.LLM_ONLY:
-            llm_embeddings = embeddings
         frame = _job_frame(label, mode, name, threshold, probability, recs, generated,
-                           prompt_ids, embeddings, reference)
-        frame["similarity_to_llm"] = np.asarray(
-            metrics.cosine_similarity(embeddings, llm_embeddings)
-        )
+                           prompt_ids)
         frames.append(frame)
         rows.append(_summary_row(frame, recs, mode, profile, seed))
         bar.update(1)
@@ -433,14 +454,26 @@ def run(cfg: Config, progress: bool = True) -> Result:
     out = rollout(Mode.RAND_HLM, transmit_probability=matched)
     add(Mode.RAND_HLM, f"{labels[Mode.RAND_HLM]} (p = {matched:.3f})", None, nan, matched,
         out.records, out.texts)
-    bar.close()
-    summary = pd.DataFrame(rows)
-    llm_accuracy = float(summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"].iloc[0])
-    summary["accuracy_pct_of_llm"] = 100 * summary["accuracy"] / llm_accuracy
     per_prompt = pd.concat(frames, ignore_index=True)
     position = per_prompt["prompt_id"] - _FIRST_PROMPT_ID
     per_prompt["prompt"] = [texts[i] for i in position]
     per_prompt["reference"] = [prompts[i].reference for i in position]
+    per_prompt["answer"] = [prompts[i].answer for i in position]
+    # Every mode's replies are scored in one batched embedding call.
+    bar.set_postfix(mode="scoring accuracy")
+    if encoder is None:
+        per_prompt["similarity"] = per_prompt["correct"] = np.nan
+    else:
+        scores = score_responses(encoder, list(per_prompt["text"]),
+                                 list(per_prompt["reference"]), list(per_prompt["answer"]))
+        per_prompt["similarity"], per_prompt["correct"] = scores.similarity, scores.correct
+    bar.close()
+    for row, block in zip(rows, np.split(np.arange(len(per_prompt)), len(rows)), strict=True):
+        row.update(_accuracy_summary(per_prompt.iloc[block]))
+    summary = pd.DataFrame(rows)
+    llm_accuracy = float(summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"].iloc[0])
+    summary["accuracy_pct_of_llm"] = (100 * summary["accuracy"] / llm_accuracy
+                                      if llm_accuracy > 0 else np.nan)
     run_dir = Path(cfg.run_dir)
     rd.write_parquet(per_prompt, run_dir / rd.EVALUATION_FILE)
     seconds = time.perf_counter() - start
@@ -461,8 +494,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
                 "passed_validation": operating.passed_validation,
                 "validation": operating.note,
             },
-            "accuracy": "cosine similarity of the LLM's mean-pooled final hidden states of "
-            "the response and of the reference answer",
+            "accuracy": accuracy_caption(summary),
             "summary": _json_rows(summary),
             "seconds": seconds,
         },
@@ -497,6 +529,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models the throughput columns price: named (the paper's "
                         "TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype "
                         "and V)")
+    parser.add_argument("--skip-accuracy", action="store_true",
+                        help="score no accuracy (MiniLM cosine, correct answers), for prompts "
+                        "without references or short answers")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -510,6 +545,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         link=ch.LinkPreset[args.link.upper()],
         seed=args.seed,
         cost_profile_name=args.cost_profile,
+        skip_accuracy=args.skip_accuracy,
     )
 
 
@@ -524,6 +560,7 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result.summary.to_dict(orient="records"), indent=2))
     else:
         print(format_table(summary_table(result.summary)))
+        print(f"\n{accuracy_caption(result.summary)}")
         print(f"\nThroughput and speedup: {cfg.link.name.lower()} link, {result.costs}.")
         print(f"Operating threshold: {result.operating.describe()}.")
         print(f"\nWrote {Path(args.run_dir) / rd.EVALUATION_SUMMARY_FILE} and "

@@ -12,8 +12,8 @@ and calls them.
   throughput against the threshold (replay lines, rollout points with error bars);
 * `throughput_vs_snr` — every mode's token throughput against the link's mean SNR;
 * `pareto` — LLM agreement against throughput, per mode and threshold;
-* `evaluated_modes` — accuracy and the LLM's NLL against throughput of real rollouts on
-  held-out prompts;
+* `evaluated_modes` — accuracy (MiniLM cosine), correct answers and the LLM's NLL against
+  throughput of real rollouts on held-out prompts;
 * `risk_histograms` — realised risk on held-out prompts over random splits, with `ε`;
 * `measure_comparison` — uncertainty measures by correlation with `β` and AUROC of `β > 0`.
 """
@@ -338,15 +338,16 @@ def pareto(table: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> P
 
 
 def evaluated_modes(summary: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> Path:
-    """Accuracy and the LLM's NLL (± 2 SE) against throughput, one point per evaluated row.
+    """Accuracy, correct answers and the LLM's NLL (± 2 SE) against throughput, per row.
 
     Args:
-        summary: rows of `analysis.evaluate` (`mode`, `label`, `accuracy`, `accuracy_se`,
-            `llm_nll`, `llm_nll_se`, `throughput_tokens_per_s`).
+        summary: rows of `analysis.evaluate` (`mode`, `label`, `accuracy` (MiniLM cosine
+            to the reference), `accuracy_se`, `correct_rate`, `correct_rate_se`, `llm_nll`,
+            `llm_nll_se`, `throughput_tokens_per_s`).
         path: the PNG to write.
         link: the link's label, for the title.
     """
-    fig, (acc_ax, nll_ax) = _figure(1, 2)
+    fig, (acc_ax, correct_ax, nll_ax) = _figure(1, 3)
     uhlm_rows = 0
     for row in summary.itertuples():
         _, colour, marker = MODE_STYLE[row.mode]
@@ -356,16 +357,20 @@ def evaluated_modes(summary: pd.DataFrame, path: str | os.PathLike, *, link: str
         style = dict(fmt=marker, color=colour, ms=8, capsize=3, mfc="none", mew=1.6)
         acc_ax.errorbar(row.throughput_tokens_per_s, row.accuracy, yerr=2 * row.accuracy_se,
                         label=row.label, **style)
+        correct_ax.errorbar(row.throughput_tokens_per_s, row.correct_rate,
+                            yerr=2 * row.correct_rate_se, **style)
         nll_ax.errorbar(row.throughput_tokens_per_s, row.llm_nll, yerr=2 * row.llm_nll_se,
                         **style)
-    for ax in (acc_ax, nll_ax):
+    for ax in (acc_ax, correct_ax, nll_ax):
         ax.set_xscale("log")
         _plain_log_axis(ax.xaxis)
-        ax.set_xlabel("token throughput (tokens/s, log scale)")
+        ax.set_xlabel("throughput (tokens/s, log)")
         ax.grid(alpha=0.3, which="both")
-    acc_ax.set_ylabel("accuracy: cosine similarity to the reference (± 2 SE)")
-    nll_ax.set_ylabel("LLM NLL of the response (nats/token, ± 2 SE; lower is better)")
-    fig.suptitle("Modes on held-out prompts (real rollouts)" + (f", {link}" if link else ""))
+    acc_ax.set_ylabel("accuracy: MiniLM cosine to the reference")
+    correct_ax.set_ylabel("correct answers (share of replies)")
+    nll_ax.set_ylabel("LLM NLL of the response (nats/token; lower is better)")
+    fig.suptitle("Modes on held-out prompts (real rollouts, ± 2 SE)"
+                 + (f", {link}" if link else ""))
     fig.legend(loc="outside lower center", ncols=2, fontsize=7)
     return _save(fig, path)
 

@@ -4,9 +4,9 @@
 `RUN_DIR/plots/*.png` (embedded in the HTML as base64):
 
 * if `uhlm evaluate` ran, the five modes compared with real rollouts on held-out prompts
-  (`evaluation.json`): TR, skip share, acceptance, true skip rate, accuracy (embedding
-  cosine to the reference answers) and its % of LLM-only's, the LLM's NLL, throughput and
-  the speedup over HLM next to its `1/(1 − s)` bound, with a figure;
+  (`evaluation.json`): TR, skip share, acceptance, true skip rate, accuracy (MiniLM
+  cosine to the reference) and its % of LLM-only's, correct answers, the LLM's NLL,
+  throughput and the speedup over HLM next to its `1/(1 − s)` bound, with a figure;
 * the paper-style replay table, one row per mode, at an operating threshold: transmission rate,
   skip share, acceptance of verified drafts, true skip rate, LLM agreement as a % of the
   LLM (`1 − R`: the expected share of emitted tokens the LLM would accept; verified
@@ -453,9 +453,7 @@ def _evaluation_blocks(evaluation: tuple[dict[str, Any], pd.DataFrame] | None) -
             f"(≤ {s['max_new_tokens']} new tokens, seed {s['seed']}, gate measure "
             f"`{s['measure']}`), {s['link']} link"
             + (f", throughput priced with {s['costs']}" if s.get("costs") else "")
-            + ". Accuracy = mean cosine similarity between "
-            "the LLM's mean-pooled final hidden states of the response and of the prompt's "
-            "reference answer (± SE over prompts); % of LLM divides it by LLM-only's. LLM NLL "
+            + f". {evaluate.accuracy_caption(summary)} LLM NLL "
             "= the LLM's mean negative log-likelihood of the emitted tokens. Rand-HLM "
             f"transmits with U-HLM's transmission rate at the {data['operating']} threshold"
             + (f" ({validation})" if validation else "") + ". "
@@ -711,9 +709,9 @@ def run(cfg: Config) -> Result:
         figures.insert(0, (
             plots.evaluated_modes(evaluation[1], plot_dir / "evaluated_modes.png",
                                   link=f"{evaluation[0]['settings']['link']} link"),
-            "Accuracy (cosine similarity to the reference answers) and the LLM's NLL of the "
-            "responses against token throughput, for each mode's real rollouts on the "
-            "held-out prompts (± 2 SE over prompts).",
+            "Accuracy (MiniLM cosine to the reference), correct answers and the LLM's NLL "
+            "of the responses against token throughput, for each mode's real rollouts on "
+            "the held-out prompts (± 2 SE over prompts).",
         ))
 
     # Text.

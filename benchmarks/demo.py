@@ -82,7 +82,7 @@ prompts):
   confidence {s['confidence']});
 - U-HLM at the {s['operating_threshold']} threshold: skip share {s['uhlm_skip_share']:.3f},
   realised risk per token {s['uhlm_realised_risk_per_token']:.3f}, accuracy
-  {s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only
+  (MiniLM cosine) {s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only
   {s['slm_only_accuracy_pct_of_llm']:.1f}%), throughput {s['uhlm_speedup_vs_hlm']:.3f}× HLM's
   (bound 1/(1 − s) = {s['uhlm_speedup_bound']:.3f}×).
 """

@@ -6,9 +6,7 @@ import numpy as np
 
 from uhlm_jax import channel as ch
 from uhlm_jax.metrics import (
-    cosine_similarity,
     link_metrics,
-    llm_embedder,
     response_nll,
     safe_ratio,
     token_metrics,
@@ -80,13 +78,6 @@ def test_response_nll_hand_computed():
     assert np.isnan(response_nll(jnp.asarray(logits), tokens, np.array([4]), np.array([4]))[0])
 
 
-def test_cosine_similarity_cases():
-    np.testing.assert_allclose(cosine_similarity([1.0, 0.0], [2.0, 0.0]), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(cosine_similarity([1.0, 0.0], [0.0, 3.0]), 0.0, atol=1e-7)
-    np.testing.assert_allclose(cosine_similarity([1.0, 1.0], [-1.0, -1.0]), -1.0, rtol=1e-6)
-    assert float(cosine_similarity([0.0, 0.0], [1.0, 0.0])) == 0.0
-
-
 def _static_profile():
     slm = ch.Deployment(ch.ModelSize.TINYLLAMA_1_1B, ch.Device.PHONE_SOC)
     llm = ch.Deployment(ch.ModelSize.LLAMA_2_7B, ch.Device.DATACENTER_GPU)
@@ -116,19 +107,6 @@ def test_link_metrics_match_the_per_token_latency_terms():
     np.testing.assert_allclose(hlm.speedup_vs_hlm, 1.0, rtol=1e-6)
     slm = link_metrics(Mode.SLM_ONLY, np.zeros_like(valid), valid, profile, jax.random.key(0))
     assert float(slm.llm_calls_saved) == 5 and np.isinf(slm.speedup_bound)
-
-
-def test_llm_embedder_mean_pools_final_hidden_states_and_ignores_padding():
-    _, llm = toy_pair()
-    tokens = jnp.asarray([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]])
-    lengths = jnp.asarray([3, 5])
-    embed = llm_embedder(llm)(tokens, lengths)
-    hidden = final_hidden_states(llm, tokens[:1, :3], lengths[:1])
-    np.testing.assert_allclose(embed[0], hidden[0].mean(0), rtol=1e-5, atol=1e-6)
-    # The same text gives cosine 1; padding does not change a row's embedding.
-    alone = llm_embedder(llm)(tokens[:1, :3], lengths[:1])
-    np.testing.assert_allclose(cosine_similarity(alone[0], embed[0]), 1.0, rtol=1e-5)
-    assert float(cosine_similarity(embed[0], embed[1])) < 1.0
 
 
 def test_final_hidden_states_feed_the_lm_head():

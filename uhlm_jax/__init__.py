@@ -14,8 +14,9 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   channel      payload, link, compute latency and throughput
   truncation   CU-HLM top-k uplink compression
   threshold    analytic thresholds and risk; posterior and distribution-free versions
-  metrics      TR, skip rates, acceptance, risk, accuracy, throughput from records
+  metrics      TR, skip rates, acceptance, risk, NLL, throughput from records
   answers      whether a response gives a short reference answer, and the rate over prompts
+  accuracy     per-prompt sentence similarity to the reference and answer correctness
   replay       trace replay of calibration records over a grid
 """
 

@@ -20,7 +20,6 @@ Definitions (U-HLM, arXiv 2412.12687, §V):
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -28,16 +27,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax import channel
-from uhlm_jax.models.llama import ModelParams, Padding, final_hidden_states
 from uhlm_jax.modes import Mode
 
 __all__ = [
-    "Embedder",
     "LinkMetrics",
     "TokenMetrics",
     "link_metrics",
-    "llm_embedder",
-    "cosine_similarity",
     "response_nll",
     "safe_ratio",
     "token_metrics",
@@ -142,14 +137,6 @@ def response_nll(
     return safe_ratio(total, jnp.sum(in_response, axis=-1))
 
 
-def cosine_similarity(a: Float[Array, "... h"], b: Float[Array, "... h"]) -> Float[Array, ...]:
-    """Cosine of the angle between embeddings along the last axis (0 for a zero vector)."""
-    a = jnp.asarray(a, jnp.float32)
-    b = jnp.asarray(b, jnp.float32)
-    norms = jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1)
-    return jnp.where(norms > 0, jnp.sum(a * b, axis=-1) / jnp.where(norms > 0, norms, 1.0), 0.0)
-
-
 class LinkMetrics(NamedTuple):
     """What a rollout costs under a link and cost profile, and what skipping saved.
 
@@ -226,26 +213,3 @@ def link_metrics(
         llm_calls_saved=skipped,
         uplink_bits_saved=skipped * channel.uplink_bits(profile),
     )
-
-
-Embedder = Callable[[Int[Array, "b t"], Int[Array, " b"]], Float[Array, "b h"]]
-"""Maps right-padded token ids and lengths to one embedding per row."""
-
-
-def llm_embedder(params: ModelParams) -> Embedder:
-    """The default embedder: final hidden states of a model, mean-pooled over each row.
-
-    Args:
-        params: the model whose hidden states embed text (by default the pair's LLM).
-
-    Returns:
-        A pure function `(tokens [b, t], lengths [b]) -> [b, h]`.
-    """
-
-    def embed(tokens: Int[Array, "b t"], lengths: Int[Array, " b"]) -> Float[Array, "b h"]:
-        hidden = final_hidden_states(params, tokens, lengths, Padding.RIGHT)
-        mask = (jnp.arange(tokens.shape[1])[None, :] < lengths[:, None])[..., None]
-        total = jnp.sum(jnp.where(mask, hidden, 0.0), axis=1)
-        return total / jnp.maximum(lengths, 1)[:, None].astype(jnp.float32)
-
-    return embed

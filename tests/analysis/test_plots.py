@@ -174,6 +174,8 @@ def test_evaluated_modes(tmp_path):
             "label": ["LLM only", "SLM only", "HLM", "U-HLM, a", "U-HLM, b", "Rand-HLM"],
             "accuracy": [0.85, 0.79, 0.86, 0.85, 0.83, 0.83],
             "accuracy_se": [0.01, 0.013, 0.01, 0.01, 0.016, 0.016],
+            "correct_rate": [0.6, 0.3, 0.62, 0.6, 0.5, 0.45],
+            "correct_rate_se": [0.07, 0.065, 0.07, 0.07, 0.07, 0.07],
             "llm_nll": [2.2, 5.1, 2.1, 2.2, 3.0, 2.6],
             "llm_nll_se": [0.2, 0.2, 0.2, 0.2, 0.2, 0.2],
             "throughput_tokens_per_s": [150.0, 37.0, 20.8, 22.0, 24.5, 21.9],

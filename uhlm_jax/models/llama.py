@@ -743,8 +743,7 @@ def final_hidden_states(
 ) -> Float[Array, "b t h"]:
     """The final normalised hidden states of whole sequences, without a cache.
 
-    These are what the LM head reads; mean-pooled over a response they make a sentence
-    embedding (`uhlm_jax.metrics.llm_embedder`).
+    These are what the LM head reads.
 
     Args:
         params: the model.
