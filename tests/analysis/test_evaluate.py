@@ -217,7 +217,7 @@ def test_prompts_without_a_reference_are_left_out_of_similarity(tmp_path, capsys
     out = capsys.readouterr().out
     # Then only the first is scored for similarity and only the second for correctness
     data, summary = evaluate.read_summary(run_dir)
-    per_prompt = pd.read_parquet(run_dir / evaluate.PER_PROMPT_FILE)
+    per_prompt = pd.read_parquet(run_dir / rd.EVALUATION_FILE)
     for _, rows in per_prompt.groupby("label"):
         assert not np.isnan(rows["similarity"].iloc[0])
         assert np.isnan(rows["similarity"].iloc[1])
@@ -242,7 +242,7 @@ def test_prompts_without_references_or_answers_need_skip_accuracy(tmp_path, caps
     err = capsys.readouterr().err.strip()
     assert "\n" not in err
     assert "'reference'" in err and "'answer'" in err and "--skip-accuracy" in err
-    assert not (run_dir / evaluate.SUMMARY_FILE).exists()
+    assert not (run_dir / rd.EVALUATION_SUMMARY_FILE).exists()
     # And with --skip-accuracy it reports the modes without accuracy
     assert _main([*argv, "--skip-accuracy"]) == 0
     out = capsys.readouterr().out
