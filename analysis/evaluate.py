@@ -413,7 +413,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         return run_rollout(
             pair, texts,
             RolloutConfig(mode=mode, max_new_tokens=max_new, measures=(recorded,),
-                          gate_measure=0),
+                          gate_measure=0, record_tv=False),
             RolloutParams.create(**temperatures, **params), seed=seed, prompt_ids=prompt_ids,
         )
 

@@ -52,7 +52,9 @@ from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.sharding import MeshShape, make_mesh, place_pair
+from uhlm_jax.uncertainty import DEFAULT_MEASURES, UncertaintyMeasure
 
+MEASURE_NAMES = tuple(m.name for m in DEFAULT_MEASURES)
 _VERSIONED_PACKAGES = ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "orbax-checkpoint")
 
 
@@ -75,6 +77,8 @@ class Config:
         seed: base seed of all keys.
         draft_temperature: SLM draft temperature.
         llm_temperature: LLM temperature.
+        measures: names of the uncertainty measures to record (`uhlm_jax.uncertainty`),
+            in column order; all five by default. Fewer cost less: only these are computed.
         resume: continue an interrupted run in `out`.
         mesh: device mesh `"data=D,model=M"` (`uhlm_jax.sharding.MeshShape.parse`); the
             LLM is split over `model`. None puts every device on `data`.
@@ -97,6 +101,7 @@ class Config:
     seed: int = 0
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
+    measures: tuple[str, ...] = MEASURE_NAMES
     resume: bool = False
     mesh: str | None = None
     distributed: bool = False
@@ -116,6 +121,13 @@ class Config:
         for name in ("draft_temperature", "llm_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
+        object.__setattr__(self, "measures", tuple(self.measures))
+        unknown = [m for m in self.measures if m not in MEASURE_NAMES]
+        if unknown or not self.measures or len(set(self.measures)) < len(self.measures):
+            raise ValueError(
+                f"measures must be distinct names among {', '.join(MEASURE_NAMES)}; got "
+                f"{list(self.measures)!r}."
+            )
         if self.mesh is not None:
             MeshShape.parse(self.mesh)
         process = {k: getattr(self, k) for k in _PROCESS_FIELDS}
@@ -134,6 +146,11 @@ class Config:
 
     def mesh_shape(self) -> MeshShape:
         return MeshShape() if self.mesh is None else MeshShape.parse(self.mesh)
+
+    def rollout_measures(self) -> tuple[UncertaintyMeasure, ...]:
+        """The measures to record, with the paper's defaults, in `measures` order."""
+        by_name = {m.name: m for m in DEFAULT_MEASURES}
+        return tuple(by_name[name] for name in self.measures)
 
     def prompts_path(self) -> str:
         return embedded_prompts_path() if self.prompts is None else self.prompts
@@ -290,7 +307,13 @@ def run(cfg: Config) -> Result:
         pair = place_pair(pair, mesh)
     except ValueError as err:  # the model axis does not divide the LLM's heads
         raise ValueError(f"--mesh: {err}") from None
-    config = RolloutConfig(mode=Mode.HLM, max_new_tokens=cfg.max_new_tokens)
+    # The records hold tv but not the LLM's log-probability of the token.
+    config = RolloutConfig(
+        mode=Mode.HLM,
+        max_new_tokens=cfg.max_new_tokens,
+        measures=cfg.rollout_measures(),
+        record_llm_log_prob=False,
+    )
     params = RolloutParams.create(
         draft_temperature=cfg.draft_temperature, llm_temperature=cfg.llm_temperature
     )
@@ -389,6 +412,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--draft-temperature", type=float, default=1.0)
     parser.add_argument("--llm-temperature", type=float, default=1.0)
+    parser.add_argument(
+        "--measures", nargs="+", choices=MEASURE_NAMES, default=list(MEASURE_NAMES),
+        help="uncertainty measures to record (default: all); fewer cost less",
+    )
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
     parser.add_argument(
         "--mesh",
@@ -420,6 +447,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         seed=args.seed,
         draft_temperature=args.draft_temperature,
         llm_temperature=args.llm_temperature,
+        measures=tuple(args.measures),
         resume=args.resume,
         mesh=args.mesh,
         distributed=args.distributed,

@@ -281,6 +281,51 @@ def test_changing_swept_values_does_not_recompile(pair):
         )
 
 
+def test_fewer_records_give_the_same_values_and_compile_once(pair):
+    # Given the gate measure alone, without tv or the LLM's log-probability,
+    ids = encode_prompts(pair, ["hello", "world"])
+    width = max(map(len, ids))
+    tokens = jnp.asarray([i + [0] * (width - len(i)) for i in ids])
+    lengths = jnp.asarray([len(i) for i in ids])
+    lean = RolloutConfig(
+        mode=Mode.UHLM,
+        max_new_tokens=6,
+        measures=(TemperaturePerturbation(),),
+        record_tv=False,
+        record_llm_log_prob=False,
+    )
+    full = dataclasses.replace(
+        lean, measures=(Entropy(), TemperaturePerturbation()), gate_measure=1
+    )
+    traced = jax.jit(
+        chex.assert_max_traces(rollout, n=2), static_argnames=("config", "cache_length")
+    )
+
+    def records(config, threshold):
+        return traced(
+            pair.slm,
+            pair.llm,
+            tokens,
+            lengths,
+            jnp.arange(2),
+            jnp.asarray([6, 6]),
+            jax.random.key(0),
+            RolloutParams.create(threshold=threshold),
+            config=config,
+            cache_length=width + 6,
+        )
+
+    # when thresholds change (two configs: two traces, none per threshold),
+    for threshold in (0.1, 0.4, 0.8):
+        few, many = records(lean, threshold), records(full, threshold)
+        # then the gate measure, decisions and tokens match the run recording more,
+        np.testing.assert_array_equal(few.uncertainty[..., 0], many.uncertainty[..., 1])
+        for name in ("token", "draft", "transmitted", "accepted", "beta"):
+            np.testing.assert_array_equal(getattr(few, name), getattr(many, name))
+        # and what was not asked for is not computed.
+        assert np.isnan(few.tv).all() and np.isnan(few.llm_log_prob).all()
+
+
 def test_records_shapes_and_masks(pair):
     records = _run(pair, Mode.HLM, max_new_tokens=40).records
     assert isinstance(records, Records)

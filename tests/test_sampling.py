@@ -1,9 +1,10 @@
 """Tests for uhlm_jax.sampling: the unused-id mask, the sampler's law, padding, replies.
 
 The sampler's law is checked with Pearson's chi-square test at size ALPHA on NUM_DRAWS
-draws; with at least MIN_EXPECTED_COUNT expected draws per cell the chi-square
-approximation holds (Cochran's rule). Seeds are fixed, so each test either always passes
-or always fails.
+draws, against the exact distribution and (two-sample) against the Gumbel-max reference
+`sample_token_gumbel`; with at least MIN_EXPECTED_COUNT expected draws per cell the
+chi-square approximation holds (Cochran's rule). Seeds are fixed, so each test either
+always passes or always fails.
 """
 
 import jax
@@ -16,11 +17,13 @@ from uhlm_jax.models.llama import forward
 from uhlm_jax.models.registry import load_model
 from uhlm_jax.sampling import (
     ReplyConfig,
+    _first_above,
     generate_replies,
     mask_unused_ids,
     pad_rows,
     padded_length,
     sample_token,
+    sample_token_gumbel,
 )
 
 ALPHA = 1e-3
@@ -31,9 +34,14 @@ REPLY_STEPS = 6
 REPLY_PROMPTS = ("hello", "a much longer prompt", "xy")
 
 
-def _draws(logits, temperature=1.0, top_k=0, num_ids=None, seed=0) -> np.ndarray:
+SAMPLERS = (sample_token, sample_token_gumbel)
+
+
+def _draws(
+    logits, temperature=1.0, top_k=0, num_ids=None, seed=0, sampler=sample_token
+) -> np.ndarray:
     keys = jax.random.split(jax.random.key(seed), NUM_DRAWS)
-    sample = jax.vmap(sample_token, in_axes=(0, None, None, None, None))
+    sample = jax.vmap(sampler, in_axes=(0, None, None, None, None))
     fn = jax.jit(sample, static_argnums=(3, 4))
     return np.asarray(fn(keys, jnp.asarray(logits), jnp.float32(temperature), top_k, num_ids))
 
@@ -46,6 +54,17 @@ def _assert_distributed_as(draws: np.ndarray, probs: np.ndarray) -> None:
     assert expected.min() >= MIN_EXPECTED_COUNT, "too few draws for the chi-square test"
     p_value = scipy.stats.chisquare(counts[support], expected).pvalue
     assert p_value > ALPHA, (counts, expected, p_value)
+
+
+def _assert_same_law(first: np.ndarray, second: np.ndarray) -> None:
+    """Two-sample chi-square test (a 2 × cells contingency table) of two sets of draws."""
+    cells = max(first.max(), second.max()) + 1
+    table = np.stack([np.bincount(first, minlength=cells), np.bincount(second, minlength=cells)])
+    table = table[:, table.sum(axis=0) > 0]
+    expected = scipy.stats.contingency.expected_freq(table)
+    assert expected.min() >= MIN_EXPECTED_COUNT, "too few draws for the chi-square test"
+    p_value = scipy.stats.chi2_contingency(table, correction=False).pvalue
+    assert p_value > ALPHA, (table, p_value)
 
 
 def _softmax(x) -> np.ndarray:
@@ -83,24 +102,80 @@ def test_masked_ids_are_never_sampled():
 # The sampler's law.
 
 
-def test_sampler_matches_the_tempered_softmax():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampler_matches_the_tempered_softmax(sampler):
     logits = np.array([1.0, 0.0, -1.0, 0.5, 2.0, -0.3, 0.2, 1.4])
     temperature = 0.8
-    _assert_distributed_as(_draws(logits, temperature, seed=1), _softmax(logits / temperature))
+    draws = _draws(logits, temperature, seed=1, sampler=sampler)
+    _assert_distributed_as(draws, _softmax(logits / temperature))
 
 
-def test_sampler_with_top_k_matches_the_renormalised_top_k():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampler_with_top_k_matches_the_renormalised_top_k(sampler):
     logits = np.array([1.0, 0.0, -1.0, 0.5, 2.0, -0.3, 0.2, 1.4])
     top = np.argsort(logits)[-3:]  # ids 4, 7, 0
     probs = np.zeros(len(logits))
     probs[top] = _softmax(logits[top] / 1.5)
-    _assert_distributed_as(_draws(logits, 1.5, top_k=3, seed=2), probs)
+    _assert_distributed_as(_draws(logits, 1.5, top_k=3, seed=2, sampler=sampler), probs)
 
 
-def test_sampler_of_log_probs_draws_from_them():
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampler_of_log_probs_draws_from_them(sampler):
     # The hybrid rollout samples its draft from log q at the default settings.
     log_q = jax.nn.log_softmax(jnp.array([0.3, -2.0, 1.1, 0.0, -jnp.inf]))
-    _assert_distributed_as(_draws(log_q, seed=3), np.exp(np.asarray(log_q, np.float64)))
+    draws = _draws(log_q, seed=3, sampler=sampler)
+    _assert_distributed_as(draws, np.exp(np.asarray(log_q, np.float64)))
+
+
+def _many_blocks_logits() -> np.ndarray:
+    """1000 ids (blocks of 31 in the inverse CDF) with adversarial mass: whole blocks of
+    zero probability, ties, a spike, mass in the last, partial block, and a masked tail."""
+    logits = np.full(1000, -np.inf)
+    logits[40:47] = 0.0  # seven ties inside one block
+    logits[61:64] = 0.0  # ties across a block boundary (61 | 62)
+    logits[500] = 2.5  # a spike after empty blocks
+    logits[993] = -1.0  # the last, partial block (992 on)
+    logits[997:] = 9.0  # masked by num_ids = 997
+    return logits
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_sampler_over_many_blocks_matches_the_softmax(sampler):
+    logits = _many_blocks_logits()
+    probs = _softmax(np.where(np.arange(1000) < 997, logits, -np.inf))
+    draws = _draws(logits, num_ids=997, seed=6, sampler=sampler)
+    _assert_distributed_as(draws, probs)
+
+
+@pytest.mark.parametrize(
+    "logits,temperature,top_k,num_ids",
+    [
+        (np.array([1.0, 0.0, -1.0, 0.5, 2.0, -0.3, 0.2, 1.4]), 0.8, 0, None),
+        (np.array([1.0, 0.0, -1.0, 0.5, 2.0, -0.3, 0.2, 1.4]), 1.5, 3, None),
+        (_many_blocks_logits(), 1.3, 0, 997),
+    ],
+)
+def test_inverse_cdf_matches_the_gumbel_reference(logits, temperature, top_k, num_ids):
+    # Given the same settings and independent keys, when both samplers draw,
+    inverse_cdf = _draws(logits, temperature, top_k, num_ids, seed=7)
+    gumbel = _draws(logits, temperature, top_k, num_ids, seed=8, sampler=sample_token_gumbel)
+    # then their draws are samples of one law.
+    _assert_same_law(inverse_cdf, gumbel)
+
+
+def test_same_law_test_has_power():
+    # Draws at two temperatures are told apart.
+    logits = np.array([1.0, 0.0, -1.0, 0.5, 2.0, -0.3, 0.2, 1.4])
+    with pytest.raises(AssertionError):
+        _assert_same_law(_draws(logits, 1.0, seed=9), _draws(logits, 1.2, seed=10))
+
+
+def test_first_above_by_hand():
+    cumulative = jnp.array([0.0, 0.1, 0.5, 0.5, 0.5])
+    assert int(_first_above(cumulative, jnp.float32(0.0))) == 1  # skips zero-mass id 0
+    assert int(_first_above(cumulative, jnp.float32(0.3))) == 2
+    # A target at the total (rounding) gives the last id with mass, not a zero-mass one.
+    assert int(_first_above(cumulative, jnp.float32(0.5))) == 2
 
 
 def test_temperature_zero_is_the_argmax_per_row():
@@ -110,13 +185,16 @@ def test_temperature_zero_is_the_argmax_per_row():
     assert tokens.dtype == jnp.int32
 
 
-def test_rows_of_one_call_match_jax_categorical():
-    # One key for a batch draws the rows independently, as jax.random.categorical does.
-    logits = jax.random.normal(jax.random.key(4), (3, 11))
-    key = jax.random.key(5)
-    np.testing.assert_array_equal(
-        sample_token(key, logits), jax.random.categorical(key, logits, axis=-1)
-    )
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_rows_of_one_call_are_independent_draws(sampler):
+    # One key for a batch of equal rows draws each row independently from the law.
+    logits = np.array([0.3, -2.0, 1.1, 0.0, 0.7])
+    rows = jnp.broadcast_to(jnp.asarray(logits, jnp.float32), (NUM_DRAWS // 4, 4, 5))
+    draws = np.asarray(sampler(jax.random.key(5), rows)).ravel()
+    counts = np.bincount(draws, minlength=5)
+    p_value = scipy.stats.chisquare(counts, len(draws) * _softmax(logits)).pvalue
+    assert p_value > ALPHA, counts
+    assert draws.shape == (NUM_DRAWS,)
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ Shapes (see `uhlm_jax.types`): `b` rows, `n` steps, `v` vocabulary, `m` measures
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -76,6 +77,13 @@ class RolloutConfig:
             the tokenizer's pad id in `run_rollout`).
         num_token_ids: ids at or above this are never drafted nor emitted (checkpoints
             pad the embedding table past the tokenizer's ids); None uses all ids.
+        record_tv: compute `Records.tv` (one pass over the vocabulary per row and step);
+            False leaves it NaN.
+        record_llm_log_prob: compute `Records.llm_log_prob` (a log-sum-exp over the
+            vocabulary per row and step); False leaves it NaN.
+
+    Only the measures in `measures` are computed, so record just those a caller needs:
+    the gate measure is one of them.
     """
 
     mode: Mode = Mode.UHLM
@@ -86,6 +94,8 @@ class RolloutConfig:
     stop_tokens: tuple[int, ...] = ()
     pad_token: int | None = None
     num_token_ids: int | None = None
+    record_tv: bool = True
+    record_llm_log_prob: bool = True
 
     def __post_init__(self):
         if not isinstance(self.mode, Mode):
@@ -179,7 +189,7 @@ class Records(NamedTuple):
             order.
         beta: rejection probability of the draft, `max(0, 1 - p_d / q_d)`, computed for
             every token (counterfactual when not transmitted).
-        tv: expected rejection `TV(p, q)`.
+        tv: expected rejection `TV(p, q)` (NaN unless `RolloutConfig.record_tv`).
         transmitted: the draft's distribution was uploaded and verified.
         accepted: transmitted and accepted by the LLM.
         resampled: transmitted, rejected, and replaced by a residual sample.
@@ -187,7 +197,8 @@ class Records(NamedTuple):
         draft: the SLM's draft token.
         uplink_k: probabilities uploaded for verification (`v` without truncation).
         llm_log_prob: the LLM's log-probability (temperature 1, nats) of the emitted token,
-            so the LLM's NLL of any mode's text comes without another forward pass.
+            so the LLM's NLL of any mode's text comes without another forward pass (NaN
+            unless `RolloutConfig.record_llm_log_prob`).
         valid: the step produced a real token (false after a stop token or the row's end).
         finite: both models' logits were finite at this step.
     """
@@ -242,6 +253,11 @@ class _Position(NamedTuple):
     finite: Bool[Array, ""]
 
 
+def _measure_id(measure: UncertaintyMeasure) -> int:
+    """A stable 31-bit id of a measure's name: what its key is folded with."""
+    return zlib.crc32(measure.name.encode()) & 0x7FFFFFFF
+
+
 def hybrid_position(
     key: Array,
     slm_logits: Float[Array, " v"],
@@ -267,17 +283,30 @@ def hybrid_position(
     log_q = speculative.draft_log_probs(slm_logits, params.draft_temperature, config.top_k)
     log_p = jax.nn.log_softmax(llm_logits / params.llm_temperature)
     draft = sample_token(draft_key, log_q)
-    measure_keys = jax.random.split(measure_key, len(config.measures))
+    # Each measure's key depends on its name only, so a measure gives the same values
+    # whichever other measures are recorded beside it.
     uncertainty = jnp.stack(
         [
-            jnp.asarray(measure(k, slm_logits, log_q, draft), jnp.float32)
-            for measure, k in zip(config.measures, measure_keys, strict=True)
+            jnp.asarray(
+                measure(
+                    jax.random.fold_in(measure_key, _measure_id(measure)), slm_logits, log_q, draft
+                ),
+                jnp.float32,
+            )
+            for measure in config.measures
         ]
     )
     beta = speculative.rejection_probability(log_q, log_p, draft)
-    tv = speculative.total_variation(log_q, log_p)
+    not_recorded = jnp.float32(jnp.nan)
+    tv = speculative.total_variation(log_q, log_p) if config.record_tv else not_recorded
     if params.truncation is None:
-        verification = speculative.verify(verify_key, log_q, log_p, draft)
+        # Modes that never transmit never use a verification (nor its residual sample).
+        verifies = config.mode in (Mode.HLM, Mode.UHLM, Mode.RAND_HLM)
+        verification = (
+            speculative.verify(verify_key, log_q, log_p, draft)
+            if verifies
+            else speculative.Verification(token=draft, accepted=jnp.bool_(False), beta=beta)
+        )
         uplink_k = jnp.int32(log_q.shape[-1])
     else:
         verification, truncated = verify_compressed(
@@ -312,7 +341,11 @@ def hybrid_position(
         token=token,
         draft=draft.astype(jnp.int32),
         uplink_k=uplink_k,
-        llm_log_prob=llm_logits[token] - jax.nn.logsumexp(llm_logits),
+        llm_log_prob=(
+            llm_logits[token] - jax.nn.logsumexp(llm_logits)
+            if config.record_llm_log_prob
+            else not_recorded
+        ),
         finite=finite,
     )
 

@@ -3,8 +3,9 @@
 - `mask_unused_ids`: checkpoints pad the embedding table past the tokenizer's ids
   (Qwen2: 151,665 ids, 151,936 rows); those ids must never be sampled.
 - `sample_token`: one token from tempered, optionally top-k truncated logits, greedy at
-  temperature 0. The draft of the hybrid rollout, its LLM-only token and the residual
-  resample of verification are `sample_token(key, log_probs)` at the default settings.
+  temperature 0, by inverse CDF. The draft of the hybrid rollout, its LLM-only token and
+  the residual resample of verification are `sample_token(key, log_probs)` at the default
+  settings. `sample_token_gumbel` is its Gumbel-max reference.
 - `pad_rows`, `padded_length`: variable-length rows right-padded into one array, with
   widths rounded up so that nearby lengths share a compile.
 - `generate_replies`: replies of one model to a batch of prompts, as `lax.scan` over
@@ -17,6 +18,7 @@ Shapes (see `uhlm_jax.types`): `b` rows, `t` prompt tokens, `n` steps, `v` vocab
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -40,6 +42,7 @@ __all__ = [
     "padded_length",
     "reply_step",
     "sample_token",
+    "sample_token_gumbel",
     "start_replies",
 ]
 
@@ -60,6 +63,58 @@ def mask_unused_ids(logits: Float[Array, "*b v"], num_ids: int | None) -> Float[
     return jnp.where(jnp.arange(vocab) < num_ids, logits, -jnp.inf)
 
 
+def _sampling_logits(
+    logits: Float[Array, "*b v"],
+    temperature: Float[Array, ""] | float,
+    top_k: int,
+    num_ids: int | None,
+) -> tuple[Float[Array, "*b v"], Float[Array, "*b v"], Bool[Array, ""]]:
+    """The masked logits, their tempered form and whether to sample (`τ > 0`)."""
+    logits = mask_unused_ids(jnp.asarray(logits, jnp.float32), num_ids)
+    if top_k > 0:
+        kth_largest = lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    # Guard the division: the sampled branch is discarded when temperature == 0.
+    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
+    return logits, logits / safe_temperature, temperature > 0
+
+
+def _block_size(vocab: int) -> int:
+    """Ids per block of the two-level inverse CDF: about `√v`, so both scans are short."""
+    return max(1, math.isqrt(vocab))
+
+
+def _first_above(cumulative: Float[Array, " n"], target: Float[Array, ""]) -> Int[Array, ""]:
+    """The first `i` with `cumulative[i] > target`, for a non-decreasing `cumulative`.
+
+    If rounding put `target` at or above the last entry, returns the first index of the
+    maximum, the last entry with positive mass: never one of probability zero.
+    """
+    return jnp.minimum(jnp.sum(cumulative <= target), jnp.argmax(cumulative))
+
+
+def _inverse_cdf_one(uniforms: Float[Array, " 2"], scaled: Float[Array, " v"]) -> Int[Array, ""]:
+    """One draw from `softmax(scaled)` by inverse CDF, in two levels.
+
+    The weights `exp(scaled − max)` are cut into blocks of `_block_size(v)` ids: the first
+    uniform picks a block by the cumulative block sums, the second an id inside it by the
+    cumulative sum of that block. `P(id) = (block sum / total) · (weight / block sum)`, the
+    softmax, up to float32 rounding: a few ulps of the sums, and the uniforms' resolution
+    of `2^-23` (the Gumbel form has a like floor, as its noise is bounded).
+    """
+    vocab = scaled.shape[0]
+    block = _block_size(vocab)
+    num_blocks = -(-vocab // block)
+    weights = jnp.exp(scaled - jnp.max(scaled))
+    blocks = jnp.pad(weights, (0, num_blocks * block - vocab)).reshape(num_blocks, block)
+    block_cdf = jnp.cumsum(jnp.sum(blocks, axis=-1))
+    chosen = _first_above(block_cdf, uniforms[0] * block_cdf[-1])
+    inner_cdf = jnp.cumsum(blocks[chosen])
+    inner = _first_above(inner_cdf, uniforms[1] * inner_cdf[-1])
+    return (chosen * block + inner).astype(jnp.int32)
+
+
 def sample_token(
     key: PRNGKeyArray,
     logits: Float[Array, "*b v"],
@@ -67,7 +122,11 @@ def sample_token(
     top_k: int = 0,
     num_ids: int | None = None,
 ) -> Int[Array, "*b"]:
-    """Samples a token id from `softmax(z / τ)` (Gumbel-argmax; `-inf` is never drawn).
+    """Samples a token id from `softmax(z / τ)` by inverse CDF; `-inf` is never drawn.
+
+    Two uniforms and two cumulative sums of about `√v` entries per row (`_inverse_cdf_one`)
+    replace the `v` Gumbel variates of `sample_token_gumbel`, the reference it is tested
+    against; the law is the same, the ids drawn for a given key are not.
 
     Ids `>= num_ids` are never chosen. With `top_k > 0`, ids whose logit is below the
     `top_k`-th largest are dropped (ties at the boundary are kept). `τ = 0` returns the
@@ -76,7 +135,7 @@ def sample_token(
 
     Args:
         key: PRNG key. Leading axes of `logits` are rows drawn independently with this one
-            key (as `jax.random.categorical` does); for per-row keys, `vmap` instead.
+            key; for per-row keys, `vmap` instead.
         logits: `[..., v]` logits (computed in float32).
         temperature: `[]` temperature `τ >= 0`, may be traced (changing it does not
             recompile).
@@ -86,16 +145,28 @@ def sample_token(
     Returns:
         int32 `[...]` ids.
     """
-    logits = mask_unused_ids(jnp.asarray(logits, jnp.float32), num_ids)
-    if top_k > 0:
-        kth_largest = lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
-    temperature = jnp.asarray(temperature, jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1)
-    # Guard the division: the sampled branch is discarded when temperature == 0.
-    safe_temperature = jnp.where(temperature > 0, temperature, 1.0)
-    sampled = jax.random.categorical(key, logits / safe_temperature, axis=-1)
-    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+    logits, scaled, sampled = _sampling_logits(logits, temperature, top_k, num_ids)
+    rows = scaled.reshape(-1, scaled.shape[-1])
+    uniforms = jax.random.uniform(key, (rows.shape[0], 2), jnp.float32)
+    drawn = jax.vmap(_inverse_cdf_one)(uniforms, rows).reshape(scaled.shape[:-1])
+    return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def sample_token_gumbel(
+    key: PRNGKeyArray,
+    logits: Float[Array, "*b v"],
+    temperature: Float[Array, ""] | float = 1.0,
+    top_k: int = 0,
+    num_ids: int | None = None,
+) -> Int[Array, "*b"]:
+    """`sample_token` by the Gumbel-max trick, `argmax(z / τ + G)`: its tested reference.
+
+    Same arguments and law as `sample_token`; it draws `v` Gumbel variates per row, which
+    costs several times more at a real vocabulary.
+    """
+    logits, scaled, sampled = _sampling_logits(logits, temperature, top_k, num_ids)
+    drawn = jax.random.categorical(key, scaled, axis=-1)
+    return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
 def padded_length(length: int, multiple: int) -> int:

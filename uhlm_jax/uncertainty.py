@@ -128,6 +128,21 @@ def disagreement_share(disagree: Bool[Array, " k"]) -> Float[Array, ""]:
     return exact_fractions(disagree.shape[0])[count]
 
 
+def _tempered_log_prob(
+    logits: Float[Array, " v"], draft: Int[Array, ""], theta: Float[Array, " m"]
+) -> Float[Array, " m"]:
+    """`log softmax(z / θ_k)_d` for every temperature `θ_k > 0`.
+
+    The logits are shifted by their maximum once for all `m` temperatures: every row of
+    `(z − max z) / θ_k` then has maximum 0, so each log-sum-exp is a plain `log Σ exp`
+    (its sum is at least 1, so it cannot underflow) without a max pass of its own.
+    """
+    shifted = logits - jnp.max(logits)
+    inverse = 1.0 / theta
+    log_partition = jnp.log(jnp.sum(jnp.exp(shifted[None, :] * inverse[:, None]), axis=-1))
+    return shifted[draft] * inverse - log_partition
+
+
 def quadrature_rule(num_panels: int, nodes_per_panel: int) -> tuple[np.ndarray, np.ndarray]:
     """Composite Gauss–Legendre rule on [0, 1] with geometrically shrinking panels.
 
@@ -166,8 +181,8 @@ class TemperaturePerturbation:
     Bernoulli with probability `1 − softmax(z/θ_k)_d`, so this measure draws it as
     `1[log U_k ≥ log softmax(z/θ_k)_d]` with `U_k ~ Uniform[0, 1)`: the same distribution
     of `u`, with `K` uniforms instead of `K·V` Gumbel variates (15× faster at V = 49152).
-    The log-softmax is shifted by `max z`, so `θ_k → 0` gives the argmax indicator
-    exactly. Keys: `temperature_key, redraw_key = split(key)`.
+    The log-softmax is shifted by `max z` (once for all `K`, `_tempered_log_prob`), so
+    `θ_k → 0` gives the argmax indicator exactly. Keys: `temperature_key, redraw_key = split(key)`.
 
     Attributes:
       num_samples: static `K >= 1` (default 20, as in the paper).
@@ -202,11 +217,10 @@ class TemperaturePerturbation:
     ) -> Float[Array, ""]:
         """Returns float32 `[]`: `j / num_samples` correctly rounded (`exact_fractions`)."""
         logits, _, draft = _check_inputs(logits, log_q, draft)
-        theta = self.temperatures(key)
+        # θ_k = 0 (a uniform of exactly 0) is floored, so it is the argmax indicator, not 0/0.
+        theta = jnp.maximum(self.temperatures(key), jnp.finfo(jnp.float32).tiny)
         _, redraw_key = jax.random.split(key)
-        shifted = logits - jnp.max(logits)
-        scaled = shifted[None, :] / theta[:, None]
-        log_prob_draft = scaled[:, draft] - jax.nn.logsumexp(scaled, axis=-1)
+        log_prob_draft = _tempered_log_prob(logits, draft, theta)
         log_u = jnp.log(jax.random.uniform(redraw_key, (self.num_samples,), jnp.float32))
         return disagreement_share(log_u >= log_prob_draft)
 
@@ -268,8 +282,7 @@ class ExpectedTemperaturePerturbation:
         logits, _, draft = _check_inputs(logits, log_q, draft)
         nodes, weights = quadrature_rule(self.num_panels, self.nodes_per_panel)
         theta = jnp.asarray(self.max_temperature, jnp.float32) * jnp.asarray(nodes, jnp.float32)
-        scaled = logits[None, :] / theta[:, None]
-        log_prob_draft = scaled[:, draft] - jax.nn.logsumexp(scaled, axis=-1)
+        log_prob_draft = _tempered_log_prob(logits, draft, theta)
         mean_prob = jnp.sum(jnp.asarray(weights, jnp.float32) * jnp.exp(log_prob_draft))
         return jnp.clip(1.0 - mean_prob, 0.0, 1.0)
 

@@ -59,6 +59,30 @@ def test_collect_writes_a_complete_run_directory(tmp_path):
     assert (df.beta == 0).any()  # the toy pair accepts some drafts outright
 
 
+def test_fewer_measures_record_the_same_values_for_those_kept(tmp_path):
+    # Given a run of all measures and a run asked for two of them, same seed and prompts,
+    everything = read_records(run(_config(tmp_path, out="all")).run_dir)
+    fewer_dir = run(
+        _config(tmp_path, out="fewer", measures=("entropy", "temperature_perturbation"))
+    ).run_dir
+    fewer = read_records(fewer_dir)
+    # then only the two are recorded, in the order asked,
+    config = json.loads((fewer_dir / "config.json").read_text())
+    assert config["measures"] == ["entropy", "temperature_perturbation"]
+    assert not {"u_expected_temperature_perturbation", "u_top_two_margin"} & set(fewer.columns)
+    # with the values, tokens and tv the full run records.
+    for column in ("token", "draft", "accepted", "u_entropy", "u_temperature_perturbation"):
+        np.testing.assert_array_equal(fewer[column], everything[column])
+    np.testing.assert_allclose(fewer.tv, everything.tv, atol=FLOAT_ATOL)
+
+
+def test_unknown_or_repeated_measures_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="measures must be distinct names among"):
+        _config(tmp_path, measures=("entropi",))
+    with pytest.raises(ValueError, match="measures must be distinct names among"):
+        _config(tmp_path, measures=("entropy", "entropy"))
+
+
 def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
     run(_config(tmp_path, num_prompts=2))
     before = (tmp_path / "run" / "config.json").read_text()
