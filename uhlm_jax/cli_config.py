@@ -9,8 +9,9 @@ command line, so defaults, types and documentation are written in one place:
 * its type gives the parser: `int`, `float`, `str`, `bool` (`--flag`, or `--flag/--no-flag`
   when the default is true), enums and `Literal`s (their names are the choices),
   `X | None`, and `tuple[X, ...]` (comma-separated, or `START:STOP:NUM` evenly spaced);
-* `--config FILE` reads a TOML file whose keys are the field names; flags given on the
-  command line override it, and an unknown key is an error naming it.
+* `--config FILE` reads a TOML file whose keys are the flags' names with underscores
+  (`num_prompts = 8`, lists for tuple fields); flags given on the command line override
+  it, and an unknown key is an error naming it.
 
 Validation stays in `Config.__post_init__`; `config_from_args` rewords its messages to
 name flags (`--num-prompts`) rather than fields (`num_prompts`). A job then reads
@@ -80,6 +81,11 @@ class _Field:
     flag: str  # "--num-prompts", or "RUN_DIR" for a positional
     parse_text: Callable[[str], Any]
     coerce: Callable[[Any], Any]  # a TOML value (list, number, string, bool) to the field's
+
+    @property
+    def key(self) -> str:
+        """The field's key in a TOML file: its flag's name with underscores."""
+        return self.flag.lstrip("-").lower().replace("-", "_")
 
 
 # ----------------------------------------------------------------------- docs
@@ -153,6 +159,11 @@ def _enum_parser(cls: type[enum.Enum]) -> Callable[[Any], enum.Enum]:
     def parse(text: Any) -> enum.Enum:
         if isinstance(text, cls):
             return text
+        if hasattr(cls, "from_name"):  # its own message names what it parses
+            try:
+                return cls.from_name(text)
+            except ValueError as err:
+                raise argparse.ArgumentTypeError(str(err)) from None
         for member in cls:
             if text in (_member_name(member), member.name.lower()):
                 return member
@@ -383,17 +394,19 @@ def config_from_args(cls: type, args: argparse.Namespace, **fixed: Any) -> Any:
     path = getattr(args, "config_file", None)
     if path:
         mapping = load_toml(path)
-        unknown = [k for k in mapping if k not in registry]
+        by_key = {field.key: field for field in registry.values()}
+        unknown = [k for k in mapping if k not in by_key]
         if unknown:
             raise ValueError(
                 f"--config {path!r}: unknown key(s) {', '.join(map(repr, unknown))}; valid "
-                f"keys: {', '.join(registry)}"
+                f"keys: {', '.join(by_key)}"
             )
         for key, value in mapping.items():
-            if key not in names:
+            field = by_key[key]
+            if field.name not in names:
                 continue
             try:
-                values[key] = registry[key].coerce(value)
+                values[field.name] = field.coerce(value)
             except argparse.ArgumentTypeError as err:
                 raise ValueError(f"--config {path!r}: key {key!r}: {err}") from None
     values.update({k: v for k, v in vars(args).items() if k in names and k in registry})
