@@ -41,6 +41,10 @@ PAPER_SKIP_SHARE = 0.4593
 NAMED_COSTS = "named"
 PAIR_COSTS = "pair"
 COST_PROFILES = (NAMED_COSTS, PAIR_COSTS)
+COST_PROFILE_HELP = (
+    f"models to price: {NAMED_COSTS} (the paper's TinyLlama-1.1B and Llama-2-7B, V = 32 000) "
+    f"or {PAIR_COSTS} (the run's pair, its dtype and V) (default: {NAMED_COSTS})"
+)
 # Parameter dtype of a run that does not record one (every run before dtypes were options).
 DEFAULT_RUN_DTYPE = "float32"
 
