@@ -95,7 +95,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if a in COMMANDS), None)
-    args = build_parser(command).parse_args(argv)
+    try:
+        args = build_parser(command).parse_args(argv)
+    except SystemExit as exit_:  # --help, or a bad flag (already reported in one line)
+        return exit_.code
     if args.command is None:
         build_parser().print_help()
         return 2
