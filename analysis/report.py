@@ -101,9 +101,10 @@ class Config:
     Attributes:
         run_dir: the run directory.
         measure: the uncertainty measure U-HLM gates on.
-        threshold: the operating threshold; by default (None) the first that exists of
-            the Learn-then-Test, risk-bounded and risk-prone thresholds of
-            thresholds.json, else one estimated from the records (see the module doc).
+        threshold: the operating threshold; by default (None) the one evaluate and demo
+            use: the first of thresholds.json's Learn-then-Test, risk-bounded, risk-prone
+            and risk-averse thresholds, else one estimated from the records (see the
+            module doc).
         link: the link of the table and the threshold curves.
         cost_profile_name: the models the table's throughput prices, one of
             `analysis.link.COST_PROFILES` (`pair`: the run's pair).

@@ -120,7 +120,8 @@ def test_every_job_help_shows_defaults(capsys):
         assert "(default: " in text and "Config." not in text, command
     assert cli.main(["report", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "by default (None) the first that exists of the Learn-then-Test, risk-bounded" in text
+    assert "by default (None) the one evaluate and demo use: the first of thresholds.json's " \
+        "Learn-then-Test, risk-bounded" in text
 
 
 # ----------------------------------------------------------------------- TOML overlay
