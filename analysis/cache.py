@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import pathlib
 
+from uhlm_jax import cli_config, console
 from uhlm_jax.models import split_file, weight_cache
 
 
@@ -28,7 +28,7 @@ class Config:
     """What to do with the cache.
 
     Attributes:
-        clear: delete every entry instead of only listing them.
+        clear: delete every entry instead of only listing them (default: list them).
     """
 
     clear: bool = False
@@ -111,14 +111,12 @@ def _iso(timestamp: float) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm cache` options."""
-    parser.add_argument(
-        "--clear", action="store_true", help="delete every entry (default: only list them)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cli_config.add_arguments(parser, Config, toml=False)
+    cli_config.add_output_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs `uhlm cache`; returns the exit status."""
-    result = run(Config(clear=args.clear))
-    print(json.dumps(result.to_json()) if args.json else format_table(result))
+    result = run(cli_config.config_from_args(Config, args))
+    print(console.json_text(result.to_json()) if args.json else format_table(result))
     return 0

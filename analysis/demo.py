@@ -25,21 +25,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from analysis import evaluate, report, sweep
 from calibration import collect, derive_thresholds, fit, records
 from calibration import run_dir as rd
 from uhlm_jax import channel as ch
+from uhlm_jax import cli_config, console
+from uhlm_jax.models.registry import DType
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 
 __all__ = ["Config", "Result", "add_arguments", "main", "run"]
@@ -91,6 +88,7 @@ class Config:
         link: link preset of the tables.
         risk: tolerated risk `ε` of the risk-bounded thresholds.
         confidence: `1 − δ` of the risk-bounded thresholds.
+        dtype: parameter dtype of both models.
     """
 
     out: str = DEFAULT_OUT
@@ -100,6 +98,7 @@ class Config:
     link: ch.LinkPreset = ch.LinkPreset.MEDIUM
     risk: float = 0.05
     confidence: float = 0.9
+    dtype: DType = "float32"
 
     def __post_init__(self):
         if self.pair not in known_pairs():
@@ -251,14 +250,14 @@ def run(cfg: Config, progress: bool = True) -> Result:
     ]
     stages = _Stages(names, scale.stage_seconds, progress)
     # Load first: a missing wheel or exit head fails before anything is written.
-    stages.run(0, lambda: load_pair(cfg.pair))
+    stages.run(0, lambda: load_pair(cfg.pair, dtype=cfg.dtype))
     _prepare_out(out)
     collect_cfg = collect.Config(
         pair=cfg.pair, prompts=None, out=str(out), split=CALIBRATION_SPLIT,
         num_prompts=scale.calibration_prompts, max_new_tokens=scale.max_new_tokens,
-        batch_size=scale.batch_size, seed=cfg.seed,
+        batch_size=scale.batch_size, seed=cfg.seed, dtype=cfg.dtype,
     )
-    stages.run(1, lambda: collect.run(collect_cfg))
+    stages.run(1, lambda: collect.run(collect_cfg, progress))
     stages.run(2, lambda: fit.run(fit.Config(
         run_dir=str(out), num_warmup=scale.num_warmup, num_samples=scale.num_samples,
         seed=cfg.seed)))
@@ -271,7 +270,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     summary = _headline(out, evaluation, cfg)
     summary["stage_seconds"] = stages.seconds
     summary["total_seconds"] = time.perf_counter() - stages.start
-    rd.write_json(out / rd.DEMO_FILE, _finite(summary))
+    rd.write_json(out / rd.DEMO_FILE, console.json_ready(summary))
     return Result(
         run_dir=out, summary=summary, table=evaluate.summary_table(evaluation.summary),
         report_html=written.html, report_markdown=written.markdown,
@@ -279,19 +278,9 @@ def run(cfg: Config, progress: bool = True) -> Result:
     )
 
 
-def _finite(obj: Any) -> Any:
-    """`obj` with non-finite floats as None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_finite(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
-
-
 def _pct(x: float | None) -> str:
-    return "—" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
+    text = console.number(None if x is None else 100 * x, ".1f")
+    return text if text == console.UNDEFINED else text + "%"
 
 
 def describe(result: Result) -> str:
@@ -323,33 +312,17 @@ def describe(result: Result) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `uhlm demo`'s arguments."""
-    parser.add_argument("--out", default=DEFAULT_OUT,
-                        help=f"run directory (default {DEFAULT_OUT}; a previous demo's is "
-                        "replaced)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a small version (4 + 4 prompts, 12-token replies) for smoke tests")
-    parser.add_argument("--pair", default=DEFAULT_PAIR,
-                        help=f"named pair: {', '.join(known_pairs())} (default {DEFAULT_PAIR})")
-    parser.add_argument("--seed", type=int, default=0, help="base seed of every stage")
-    parser.add_argument("--link", default="medium", choices=["good", "medium", "poor"],
-                        help="link preset of the tables")
-    parser.add_argument("--risk", type=float, default=0.05, help="tolerated risk eps in (0, 1)")
-    parser.add_argument("--confidence", type=float, default=0.9,
-                        help="confidence 1 - delta in (0, 1)")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        help={"quick": "a small version (4 + 4 prompts, 12-token replies) for smoke tests"},
+    ))
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = Config(out=args.out, pair=args.pair, quick=args.quick, seed=args.seed,
-                     link=ch.LinkPreset[args.link.upper()], risk=args.risk,
-                     confidence=args.confidence)
-        result = run(cfg, progress=not args.json)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm demo: error: {err}", file=sys.stderr)
-        return 2
+    result = run(cli_config.config_from_args(Config, args),
+                 progress=not (args.json or args.quiet))
     if args.json:
-        print(json.dumps(_finite(result.summary), indent=2))
+        print(console.json_text(result.summary, indent=2))
         return 0
     print()
     print(evaluate.format_table(result.table))

@@ -44,9 +44,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -56,13 +54,21 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from analysis.link import COST_PROFILES, NAMED_COSTS, cost_caption, pair_profile
+from analysis.link import (
+    COST_PROFILE_HELP,
+    COST_PROFILES,
+    DEFAULT_RUN_DTYPE,
+    NAMED_COSTS,
+    cost_caption,
+    pair_profile,
+)
 from analysis.link import Config as LinkConfig
 from calibration import run_dir as rd
 from calibration.prompts import embedded_prompts_path, read_prompts
 from uhlm_jax import channel as ch
-from uhlm_jax import metrics
+from uhlm_jax import cli_config, console, metrics
 from uhlm_jax.accuracy import has_text, mean_estimate, score_responses
+from uhlm_jax.models.registry import DType
 from uhlm_jax.models.sentence_encoder import load_minilm
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import load_pair
@@ -84,6 +90,8 @@ __all__ = [
 ]
 
 EVALUATION_SPLIT = "evaluation"
+# `--split all` evaluates every prompt of the file.
+ALL_SPLITS = "all"
 # Rollout keys are derived from prompt ids; evaluation ids start here, far past any
 # calibration prompt's, so the two never share keys.
 _FIRST_PROMPT_ID = 1_000_000
@@ -113,7 +121,7 @@ class Config:
     Attributes:
         run_dir: a calibration run directory (`config.json` and `thresholds.json`).
         prompts: JSON Lines prompts with reference answers; None: the shipped prompts.
-        split: use only prompts of this split (None: all).
+        split: use only prompts of this split ("all" or None: all).
         num_prompts: use the first this many prompts (None: all).
         max_new_tokens: tokens per response at most (None: the calibration's).
         link: link preset of the throughput columns.
@@ -123,6 +131,7 @@ class Config:
         skip_accuracy: score no accuracy (MiniLM cosine to the reference, correct
             answers), for prompts without references or short answers; NLL, TR and
             throughput are still reported.
+        dtype: parameter dtype of the pair; None: the run's.
     """
 
     run_dir: str
@@ -134,8 +143,11 @@ class Config:
     seed: int | None = None
     cost_profile_name: str = NAMED_COSTS
     skip_accuracy: bool = False
+    dtype: DType | None = None
 
     def __post_init__(self):
+        if self.split == ALL_SPLITS:
+            object.__setattr__(self, "split", None)
         for name in ("num_prompts", "max_new_tokens"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
@@ -255,16 +267,14 @@ def _summary_row(
     }
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    if x is None or math.isnan(x):
-        return "—"
-    return "∞" if math.isinf(x) else f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return console.number(x, f".{digits}f")
 
 
 def _fmt_estimate(mean: float, standard_error: float, digits: int = 3) -> str:
     """`mean ± SE`, or "—" alone when the mean is undefined."""
     if mean is None or math.isnan(mean):
-        return "—"
+        return console.UNDEFINED
     return f"{_fmt(mean, digits)} ± {_fmt(standard_error, digits)}"
 
 
@@ -309,7 +319,7 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
             r.label, _fmt(r.transmission_rate), _fmt(100 * r.skip_share, 1),
             _fmt(r.acceptance_rate), _fmt(r.true_skip_rate),
             _fmt_estimate(r.accuracy, r.accuracy_se),
-            _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else "—",
+            _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else console.UNDEFINED,
             _fmt_estimate(r.correct_rate, r.correct_rate_se, 2),
             _fmt_estimate(r.llm_nll, r.llm_nll_se, 2),
             _fmt(r.throughput_tokens_per_s, 2), _fmt(r.speedup_vs_hlm), _fmt(r.speedup_bound),
@@ -360,8 +370,6 @@ def format_table(table: pd.DataFrame) -> str:
 
 def run(cfg: Config, progress: bool = True) -> Result:
     """Runs every mode on the prompts and writes the two files; see the module doc."""
-    from tqdm import tqdm
-
     start = time.perf_counter()
     run_config = rd.RunConfig.read(cfg.run_dir)
     th = rd.Thresholds.read(cfg.run_dir)
@@ -393,7 +401,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         )
     # Loaded before the rollouts, so a missing wheel stops the job before its slow part.
     encoder = None if cfg.skip_accuracy else load_minilm()
-    pair = load_pair(run_config.pair)
+    pair = load_pair(run_config.pair, dtype=cfg.dtype or run_config.dtype or DEFAULT_RUN_DTYPE)
     max_new = cfg.max_new_tokens or run_config.max_new_tokens
     seed = run_config.seed if cfg.seed is None else cfg.seed
     temperatures = {
@@ -428,8 +436,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
                      for n, t in thresholds.items()]
     frames, rows = [], []
     matched = float("nan")
-    bar = tqdm(total=len(sweep_points) + 2, desc="evaluating modes", unit="mode",
-               disable=not progress)
+    bar = console.progress(total=len(sweep_points) + 2, desc="evaluating modes", unit="mode",
+                           quiet=not progress)
 
     def add(mode, label, name, threshold, probability, recs, generated):
         frame = _job_frame(label, mode, name, threshold, probability, recs, generated,
@@ -514,55 +522,23 @@ _MODE_LABELS = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `uhlm evaluate`'s arguments."""
-    parser.add_argument("run_dir", help="calibration run directory (config.json, thresholds.json)")
-    parser.add_argument("--prompts", metavar="FILE",
-                        help="JSON Lines prompts with reference answers (default: shipped)")
-    parser.add_argument("--split", default=EVALUATION_SPLIT,
-                        help="use only prompts of this split (default: evaluation; 'all': all)")
-    parser.add_argument("--num-prompts", type=int, help="use the first this many prompts")
-    parser.add_argument("--max-new-tokens", type=int,
-                        help="tokens per response at most (default: the calibration's)")
-    parser.add_argument("--link", default="medium", choices=["good", "medium", "poor"],
-                        help="link preset of the throughput columns")
-    parser.add_argument("--seed", type=int, help="base seed (default: the calibration's)")
-    parser.add_argument("--cost-profile", default=NAMED_COSTS, choices=COST_PROFILES,
-                        help="models the throughput columns price: named (the paper's "
-                        "TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype "
-                        "and V)")
-    parser.add_argument("--skip-accuracy", action="store_true",
-                        help="score no accuracy (MiniLM cosine, correct answers), for prompts "
-                        "without references or short answers")
-    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
-        run_dir=args.run_dir,
-        prompts=args.prompts,
-        split=None if args.split == "all" else args.split,
-        num_prompts=args.num_prompts,
-        max_new_tokens=args.max_new_tokens,
-        link=ch.LinkPreset[args.link.upper()],
-        seed=args.seed,
-        cost_profile_name=args.cost_profile,
-        skip_accuracy=args.skip_accuracy,
-    )
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        positional=("run_dir",), names={"cost_profile_name": "cost_profile"},
+        help={"cost_profile_name": COST_PROFILE_HELP},
+    ))
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        cfg = config_from_args(args)
-        result = run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm evaluate: error: {err}", file=sys.stderr)
-        return 2
+    cfg = cli_config.config_from_args(Config, args)
+    result = run(cfg, progress=not args.quiet)
     if args.json:
-        print(json.dumps(result.summary.to_dict(orient="records"), indent=2))
+        print(console.json_text(_json_rows(result.summary), indent=2))
     else:
         print(format_table(summary_table(result.summary)))
         print(f"\n{accuracy_caption(result.summary)}")
         print(f"\nThroughput and speedup: {cfg.link.name.lower()} link, {result.costs}.")
         print(f"Operating threshold: {result.operating.describe()}.")
-        print(f"\nWrote {Path(args.run_dir) / rd.EVALUATION_SUMMARY_FILE} and "
+        print(f"\nWrote {Path(cfg.run_dir) / rd.EVALUATION_SUMMARY_FILE} and "
               f"{rd.EVALUATION_FILE} ({result.seconds:.0f} s).")
     return 0

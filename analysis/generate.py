@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -26,8 +25,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from uhlm_jax import cli_config, console
 from uhlm_jax.models.cache import init_cache
-from uhlm_jax.models.registry import SMOLLM2_135M_INSTRUCT, LoadedModel, load_model
+from uhlm_jax.models.registry import SMOLLM2_135M_INSTRUCT, DType, LoadedModel, load_model
 from uhlm_jax.sampling import ReplyConfig, reply_step, start_replies
 
 DEFAULT_PROMPT = "What is the capital of France?"
@@ -45,6 +45,7 @@ class Config:
         top_k: sample among the `top_k` most likely ids; 0 keeps all.
         seed: seed of the sampling keys.
         chat: wrap the prompt in the model's chat template as one user message.
+        dtype: parameter dtype of the model.
     """
 
     model: str = SMOLLM2_135M_INSTRUCT
@@ -54,6 +55,7 @@ class Config:
     top_k: int = 0
     seed: int = 0
     chat: bool = True
+    dtype: DType = "float32"
 
     def __post_init__(self):
         if not isinstance(self.model, str) or not self.model:
@@ -199,49 +201,13 @@ def generate(
 
 def run(cfg: Config, on_token: Callable[[int], None] | None = None) -> Result:
     """Loads `cfg.model` (cached per process) and generates."""
-    return generate(cfg, load_model(cfg.model), on_token)
+    return generate(cfg, load_model(cfg.model, cfg.dtype), on_token)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm generate` options."""
-    defaults = Config()
-    parser.add_argument(
-        "--model",
-        default=defaults.model,
-        help="model name (smollm2-135m-instruct, toy-llm, toy-slm) or a path to a .gguf "
-        f"file or Hugging Face folder (default: {defaults.model})",
-    )
-    parser.add_argument("--prompt", default=defaults.prompt, help="the prompt text")
-    parser.add_argument(
-        "--max-new-tokens", type=int, default=defaults.max_new_tokens,
-        help=f"most tokens to generate (default: {defaults.max_new_tokens})",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=defaults.temperature,
-        help="sampling temperature; 0 is greedy (default: 0)",
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=defaults.top_k,
-        help="sample among the k most likely tokens; 0 keeps all (default: 0)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="sampling seed")
-    parser.add_argument(
-        "--no-chat", action="store_true", help="use the prompt as raw text, no chat template"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` the parsed command line describes."""
-    return Config(
-        model=args.model,
-        prompt=args.prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        seed=args.seed,
-        chat=not args.no_chat,
-    )
+    cli_config.add_arguments(parser, Config)
+    cli_config.add_output_flags(parser)
 
 
 class _StreamPrinter:
@@ -272,18 +238,13 @@ class _StreamPrinter:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `uhlm generate`; returns the exit status."""
-    try:
-        cfg = config_from_args(args)
-        model = load_model(cfg.model)
-        if args.json:
-            result = generate(cfg, model)
-            print(json.dumps(result.to_json(), ensure_ascii=False))
-            return 0
-        printer = _StreamPrinter(model, sys.stdout)
-        result = generate(cfg, model, printer)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm generate: error: {err}", file=sys.stderr)
-        return 2
+    cfg = cli_config.config_from_args(Config, args)
+    model = load_model(cfg.model, cfg.dtype)
+    if args.json:
+        print(console.json_text(generate(cfg, model).to_json()))
+        return 0
+    printer = _StreamPrinter(model, sys.stdout)
+    result = generate(cfg, model, printer)
     printer.finish()
     print()
     print(

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import sys
 from typing import Any
 
 import jax
@@ -32,6 +30,7 @@ import jax.numpy as jnp
 
 from calibration.run_dir import RunConfig
 from uhlm_jax import channel as ch
+from uhlm_jax import cli_config, console
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.modes import Mode
 
@@ -41,6 +40,10 @@ PAPER_SKIP_SHARE = 0.4593
 NAMED_COSTS = "named"
 PAIR_COSTS = "pair"
 COST_PROFILES = (NAMED_COSTS, PAIR_COSTS)
+COST_PROFILE_HELP = (
+    f"models to price: {NAMED_COSTS} (the paper's TinyLlama-1.1B and Llama-2-7B, V = 32 000) "
+    f"or {PAIR_COSTS} (the run's pair, its dtype and V) (default: {NAMED_COSTS})"
+)
 # Parameter dtype of a run that does not record one (every run before dtypes were options).
 DEFAULT_RUN_DTYPE = "float32"
 
@@ -355,32 +358,16 @@ def run(cfg: Config) -> Result:
     )
 
 
-def _names(kind) -> str:
-    return ", ".join(_json_value(m) for m in kind)
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm link` options."""
-    d = Config()
-    parser.add_argument(
-        "--preset", default=_json_value(d.preset),
-        help=f"link conditions: {_names(ch.LinkPreset)} (default: {_json_value(d.preset)})",
-    )
-    parser.add_argument(
-        "--snr-db", type=float, default=None, help="mean SNR in dB, replacing the preset's"
-    )
-    parser.add_argument(
-        "--bandwidth-hz", type=float, default=None,
-        help="bandwidth in Hz, replacing the preset's (the SNR follows unless --snr-db)",
-    )
-    parser.add_argument(
-        "--fading", default=_json_value(d.fading),
-        help=f"fading model: {_names(ch.Fading)} (default: {_json_value(d.fading)})",
-    )
-    parser.add_argument(
-        "--skip-share", type=float, default=d.skip_share,
-        help=f"share of tokens U-HLM does not transmit, in [0, 1) (default: {d.skip_share})",
-    )
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        hidden=("pair",),
+        help={
+            "slm_precision": "SLM weight precision (default: float16 for named models, the "
+            f"pair's dtype for --cost-profile {PAIR_COSTS})",
+            "llm_precision": "LLM weight precision (default: as --slm-precision)",
+        },
+    ))
     parser.add_argument(
         "--cost-profile", default=NAMED_COSTS, choices=COST_PROFILES,
         help=f"models to price: '{NAMED_COSTS}', the model profiles --slm-model and "
@@ -391,81 +378,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pair", default=None,
         help=f"the pair --cost-profile {PAIR_COSTS} prices: a named pair or 'SLM,LLM'",
     )
-    for role in ("slm", "llm"):
-        model, device = getattr(d, f"{role}_model"), getattr(d, f"{role}_device")
-        parser.add_argument(
-            f"--{role}-model", default=None,
-            help=f"{role.upper()} size profile of the '{NAMED_COSTS}' cost profile: "
-            f"{_names(ch.ModelSize)} (default: {_json_value(model)})",
-        )
-        parser.add_argument(
-            f"--{role}-device", default=_json_value(device),
-            help=f"{role.upper()} device profile: {_names(ch.Device)} "
-            f"(default: {_json_value(device)})",
-        )
-        parser.add_argument(
-            f"--{role}-precision", default=None,
-            help=f"{role.upper()} weight precision: {_names(ch.Precision)} (default: "
-            f"float16 for named models, the pair's dtype for '{PAIR_COSTS}')",
-        )
-    parser.add_argument(
-        "--context-tokens", type=int, default=d.context_tokens,
-        help=f"cached tokens attended per step (default: {d.context_tokens})",
-    )
-    parser.add_argument(
-        "--bits-per-prob", type=float, default=d.bits_per_prob,
-        help=f"bits per uplinked probability (default: {d.bits_per_prob:g})",
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=None,
-        help="CU-HLM: uplink only the k largest probabilities (default: the full distribution)",
-    )
-    parser.add_argument(
-        "--uncertainty-samples", type=int, default=d.uncertainty_samples,
-        help=f"K of the uncertainty measure (default: {d.uncertainty_samples})",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cli_config.add_output_flags(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` the parsed command line describes.
+    """The `Config` the parsed command line describes (`--cost-profile` and `--pair` give
+    its `pair`).
 
     Raises:
-        ValueError: naming an unknown preset, model, device or precision, or a bad value.
+        ValueError: naming the flags that do not go together, or a bad value.
     """
-    fading_names = {f.value: f for f in ch.Fading}
-    if args.fading not in fading_names:
-        raise ValueError(f"unknown fading {args.fading!r}; use one of: {_names(ch.Fading)}")
     named = args.cost_profile == NAMED_COSTS
     if named and args.pair is not None:
         raise ValueError(
             f"--pair is the pair that --cost-profile {PAIR_COSTS} prices; pass that too"
         )
-    if not named and (args.slm_model or args.llm_model):
+    if not named and (hasattr(args, "slm_model") or hasattr(args, "llm_model")):
         raise ValueError(
             f"--slm-model and --llm-model choose the models of --cost-profile {NAMED_COSTS}; "
             f"--cost-profile {PAIR_COSTS} takes them from --pair"
         )
-    d = Config()
-    optional = lambda parse, text: None if text is None else parse(text)
-    return Config(
-        preset=ch.LinkPreset.from_name(args.preset),
-        snr_db=args.snr_db,
-        bandwidth_hz=args.bandwidth_hz,
-        fading=fading_names[args.fading],
-        skip_share=args.skip_share,
-        slm_model=optional(ch.ModelSize.from_name, args.slm_model) or d.slm_model,
-        slm_device=ch.Device.from_name(args.slm_device),
-        slm_precision=optional(ch.Precision.from_name, args.slm_precision),
-        llm_model=optional(ch.ModelSize.from_name, args.llm_model) or d.llm_model,
-        llm_device=ch.Device.from_name(args.llm_device),
-        llm_precision=optional(ch.Precision.from_name, args.llm_precision),
-        context_tokens=args.context_tokens,
-        bits_per_prob=args.bits_per_prob,
-        top_k=args.top_k,
-        uncertainty_samples=args.uncertainty_samples,
-        pair=pair_profile(args.cost_profile, pair=args.pair),
-    )
+    pair = pair_profile(args.cost_profile, pair=args.pair)
+    return cli_config.config_from_args(Config, args, pair=pair)
 
 
 def format_table(result: Result) -> str:
@@ -510,14 +444,6 @@ def format_table(result: Result) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `uhlm link`; returns the exit status."""
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"uhlm link: error: {error}", file=sys.stderr)
-        return 2
-    result = run(cfg)
-    if args.json:
-        print(json.dumps(result.to_json()))
-    else:
-        print(format_table(result))
+    result = run(config_from_args(args))
+    print(console.json_text(result.to_json()) if args.json else format_table(result))
     return 0

@@ -39,7 +39,6 @@ import dataclasses
 import html
 import json
 import math
-import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -51,11 +50,11 @@ import pandas as pd
 
 from analysis import evaluate, plots
 from analysis import sweep as sw
-from analysis.link import COST_PROFILES, NAMED_COSTS, cost_caption
+from analysis.link import COST_PROFILE_HELP, COST_PROFILES, NAMED_COSTS, cost_caption
 from calibration import records
 from calibration import run_dir as rd
 from uhlm_jax import channel as ch
-from uhlm_jax import rejection
+from uhlm_jax import cli_config, console, rejection
 from uhlm_jax import replay as rp
 from uhlm_jax import threshold as T
 from uhlm_jax.modes import Mode
@@ -102,7 +101,10 @@ class Config:
     Attributes:
         run_dir: the run directory.
         measure: the uncertainty measure U-HLM gates on.
-        threshold: the operating threshold; None picks one (see the module doc).
+        threshold: the operating threshold; by default (None) the one evaluate and demo
+            use: the first of thresholds.json's Learn-then-Test, risk-bounded, risk-prone
+            and risk-averse thresholds, else one estimated from the records (see the
+            module doc).
         link: the link of the table and the threshold curves.
         cost_profile_name: the models the table's throughput prices, one of
             `analysis.link.COST_PROFILES` (`pair`: the run's pair).
@@ -170,8 +172,8 @@ def _image(path: Path, caption: str) -> _Block:
 
 
 def _cell(value: Any) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "—"
+    if value is None or isinstance(value, float):
+        return console.number(value, "")
     return str(value)
 
 
@@ -859,32 +861,20 @@ def run(cfg: Config) -> Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm report` options."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory")
-    parser.add_argument("--measure", default="temperature_perturbation",
-                        help="uncertainty measure U-HLM gates on")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="operating threshold (default: the risk-prone threshold)")
-    parser.add_argument("--link", default="medium", help="link preset: good, medium, poor")
-    parser.add_argument("--cost-profile", default=NAMED_COSTS, choices=COST_PROFILES,
-                        help="models the table's throughput prices: named (the paper's "
-                        "TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype "
-                        "and V)")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary")
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        positional=("run_dir",), names={"cost_profile_name": "cost_profile"},
+        help={"cost_profile_name": COST_PROFILE_HELP},
+    ))
+    cli_config.add_output_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs `uhlm report`; returns the exit status (2 on bad input)."""
-    try:
-        cfg = Config(run_dir=args.run_dir, measure=args.measure, threshold=args.threshold,
-                     link=ch.LinkPreset.from_name(args.link),
-                     cost_profile_name=args.cost_profile)
-        result = run(cfg)
-    except ValueError as err:
-        print(f"uhlm report: error: {err}", file=sys.stderr)
-        return 2
+    """Runs `uhlm report`; returns the exit status."""
+    result = run(cli_config.config_from_args(Config, args))
     if args.json:
-        print(json.dumps({"markdown": str(result.markdown), "html": str(result.html),
-                          "plots": [str(p) for p in result.plots], "notes": list(result.notes)}))
+        print(console.json_text({"markdown": str(result.markdown), "html": str(result.html),
+                                 "plots": [str(p) for p in result.plots],
+                                 "notes": list(result.notes)}))
     else:
         print(f"wrote {result.markdown} and {result.html} ({len(result.plots)} figures)")
         for note in result.notes:

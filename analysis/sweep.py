@@ -47,12 +47,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import math
-import os
-import sys
 import time
-import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,15 +57,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 import uhlm_jax
-from analysis.link import NAMED_COSTS, PAIR_COSTS, pair_profile
+from analysis.link import DEFAULT_RUN_DTYPE, NAMED_COSTS, PAIR_COSTS, pair_profile
 from analysis.link import Config as LinkConfig
 from calibration import records
 from calibration import run_dir as rd
 from uhlm_jax import channel as ch
+from uhlm_jax import cli_config, console
 from uhlm_jax import replay as rp
+from uhlm_jax.models.registry import DType
 from uhlm_jax.modes import Mode
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, TemperaturePerturbation
 
@@ -78,7 +75,6 @@ __all__ = [
     "Config",
     "Result",
     "add_arguments",
-    "config_from_toml",
     "link_points",
     "load_tokens",
     "main",
@@ -105,10 +101,6 @@ COMPARED_METRICS = (
 )
 # Custom-SNR links take every other parameter (bandwidth, outage) from this preset.
 SNR_BASE_PRESET = ch.LinkPreset.MEDIUM
-
-
-def _tuple(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, list | tuple) else (value,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +141,7 @@ class Config:
         rollout_link: the link whose costs the comparison reports.
         max_rollout_prompts: run rollouts on the first this many calibration prompts.
         prompts: the prompt file, if not where `config.json` says.
+        dtype: parameter dtype of the rollouts' models; None: the run's.
     """
 
     run_dir: str
@@ -177,6 +170,7 @@ class Config:
     rollout_link: ch.LinkPreset = ch.LinkPreset.MEDIUM
     max_rollout_prompts: int | None = None
     prompts: str | None = None
+    dtype: DType | None = None
 
     def __post_init__(self):
         axes = {
@@ -437,9 +431,9 @@ def replay_frame(
         extra = padded - size
         grid = jax.tree.map(lambda x, e=extra: jnp.concatenate([x, jnp.repeat(x[-1:], e)]), grid)
         parts = []
-        for start in tqdm(
+        for start in console.progress(
             range(0, padded, chunk), desc=f"replay {mode.value}", unit="chunk",
-            disable=not progress or None,
+            quiet=not progress,
         ):
             block = jax.tree.map(lambda x, s=start, c=chunk: x[s : s + c], grid)
             parts.append(
@@ -555,7 +549,7 @@ def rollout_frames(
     from uhlm_jax.rollout import RolloutConfig, RolloutParams, run_rollout
 
     texts, ids = _rollout_prompts(cfg, run_config.settings)
-    pair = load_pair(run_config.pair)
+    pair = load_pair(run_config.pair, dtype=cfg.dtype or run_config.dtype or DEFAULT_RUN_DTYPE)
     gate = KNOWN_MEASURES.index(cfg.rollout_measure)
     temperatures = {
         "draft_temperature": run_config.draft_temperature,
@@ -734,156 +728,21 @@ def run(cfg: Config, progress: bool = True) -> Result:
     )
 
 
-# ---------------------------------------------------------------------- config input
-
-_PARSERS = {
-    "modes": Mode.from_name,
-    "rollout_modes": Mode.from_name,
-    "presets": ch.LinkPreset.from_name,
-    "rollout_link": ch.LinkPreset.from_name,
-    "slm_model": ch.ModelSize.from_name,
-    "llm_model": ch.ModelSize.from_name,
-    "slm_device": ch.Device.from_name,
-    "llm_device": ch.Device.from_name,
-}
-_TUPLE_FIELDS = {
-    f.name for f in dataclasses.fields(Config) if str(f.type).startswith("tuple")
-}
-_INT_FIELDS = {"top_k", "chunk_size", "max_rollout_prompts", "rollout_uncertainty_samples"}
-
-
-def _coerce(name: str, value: Any) -> Any:
-    parse = _PARSERS.get(name)
-    if name in _TUPLE_FIELDS:
-        items = _tuple(value)
-        if parse is not None:
-            return tuple(parse(v) if isinstance(v, str) else v for v in items)
-        if name in _INT_FIELDS:
-            return tuple(int(v) for v in items)
-        if name == "measures":
-            return tuple(str(v) for v in items)
-        return tuple(float(v) for v in items)
-    if parse is not None and isinstance(value, str):
-        return parse(value)
-    return value
-
-
-def config_from_mapping(run_dir: str, mapping: dict[str, Any], where: str = "config") -> Config:
-    """A `Config` from a mapping of field names to values (TOML or flags).
-
-    Raises:
-        ValueError: naming a key that is not a `Config` field, or a bad value.
-    """
-    valid = [f.name for f in dataclasses.fields(Config) if f.name != "run_dir"]
-    unknown = [k for k in mapping if k not in valid]
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown sweep key(s) {unknown}; valid keys: {', '.join(valid)}"
-        )
-    return Config(run_dir=run_dir, **{k: _coerce(k, v) for k, v in mapping.items()})
-
-
-def config_from_toml(run_dir: str, path: str | os.PathLike, **overrides: Any) -> Config:
-    """A `Config` from a TOML file of `Config` fields, with `overrides` on top."""
-    try:
-        with open(path, "rb") as f:
-            mapping = tomllib.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"sweep config file {str(path)!r} does not exist") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"sweep config file {str(path)!r} is not valid TOML: {err}") from None
-    mapping.pop("run_dir", None)
-    return config_from_mapping(run_dir, {**mapping, **overrides}, where=str(path))
-
-
-def parse_values(text: str) -> list[float]:
-    """`"0,0.1,0.5"` as a list, or `"START:STOP:NUM"` as `NUM` evenly spaced values."""
-    text = text.strip()
-    if text.count(":") == 2:
-        start, stop, num = text.split(":")
-        return [float(x) for x in np.linspace(float(start), float(stop), int(num))]
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-# flag -> (Config field, parser of the flag's text)
-_FLAGS: dict[str, tuple[str, Any]] = {
-    "thresholds": ("thresholds", parse_values),
-    "measures": ("measures", _names),
-    "modes": ("modes", _names),
-    "transmit_probabilities": ("transmit_probabilities", parse_values),
-    "presets": ("presets", _names),
-    "snr_db": ("snr_db", parse_values),
-    "bandwidths_hz": ("bandwidths_hz", parse_values),
-    "top_k": ("top_k", parse_values),
-    "bits_per_prob": ("bits_per_prob", parse_values),
-    "slm_model": ("slm_model", str),
-    "slm_device": ("slm_device", str),
-    "llm_model": ("llm_model", str),
-    "llm_device": ("llm_device", str),
-    "cost_profile": ("cost_profile_name", str),
-    "chunk_size": ("chunk_size", int),
-    "rollout_thresholds": ("rollout_thresholds", parse_values),
-    "rollout_modes": ("rollout_modes", _names),
-    "rollout_measure": ("rollout_measure", str),
-    "rollout_draft_temperatures": ("rollout_draft_temperatures", parse_values),
-    "rollout_uncertainty_samples": ("rollout_uncertainty_samples", parse_values),
-    "rollout_max_temperatures": ("rollout_max_temperatures", parse_values),
-    "rollout_transmit_probability": ("rollout_transmit_probability", float),
-    "rollout_link": ("rollout_link", str),
-    "max_rollout_prompts": ("max_rollout_prompts", int),
-    "prompts": ("prompts", str),
-}
+# ---------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm sweep` options (lists: comma-separated, or START:STOP:NUM)."""
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="calibration run directory")
-    parser.add_argument("--config", metavar="FILE", help="TOML file of sweep settings")
-    helps = {
-        "thresholds": "U-HLM thresholds, e.g. 0:1:41",
-        "measures": f"measures to gate on ({', '.join(KNOWN_MEASURES)}); default: all recorded",
-        "modes": f"modes ({', '.join(m.value for m in Mode)})",
-        "presets": "link presets (good, medium, poor)",
-        "snr_db": "custom mean SNRs in dB, e.g. -10:40:11",
-        "top_k": "CU-HLM top-k values; 0 uploads the full distribution",
-        "cost_profile": "models to price: named (--slm-model, --llm-model; default the "
-        "paper's TinyLlama-1.1B and Llama-2-7B) or pair (the run's pair, its dtype and V)",
-        "rollout_thresholds": "U-HLM thresholds to also run as real rollouts",
-        "rollout_modes": "other modes to run as real rollouts",
-    }
-    for flag, (field, _) in _FLAGS.items():
-        parser.add_argument(
-            "--" + flag.replace("_", "-"), dest=field, default=None,
-            help=helps.get(flag, f"Config.{field}"),
-        )
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--json", action="store_true", help="print a JSON summary")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` of parsed flags (over the TOML file, if given)."""
-    overrides = {}
-    for field, parse in _FLAGS.values():
-        text = getattr(args, field, None)
-        if text is not None:
-            overrides[field] = parse(text)
-    if args.config:
-        return config_from_toml(args.run_dir, args.config, **overrides)
-    return config_from_mapping(args.run_dir, overrides, where="flags")
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        positional=("run_dir",), names={"cost_profile_name": "cost_profile"},
+    ))
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs `uhlm sweep`; returns the exit status (2 on bad input)."""
-    try:
-        cfg = config_from_args(args)
-        result = run(cfg, progress=not args.no_progress)
-    except ValueError as err:
-        print(f"uhlm sweep: error: {err}", file=sys.stderr)
-        return 2
+    """Runs `uhlm sweep`; returns the exit status."""
+    cfg = cli_config.config_from_args(Config, args)
+    result = run(cfg, progress=not args.quiet)
     summary = {
         "num_points": result.num_points,
         "replay_seconds": round(result.replay_seconds, 3),
@@ -891,10 +750,9 @@ def main(args: argparse.Namespace) -> int:
         "files": [str(p) for p in result.paths],
     }
     if len(result.comparison):
-        c = result.comparison
-        summary["max_abs_z"] = float(np.nanmax(np.abs(c["z"])))
+        summary["max_abs_z"] = float(np.nanmax(np.abs(result.comparison["z"])))
     if args.json:
-        print(json.dumps(summary))
+        print(console.json_text(summary))
     else:
         print(
             f"replayed {result.num_points} grid points in {result.replay_seconds:.2f} s; "
@@ -902,5 +760,6 @@ def main(args: argparse.Namespace) -> int:
         )
         if len(result.comparison):
             cols = ["mode", "threshold", "metric", "replay", "rollout", "difference", "se", "z"]
-            print(result.comparison[cols].to_string(index=False, float_format="%.4f"))
+            print(result.comparison[cols].to_string(
+                index=False, float_format=lambda x: console.number(x, ".4f")))
     return 0

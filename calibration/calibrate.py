@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
 
 from calibration import collect, derive_thresholds, fit
+from uhlm_jax import cli_config, console
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,42 +61,30 @@ class Result:
     thresholds: derive_thresholds.Result
 
 
-def run(cfg: Config) -> Result:
-    collected = collect.run(cfg.collect)
+def run(cfg: Config, progress: bool = True) -> Result:
+    collected = collect.run(cfg.collect, progress)
     fitted = fit.run(cfg.fit_config())
     derived = derive_thresholds.run(cfg.thresholds_config())
     return Result(collect=collected, fit=fitted, thresholds=derived)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    collect.add_arguments(parser)
-    parser.add_argument("--num-warmup", type=int, default=500, help="NUTS warmup per chain")
-    parser.add_argument("--num-samples", type=int, default=500, help="NUTS draws per chain")
-    parser.add_argument("--risk", type=float, default=0.05, help="tolerated risk ε in (0, 1)")
-    parser.add_argument("--confidence", type=float, default=0.9, help="confidence 1 − δ in (0, 1)")
+    cli_config.add_arguments(parser, collect.Config, collect.FLAGS)
+    cli_config.add_arguments(parser, Config, cli_config.Flags(hidden=("collect",)))
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = run(
-            Config(
-                collect=collect.config_from_args(args),
-                num_warmup=args.num_warmup,
-                num_samples=args.num_samples,
-                risk=args.risk,
-                confidence=args.confidence,
-            )
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm calibrate: error: {err}", file=sys.stderr)
-        return 2
+    collect_cfg = cli_config.config_from_args(collect.Config, args)
+    result = run(cli_config.config_from_args(Config, args, collect=collect_cfg),
+                 progress=not args.quiet)
     summary = {
         "run_dir": str(result.collect.run_dir),
         "num_tokens": result.collect.num_tokens,
         "thresholds": result.thresholds.summary,
     }
     if args.json:
-        print(json.dumps(summary))
+        print(console.json_text(summary))
     else:
         print(derive_thresholds.format_summary(result.thresholds.summary))
         print(f"run directory: {result.collect.run_dir}")

@@ -26,7 +26,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import sys
 from pathlib import Path
 
 import jax
@@ -35,7 +34,6 @@ import orbax.checkpoint as ocp
 import pandas as pd
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from calibration.prompts import embedded_prompts_path, read_prompts
 from calibration.records import MEASURE_PREFIX, write_shard
@@ -48,13 +46,19 @@ from calibration.run_dir import (
     shard_name,
     write_json,
 )
+from uhlm_jax import cli_config, console
+from uhlm_jax.models.registry import DType
 from uhlm_jax.modes import Mode
-from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
+from uhlm_jax.pair import DEFAULT_PAIR, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.sharding import MeshShape, make_mesh, place_pair
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, UncertaintyMeasure
 
 MEASURE_NAMES = tuple(m.name for m in DEFAULT_MEASURES)
+# The shipped prompts' split that calibration uses when no split is given.
+CALIBRATION_SPLIT = "calibration"
+# The dtype of a run whose config.json records none (runs from before it was an option).
+DEFAULT_DTYPE = "float32"
 _VERSIONED_PACKAGES = ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "orbax-checkpoint")
 
 
@@ -63,12 +67,12 @@ class Config:
     """A calibration collection run.
 
     Attributes:
+        out: the run directory.
         pair: a named pair (`uhlm_jax.pair.known_pairs()`) or `"SLM,LLM"` (two models by
             name or path, see `uhlm_jax.pair.load_pair`).
         prompts: JSON Lines prompt file; None uses the shipped prompts.
-        split: use only prompts of this split; None uses all. The shipped prompts default
-            to their "calibration" split.
-        out: the run directory.
+        split: use only prompts of this split; None uses all, except of the shipped
+            prompts, where it is their "calibration" split.
         num_prompts: use the first this many prompts (None: all).
         first_prompt: skip this many prompts first (to keep calibration and evaluation
             prompts disjoint).
@@ -88,11 +92,12 @@ class Config:
             detect it on a cluster it knows (TPU pods, Slurm).
         num_processes: processes in the run; None: detected, as above.
         process_id: this process's index in `[0, num_processes)`; None: detected.
+        dtype: parameter dtype of both models.
     """
 
-    pair: str
-    prompts: str | None
     out: str
+    pair: str = DEFAULT_PAIR
+    prompts: str | None = None
     split: str | None = None
     num_prompts: int | None = None
     first_prompt: int = 0
@@ -108,8 +113,11 @@ class Config:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    dtype: DType = DEFAULT_DTYPE
 
     def __post_init__(self):
+        if self.prompts is None and self.split is None:
+            object.__setattr__(self, "split", CALIBRATION_SPLIT)
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}.")
         if self.first_prompt < 0:
@@ -225,7 +233,7 @@ def _check_resumable(run_dir: Path, cfg: Config) -> None:
             f"Cannot resume: {str(config_path)!r} is missing, so {str(run_dir)!r} is not a "
             "collection run; start a new run in another directory."
         )
-    old = RunConfig.read(run_dir).settings
+    old = {"dtype": DEFAULT_DTYPE, **RunConfig.read(run_dir).settings}
     new = json.loads(json.dumps(cfg.settings()))
     changed = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if changed:
@@ -269,8 +277,11 @@ def _join(cfg: Config) -> None:
             )
 
 
-def run(cfg: Config) -> Result:
-    """Collects records into `cfg.out`; see the module docstring."""
+def run(cfg: Config, progress: bool = True) -> Result:
+    """Collects records into `cfg.out`; see the module docstring.
+
+    `progress` shows a bar in a terminal and progress lines in a log.
+    """
     if cfg.distributed:
         _join(cfg)
     run_dir = Path(cfg.out).absolute()
@@ -302,7 +313,7 @@ def run(cfg: Config) -> Result:
             "another --out."
         )
 
-    pair = load_pair(cfg.pair)
+    pair = load_pair(cfg.pair, dtype=cfg.dtype)
     try:
         pair = place_pair(pair, mesh)
     except ValueError as err:  # the model axis does not divide the LLM's heads
@@ -362,8 +373,8 @@ def run(cfg: Config) -> Result:
 
     starts = range(0, len(prompts), cfg.batch_size)
     num_tokens = 0
-    progress = tqdm(
-        total=len(starts), initial=next_batch, unit="batch", desc="collect", disable=None
+    bar = console.progress(
+        total=len(starts), initial=next_batch, unit="batch", desc="collect", quiet=not progress
     )
     for batch, start in enumerate(starts):
         if batch < next_batch:
@@ -380,9 +391,9 @@ def run(cfg: Config) -> Result:
             write_shard(frame, run_dir / RECORDS_DIR / shard_name(batch))
             manager.save(batch + 1, args=ocp.args.JsonSave({"next_batch": batch + 1}))
             manager.wait_until_finished()
-        progress.update(1)
-        progress.set_postfix(tokens=num_tokens)
-    progress.close()
+        bar.set_postfix(tokens=num_tokens)
+        bar.update(1)
+    bar.close()
     if writer:
         manager.close()
     if jax.process_count() > 1:
@@ -392,84 +403,28 @@ def run(cfg: Config) -> Result:
     return Result(run_dir=run_dir, num_shards=len(shards), num_tokens=total)
 
 
+# The flags of collect's Config; `uhlm calibrate` shares them.
+FLAGS = cli_config.Flags(
+    required=("out",),
+    help={"mesh": "device mesh data=D,model=M; the LLM is split over 'model' (default: every "
+          "device on 'data')"},
+)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--pair", default=DEFAULT_PAIR,
-        help=f"named pair ({', '.join(known_pairs())}; default {DEFAULT_PAIR}) or 'SLM,LLM': "
-        "two model names, .gguf files or Hugging Face folders",
-    )
-    parser.add_argument(
-        "--prompts",
-        metavar="FILE",
-        help="JSON Lines prompt file (default: the shipped prompts, calibration split)",
-    )
-    parser.add_argument("--split", help="use only prompts of this split (train, calibration, ...)")
-    parser.add_argument("--out", required=True, help="run directory to write")
-    parser.add_argument("--num-prompts", type=int, default=None, help="use this many prompts")
-    parser.add_argument("--first-prompt", type=int, default=0, help="skip this many first")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--draft-temperature", type=float, default=1.0)
-    parser.add_argument("--llm-temperature", type=float, default=1.0)
-    parser.add_argument(
-        "--measures", nargs="+", choices=MEASURE_NAMES, default=list(MEASURE_NAMES),
-        help="uncertainty measures to record (default: all); fewer cost less",
-    )
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
-    parser.add_argument(
-        "--mesh",
-        metavar="data=D,model=M",
-        help="device mesh; the LLM is split over 'model' (default: every device on 'data')",
-    )
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="multi-process run: call jax.distributed.initialize() first (TPU pods, GPU "
-        "clusters); process 0 writes",
-    )
-    parser.add_argument("--coordinator-address", metavar="HOST:PORT", help="process 0's address")
-    parser.add_argument("--num-processes", type=int, help="processes in a --distributed run")
-    parser.add_argument("--process-id", type=int, help="this process's index, from 0")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    return Config(
-        pair=args.pair,
-        prompts=args.prompts,
-        split=args.split if args.split or args.prompts else "calibration",
-        out=args.out,
-        num_prompts=args.num_prompts,
-        first_prompt=args.first_prompt,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        draft_temperature=args.draft_temperature,
-        llm_temperature=args.llm_temperature,
-        measures=tuple(args.measures),
-        resume=args.resume,
-        mesh=args.mesh,
-        distributed=args.distributed,
-        coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-    )
+    cli_config.add_arguments(parser, Config, FLAGS)
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = run(config_from_args(args))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm collect: error: {err}", file=sys.stderr)
-        return 2
+    result = run(cli_config.config_from_args(Config, args), progress=not args.quiet)
     summary = {
         "run_dir": os.fspath(result.run_dir),
         "num_shards": result.num_shards,
         "num_tokens": result.num_tokens,
     }
     print(
-        json.dumps(summary)
+        console.json_text(summary)
         if args.json
         else f"wrote {result.num_tokens} token records in {result.num_shards} shards to "
         f"{result.run_dir}"

@@ -42,9 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import json
 import math
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -55,7 +53,7 @@ import numpy as np
 import uhlm_jax
 from calibration import fit, records
 from calibration import run_dir as rd
-from uhlm_jax import rejection
+from uhlm_jax import cli_config, console, rejection
 from uhlm_jax import threshold as T
 
 __all__ = [
@@ -744,63 +742,10 @@ def run(cfg: Config) -> Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm threshold` options."""
-    d = Config(slope=1.0, intercept=0.0)
-    parser.add_argument("--slope", type=float, help="a in beta ~ a*u + b (analytic mode)")
-    parser.add_argument("--intercept", type=float, help="b in beta ~ a*u + b (analytic mode)")
-    parser.add_argument("--delta", type=float, help="rejection share P(beta > 0) (analytic mode)")
-    parser.add_argument("--run", dest="run_dir", metavar="RUN_DIR", help="a calibration run")
-    parser.add_argument(
-        "--risk",
-        type=float,
-        default=d.risk,
-        help=f"risk level eps of E[beta 1{{u <= u_th}}] (default: {d.risk})",
-    )
-    parser.add_argument(
-        "--confidence",
-        type=float,
-        default=d.confidence,
-        help=f"1 - delta, the probability the risk bound holds (default: {d.confidence})",
-    )
-    parser.add_argument("--measure", help="uncertainty measure (default: the fit's)")
-    parser.add_argument(
-        "--splits",
-        type=int,
-        default=d.num_splits,
-        help=f"prompt splits of the validation, >= 100 (default: {d.num_splits})",
-    )
-    parser.add_argument("--grid-size", type=int, default=d.grid_size, help="threshold grid points")
-    parser.add_argument(
-        "--plan-prompts",
-        action="store_true",
-        help="with --run: how many calibration prompts Learn-then-Test needs for --risk and "
-        "--confidence, taking the run as a pilot (needs no fit, writes nothing)",
-    )
-    parser.add_argument(
-        "--max-plan-prompts",
-        type=int,
-        default=d.max_plan_prompts,
-        help=f"largest calibration size the plan considers (default: {d.max_plan_prompts})",
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` the parsed command line describes."""
-    return Config(
-        slope=args.slope,
-        intercept=args.intercept,
-        delta=args.delta,
-        run_dir=args.run_dir,
-        risk=args.risk,
-        confidence=args.confidence,
-        measure=args.measure,
-        num_splits=args.splits,
-        grid_size=args.grid_size,
-        seed=args.seed,
-        plan_prompts=args.plan_prompts,
-        max_plan_prompts=args.max_plan_prompts,
-    )
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        names={"run_dir": "run", "num_splits": "splits"},
+    ))
+    cli_config.add_output_flags(parser)
 
 
 def _fmt(t: float | None) -> str:
@@ -899,14 +844,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs `uhlm threshold`; returns the exit status (2 on bad input)."""
-    try:
-        result = run(config_from_args(args))
-    except ValueError as err:
-        print(f"uhlm threshold: error: {err}", file=sys.stderr)
-        return 2
+    """Runs `uhlm threshold`; returns the exit status."""
+    result = run(cli_config.config_from_args(Config, args))
     if args.json:
-        print(json.dumps(result.summary))
+        print(console.json_text(result.summary))
     else:
         print(format_summary(result.summary))
         if result.path is not None:

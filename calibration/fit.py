@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
-import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -64,7 +63,7 @@ from numpyro.infer.initialization import init_to_value
 import uhlm_jax
 from calibration import records
 from calibration import run_dir as rd
-from uhlm_jax import rejection
+from uhlm_jax import cli_config, console, rejection
 from uhlm_jax.threshold import BETA_POSITIVE_TOL
 from uhlm_jax.types import Array
 
@@ -75,7 +74,6 @@ __all__ = [
     "Posterior",
     "Result",
     "add_arguments",
-    "config_from_args",
     "default_chain_method",
     "fit_data",
     "format_summary",
@@ -542,53 +540,12 @@ def load_posterior(run_dir: str | Path) -> Posterior:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the `uhlm fit` options."""
-    d = Config(run_dir=".")
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory with record shards")
-    parser.add_argument(
-        "--measure",
-        default=d.measure,
-        help=f"uncertainty measure, the record column u_<measure> (default: {d.measure})",
-    )
-    parser.add_argument("--num-chains", type=int, default=d.num_chains, help="NUTS chains (>= 2)")
-    parser.add_argument("--num-warmup", type=int, default=d.num_warmup, help="warmup per chain")
-    parser.add_argument("--num-samples", type=int, default=d.num_samples, help="draws per chain")
-    parser.add_argument(
-        "--chain-method",
-        choices=[m.value for m in ChainMethod],
-        default=None,
-        help="how chains run (default: parallel if there is a device per chain, else vectorized)",
-    )
-    parser.add_argument("--svi-steps", type=int, default=d.svi_steps, help="SVI steps")
-    parser.add_argument(
-        "--max-tokens",
-        type=int,
-        default=d.max_tokens,
-        help=f"subsample whole prompts above this many tokens (default: {d.max_tokens})",
-    )
-    parser.add_argument(
-        "--num-bootstrap",
-        type=int,
-        default=d.num_bootstrap,
-        help="prompt-bootstrap replicates of the correlations",
-    )
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed")
-    parser.add_argument("--json", action="store_true", help="print fit.json instead of a summary")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """The `Config` the parsed command line describes."""
-    return Config(
-        run_dir=args.run_dir,
-        measure=args.measure,
-        num_chains=args.num_chains,
-        num_warmup=args.num_warmup,
-        num_samples=args.num_samples,
-        chain_method=None if args.chain_method is None else ChainMethod(args.chain_method),
-        svi_steps=args.svi_steps,
-        max_tokens=args.max_tokens,
-        num_bootstrap=args.num_bootstrap,
-        seed=args.seed,
-    )
+    cli_config.add_arguments(parser, Config, cli_config.Flags(
+        positional=("run_dir",), hidden=("linear_prior", "hurdle_prior"),
+        help={"chain_method": "how chains run (default: parallel if there is a device per "
+              "chain, else vectorized)"},
+    ))
+    cli_config.add_output_flags(parser)
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -628,16 +585,10 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Runs `uhlm fit`; returns the exit status (2 on bad input)."""
-    try:
-        result = run(config_from_args(args))
-    except ValueError as err:
-        print(f"uhlm fit: error: {err}", file=sys.stderr)
-        return 2
+    """Runs `uhlm fit`; returns the exit status."""
+    result = run(cli_config.config_from_args(Config, args))
     if args.json:
-        import json
-
-        print(json.dumps(result.summary))
+        print(console.json_text(result.summary))
     else:
         print(format_summary(result.summary))
         print(f"wrote {result.fit_path}")

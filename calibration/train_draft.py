@@ -39,7 +39,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -51,6 +50,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from calibration.prompts import Prompt, embedded_prompts_path, read_prompts
+from uhlm_jax import cli_config, console
 from uhlm_jax.files import AtomicFile
 from uhlm_jax.models.early_exit import (
     ExitHead,
@@ -63,6 +63,7 @@ from uhlm_jax.models.early_exit import (
     save_exit_head,
 )
 from uhlm_jax.models.llama import ModelParams, output_logits
+from uhlm_jax.models.registry import DType
 from uhlm_jax.models.tokenizer import Tokenizer
 from uhlm_jax.sampling import ReplyConfig, generate_replies, pad_rows, padded_length
 from uhlm_jax.speculative import total_variation
@@ -139,6 +140,7 @@ class Config:
             the same workdir resumes.
         max_heldout: use at most this many held-out prompts (None: all).
         max_train_prompts: use at most this many training prompts (None: all).
+        dtype: parameter dtype of the full model (and so of the draft).
     """
 
     model: str = DEFAULT_MODEL
@@ -164,6 +166,7 @@ class Config:
     max_steps: int | None = None
     max_heldout: int | None = None
     max_train_prompts: int | None = None
+    dtype: DType = "float32"
 
     def __post_init__(self):
         positive = (
@@ -326,8 +329,6 @@ def sample_sequences(
 
     Batch `j` of sample round `r` uses the key `fold_in(fold_in(key(seed), r), j)`.
     """
-    from tqdm import tqdm
-
     encoded = [np.asarray(tokenizer.encode(tokenizer.prompt_text(p)), np.int32) for p in prompts]
     config = ReplyConfig(num_ids=tokenizer.vocab_size, stop_ids=tokenizer.stop_ids)
     base = jax.random.key(seed)
@@ -337,7 +338,9 @@ def sample_sequences(
         for r in range(samples_per_prompt)
         for j in range(-(-len(encoded) // _SAMPLE_BATCH))
     ]
-    for r, j, rows in tqdm(batches, desc="sampling replies", disable=not progress):
+    for r, j, rows in console.progress(
+        batches, desc="sampling replies", unit="batch", quiet=not progress
+    ):
         length = padded_length(max(len(x) for x in rows), _PAD_MULTIPLE)
         key = jax.random.fold_in(jax.random.fold_in(base, r), j)
         new, reply_lengths = _generate_replies_jit(
@@ -387,15 +390,14 @@ def compute_features(
     progress: bool = True,
 ) -> dict[int, Features]:
     """Layer-L and final-normed hidden states of every sequence, for each L (one pass)."""
-    from tqdm import tqdm
-
     exit_layers = tuple(sorted(set(exit_layers)))
     hidden = {layer: [] for layer in exit_layers}
     final = []
     order = np.argsort([len(x) for x in sequences.tokens])
     rows_of = {}
-    for start in tqdm(
-        range(0, len(order), _FEATURE_BATCH), desc="hidden states", disable=not progress
+    for start in console.progress(
+        range(0, len(order), _FEATURE_BATCH), desc="hidden states", unit="batch",
+        quiet=not progress,
     ):
         index = order[start : start + _FEATURE_BATCH]
         rows = [sequences.tokens[i] for i in index]
@@ -671,8 +673,6 @@ def train_head(
         The trained head, the number of steps done in total, and the last step's loss.
     """
     import orbax.checkpoint as ocp
-    from tqdm import tqdm
-
     batches = _batches(cfg, len(sequences.tokens))
     total = len(batches)
     optimizer = make_optimizer(cfg, total)
@@ -699,8 +699,9 @@ def train_head(
         head, opt_state, done = state["head"], state["opt_state"], int(latest)
     stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
     loss = float("nan")
-    bar = tqdm(
-        total=total, initial=done, desc=f"training L={head.exit_layer}", disable=not progress
+    bar = console.progress(
+        total=total, initial=done, desc=f"training L={head.exit_layer}", unit="step",
+        quiet=not progress,
     )
     for step in range(done, stop):
         index = batches[step]
@@ -720,8 +721,8 @@ def train_head(
             jnp.asarray(weights),
         )
         loss = float(loss_value)
+        bar.set_postfix(**{cfg.divergence.value: f"{loss:.3f}"})
         bar.update(1)
-        bar.set_postfix(kl=f"{loss:.3f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == stop:
             manager.save(
                 step + 1, args=ocp.args.StandardSave({"head": head, "opt_state": opt_state})
@@ -737,8 +738,8 @@ def train_head(
 
 
 def sequence_settings(cfg: Config) -> dict[str, Any]:
-    """What determines the sampled sequences (the cache key)."""
-    return {
+    """What determines the sampled sequences (the key of every cache in `workdir`)."""
+    settings = {
         "model": cfg.model,
         "prompts": os.path.abspath(cfg.prompts),
         "samples_per_prompt": cfg.samples_per_prompt,
@@ -748,6 +749,9 @@ def sequence_settings(cfg: Config) -> dict[str, Any]:
         "max_heldout": cfg.max_heldout,
         "max_train_prompts": cfg.max_train_prompts,
     }
+    if cfg.dtype != "float32":  # keeps the caches of earlier float32 runs
+        settings["dtype"] = cfg.dtype
+    return settings
 
 
 def load_sequences(cfg: Config, params: ModelParams, tokenizer: Tokenizer, progress: bool = True):
@@ -841,7 +845,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     """Samples (or reuses) the data, trains, writes the head and its JSON, and measures."""
     from uhlm_jax.models.registry import load_model
 
-    model = load_model(cfg.model)
+    model = load_model(cfg.model, cfg.dtype)
     params = model.params
     if cfg.exit_layer >= params.config.num_layers:
         raise ValueError(
@@ -936,68 +940,16 @@ def run(cfg: Config, progress: bool = True) -> Result:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `uhlm train-draft`; defaults are those of `Config`."""
-    d = Config()
-    parser.add_argument("--model", default=d.model, help="full model (name or path)")
-    parser.add_argument("--prompts", default=d.prompts, help="JSONL prompts with a split field")
-    parser.add_argument("--exit-layer", type=int, default=d.exit_layer, help="layers kept (L)")
-    parser.add_argument(
-        "--source-layer",
-        type=int,
-        default=None,
-        help="layer copied into the exit block (default L)",
-    )
-    parser.add_argument(
-        "--adapter-init",
-        type=AdapterInit,
-        default=d.adapter_init,
-        choices=list(AdapterInit),
-        metavar="{" + ",".join(m.value for m in AdapterInit) + "}",
-        help="how the adapter starts (default: %(default)s)",
-    )
-    parser.add_argument("--ridge", type=float, default=d.ridge, help="relative ridge penalty")
-    parser.add_argument(
-        "--divergence",
-        type=Divergence,
-        default=d.divergence,
-        choices=list(Divergence),
-        metavar="{" + ",".join(m.value for m in Divergence) + "}",
-        help="distillation loss (default: %(default)s)",
-    )
-    parser.add_argument("--samples-per-prompt", type=int, default=d.samples_per_prompt)
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=d.temperature)
-    parser.add_argument("--epochs", type=int, default=d.epochs)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
-    parser.add_argument("--norm-lr-multiplier", type=float, default=d.norm_lr_multiplier)
-    parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--workdir", default=d.workdir, help="cache and checkpoint folder")
-    parser.add_argument("--output", default=d.output, help="exit-head safetensors to write")
-    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    parser.add_argument("--max-steps", type=int, default=None, help="stop early (resumable)")
-    parser.add_argument("--max-heldout", type=int, default=None)
-    parser.add_argument("--max-train-prompts", type=int, default=None)
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Builds the `Config` from parsed flags."""
-    names = {f.name for f in dataclasses.fields(Config)}
-    return Config(**{k: v for k, v in vars(args).items() if k in names})
+    cli_config.add_arguments(parser, Config)
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def main(args: argparse.Namespace) -> int:
     """Runs the job and prints the result."""
-    try:
-        result = run(config_from_args(args), progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm train-draft: error: {err}", file=sys.stderr)
-        return 2
+    cfg = cli_config.config_from_args(Config, args)
+    result = run(cfg, progress=not args.quiet)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(console.json_text(result.to_json(), indent=2))
         return 0
     a0, a1 = result.acceptance_initial, result.acceptance_trained
     fitted = result.acceptance_least_squares
@@ -1007,7 +959,8 @@ def main(args: argparse.Namespace) -> int:
         f"acceptance 1-TV on {a1.tokens} held-out tokens: untrained {a0.mean:.3f} ± {a0.se:.3f}, "
         f"{fitted_text}trained {a1.mean:.3f} ± {a1.se:.3f}\n"
         f"{result.steps} steps on {result.train_tokens} tokens in {result.train_s:.0f} s "
-        f"(data {result.data_s:.0f} s); final loss {result.final_loss:.3f}\n"
+        f"(data {result.data_s:.0f} s); final {cfg.divergence.value} loss "
+        f"{console.number(result.final_loss)}\n"
         f"wrote {result.output} and {sidecar_path(result.output)}"
     )
     return 0

@@ -18,6 +18,8 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   answers      whether a response gives a short reference answer, and the rate over prompts
   accuracy     per-prompt sentence similarity to the reference and answer correctness
   replay       trace replay of calibration records over a grid
+  cli_config   a job's Config as command-line flags, with a TOML overlay (for the jobs)
+  console      progress lines, strict JSON and undefined values, as the jobs print them
 """
 
 from uhlm_jax.modes import Mode

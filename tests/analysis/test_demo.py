@@ -3,7 +3,6 @@ main job), and its clear errors."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from analysis import demo, evaluate, plots
+from analysis.cli import main as cli_main
 from calibration import records
 from calibration import run_dir as rd
 from uhlm_jax.models import early_exit, registry
@@ -25,9 +25,7 @@ EXPECTED_PLOTS = ("evaluated_modes.png", "u_beta.png", "threshold_posteriors.png
 
 
 def _main(argv):
-    parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
-    return demo.main(parser.parse_args(argv))
+    return cli_main(["demo", *argv])
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
@@ -13,6 +12,7 @@ import pandas as pd
 import pytest
 
 from analysis import evaluate
+from analysis.cli import main as cli_main
 from calibration import run_dir as rd
 from tests.analysis import write_synthetic_run
 from uhlm_jax.answers import AnswerMatch, is_correct
@@ -155,9 +155,7 @@ def test_summary_table_formats_percent_of_llm():
 
 
 def _main(argv):
-    parser = argparse.ArgumentParser()
-    evaluate.add_arguments(parser)
-    return evaluate.main(parser.parse_args(argv))
+    return cli_main(["evaluate", *argv])
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
@@ -165,7 +163,7 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     write_synthetic_run(tmp_path)
     assert _main([str(tmp_path)]) == 2
-    assert "uhlm threshold" in capsys.readouterr().err
+    assert f"uhlm threshold --run {tmp_path}" in capsys.readouterr().err
     rd.write_json(tmp_path / rd.THRESHOLDS_FILE, {"analytic": {}})
     assert _main([str(tmp_path)]) == 2
     assert "no finite threshold" in capsys.readouterr().err

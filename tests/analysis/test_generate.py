@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 
 from analysis import generate as job
+from analysis.cli import main as cli_main
+from uhlm_jax import cli_config
 from uhlm_jax.models.llama import forward
 from uhlm_jax.models.registry import load_model
 from uhlm_jax.sampling import sample_token
@@ -77,7 +79,7 @@ def test_cli_options_map_to_the_config():
             "--json",
         ]
     )
-    assert job.config_from_args(args) == job.Config(
+    assert cli_config.config_from_args(job.Config, args) == job.Config(
         model="toy-slm",
         prompt="x",
         max_new_tokens=3,
@@ -86,7 +88,7 @@ def test_cli_options_map_to_the_config():
         seed=9,
         chat=False,
     )
-    assert job.config_from_args(_parse([])) == job.Config()
+    assert cli_config.config_from_args(job.Config, _parse([])) == job.Config()
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,16 +222,16 @@ def test_main_streams_the_text(capsys):
     argv = ["--model", "toy-llm", "--prompt", "hi", "--no-chat", "--max-new-tokens", "5"]
     assert job.main(_parse(argv)) == 0
     captured = capsys.readouterr()
-    expected = job.run(job.config_from_args(_parse(argv))).text
+    expected = job.run(cli_config.config_from_args(job.Config, _parse(argv))).text
     assert captured.out == expected + "\n"
     assert "tok/s" in captured.err
 
 
 def test_main_reports_bad_input_in_one_line(capsys):
-    assert job.main(_parse(["--model", "nope", "--prompt", "hi"])) == 2
+    assert cli_main(["generate", "--model", "nope", "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("uhlm generate: error: Unknown model 'nope'") and "Traceback" not in err
-    assert job.main(_parse(["--model", "toy-llm", "--prompt", "hi"])) == 2
+    assert cli_main(["generate", "--model", "toy-llm", "--prompt", "hi"]) == 2
     assert "--no-chat" in capsys.readouterr().err
 
 

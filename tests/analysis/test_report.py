@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from analysis import report
+from analysis.cli import main as cli_main
 from calibration import records
 from calibration import run_dir as rd
 from tests.analysis import collect_toy_run, write_synthetic_run
@@ -207,11 +208,11 @@ def test_plug_in_thresholds_are_read_from_thresholds_json_when_it_has_them(tmp_p
 
 
 def test_bad_input_is_a_clear_error(tmp_path, capsys):
-    assert report.main(_parse([str(tmp_path)])) == 2
+    assert cli_main(["report", str(tmp_path)]) == 2
     assert "no record shards" in capsys.readouterr().err
     with pytest.raises(ValueError, match="unknown measure 'entropyy'"):
         report.Config(run_dir=str(tmp_path), measure="entropyy")
-    assert report.main(_parse([str(tmp_path), "--link", "bad"])) == 2
+    assert cli_main(["report", str(tmp_path), "--link", "bad"]) == 2
     assert "unknown link preset 'bad'" in capsys.readouterr().err
 
 

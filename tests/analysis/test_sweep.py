@@ -8,9 +8,11 @@ import pandas as pd
 import pytest
 
 from analysis import sweep as sw
+from analysis.cli import main as cli_main
 from calibration import run_dir as rd
 from tests.analysis import collect_toy_run, write_synthetic_run
 from uhlm_jax import channel as ch
+from uhlm_jax import cli_config
 from uhlm_jax.modes import Mode
 
 # Replay and rollout agree when |difference| ≤ Z_MAX · SE (SE: jackknife over prompts).
@@ -23,6 +25,10 @@ def _parse(argv):
     parser = argparse.ArgumentParser()
     sw.add_arguments(parser)
     return parser.parse_args(argv)
+
+
+def _config(argv):
+    return cli_config.config_from_args(sw.Config, _parse(argv))
 
 
 @pytest.fixture
@@ -42,7 +48,7 @@ def test_smoke_run_writes_one_row_per_point_and_metric(synthetic, capsys):
                 "0,20",
                 "--presets",
                 "good,poor",
-                "--no-progress",
+                "--quiet",
                 "--json",
             ]
         )
@@ -112,17 +118,18 @@ def test_toml_config_and_flag_override(synthetic, tmp_path_factory):
         'thresholds = [0.1, 0.2]\nmodes = ["uhlm", "hlm"]\npresets = ["poor"]\n'
         "snr_db = []\ntop_k = [0, 30]\n"
     )
-    cfg = sw.config_from_toml(str(run_dir), path)
+    cfg = _config([str(run_dir), "--config", str(path)])
     assert cfg.thresholds == (0.1, 0.2) and cfg.modes == (Mode.UHLM, Mode.HLM)
     assert cfg.top_k == (0, 30)
-    args = _parse([str(run_dir), "--config", str(path), "--thresholds", "0.5"])
-    assert sw.config_from_args(args).thresholds == (0.5,)
+    assert _config([str(run_dir), "--config", str(path), "--thresholds", "0.5"]).thresholds == (
+        0.5,
+    )
 
 
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("threshold = [0.1]\n", "unknown sweep key.*'threshold'"),
+        ("threshold = [0.1]\n", "unknown key.*'threshold'"),
         ("thresholds = []\n", "empty grid axis"),
         ('measures = ["entropyy"]\n', "unknown measure 'entropyy'"),
         ('modes = ["uhml"]\n', "unknown mode 'uhml'"),
@@ -134,11 +141,11 @@ def test_bad_config_files_name_the_problem(synthetic, tmp_path_factory, text, ma
     path = tmp_path_factory.mktemp("bad") / "sweep.toml"
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
-        sw.config_from_toml(str(run_dir), path)
+        _config([str(run_dir), "--config", str(path)])
 
 
 def test_run_dir_without_records_is_a_clear_error(tmp_path, capsys):
-    code = sw.main(_parse([str(tmp_path), "--no-progress"]))
+    code = cli_main(["sweep", str(tmp_path), "--quiet"])
     assert code == 2
     assert "no record shards" in capsys.readouterr().err
 
@@ -210,7 +217,7 @@ def test_rollout_prompts_follow_the_collection_settings_for_shipped_prompts(tmp_
 def test_pair_cost_profile_prices_the_runs_pair(toy_run, capsys):
     # Given a calibration run of the toy pair (its config.json records both configs)
     argv = [str(toy_run), "--modes", "hlm,slm_only", "--thresholds", "0.5", "--presets",
-            "medium", "--snr-db", "", "--no-progress"]
+            "medium", "--snr-db", "", "--quiet"]
     tables = {}
     for name in ("named", "pair"):
         # When it is swept under each cost profile

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from analysis.cli import main as cli_main
 from calibration import derive_thresholds as th
 from calibration import fit, records
 from calibration import run_dir as rd
@@ -67,19 +68,19 @@ def test_a_clipped_paper_threshold_says_why(capsys):
         (["--run", "x", "--risk", "1.5"], "risk must lie in \\(0, 1\\), got 1.5"),
         (["--run", "x", "--confidence", "1"], "confidence must lie in \\(0, 1\\), got 1.0"),
         (["--run", "x", "--slope", "1", "--intercept", "0"], "not both"),
-        (["--run", "x", "--splits", "20"], "num_splits must be an int >= 100"),
+        (["--run", "x", "--splits", "20"], "--splits must be an int >= 100"),
         ([], "give --slope A --intercept B, or --run RUN_DIR"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys):
-    assert th.main(parse(argv)) == 2
+    assert cli_main(["threshold", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("uhlm threshold: error: ")
     assert __import__("re").search(message, err), err
 
 
 def test_missing_run_dir_is_exit_2(tmp_path, capsys):
-    assert th.main(parse(["--run", str(tmp_path / "absent")])) == 2
+    assert cli_main(["threshold", "--run", str(tmp_path / "absent")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
@@ -208,7 +209,7 @@ def _ltt_alone(u, beta, prompt):
 
 def test_measure_mismatch_is_an_error_and_keeps_files(fitted_run, capsys):
     before = {p.name: p.read_bytes() for p in fitted_run.iterdir() if p.is_file()}
-    assert th.main(parse(["--run", str(fitted_run), "--measure", "entropy"])) == 2
+    assert cli_main(["threshold", "--run", str(fitted_run), "--measure", "entropy"]) == 2
     assert "fitted for measure 'temperature_perturbation'" in capsys.readouterr().err
     after = {p.name: p.read_bytes() for p in fitted_run.iterdir() if p.is_file()}
     assert after == before

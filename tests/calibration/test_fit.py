@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from analysis.cli import main as cli_main
 from calibration import fit, records
 from calibration import run_dir as rd
 from tests.calibration import synthetic_records, write_run
@@ -214,13 +215,11 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
 
 
 def test_fit_main_errors_exit_2_and_keep_files(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    fit.add_arguments(parser)
-    assert fit.main(parser.parse_args([str(tmp_path / "missing")])) == 2
+    assert cli_main(["fit", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     write_run(tmp_path, synthetic_records(np.random.default_rng(0), 3, 5))
     rd.write_json(tmp_path / rd.FIT_FILE, {"previous": True})
-    assert fit.main(parser.parse_args([str(tmp_path), "--measure", "margin"])) == 2
+    assert cli_main(["fit", str(tmp_path), "--measure", "margin"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "measure 'margin'" in err
     assert json.loads((tmp_path / rd.FIT_FILE).read_text()) == {"previous": True}

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from analysis.cli import main as cli_main
 from calibration import train_draft
 from uhlm_jax.models import early_exit as ee
 from uhlm_jax.models.llama import forward
@@ -210,13 +211,9 @@ def test_bad_config_names_the_field(prompts_file):
 
 
 def test_cli_reports_a_bad_exit_layer_in_one_line(prompts_file, tmp_path, toy, capsys):
-    parser = argparse.ArgumentParser()
-    train_draft.add_arguments(parser)
-    args = parser.parse_args(
-        ["--model", TOY, "--prompts", prompts_file, "--exit-layer", "99",
-         "--output", str(tmp_path / "head.safetensors"), "--no-progress"]
-    )  # fmt: skip
-    assert train_draft.main(args) == 2
+    argv = ["train-draft", "--model", TOY, "--prompts", prompts_file, "--exit-layer", "99",
+            "--output", str(tmp_path / "head.safetensors"), "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("uhlm train-draft: error:") and "exit_layer=99" in err
 
@@ -230,7 +227,7 @@ def test_cli_smoke_run_writes_the_head_and_its_json(prompts_file, tmp_path, toy,
             "--model", TOY, "--prompts", prompts_file, "--exit-layer", str(exit_layer),
             "--samples-per-prompt", "1", "--max-new-tokens", "4", "--epochs", "1",
             "--batch-size", "2", "--workdir", str(tmp_path / "w"),
-            "--output", str(tmp_path / "out" / "head.safetensors"), "--json", "--no-progress",
+            "--output", str(tmp_path / "out" / "head.safetensors"), "--json", "--quiet",
         ]
     )  # fmt: skip
 

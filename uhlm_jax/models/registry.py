@@ -34,8 +34,9 @@ import functools
 import importlib.util
 import os
 import pathlib
+import typing
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
@@ -77,7 +78,8 @@ QWEN_PARTS: dict[str, SplitFile] = {
 }
 
 # Parameter dtypes a model loads in: names as NumPy/JAX spell them.
-DTYPES = ("float32", "bfloat16", "float16")
+DType = Literal["float32", "bfloat16", "float16"]
+DTYPES: tuple[str, ...] = typing.get_args(DType)
 
 
 @dataclasses.dataclass(frozen=True)

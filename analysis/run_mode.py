@@ -1,18 +1,21 @@
-"""Run a model pair on prompts in one mode and print the texts and a short summary."""
+"""Run a model pair on prompts in one mode and print the texts and a short summary.
+
+`uhlm rollout --mode uhlm --prompt "hello"`. Acceptance is undefined where no draft is
+verified (LLM-only, SLM-only, or U-HLM skipping every token): it prints as "—" and is
+`null` in `--json`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
-
-import numpy as np
 
 from calibration.prompts import read_prompts
+from uhlm_jax import cli_config, console
 from uhlm_jax.metrics import token_metrics
+from uhlm_jax.models.registry import DType
 from uhlm_jax.modes import Mode
-from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
+from uhlm_jax.pair import DEFAULT_PAIR, load_pair
 from uhlm_jax.rollout import RolloutConfig, RolloutOutput, RolloutParams, run_rollout
 
 
@@ -32,6 +35,7 @@ class Config:
         llm_temperature: LLM temperature.
         seed: base seed.
         chat: apply the chat template of instruct models.
+        dtype: parameter dtype of both models.
     """
 
     pair: str = DEFAULT_PAIR
@@ -44,14 +48,15 @@ class Config:
     llm_temperature: float = 1.0
     seed: int = 0
     chat: bool = True
+    dtype: DType = "float32"
 
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("No prompts; pass --prompt TEXT or --prompts FILE.")
         if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"--probability must be in [0, 1], got {self.probability}.")
+            raise ValueError(f"probability must be in [0, 1], got {self.probability}.")
         if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +68,7 @@ class Result:
 
 
 def run(cfg: Config) -> Result:
-    pair = load_pair(cfg.pair)
+    pair = load_pair(cfg.pair, dtype=cfg.dtype)
     config = RolloutConfig(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens)
     params = RolloutParams.create(
         threshold=cfg.threshold,
@@ -88,62 +93,29 @@ def run(cfg: Config) -> Result:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--pair", default=DEFAULT_PAIR,
-        help=f"named pair ({', '.join(known_pairs())}; default {DEFAULT_PAIR}) or 'SLM,LLM': "
-        "two model names, .gguf files or Hugging Face folders",
-    )
+    cli_config.add_arguments(parser, Config, cli_config.Flags(hidden=("prompts",)))
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     source.add_argument("--prompts", metavar="FILE", help="JSON Lines prompt file")
-    parser.add_argument(
-        "--mode", default="uhlm", choices=[m.value for m in Mode], help="generation mode"
-    )
-    parser.add_argument("--threshold", type=float, default=0.3, help="U-HLM skip threshold")
-    parser.add_argument(
-        "--probability", type=float, default=0.5, help="Rand-HLM transmit probability"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--draft-temperature", type=float, default=1.0)
-    parser.add_argument("--llm-temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-chat", action="store_true", help="do not apply a chat template")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    cli_config.add_output_flags(parser)
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        prompts = (
-            tuple(p.text for p in read_prompts(args.prompts))
-            if args.prompts
-            else tuple(args.prompt or ("hello",))
-        )
-        cfg = Config(
-            pair=args.pair,
-            prompts=prompts,
-            mode=Mode.from_name(args.mode),
-            threshold=args.threshold,
-            probability=args.probability,
-            max_new_tokens=args.max_new_tokens,
-            draft_temperature=args.draft_temperature,
-            llm_temperature=args.llm_temperature,
-            seed=args.seed,
-            chat=not args.no_chat,
-        )
-        result = run(cfg)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"uhlm rollout: error: {err}", file=sys.stderr)
-        return 2
-    texts = result.output.texts
+    prompts = (
+        tuple(p.text for p in read_prompts(args.prompts)) if args.prompts
+        else tuple(args.prompt or Config.prompts)
+    )
+    cfg = cli_config.config_from_args(Config, args, prompts=prompts)
+    result = run(cfg)
     if args.json:
-        print(json.dumps({"texts": texts, "summary": result.summary}, indent=2))
+        print(console.json_text({"texts": result.output.texts, "summary": result.summary}, 2))
         return 0
-    for prompt, text in zip(cfg.prompts, texts, strict=True):
+    for prompt, text in zip(cfg.prompts, result.output.texts, strict=True):
         print(f"> {prompt}\n{text}\n")
     s = result.summary
     print(
         f"{s['mode']}: {s['tokens']} tokens, transmission rate {s['transmission_rate']:.3f}, "
-        f"acceptance {np.nan_to_num(s['acceptance_rate'], nan=0.0):.3f}, "
-        + ", ".join(f"{k} {v:.3f}" for k, v in s.items() if k.startswith("mean_"))
+        f"acceptance {console.number(s['acceptance_rate'])}, "
+        + ", ".join(f"{k} {console.number(v)}" for k, v in s.items() if k.startswith("mean_"))
     )
     return 0
