@@ -10,7 +10,7 @@ import sys
 import numpy as np
 
 from calibration.prompts import read_prompts
-from uhlm_jax.metrics import token_metrics
+from uhlm_jax.metrics import metrics_from_sums, token_sums
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 from uhlm_jax.rollout import RolloutConfig, RolloutOutput, RolloutParams, run_rollout
@@ -26,7 +26,7 @@ class Config:
         prompts: the prompt texts.
         mode: how tokens are produced.
         threshold: U-HLM skip threshold on the temperature-perturbation uncertainty.
-        probability: Rand-HLM transmit probability.
+        transmit_probability: Rand-HLM transmit probability.
         max_new_tokens: tokens generated per prompt at most.
         draft_temperature: SLM draft temperature.
         llm_temperature: LLM temperature.
@@ -38,7 +38,7 @@ class Config:
     prompts: tuple[str, ...] = ("hello",)
     mode: Mode = Mode.UHLM
     threshold: float = 0.3
-    probability: float = 0.5
+    transmit_probability: float = 0.5
     max_new_tokens: int = 32
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
@@ -48,8 +48,10 @@ class Config:
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("No prompts; pass --prompt TEXT or --prompts FILE.")
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"--probability must be in [0, 1], got {self.probability}.")
+        if not 0.0 <= self.transmit_probability <= 1.0:
+            raise ValueError(
+                f"--transmit-probability must be in [0, 1], got {self.transmit_probability}."
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
 
@@ -67,13 +69,16 @@ def run(cfg: Config) -> Result:
     config = RolloutConfig(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens)
     params = RolloutParams.create(
         threshold=cfg.threshold,
-        transmit_probability=cfg.probability,
+        transmit_probability=cfg.transmit_probability,
         draft_temperature=cfg.draft_temperature,
         llm_temperature=cfg.llm_temperature,
     )
     output = run_rollout(pair, list(cfg.prompts), config, params, seed=cfg.seed, chat=cfg.chat)
     rec = output.records
-    metrics = token_metrics(rec.beta, rec.transmitted, rec.accepted, rec.valid)
+    metrics = metrics_from_sums(
+        cfg.mode, token_sums(rec.transmitted.ravel(), rec.beta.ravel(), rec.accepted.ravel(),
+                             rec.valid.ravel())
+    )
     gate = config.measures[config.gate_measure].name
     summary = {
         "pair": cfg.pair,
@@ -101,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--threshold", type=float, default=0.3, help="U-HLM skip threshold")
     parser.add_argument(
-        "--probability", type=float, default=0.5, help="Rand-HLM transmit probability"
+        "--transmit-probability", type=float, default=0.5, help="Rand-HLM transmit probability"
     )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--draft-temperature", type=float, default=1.0)
@@ -123,7 +128,7 @@ def main(args: argparse.Namespace) -> int:
             prompts=prompts,
             mode=Mode.from_name(args.mode),
             threshold=args.threshold,
-            probability=args.probability,
+            transmit_probability=args.transmit_probability,
             max_new_tokens=args.max_new_tokens,
             draft_temperature=args.draft_temperature,
             llm_temperature=args.llm_temperature,

@@ -305,7 +305,7 @@ def _empirical(u: jnp.ndarray, beta: jnp.ndarray, t: float) -> dict[str, float]:
     return {
         "per_token": float(risk.per_token),
         "given_skip": float(risk.given_skip),
-        "skip_share": float(risk.skip_share),
+        "skip_rate": float(risk.skip_rate),
     }
 
 
@@ -627,11 +627,11 @@ def _validation(
             "exceed_frequency_per_token": float(np.mean(per_token[:, k] > cfg.risk)),
             "exceed_frequency_per_prompt": float(np.mean(per_prompt[:, k] > cfg.risk)),
             "no_skip_frequency": float(np.mean(~np.isfinite(t))),
-            "mean_skip_share": float(skip[:, k].mean()),
+            "mean_skip_rate": float(skip[:, k].mean()),
             "thresholds": [_json_threshold(x) for x in t],
             "realised_risk_per_token": [float(x) for x in per_token[:, k]],
             "realised_risk_per_prompt": [float(x) for x in per_prompt[:, k]],
-            "skip_share": [float(x) for x in skip[:, k]],
+            "skip_rate": [float(x) for x in skip[:, k]],
         }
     return {
         "num_splits": cfg.num_splits,
@@ -710,7 +710,7 @@ def from_run(cfg: Config) -> dict[str, Any]:
         "grid": {"size": cfg.grid_size, "values": [float(x) for x in grid]},
         "empirical_curve": {
             "per_token": [float(x) for x in T.risk_curve(beta, u, grid)],
-            "skip_share": [float(x) for x in T.risk_curve(jnp.ones_like(u), u, grid)],
+            "skip_rate": [float(x) for x in T.risk_curve(jnp.ones_like(u), u, grid)],
         },
         "data": {
             "num_tokens": int(data.u.size),
@@ -893,7 +893,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {name:>22}: realised risk > {eps} in {m['exceed_frequency_per_token']:.3f} "
             f"(per token) / {m['exceed_frequency_per_prompt']:.3f} (per prompt) of "
-            f"{val['num_splits']} splits; mean skip share {m['mean_skip_share']:.3f}"
+            f"{val['num_splits']} splits; mean skip rate {m['mean_skip_rate']:.3f}"
         )
     return "\n".join(lines)
 
