@@ -64,7 +64,7 @@ from uhlm_jax import channel as ch
 from uhlm_jax import metrics
 from uhlm_jax.accuracy import has_text, mean_estimate, score_responses
 from uhlm_jax.models.sentence_encoder import load_minilm
-from uhlm_jax.modes import Mode
+from uhlm_jax.modes import Mode, Transmission
 from uhlm_jax.pair import load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, OneMinusMaxProbability
@@ -403,7 +403,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
     def rollout(mode: Mode, **params):
         # Only U-HLM gates on u; the other modes record the cheapest measure (one max over
         # the vocabulary) instead of paying for the gate measure's work on every token.
-        recorded = measure if mode is Mode.UHLM else OneMinusMaxProbability()
+        gated = mode.policy.transmission is Transmission.UNCERTAIN
+        recorded = measure if gated else OneMinusMaxProbability()
         return run_rollout(
             pair, texts,
             RolloutConfig(mode=mode, max_new_tokens=max_new, measures=(recorded,),
