@@ -423,7 +423,7 @@ def _curve_summary(curves: jnp.ndarray, cfg: Config) -> dict[str, list[float]]:
 
 
 def _ltt_plan(
-    cfg: Config, ltt: T.LTTResult, grid: jnp.ndarray, skip_share: jnp.ndarray
+    cfg: Config, ltt: T.LTTResult, grid: jnp.ndarray, skip_rate: jnp.ndarray
 ) -> dict[str, Any]:
     """Prompts Learn-then-Test needs for each threshold at the observed risk curve.
 
@@ -444,7 +444,7 @@ def _ltt_plan(
                 {
                     "prompts": int(needed[k]),
                     "threshold": float(grid[k]),
-                    "skip_share": float(skip_share[k]),
+                    "skip_rate": float(skip_rate[k]),
                     "risk_hat": float(ltt.risk_hat[k]),
                 }
             )
@@ -843,9 +843,9 @@ def format_plan(summary: dict[str, Any]) -> str:
         lines.append(f"no threshold certifies with up to {plan['max_prompts']} prompts")
         return "\n".join(lines)
     shown = [steps[int(i)] for i in np.unique(np.linspace(0, len(steps) - 1, PLAN_ROWS).round())]
-    lines.append(f"{'prompts':>8}  {'largest u_th':>12}  {'skip share':>10}  {'risk':>7}")
+    lines.append(f"{'prompts':>8}  {'largest u_th':>12}  {'skip rate':>10}  {'risk':>7}")
     lines += [
-        f"{s['prompts']:>8}  {s['threshold']:>12.4f}  {s['skip_share']:>10.3f}  "
+        f"{s['prompts']:>8}  {s['threshold']:>12.4f}  {s['skip_rate']:>10.3f}  "
         f"{s['risk_hat']:>7.4f}"
         for s in shown
     ]
