@@ -223,7 +223,7 @@ def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[s
         "operating_threshold": operating.name,
         "operating_threshold_passed_validation": operating.passed_validation,
         "operating_threshold_validation": operating.note,
-        "uhlm_skip_share": op["skip_share"],
+        "uhlm_skip_rate": op["skip_rate"],
         "uhlm_accuracy_pct_of_llm": op["accuracy_pct_of_llm"],
         "uhlm_correct_rate": op["correct_rate"],
         "llm_only_correct_rate": by_mode["llm_only"]["correct_rate"],
@@ -296,7 +296,7 @@ def describe(result: Result) -> str:
         *([f"Warning: {s['operating_threshold_validation']}."]
           if s["operating_threshold_passed_validation"] is False else []),
         f"U-HLM at the {s['operating_threshold']} threshold: skips "
-        f"{_pct(s['uhlm_skip_share'])} of tokens, realised risk per token "
+        f"{_pct(s['uhlm_skip_rate'])} of tokens, realised risk per token "
         f"{s['uhlm_realised_risk_per_token']:.3f}, accuracy (MiniLM cosine) "
         f"{s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only: "
         f"{s['slm_only_accuracy_pct_of_llm']:.1f}%), correct answers "

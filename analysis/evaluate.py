@@ -32,7 +32,7 @@ Definitions:
   profile (`--cost-profile`, as `uhlm link`): by default `named`, the paper's
   TinyLlama-1.1B on a phone and Llama-2-7B on a data-centre GPU with V = 32 000; `pair`
   prices the run's own pair at its dtype and V. `evaluation.json` and the printed table
-  state which; the speedup over HLM is bounded by `1/(1 − s)` for skip share `s`.
+  state which; the speedup over HLM is bounded by `1/(1 − s)` for skip rate `s`.
 * Rand-HLM transmits each token with probability equal to the transmission rate U-HLM
   reached on these prompts at the operating threshold (`calibration.run_dir.
   operating_threshold`). A U-HLM threshold that failed its own prompt-split validation
@@ -70,7 +70,7 @@ from uhlm_jax import cli_config, console, metrics
 from uhlm_jax.accuracy import has_text, mean_estimate, score_responses
 from uhlm_jax.models.registry import DType
 from uhlm_jax.models.sentence_encoder import load_minilm
-from uhlm_jax.modes import Mode
+from uhlm_jax.modes import Mode, Transmission
 from uhlm_jax.pair import load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, OneMinusMaxProbability
@@ -199,9 +199,11 @@ def _job_frame(
     probability: float, out_records: Records, texts: list[str], prompt_ids: np.ndarray,
 ) -> pd.DataFrame:
     valid = out_records.valid
-    sent = (valid if mode is Mode.LLM_ONLY else out_records.transmitted & valid)
-    skip = valid & ~out_records.transmitted
-    beta = np.where(valid, np.clip(out_records.beta, 0, 1), 0.0)
+    sums = jax.device_get(metrics.token_sums(
+        out_records.transmitted, out_records.beta, out_records.accepted, valid
+    ))
+    # Rollout weights are 0 or 1, so the token sums are whole counts.
+    count = lambda x: np.asarray(x).astype(np.int64)
     tokens = valid.sum(0)
     log_prob = np.where(valid, out_records.llm_log_prob, 0.0).sum(0)
     return pd.DataFrame(
@@ -213,11 +215,10 @@ def _job_frame(
             "transmit_probability": probability,
             "prompt_id": prompt_ids,
             "tokens": tokens,
-            "transmitted": sent.sum(0),
-            "accepted": (out_records.accepted & valid).sum(0),
-            # LLM-only drafts nothing: no token is skipped.
-            "skipped": 0 if mode is Mode.LLM_ONLY else skip.sum(0),
-            "skipped_beta": 0.0 if mode is Mode.LLM_ONLY else np.where(skip, beta, 0.0).sum(0),
+            "transmitted": count(sums.transmitted),
+            "accepted": count(sums.accepted),
+            "skipped": count(sums.tokens - sums.transmitted),
+            "skipped_beta": sums.skipped_beta,
             "llm_nll": np.where(tokens > 0, -log_prob / np.maximum(tokens, 1), np.nan),
             "text": texts,
             "response_tokens": [r.tolist() for r in _response_rows(out_records)],
@@ -231,14 +232,11 @@ def _summary_row(
 ) -> dict[str, Any]:
     valid = jnp.asarray(out_records.valid)
     transmitted = jnp.asarray(out_records.transmitted)
-    tm = metrics.token_metrics(
-        jnp.asarray(out_records.beta), transmitted, jnp.asarray(out_records.accepted), valid
-    )
+    rows = metrics.token_sums(transmitted, out_records.beta, out_records.accepted, valid)
+    tm = metrics.metrics_from_sums(mode, metrics.TokenSums(*(jnp.sum(x) for x in rows)))
     lm = metrics.link_metrics(mode, transmitted, valid, profile, jax.random.key(seed))
     tm, lm = jax.device_get((tm, lm))
     n = len(frame)
-    skip_share = (float("nan") if mode is Mode.LLM_ONLY
-                  else float(lm.llm_calls_saved / max(float(tm.tokens), 1.0)))
     return {
         "label": frame["label"].iloc[0],
         "mode": mode.value,
@@ -247,21 +245,17 @@ def _summary_row(
         "transmit_probability": float(frame["transmit_probability"].iloc[0]),
         "prompts": n,
         "tokens": int(tm.tokens),
-        # LLM-only drafts nothing, so transmission and skipping do not apply (as in replay).
-        "transmission_rate": float("nan") if mode is Mode.LLM_ONLY
-        else float(tm.transmission_rate),
-        "skip_share": skip_share,
-        "acceptance_rate": float(tm.acceptance_rate) if mode in (
-            Mode.HLM, Mode.UHLM, Mode.RAND_HLM) else float("nan"),
-        "true_skip_rate": float(tm.true_skip_rate) if mode in (
-            Mode.UHLM, Mode.RAND_HLM, Mode.SLM_ONLY) else float("nan"),
-        "risk_per_token": float(tm.risk_per_token) if mode is not Mode.LLM_ONLY else 0.0,
+        "transmission_rate": float(tm.transmission_rate),
+        "skip_rate": float(tm.skip_rate),
+        "acceptance_rate": float(tm.acceptance_rate),
+        "true_skip_rate": float(tm.true_skip_rate),
+        "risk_per_token": float(tm.risk_per_token),
         "llm_nll": float(frame["llm_nll"].mean()),
         "llm_nll_se": float(frame["llm_nll"].std(ddof=1) / math.sqrt(n)) if n > 1
         else float("nan"),
         "throughput_tokens_per_s": float(lm.throughput_tokens_per_s),
         "speedup_vs_hlm": float(lm.speedup_vs_hlm),
-        "speedup_bound": float("nan") if mode is Mode.LLM_ONLY else float(lm.speedup_bound),
+        "speedup_bound": float(lm.speedup_bound),
         "llm_calls_saved": float(lm.llm_calls_saved),
         "uplink_bits_saved": float(lm.uplink_bits_saved),
     }
@@ -316,7 +310,7 @@ def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in summary.itertuples():
         rows.append([
-            r.label, _fmt(r.transmission_rate), _fmt(100 * r.skip_share, 1),
+            r.label, _fmt(r.transmission_rate), _fmt(100 * r.skip_rate, 1),
             _fmt(r.acceptance_rate), _fmt(r.true_skip_rate),
             _fmt_estimate(r.accuracy, r.accuracy_se),
             _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else console.UNDEFINED,
@@ -354,7 +348,7 @@ def read_summary(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame] | N
 def uhlm_label(name: str, threshold: float, failed_validation: bool = False) -> str:
     """The table label of U-HLM at a named threshold, flagged when it failed validation."""
     flag = ", failed validation" if failed_validation else ""
-    return f"U-HLM, {name} (u_th = {threshold:.3f}{flag})"
+    return f"{Mode.UHLM.policy.label}, {name} (u_th = {threshold:.3f}{flag})"
 
 
 def format_table(table: pd.DataFrame) -> str:
@@ -417,7 +411,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
     def rollout(mode: Mode, **params):
         # Only U-HLM gates on u; the other modes record the cheapest measure (one max over
         # the vocabulary) instead of paying for the gate measure's work on every token.
-        recorded = measure if mode is Mode.UHLM else OneMinusMaxProbability()
+        gated = mode.policy.transmission is Transmission.UNCERTAIN
+        recorded = measure if gated else OneMinusMaxProbability()
         return run_rollout(
             pair, texts,
             RolloutConfig(mode=mode, max_new_tokens=max_new, measures=(recorded,),
@@ -429,9 +424,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
     # token is sent below 0), so they run as points of the one vmapped U-HLM sweep: the same
     # keys give the same tokens as the dedicated modes (tests/test_rollout.py checks it),
     # in one compiled rollout instead of three.
-    labels = _MODE_LABELS
-    sweep_points = [(Mode.SLM_ONLY, labels[Mode.SLM_ONLY], None, _SKIP_ALL),
-                    (Mode.HLM, labels[Mode.HLM], None, _SEND_ALL)]
+    sweep_points = [(Mode.SLM_ONLY, Mode.SLM_ONLY.policy.label, None, _SKIP_ALL),
+                    (Mode.HLM, Mode.HLM.policy.label, None, _SEND_ALL)]
     sweep_points += [(Mode.UHLM, uhlm_label(n, t, th.failed_validation(n)), n, t)
                      for n, t in thresholds.items()]
     frames, rows = [], []
@@ -448,9 +442,9 @@ def run(cfg: Config, progress: bool = True) -> Result:
         return rows[-1]
 
     nan = float("nan")
-    bar.set_postfix(mode=labels[Mode.LLM_ONLY])
+    bar.set_postfix(mode=Mode.LLM_ONLY.policy.label)
     out = rollout(Mode.LLM_ONLY)
-    add(Mode.LLM_ONLY, labels[Mode.LLM_ONLY], None, nan, nan, out.records, out.texts)
+    add(Mode.LLM_ONLY, Mode.LLM_ONLY.policy.label, None, nan, nan, out.records, out.texts)
     bar.set_postfix(mode="SLM only, HLM and U-HLM")
     out = rollout(Mode.UHLM, threshold=np.asarray([p[3] for p in sweep_points], np.float32))
     for i, (mode, label, name, t) in enumerate(sweep_points):
@@ -458,9 +452,9 @@ def run(cfg: Config, progress: bool = True) -> Result:
                   jax.tree.map(lambda x, i=i: x[i], out.records), out.texts[i])
         if name == operating.name:
             matched = row["transmission_rate"]
-    bar.set_postfix(mode=labels[Mode.RAND_HLM])
+    bar.set_postfix(mode=Mode.RAND_HLM.policy.label)
     out = rollout(Mode.RAND_HLM, transmit_probability=matched)
-    add(Mode.RAND_HLM, f"{labels[Mode.RAND_HLM]} (p = {matched:.3f})", None, nan, matched,
+    add(Mode.RAND_HLM, f"{Mode.RAND_HLM.policy.label} (p = {matched:.3f})", None, nan, matched,
         out.records, out.texts)
     per_prompt = pd.concat(frames, ignore_index=True)
     position = per_prompt["prompt_id"] - _FIRST_PROMPT_ID
@@ -509,15 +503,6 @@ def run(cfg: Config, progress: bool = True) -> Result:
     )
     return Result(summary=summary, per_prompt=per_prompt, thresholds=thresholds,
                   operating=operating, seconds=seconds, costs=costs)
-
-
-_MODE_LABELS = {
-    Mode.LLM_ONLY: "LLM only",
-    Mode.SLM_ONLY: "SLM only",
-    Mode.HLM: "HLM",
-    Mode.UHLM: "U-HLM",
-    Mode.RAND_HLM: "Rand-HLM",
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

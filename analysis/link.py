@@ -1,6 +1,6 @@
 """Per-mode latency and token throughput under a wireless link and cost profile.
 
-`uhlm link --preset poor --skip-share 0.46` prices one generated token in every mode
+`uhlm link --preset poor --skip-rate 0.46` prices one generated token in every mode
 (LLM-only, SLM-only, HLM, U-HLM, Rand-HLM) for a named link preset (optionally with
 another mean SNR or bandwidth), an SLM and an LLM on named devices, and an uplink
 payload (the full distribution, or CU-HLM top-k with `--top-k`). It prints the expected
@@ -34,8 +34,8 @@ from uhlm_jax import cli_config, console
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.modes import Mode
 
-# Skip share reported for U-HLM with TinyLlama-1.1B / Llama-2-7B (arXiv 2412.12687).
-PAPER_SKIP_SHARE = 0.4593
+# Skip rate reported for U-HLM with TinyLlama-1.1B / Llama-2-7B (arXiv 2412.12687).
+PAPER_SKIP_RATE = 0.4593
 # Cost profiles: the named model profiles (the paper's pair by default), or the pair's own.
 NAMED_COSTS = "named"
 PAIR_COSTS = "pair"
@@ -57,7 +57,7 @@ class Config:
         snr_db: mean SNR in dB replacing the preset's; None keeps it.
         bandwidth_hz: bandwidth replacing the preset's (the SNR follows, unless `snr_db`).
         fading: fading model of the link.
-        skip_share: share of tokens U-HLM (and Rand-HLM) do not transmit, in [0, 1).
+        skip_rate: share of tokens U-HLM (and Rand-HLM) do not transmit, in [0, 1).
         slm_model, slm_device, slm_precision: the drafting model and where it runs.
         llm_model, llm_device, llm_precision: the verifying model and where it runs. A
             precision of None is the profile's: float16 for named models, the pair's dtype
@@ -75,7 +75,7 @@ class Config:
     snr_db: float | None = None
     bandwidth_hz: float | None = None
     fading: ch.Fading = ch.Fading.RAYLEIGH
-    skip_share: float = PAPER_SKIP_SHARE
+    skip_rate: float = PAPER_SKIP_RATE
     slm_model: ch.ModelSize = ch.ModelSize.TINYLLAMA_1_1B
     slm_device: ch.Device = ch.Device.PHONE_SOC
     slm_precision: ch.Precision | None = None
@@ -105,9 +105,9 @@ class Config:
                     f"{name}={getattr(self, name)!r} is invalid: use a {kind.__qualname__} "
                     f"(parse names with {kind.__qualname__}.from_name)"
                 )
-        if not (isinstance(self.skip_share, int | float) and 0 <= self.skip_share < 1):
+        if not (isinstance(self.skip_rate, int | float) and 0 <= self.skip_rate < 1):
             raise ValueError(
-                f"skip_share={self.skip_share!r} is invalid: it must lie in [0, 1)"
+                f"skip_rate={self.skip_rate!r} is invalid: it must lie in [0, 1)"
             )
         # Building the profile validates SNR, bandwidth, top_k and the rest.
         self.cost_profile()
@@ -236,8 +236,8 @@ class Result:
         downlink_bits: payload per verified token.
         breakdown_ms: expected per-token terms (slm, uncertainty, uplink, llm, downlink).
         rows: one per mode.
-        uhlm_speedup: U-HLM's throughput over HLM's at `skip_share`.
-        speedup_bound: `1 / (1 − skip_share)`.
+        uhlm_speedup: U-HLM's throughput over HLM's at `skip_rate`.
+        speedup_bound: `1 / (1 − skip_rate)`.
     """
 
     config: Config
@@ -292,7 +292,7 @@ class Result:
             ],
             "uhlm_speedup_vs_hlm": self.uhlm_speedup,
             "speedup_bound": self.speedup_bound,
-            "speedup_bound_formula": "1/(1-skip_share)",
+            "speedup_bound_formula": "1/(1-skip_rate)",
         }
 
 
@@ -307,10 +307,10 @@ def _json_value(value: Any) -> Any:
 
 
 @jax.jit
-def _evaluate(profile: ch.CostProfile, skip_share: jax.Array) -> dict[str, jax.Array]:
+def _evaluate(profile: ch.CostProfile, skip_rate: jax.Array) -> dict[str, jax.Array]:
     breakdown = ch.expected_breakdown(profile)
     latency_s = jnp.stack(
-        [ch.expected_token_latency_s(mode, profile, skip_share) for mode in Mode]
+        [ch.expected_token_latency_s(mode, profile, skip_rate) for mode in Mode]
     )
     return {
         "breakdown": breakdown,
@@ -324,7 +324,7 @@ def _evaluate(profile: ch.CostProfile, skip_share: jax.Array) -> dict[str, jax.A
 def run(cfg: Config) -> Result:
     """Prices one token in every mode under `cfg`."""
     profile = cfg.cost_profile()
-    out = jax.device_get(_evaluate(profile, jnp.float32(cfg.skip_share)))
+    out = jax.device_get(_evaluate(profile, jnp.float32(cfg.skip_rate)))
     latency_s = dict(zip(Mode, (float(x) for x in out["latency_s"]), strict=True))
     hlm_s = latency_s[Mode.HLM]
     rows = tuple(
@@ -354,7 +354,7 @@ def run(cfg: Config) -> Result:
         },
         rows=rows,
         uhlm_speedup=hlm_s / latency_s[Mode.UHLM],
-        speedup_bound=1.0 / (1.0 - cfg.skip_share),
+        speedup_bound=float(ch.speedup_bound(cfg.skip_rate)),
     )
 
 
@@ -436,7 +436,7 @@ def format_table(result: Result) -> str:
         )
     lines += [
         "",
-        f"U-HLM vs HLM at skip share {100 * cfg.skip_share:.2f}%: {result.uhlm_speedup:.3f}x "
+        f"U-HLM vs HLM at skip rate {100 * cfg.skip_rate:.2f}%: {result.uhlm_speedup:.3f}x "
         f"(bound 1/(1-s) = {result.speedup_bound:.3f}x)",
     ]
     return "\n".join(lines)

@@ -32,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from uhlm_jax.modes import Mode  # noqa: E402
+
 __all__ = [
     "DPI",
     "evaluated_modes",
@@ -53,13 +55,16 @@ DPI = 100
 HEXBIN_MIN_POINTS = 5000
 # Credible band of the fitted line.
 BAND_MASS = 0.9
-# Mode -> (label, colour, marker), one style per mode in every figure.
+# Mode value -> (label, colour, marker), one style per mode in every figure.
 MODE_STYLE = {
-    "llm_only": ("LLM only", "tab:purple", "*"),
-    "slm_only": ("SLM only", "tab:gray", "X"),
-    "hlm": ("HLM", "tab:blue", "s"),
-    "uhlm": ("U-HLM", "tab:red", "o"),
-    "rand_hlm": ("Rand-HLM", "tab:green", "^"),
+    mode.value: (mode.policy.label, colour, marker)
+    for mode, colour, marker in (
+        (Mode.LLM_ONLY, "tab:purple", "*"),
+        (Mode.SLM_ONLY, "tab:gray", "X"),
+        (Mode.HLM, "tab:blue", "s"),
+        (Mode.UHLM, "tab:red", "o"),
+        (Mode.RAND_HLM, "tab:green", "^"),
+    )
 }
 # U-HLM rows at several thresholds: shades no other mode uses.
 _UHLM_ROW_COLOURS = ("tab:red", "tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
@@ -317,7 +322,7 @@ def pareto(table: pd.DataFrame, path: str | os.PathLike, *, link: str = "") -> P
                 color=colour, ls="-" if len(rows) > 1 else "none", ms=6 if len(rows) > 1 else 11,
                 label=name)
     # The front of the modes that draft on the device; LLM-only is a reference point.
-    hybrid = wide[wide["mode"] != "llm_only"]
+    hybrid = wide[[Mode(m).policy.drafts for m in wide["mode"]]]
     x = hybrid["throughput_tokens_per_s"].to_numpy()
     y = hybrid["llm_agreement"].to_numpy()
     ok = np.isfinite(x) & np.isfinite(y)

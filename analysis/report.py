@@ -4,11 +4,11 @@
 `RUN_DIR/plots/*.png` (embedded in the HTML as base64):
 
 * if `uhlm evaluate` ran, the five modes compared with real rollouts on held-out prompts
-  (`evaluation.json`): TR, skip share, acceptance, true skip rate, accuracy (MiniLM
+  (`evaluation.json`): TR, skip rate, acceptance, true skip rate, accuracy (MiniLM
   cosine to the reference) and its % of LLM-only's, correct answers, the LLM's NLL,
   throughput and the speedup over HLM next to its `1/(1 − s)` bound, with a figure;
 * the paper-style replay table, one row per mode, at an operating threshold: transmission rate,
-  skip share, acceptance of verified drafts, true skip rate, LLM agreement as a % of the
+  skip rate, acceptance of verified drafts, true skip rate, LLM agreement as a % of the
   LLM (`1 − R`: the expected share of emitted tokens the LLM would accept; verified
   tokens are exactly the LLM's), expected throughput, and the speedup over HLM next to
   its `1/(1 − s)` bound. Rand-HLM transmits the same share as U-HLM. Numbers are trace
@@ -91,7 +91,6 @@ MODE_TABLE_COLUMNS = (
     "Speedup vs HLM",
     "Bound 1/(1−s)",
 )
-_MODE_ORDER = (Mode.LLM_ONLY, Mode.SLM_ONLY, Mode.HLM, Mode.UHLM, Mode.RAND_HLM)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,7 +279,7 @@ def measure_scores(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def mode_table(
-    tokens: rp.Tokens,
+    tokens: rp.TokenRecords,
     measure_index: int,
     thresholds: dict[str, float],
     profile: ch.CostProfile,
@@ -316,7 +315,7 @@ def mode_table(
             rp.replay_point(mode, sorted_tokens, profile, point(threshold, probability))
         )
 
-    labels = {m: plots.MODE_STYLE[m.value][0] for m in Mode}
+    labels = {m: m.policy.label for m in Mode}
     metrics: dict[str, rp.ReplayMetrics] = {}
     named = list(thresholds.items())
     uhlm = {name: replay(Mode.UHLM, t) for name, t in named}
@@ -358,7 +357,7 @@ def _threshold_rows(th: rd.Thresholds) -> pd.DataFrame:
         if block is None:
             return
         emp = block.empirical or rd.Empirical(None, None, None)
-        rows.append([name, _fmt(block.threshold), _fmt(emp.skip_share), _fmt(emp.per_token, 4),
+        rows.append([name, _fmt(block.threshold), _fmt(emp.skip_rate), _fmt(emp.per_token, 4),
                      _fmt(emp.given_skip, 4), guarantee,
                      note if note is not None else block.reason])
 
@@ -372,7 +371,7 @@ def _threshold_rows(th: rd.Thresholds) -> pd.DataFrame:
         ltt_note(th))
     return pd.DataFrame(
         rows,
-        columns=["Threshold", "u_th", "Skip share", "Risk per token", "Risk given skip",
+        columns=["Threshold", "u_th", "Skip rate", "Risk per token", "Risk given skip",
                  "Guarantee", "Note"],
     )
 
@@ -429,7 +428,7 @@ def _validation_text(th: rd.Thresholds, operating: rd.OperatingThreshold) -> str
 def _comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for r in comparison.itertuples(index=False):
-        label = plots.MODE_STYLE[r.mode][0]
+        label = Mode(r.mode).policy.label
         if r.mode == "uhlm":
             label += f" (u_th = {r.threshold:.3f})"
         rows.append([label, r.metric.replace("_", " "), _fmt(r.replay, 4), _fmt(r.rollout, 4),
@@ -476,7 +475,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens: rp.Tokens,
+def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens: rp.TokenRecords,
                  notes: list[str], cost_profile_name: str) -> pd.DataFrame:
     path = run_dir / rd.SWEEP_FILE
     if path.is_file():
@@ -515,7 +514,7 @@ def run(cfg: Config) -> Result:
     th = rd.Thresholds.read_optional(run_dir)
     sweep_summary_path = run_dir / rd.SWEEP_SUMMARY_FILE
     sweep_summary = rd.read_json(sweep_summary_path) if sweep_summary_path.is_file() else None
-    tokens = sw.load_tokens(df, measures)
+    tokens = sw.load_records(df, measures)
     gate = measures.index(cfg.measure)
     u = df[records.MEASURE_PREFIX + cfg.measure].to_numpy(np.float64)
     beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
@@ -781,7 +780,7 @@ def run(cfg: Config) -> Result:
         if validation is not None and validation.methods:
             rows = [
                 [name.replace("_", " "), _fmt(m.exceed_frequency_per_token),
-                 _fmt(m.exceed_frequency_per_prompt), _fmt(m.mean_skip_share),
+                 _fmt(m.exceed_frequency_per_prompt), _fmt(m.mean_skip_rate),
                  _fmt(m.no_skip_frequency)]
                 for name, m in validation.methods.items()
             ]
@@ -795,7 +794,7 @@ def run(cfg: Config) -> Result:
                 ),
                 _table(pd.DataFrame(rows, columns=[
                     "Method", "Exceeds ε (per token)", "Exceeds ε (per prompt)",
-                    "Mean skip share", "Skips nothing"])),
+                    "Mean skip rate", "Skips nothing"])),
             ]
     else:
         notes.append(f"No {rd.THRESHOLDS_FILE}: thresholds are least-squares plug-ins only "

@@ -12,7 +12,7 @@ import dataclasses
 
 from calibration.prompts import read_prompts
 from uhlm_jax import cli_config, console
-from uhlm_jax.metrics import token_metrics
+from uhlm_jax.metrics import metrics_from_sums, token_sums
 from uhlm_jax.models.registry import DType
 from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, load_pair
@@ -29,7 +29,7 @@ class Config:
         prompts: the prompt texts.
         mode: how tokens are produced.
         threshold: U-HLM skip threshold on the temperature-perturbation uncertainty.
-        probability: Rand-HLM transmit probability.
+        transmit_probability: Rand-HLM transmit probability.
         max_new_tokens: tokens generated per prompt at most.
         draft_temperature: SLM draft temperature.
         llm_temperature: LLM temperature.
@@ -42,7 +42,7 @@ class Config:
     prompts: tuple[str, ...] = ("hello",)
     mode: Mode = Mode.UHLM
     threshold: float = 0.3
-    probability: float = 0.5
+    transmit_probability: float = 0.5
     max_new_tokens: int = 32
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
@@ -53,8 +53,10 @@ class Config:
     def __post_init__(self):
         if not self.prompts:
             raise ValueError("No prompts; pass --prompt TEXT or --prompts FILE.")
-        if not 0.0 <= self.probability <= 1.0:
-            raise ValueError(f"probability must be in [0, 1], got {self.probability}.")
+        if not 0.0 <= self.transmit_probability <= 1.0:
+            raise ValueError(
+                f"--transmit-probability must be in [0, 1], got {self.transmit_probability}."
+            )
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}.")
 
@@ -72,13 +74,16 @@ def run(cfg: Config) -> Result:
     config = RolloutConfig(mode=cfg.mode, max_new_tokens=cfg.max_new_tokens)
     params = RolloutParams.create(
         threshold=cfg.threshold,
-        transmit_probability=cfg.probability,
+        transmit_probability=cfg.transmit_probability,
         draft_temperature=cfg.draft_temperature,
         llm_temperature=cfg.llm_temperature,
     )
     output = run_rollout(pair, list(cfg.prompts), config, params, seed=cfg.seed, chat=cfg.chat)
     rec = output.records
-    metrics = token_metrics(rec.beta, rec.transmitted, rec.accepted, rec.valid)
+    metrics = metrics_from_sums(
+        cfg.mode, token_sums(rec.transmitted.ravel(), rec.beta.ravel(), rec.accepted.ravel(),
+                             rec.valid.ravel())
+    )
     gate = config.measures[config.gate_measure].name
     summary = {
         "pair": cfg.pair,

@@ -64,10 +64,10 @@ from analysis.link import Config as LinkConfig
 from calibration import records
 from calibration import run_dir as rd
 from uhlm_jax import channel as ch
-from uhlm_jax import cli_config, console
+from uhlm_jax import cli_config, console, metrics
 from uhlm_jax import replay as rp
 from uhlm_jax.models.registry import DType
-from uhlm_jax.modes import Mode
+from uhlm_jax.modes import Mode, Transmission, transmit_weight
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, TemperaturePerturbation
 
 __all__ = [
@@ -76,7 +76,7 @@ __all__ = [
     "Result",
     "add_arguments",
     "link_points",
-    "load_tokens",
+    "load_records",
     "main",
     "replay_frame",
     "run",
@@ -318,7 +318,7 @@ class Result:
     paths: tuple[Path, ...]
 
 
-def load_tokens(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.Tokens:
+def load_records(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.TokenRecords:
     """Replay inputs from a record table.
 
     Raises:
@@ -337,7 +337,7 @@ def load_tokens(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.Tokens:
         raise ValueError(
             "the records hold non-finite uncertainties or beta; re-collect them (NaN logits?)"
         )
-    return rp.Tokens(
+    return rp.TokenRecords(
         u=jnp.asarray(u),
         beta=jnp.asarray(np.clip(beta, 0.0, 1.0)),
         accepted=jnp.asarray(df["accepted"].to_numpy(bool)),
@@ -352,16 +352,17 @@ def _mode_axes(cfg: Config, mode: Mode, measures: tuple[str, ...]) -> list[dict[
     """
     links = link_points(cfg)
     nan = float("nan")
-    if mode is Mode.UHLM:
+    policy = mode.policy
+    if policy.transmission is Transmission.UNCERTAIN:
         gate = [(t, m, nan) for t in cfg.thresholds for m in (cfg.measures or measures)]
-    elif mode is Mode.RAND_HLM:
+    elif policy.transmission is Transmission.RANDOM:
         gate = [(nan, None, p) for p in cfg.transmit_probabilities]
     else:
         gate = [(nan, None, nan)]
     payload = (
-        [(0, nan)]
-        if mode in (Mode.SLM_ONLY, Mode.LLM_ONLY)
-        else list(itertools.product(cfg.top_k, cfg.bits_per_prob))
+        list(itertools.product(cfg.top_k, cfg.bits_per_prob))
+        if policy.uploads_drafts
+        else [(0, nan)]
     )
     points = []
     for (t, m, p), (label, preset, snr, w), (k, b) in itertools.product(gate, links, payload):
@@ -413,7 +414,7 @@ def _tidy(points: pd.DataFrame, values: dict[str, np.ndarray], se: dict | None) 
 
 
 def replay_frame(
-    cfg: Config, tokens: rp.Tokens, measures: tuple[str, ...], progress: bool = True
+    cfg: Config, tokens: rp.TokenRecords, measures: tuple[str, ...], progress: bool = True
 ) -> pd.DataFrame:
     """Replays every mode over the grid; returns the tidy table (source `replay`)."""
     sorted_tokens = jax.jit(rp.sort_tokens)(tokens)
@@ -457,54 +458,33 @@ def replay_frame(
 def _prompt_sums_replay(
     df: pd.DataFrame, prompt_ids: np.ndarray, mode: Mode, u_column: str, threshold: float,
     probability: float,
-) -> rp.TokenSums:
+) -> metrics.TokenSums:
     """Per-prompt replay sums of the calibration records, `[P]` leaves in `prompt_ids` order."""
     sub = df[df["prompt_id"].isin(prompt_ids)]
-    beta = np.clip(sub["beta"].to_numpy(np.float64), 0, 1)
-    u = sub[u_column].to_numpy(np.float32)
-    w = np.asarray(
-        jax.vmap(rp.transmit_weight, in_axes=(None, 0, None, None))(
-            mode, jnp.asarray(u), jnp.float32(threshold), jnp.float32(probability)
-        ),
-        np.float64,
+    weight = jax.vmap(transmit_weight, in_axes=(None, 0, None, None))(
+        mode, jnp.asarray(sub[u_column].to_numpy(np.float32)), jnp.float32(threshold),
+        jnp.float32(probability),
     )
-    acc = sub["accepted"].to_numpy(np.float64)
-    frame = pd.DataFrame(
-        {
-            "prompt_id": sub["prompt_id"].to_numpy(),
-            "tokens": 1.0,
-            "transmitted": w,
-            "accepted": w * acc,
-            "skipped_beta": (1 - w) * beta,
-            "beta": beta,
-        }
+    segment = pd.Index(prompt_ids).get_indexer(sub["prompt_id"])
+    return metrics.token_sums(
+        weight, np.clip(sub["beta"].to_numpy(np.float32), 0, 1), sub["accepted"].to_numpy(bool),
+        segment_ids=jnp.asarray(segment), num_segments=len(prompt_ids),
     )
-    sums = frame.groupby("prompt_id").sum().reindex(prompt_ids, fill_value=0.0)
-    return rp.TokenSums(*(sums[f].to_numpy(np.float32) for f in rp.TokenSums._fields))
 
 
-def _prompt_sums_rollout(records_: Any, mode: Mode) -> rp.TokenSums:
+def _prompt_sums_rollout(records_: Any) -> metrics.TokenSums:
     """Per-prompt sums of a rollout's `Records` (`[n, b]` leaves) in row order."""
-    valid = records_.valid.astype(np.float64)
-    beta = np.where(records_.valid, np.clip(records_.beta, 0, 1), 0.0)
-    # LLM-only emits the LLM's tokens: count every token as the LLM's, as replay does.
-    sent = valid if mode is Mode.LLM_ONLY else (records_.transmitted & records_.valid)
-    sent = sent.astype(np.float64)
-    return rp.TokenSums(
-        tokens=valid.sum(0).astype(np.float32),
-        transmitted=sent.sum(0).astype(np.float32),
-        accepted=(records_.accepted & records_.valid).sum(0).astype(np.float32),
-        skipped_beta=((1 - sent) * beta).sum(0).astype(np.float32),
-        beta=beta.sum(0).astype(np.float32),
+    return metrics.token_sums(
+        records_.transmitted, records_.beta, records_.accepted, records_.valid
     )
 
 
-def _estimate(mode: Mode, sums: rp.TokenSums, base: ch.CostProfile, point: rp.GridPoints):
+def _estimate(mode: Mode, sums: metrics.TokenSums, base: ch.CostProfile, point: rp.GridPoints):
     """Pooled metrics and their leave-one-prompt-out values."""
-    total = rp.TokenSums(*(jnp.sum(jnp.asarray(x)) for x in sums))
-    loo = rp.leave_one_out(rp.TokenSums(*(jnp.asarray(x) for x in sums)))
-    pooled = rp.metrics_from_sums(mode, total, base, point)
-    jack = jax.vmap(rp.metrics_from_sums, in_axes=(None, 0, None, None))(mode, loo, base, point)
+    total = metrics.TokenSums(*(jnp.sum(x) for x in sums))
+    loo = rp.leave_one_out(sums)
+    pooled = rp.point_metrics(mode, total, base, point)
+    jack = jax.vmap(rp.point_metrics, in_axes=(None, 0, None, None))(mode, loo, base, point)
     return pooled, jack
 
 
@@ -611,7 +591,7 @@ def rollout_frames(
         jobs.append({
             "mode": mode, "threshold": nan,
             "transmit_probability": cfg.rollout_transmit_probability
-            if mode is Mode.RAND_HLM else nan,
+            if mode.policy.transmission is Transmission.RANDOM else nan,
             "draft_temperature": calibration_temperature, "num_samples": nan,
             "max_temperature": nan, "records": out.records, "comparable": True,
         })
@@ -625,12 +605,12 @@ def rollout_frames(
             transmit_probability=0.0 if math.isnan(p) else p,
             snr_db=link.mean_snr_db, bandwidth_hz=link.bandwidth_hz,
         )
-        ro_value, ro_loo = _estimate(mode, _prompt_sums_rollout(job["records"], mode), base,
-                                     point)
+        ro_value, ro_loo = _estimate(mode, _prompt_sums_rollout(job["records"]), base, point)
         info = {
             "point": k,
             "mode": mode.value,
-            "measure": cfg.rollout_measure if mode is Mode.UHLM else None,
+            "measure": cfg.rollout_measure
+            if mode.policy.transmission is Transmission.UNCERTAIN else None,
             "threshold": t,
             "transmit_probability": p,
             "link": cfg.rollout_link.name.lower(),
@@ -684,7 +664,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     run_dir = rd.require_run_dir(cfg.run_dir)
     df = records.read_records(run_dir)
     measures = cfg.measures or tuple(records.measure_names(df.columns))
-    tokens = load_tokens(df, measures)
+    tokens = load_records(df, measures)
     start = time.perf_counter()
     table = replay_frame(cfg, tokens, measures, progress)
     replay_seconds = time.perf_counter() - start

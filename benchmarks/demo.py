@@ -80,7 +80,7 @@ prompts):
 - Pearson r(u, β): {s['u_beta_pearson']:.3f} [{pearson[0]:.3f}, {pearson[1]:.3f}];
 - thresholds: {", ".join(f"{k} {v:.3f}" for k, v in s['thresholds'].items())} (ε = {s['risk']},
   confidence {s['confidence']});
-- U-HLM at the {s['operating_threshold']} threshold: skip share {s['uhlm_skip_share']:.3f},
+- U-HLM at the {s['operating_threshold']} threshold: skip rate {s['uhlm_skip_rate']:.3f},
   realised risk per token {s['uhlm_realised_risk_per_token']:.3f}, accuracy
   (MiniLM cosine) {s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only
   {s['slm_only_accuracy_pct_of_llm']:.1f}%), throughput {s['uhlm_speedup_vs_hlm']:.3f}× HLM's

@@ -1,4 +1,4 @@
-"""Benchmark: analytic U-HLM throughput over a 10^6-point grid (SNR × skip share × bandwidth).
+"""Benchmark: analytic U-HLM throughput over a 10^6-point grid (SNR × skip rate × bandwidth).
 
 DESIGN.md §5 target: an analytic threshold/throughput sweep of 10^6 grid points in under
 1 s on the project's CPU, with no recompilation when a swept value changes.
@@ -7,8 +7,8 @@ Two layouts of the same 10^6 evaluations of `expected_throughput_tokens_per_s(UH
 under the poor-link preset with Rayleigh fading (TinyLlama-1.1B on the phone profile,
 Llama-2-7B on the A100 profile, full 32000 × 16-bit uplink):
 
-* **nested**: `vmap` over SNR, then bandwidth, then skip share (100 each). The link terms
-  do not depend on the skip share, so `vmap` leaves them unbatched on the inner axis and
+* **nested**: `vmap` over SNR, then bandwidth, then skip rate (100 each). The link terms
+  do not depend on the skip rate, so `vmap` leaves them unbatched on the inner axis and
   they are computed 10^4 times rather than 10^6: one example, then vmap.
 * **flat**: 10^6 independent (SNR, bandwidth, skip) triples, one `vmap`; every point pays
   for its own fading quadrature.
@@ -43,7 +43,7 @@ TARGET_S = 1.0
 MEMORY_BYTES_PER_S = 29e9  # DESIGN.md §5, jitted reduction on the 2-core machine
 SNR_DB = (-20.0, 40.0)
 BANDWIDTH_HZ = (1e6, 100e6)
-SKIP_SHARE = (0.0, 0.9)
+SKIP_RATE = (0.0, 0.9)
 
 
 def _profile() -> ch.CostProfile:
@@ -55,23 +55,23 @@ def _profile() -> ch.CostProfile:
     )
 
 
-def throughput(profile: ch.CostProfile, snr_db, bandwidth_hz, skip_share):
+def throughput(profile: ch.CostProfile, snr_db, bandwidth_hz, skip_rate):
     """U-HLM expected tokens/s at one grid point."""
     link = profile.link.replace(mean_snr_db=snr_db, bandwidth_hz=bandwidth_hz)
-    return ch.expected_throughput_tokens_per_s(Mode.UHLM, profile.replace(link=link), skip_share)
+    return ch.expected_throughput_tokens_per_s(Mode.UHLM, profile.replace(link=link), skip_rate)
 
 
-def nested_grid(profile, snr_db, bandwidth_hz, skip_share):
+def nested_grid(profile, snr_db, bandwidth_hz, skip_rate):
     """[snr, bandwidth, skip] grid by nested vmap."""
     f = jax.vmap(throughput, in_axes=(None, None, None, 0))
     f = jax.vmap(f, in_axes=(None, None, 0, None))
     f = jax.vmap(f, in_axes=(None, 0, None, None))
-    return f(profile, snr_db, bandwidth_hz, skip_share)
+    return f(profile, snr_db, bandwidth_hz, skip_rate)
 
 
-def flat_grid(profile, snr_db, bandwidth_hz, skip_share):
+def flat_grid(profile, snr_db, bandwidth_hz, skip_rate):
     """Independent points by one vmap."""
-    return jax.vmap(throughput, in_axes=(None, 0, 0, 0))(profile, snr_db, bandwidth_hz, skip_share)
+    return jax.vmap(throughput, in_axes=(None, 0, 0, 0))(profile, snr_db, bandwidth_hz, skip_rate)
 
 
 def _time(fn, args, repeats: int) -> tuple[float, float, jax.Array]:
@@ -100,7 +100,7 @@ def main() -> int:
     profile = _profile()
     snr = jnp.linspace(*SNR_DB, n, dtype=jnp.float32)
     width = jnp.geomspace(*BANDWIDTH_HZ, n, dtype=jnp.float32)
-    skip = jnp.linspace(*SKIP_SHARE, n, dtype=jnp.float32)
+    skip = jnp.linspace(*SKIP_RATE, n, dtype=jnp.float32)
 
     nested_compile_s, nested_s, nested = _time(
         nested_grid, (profile, snr, width, skip), args.repeats
@@ -128,7 +128,7 @@ def main() -> int:
     rows = "\n".join(
         [
             row(
-                "nested vmap (link terms shared across skip shares)",
+                "nested vmap (link terms shared across skip rates)",
                 nested_compile_s,
                 nested_s,
                 nested_floor_s,
@@ -146,8 +146,8 @@ def main() -> int:
 Analytic U-HLM throughput (`expected_throughput_tokens_per_s`: Rayleigh fading with
 outage, 64-node quadrature per link evaluation), float32, on a {n} × {n} × {n} =
 {points:,}-point grid: SNR {SNR_DB[0]:g}..{SNR_DB[1]:g} dB × bandwidth
-{BANDWIDTH_HZ[0] / 1e6:g}..{BANDWIDTH_HZ[1] / 1e6:g} MHz × skip share
-{SKIP_SHARE[0]:g}..{SKIP_SHARE[1]:g}. Run time is the median of {args.repeats} calls after a
+{BANDWIDTH_HZ[0] / 1e6:g}..{BANDWIDTH_HZ[1] / 1e6:g} MHz × skip rate
+{SKIP_RATE[0]:g}..{SKIP_RATE[1]:g}. Run time is the median of {args.repeats} calls after a
 warm-up; compilation is timed separately. Target (DESIGN.md §5): 10^6 points in < {TARGET_S:g} s.
 
 | layout | compile | run | per point | floor (bytes / 29 GB/s) | vs target |
@@ -156,7 +156,7 @@ warm-up; compilation is timed separately. Target (DESIGN.md §5): 10^6 points in
 
 Both layouts agree to {max_rel_diff:.1e} (largest relative difference). The flat layout is
 compute-bound (64 log2 per point), far above its memory floor; the nested one evaluates the
-link terms {n * n:,} times instead of {points:,}, since they do not depend on the skip share.
+link terms {n * n:,} times instead of {points:,}, since they do not depend on the skip rate.
 """
     print(text)
     if not args.no_write:

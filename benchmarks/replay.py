@@ -42,7 +42,7 @@ def _data(num_tokens: int, num_points: int, seed: int = 0):
     u = rng.random((NUM_MEASURES, num_tokens)).astype(np.float32)
     u[0] = rng.binomial(20, u[0]) / 20  # the temperature-perturbation lattice, with ties
     beta = np.clip(0.8 * u[0] - 0.06 + rng.normal(0, 0.1, num_tokens), 0, 1).astype(np.float32)
-    tokens = rp.Tokens(u=u, beta=beta, accepted=rng.random(num_tokens) > beta)
+    tokens = rp.TokenRecords(u=u, beta=beta, accepted=rng.random(num_tokens) > beta)
     points = rp.GridPoints.create(
         threshold=rng.random(num_points),
         measure=rng.integers(0, NUM_MEASURES, num_points),

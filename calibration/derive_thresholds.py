@@ -303,7 +303,7 @@ def _empirical(u: jnp.ndarray, beta: jnp.ndarray, t: float) -> dict[str, float]:
     return {
         "per_token": float(risk.per_token),
         "given_skip": float(risk.given_skip),
-        "skip_share": float(risk.skip_share),
+        "skip_rate": float(risk.skip_rate),
     }
 
 
@@ -421,7 +421,7 @@ def _curve_summary(curves: jnp.ndarray, cfg: Config) -> dict[str, list[float]]:
 
 
 def _ltt_plan(
-    cfg: Config, ltt: T.LTTResult, grid: jnp.ndarray, skip_share: jnp.ndarray
+    cfg: Config, ltt: T.LTTResult, grid: jnp.ndarray, skip_rate: jnp.ndarray
 ) -> dict[str, Any]:
     """Prompts Learn-then-Test needs for each threshold at the observed risk curve.
 
@@ -442,7 +442,7 @@ def _ltt_plan(
                 {
                     "prompts": int(needed[k]),
                     "threshold": float(grid[k]),
-                    "skip_share": float(skip_share[k]),
+                    "skip_rate": float(skip_rate[k]),
                     "risk_hat": float(ltt.risk_hat[k]),
                 }
             )
@@ -625,11 +625,11 @@ def _validation(
             "exceed_frequency_per_token": float(np.mean(per_token[:, k] > cfg.risk)),
             "exceed_frequency_per_prompt": float(np.mean(per_prompt[:, k] > cfg.risk)),
             "no_skip_frequency": float(np.mean(~np.isfinite(t))),
-            "mean_skip_share": float(skip[:, k].mean()),
+            "mean_skip_rate": float(skip[:, k].mean()),
             "thresholds": [_json_threshold(x) for x in t],
             "realised_risk_per_token": [float(x) for x in per_token[:, k]],
             "realised_risk_per_prompt": [float(x) for x in per_prompt[:, k]],
-            "skip_share": [float(x) for x in skip[:, k]],
+            "skip_rate": [float(x) for x in skip[:, k]],
         }
     return {
         "num_splits": cfg.num_splits,
@@ -708,7 +708,7 @@ def from_run(cfg: Config) -> dict[str, Any]:
         "grid": {"size": cfg.grid_size, "values": [float(x) for x in grid]},
         "empirical_curve": {
             "per_token": [float(x) for x in T.risk_curve(beta, u, grid)],
-            "skip_share": [float(x) for x in T.risk_curve(jnp.ones_like(u), u, grid)],
+            "skip_rate": [float(x) for x in T.risk_curve(jnp.ones_like(u), u, grid)],
         },
         "data": {
             "num_tokens": int(data.u.size),
@@ -788,9 +788,9 @@ def format_plan(summary: dict[str, Any]) -> str:
         lines.append(f"no threshold certifies with up to {plan['max_prompts']} prompts")
         return "\n".join(lines)
     shown = [steps[int(i)] for i in np.unique(np.linspace(0, len(steps) - 1, PLAN_ROWS).round())]
-    lines.append(f"{'prompts':>8}  {'largest u_th':>12}  {'skip share':>10}  {'risk':>7}")
+    lines.append(f"{'prompts':>8}  {'largest u_th':>12}  {'skip rate':>10}  {'risk':>7}")
     lines += [
-        f"{s['prompts']:>8}  {s['threshold']:>12.4f}  {s['skip_share']:>10.3f}  "
+        f"{s['prompts']:>8}  {s['threshold']:>12.4f}  {s['skip_rate']:>10.3f}  "
         f"{s['risk_hat']:>7.4f}"
         for s in shown
     ]
@@ -838,7 +838,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {name:>22}: realised risk > {eps} in {m['exceed_frequency_per_token']:.3f} "
             f"(per token) / {m['exceed_frequency_per_prompt']:.3f} (per prompt) of "
-            f"{val['num_splits']} splits; mean skip share {m['mean_skip_share']:.3f}"
+            f"{val['num_splits']} splits; mean skip rate {m['mean_skip_rate']:.3f}"
         )
     return "\n".join(lines)
 

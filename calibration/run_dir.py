@@ -431,11 +431,11 @@ class ThresholdName(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Empirical:
-    """A threshold's realised risk on all records: per token, given a skip, skip share."""
+    """A threshold's realised risk on all records: per token, given a skip, skip rate."""
 
     per_token: float | None
     given_skip: float | None
-    skip_share: float | None
+    skip_rate: float | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -466,7 +466,7 @@ class NamedThreshold:
             empirical=None if emp is None else Empirical(
                 per_token=_float(emp.get("per_token")),
                 given_skip=_float(emp.get("given_skip")),
-                skip_share=_float(emp.get("skip_share")),
+                skip_rate=_float(emp.get("skip_rate")),
             ),
         )
 
@@ -479,14 +479,14 @@ class MethodValidation:
         exceed_frequency_per_token, exceed_frequency_per_prompt: share of splits whose
             realised risk on the test prompts exceeds `ε` (pooled over tokens; mean of
             per-prompt risks).
-        mean_skip_share: mean share of test tokens skipped.
+        mean_skip_rate: mean share of test tokens skipped.
         no_skip_frequency: share of splits where the method skipped nothing.
         realised_risk_per_token: each split's realised risk per token.
     """
 
     exceed_frequency_per_token: float | None = None
     exceed_frequency_per_prompt: float | None = None
-    mean_skip_share: float | None = None
+    mean_skip_rate: float | None = None
     no_skip_frequency: float | None = None
     realised_risk_per_token: tuple[float, ...] = ()
 
@@ -581,7 +581,7 @@ class Thresholds:
                 name: MethodValidation(
                     exceed_frequency_per_token=_float(m.get("exceed_frequency_per_token")),
                     exceed_frequency_per_prompt=_float(m.get("exceed_frequency_per_prompt")),
-                    mean_skip_share=_float(m.get("mean_skip_share")),
+                    mean_skip_rate=_float(m.get("mean_skip_rate")),
                     no_skip_frequency=_float(m.get("no_skip_frequency")),
                     realised_risk_per_token=_floats(m.get("realised_risk_per_token")),
                 )

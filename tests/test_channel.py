@@ -442,7 +442,7 @@ def test_per_token_payload_override():
 
 def test_monte_carlo_sequence_latency_matches_expectation():
     # Given a long U-HLM record on a fading link, the mean per-token latency matches the
-    # analytic expectation at the realised skip share within Monte Carlo error.
+    # analytic expectation at the realised skip rate within Monte Carlo error.
     profile = _profile(ch.link_from_budget(ch.LinkPreset.MEDIUM))
     n = 100_000
     transmitted = jax.random.bernoulli(jax.random.key(2), 0.6, (n,))
@@ -500,9 +500,9 @@ def test_unknown_names_are_rejected_with_choices():
     assert ch.Device.from_name("edge-gpu") is ch.Device.EDGE_GPU
 
 
-def test_skip_share_outside_unit_interval_is_rejected():
+def test_skip_rate_outside_unit_interval_is_rejected():
     profile = _profile(_static_link())
-    with pytest.raises(ValueError, match=r"skip_share=1.5"):
+    with pytest.raises(ValueError, match=r"skip_rate=1.5"):
         ch.expected_token_latency_s(Mode.UHLM, profile, 1.5)
-    with pytest.raises(ValueError, match=r"skip_share=1.0"):
+    with pytest.raises(ValueError, match=r"skip_rate=1.0"):
         ch.speedup_bound(1.0)

@@ -7,9 +7,9 @@ import numpy as np
 from uhlm_jax import channel as ch
 from uhlm_jax.metrics import (
     link_metrics,
-    response_nll,
+    metrics_from_sums,
     safe_ratio,
-    token_metrics,
+    token_sums,
 )
 from uhlm_jax.models.llama import final_hidden_states, forward
 from uhlm_jax.models.toy import toy_pair
@@ -22,6 +22,12 @@ BETA = np.array([0.0, 0.5, 0.2, 0.1, 0.9], np.float32)
 TRANSMITTED = np.array([True, True, False, False, True])
 ACCEPTED = np.array([True, False, False, False, True])
 VALID = np.array([True, True, True, True, False])
+
+
+def token_metrics(beta, transmitted, accepted, valid):
+    """U-HLM's metrics of records, pooled over every axis."""
+    sums = token_sums(*(jnp.ravel(x) for x in (transmitted, beta, accepted, valid)))
+    return metrics_from_sums(Mode.UHLM, sums)
 
 
 def test_hand_built_records():
@@ -66,16 +72,6 @@ def test_vmap_over_grid_equals_loop():
     assert jnp.all(batched.tokens == 12)
 
 
-def test_response_nll_hand_computed():
-    # Given: vocabulary 2, uniform logits except a confident prediction at column 1.
-    logits = np.zeros((1, 4, 2), np.float32)
-    logits[0, 1] = [np.log(3.0), 0.0]  # P(token 0 | column 1) = 3/4
-    tokens = np.array([[1, 1, 0, 1]])
-    # Response = columns 2..3 (predicted by columns 1 and 2).
-    nll = response_nll(jnp.asarray(logits), tokens, np.array([2]), np.array([4]))
-    np.testing.assert_allclose(nll, [(-np.log(0.75) + np.log(2.0)) / 2], rtol=1e-6)
-    # An empty response is NaN, not an error.
-    assert np.isnan(response_nll(jnp.asarray(logits), tokens, np.array([4]), np.array([4]))[0])
 
 
 def _static_profile():

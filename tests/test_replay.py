@@ -9,7 +9,7 @@ import pytest
 from analysis.link import Config as LinkConfig
 from uhlm_jax import channel as ch
 from uhlm_jax import replay as rp
-from uhlm_jax.metrics import token_metrics
+from uhlm_jax.metrics import TokenSums, metrics_from_sums, token_sums
 from uhlm_jax.modes import Mode
 
 # Float32 sums of the same numbers in another order (prefix sums vs masked sums) agree to
@@ -22,13 +22,13 @@ def _profile() -> ch.CostProfile:
     return LinkConfig().cost_profile()
 
 
-def _dyadic_tokens(n: int = 64, m: int = 3, seed: int = 0) -> rp.Tokens:
+def _dyadic_tokens(n: int = 64, m: int = 3, seed: int = 0) -> rp.TokenRecords:
     """Tokens whose u and β are multiples of 1/16: every float32 sum of them is exact."""
     rng = np.random.default_rng(seed)
     u = rng.integers(0, 17, (m, n)).astype(np.float32) / 16
     beta = rng.integers(0, 17, n).astype(np.float32) / 16
     accepted = rng.random(n) > beta
-    return rp.Tokens(jnp.asarray(u), jnp.asarray(beta), jnp.asarray(accepted))
+    return rp.TokenRecords(jnp.asarray(u), jnp.asarray(beta), jnp.asarray(accepted))
 
 
 def _brute_force(mode, tokens, threshold, measure, probability):
@@ -87,7 +87,7 @@ def test_sorted_path_matches_direct_path_and_token_metrics():
     u = rng.random((2, n)).astype(np.float32)
     beta = np.clip(0.8 * u[0] - 0.06 + rng.normal(0, 0.1, n), 0, 1).astype(np.float32)
     accepted = rng.random(n) > beta
-    tokens = rp.Tokens(jnp.asarray(u), jnp.asarray(beta), jnp.asarray(accepted))
+    tokens = rp.TokenRecords(jnp.asarray(u), jnp.asarray(beta), jnp.asarray(accepted))
     points = rp.GridPoints.create(
         threshold=np.linspace(-0.1, 1.1, 37), measure=np.arange(37) % 2,
         snr_db=np.linspace(-5, 30, 37), top_k=np.arange(37) % 3 * 16,
@@ -104,10 +104,10 @@ def test_sorted_path_matches_direct_path_and_token_metrics():
             getattr(sorted_out, name), getattr(direct_out, name), rtol=SUM_ORDER_RTOL,
             atol=SUM_ORDER_RTOL, err_msg=name,
         )
-    # And the token metrics equal `token_metrics` on the same transmit mask
+    # And the token metrics equal those of the same transmit mask, summed directly
     for i in (0, 10, 20, 36):
         sent = u[i % 2] > points.threshold[i]
-        ref = token_metrics(beta, sent, accepted & sent, np.ones(n, bool))
+        ref = metrics_from_sums(Mode.UHLM, token_sums(sent, beta, accepted & sent))
         for name in ("transmission_rate", "acceptance_rate", "true_skip_rate", "risk_per_token"):
             np.testing.assert_allclose(
                 getattr(sorted_out, name)[i], getattr(ref, name), rtol=SUM_ORDER_RTOL,
@@ -117,14 +117,14 @@ def test_sorted_path_matches_direct_path_and_token_metrics():
 
 def test_costs_follow_the_channel_model():
     # Given a U-HLM point skipping half of the tokens
-    tokens = rp.Tokens(
+    tokens = rp.TokenRecords(
         u=jnp.array([[0.1, 0.2, 0.8, 0.9]]), beta=jnp.zeros(4), accepted=jnp.ones(4, bool)
     )
     profile = _profile()
     point = rp.GridPoints.create(threshold=0.5, snr_db=profile.link.mean_snr_db,
                                  bandwidth_hz=profile.link.bandwidth_hz)
     out = rp.replay_point(Mode.UHLM, rp.sort_tokens(tokens), profile, point)
-    # Then latency, throughput and speedup equal the channel model's at skip share 0.5
+    # Then latency, throughput and speedup equal the channel model's at skip rate 0.5
     np.testing.assert_allclose(
         out.latency_s, ch.expected_token_latency_s(Mode.UHLM, profile, 0.5), rtol=1e-6
     )
@@ -139,10 +139,12 @@ def test_costs_follow_the_channel_model():
     np.testing.assert_allclose(topk.uplink_bits_per_token, 30 * (8 + 15))
 
 
-def test_llm_only_has_no_drafting_metrics():
+def test_llm_only_transmits_everything_and_has_no_drafting_metrics():
     tokens = _dyadic_tokens()
     out = rp.replay_point(Mode.LLM_ONLY, rp.sort_tokens(tokens), _profile(), rp.GridPoints.create())
-    assert np.isnan(out.transmission_rate) and np.isnan(out.acceptance_rate)
+    assert out.transmission_rate == 1 and out.skip_rate == 0
+    assert np.isnan(out.acceptance_rate) and np.isnan(out.true_skip_rate)
+    assert np.isnan(out.speedup_bound) and out.uplink_bits_per_token == 0
     assert out.risk_per_token == 0 and out.llm_agreement == 1 and out.llm_calls_per_token == 1
 
 
@@ -179,7 +181,7 @@ def test_jackknife_of_a_mean_is_the_standard_error():
     rng = np.random.default_rng(3)
     beta = rng.random(50).astype(np.float32)
     ones = np.ones(50, np.float32)
-    sums = rp.TokenSums(tokens=ones, transmitted=ones, accepted=ones, skipped_beta=beta,
+    sums = TokenSums(tokens=ones, transmitted=ones, accepted=ones, skipped_beta=beta,
                         beta=beta)
     loo = rp.leave_one_out(sums)
     estimates = loo.skipped_beta / loo.tokens

@@ -120,11 +120,11 @@ def test_empirical_risk_hand_computed():
     beta = f32([0.0, 0.1, 0.3, 0.8])
     risk = T.empirical_risk(u, beta, f32(0.5))  # skips the first three (u = 0.5 included)
     assert float(risk.per_token) == pytest.approx(0.4 / 4, abs=F32_TOL)
-    assert float(risk.skip_share) == pytest.approx(0.75, abs=F32_TOL)
+    assert float(risk.skip_rate) == pytest.approx(0.75, abs=F32_TOL)
     assert float(risk.given_skip) == pytest.approx(0.4 / 3, abs=F32_TOL)
-    assert float(T.skip_share(u, f32(0.5))) == pytest.approx(0.75, abs=F32_TOL)
+    assert float(T.skip_rate(u, f32(0.5))) == pytest.approx(0.75, abs=F32_TOL)
     nothing = T.empirical_risk(u, beta, f32(0.05))
-    assert (float(nothing.per_token), float(nothing.given_skip), float(nothing.skip_share)) == (
+    assert (float(nothing.per_token), float(nothing.given_skip), float(nothing.skip_rate)) == (
         0.0,
         0.0,
         0.0,
@@ -136,7 +136,7 @@ def test_linear_model_risk_hand_computed():
     u = f32([0.0, 0.4, 0.6, 1.0])
     risk = T.linear_model_risk(f32(0.5), f32(-0.1), u, f32(0.6))
     assert float(risk.per_token) == pytest.approx(0.3 / 4, abs=F32_TOL)
-    assert float(risk.skip_share) == pytest.approx(0.75, abs=F32_TOL)
+    assert float(risk.skip_rate) == pytest.approx(0.75, abs=F32_TOL)
     assert float(risk.given_skip) == pytest.approx(0.1, abs=F32_TOL)
 
 

@@ -5,6 +5,7 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
 
   models       Llama-family decoders, KV cache, GGUF / safetensors loaders, tokenizers;
                a BERT encoder for all-MiniLM-L6-v2 sentence embeddings
+  modes        the five inference modes and each one's policy (what it drafts and sends)
   pair         an SLM/LLM pair over one vocabulary
   sampling     token sampling with the unused-id mask, row padding, reply generation
   speculative  exact verification of one draft position: accept, residual resample, β, TV
@@ -14,7 +15,8 @@ The library is pure functions and frozen dataclasses; jobs live in `calibration/
   channel      payload, link, compute latency and throughput
   truncation   CU-HLM top-k uplink compression
   threshold    analytic thresholds and risk; posterior and distribution-free versions
-  metrics      TR, skip rates, acceptance, risk, NLL, throughput from records
+  metrics      token sums and the metrics from them (TR, skip rate, acceptance, risk),
+               throughput from records
   answers      whether a response gives a short reference answer, and the rate over prompts
   accuracy     per-prompt sentence similarity to the reference and answer correctness
   replay       trace replay of calibration records over a grid

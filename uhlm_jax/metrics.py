@@ -1,20 +1,27 @@
-"""Metrics of a rollout, computed from its per-token records.
+"""Metrics of a rollout or a replay, from per-token sums.
 
-Every function takes arrays shaped like the fields of `uhlm_jax.rollout.Records` (any
-leading shape, usually `[n, b]`) and counts only `valid` tokens. Ratios whose denominator
-is zero are NaN (e.g. the acceptance rate of a run that transmitted nothing), never a
-division error.
+Every metric is a ratio of a few sums over tokens (`TokenSums`), so there is one way to
+get them: `token_sums` reduces per-token records (a rollout's `Records`, or replay's
+transmit weights over calibration records), and `metrics_from_sums` turns the sums into
+rates. Sums add, so per-prompt sums give the pooled metrics and their leave-one-out
+(jackknife) values too. Ratios whose denominator is zero are NaN (e.g. the acceptance
+rate of a run that transmitted nothing), never a division error; so is a rate a mode does
+not have (see `uhlm_jax.modes`).
 
-Definitions (U-HLM, arXiv 2412.12687, §V):
-  transmission rate  TR = transmitted / valid tokens; skip rate = 1 − TR.
-  acceptance rate    accepted / transmitted.
+Definitions (U-HLM, arXiv 2412.12687, §V), with transmit weight `w ∈ [0, 1]` per token
+(the transmitted flag of a rollout, or replay's expected weight) and `N` valid tokens:
+  transmission rate  TR = Σ w / N; skip rate s = 1 − TR.
+  acceptance rate    Σ w · acc / Σ w (NaN for a mode that drafts nothing).
   true skip rate     among skipped tokens, the share the LLM would have accepted. The
                      acceptance of a skipped draft is counterfactual; its probability is
-                     `1 − β`, which the rollout records for every token, so the rate is the
-                     mean of `1 − β` over skipped tokens (an unbiased, lower-variance
-                     estimate of the share).
-  realised risk      the mean of `β` over skipped tokens, per generated token
-                     (`E[β · 1{skip}]`) and conditional on skipping (`E[β | skip]`).
+                     `1 − β`, which the rollout records for every token, so the rate is
+                     `Σ (1 − w)(1 − β) / Σ (1 − w)` (an unbiased, lower-variance estimate
+                     of the share).
+  realised risk      `R = Σ (1 − w) β / N` per generated token (`E[β · 1{skip}]`), and
+                     `Σ (1 − w) β / Σ (1 − w)` given a skip (`E[β | skip]`).
+  LLM agreement      `1 − R`, the expected share of emitted tokens the LLM would accept
+                     (verified tokens are exactly LLM-distributed).
+  speedup bound      `1 / (1 − s)` (`speedup_bound`).
 """
 # ruff: noqa: F722
 
@@ -32,10 +39,12 @@ from uhlm_jax.modes import Mode
 __all__ = [
     "LinkMetrics",
     "TokenMetrics",
+    "TokenSums",
     "link_metrics",
-    "response_nll",
+    "metrics_from_sums",
     "safe_ratio",
-    "token_metrics",
+    "speedup_bound",
+    "token_sums",
 ]
 
 
@@ -46,20 +55,85 @@ def safe_ratio(numerator: Float[Array, ...], denominator: Float[Array, ...]) -> 
     return jnp.where(denominator > 0, numerator / safe, jnp.nan)
 
 
-class TokenMetrics(NamedTuple):
-    """Counts and rates of one rollout (or one grid point of a sweep).
+class TokenSums(NamedTuple):
+    """Sums over tokens that determine every token metric (float32, any shape).
 
     Attributes:
-        tokens: valid generated tokens.
-        transmitted: tokens whose draft was uploaded and verified (LLM calls).
-        skipped: tokens emitted without uplink (`tokens − transmitted`).
-        transmission_rate: `transmitted / tokens`.
-        skip_rate: `skipped / tokens`.
-        acceptance_rate: accepted drafts over transmitted ones.
-        true_skip_rate: mean `1 − β` over skipped tokens.
-        risk_per_token: `Σ β · skip / tokens`.
-        risk_conditional: `Σ β · skip / skipped`.
+        tokens: `N`, valid tokens.
+        transmitted: `Σ w`.
+        accepted: `Σ w · acc`.
+        skipped_beta: `Σ (1 − w) β`.
+        beta: `Σ β`.
+    """
+
+    tokens: Array
+    transmitted: Array
+    accepted: Array
+    skipped_beta: Array
+    beta: Array
+
+
+def token_sums(
+    weight: Float[Array, "n ..."] | Bool[Array, "n ..."],
+    beta: Float[Array, "n ..."],
+    accepted: Bool[Array, "n ..."],
+    valid: Bool[Array, "n ..."] | None = None,
+    segment_ids: Int[Array, " n"] | None = None,
+    num_segments: int | None = None,
+) -> TokenSums:
+    """`TokenSums` over the leading (token) axis.
+
+    A rollout's `Records` (`[n, b]`) give one sum per row (prompt); replay's weights over
+    calibration records (`[n]`) give one sum, or one per segment (e.g. per prompt).
+
+    Args:
+        weight: transmit weight `w` of each token (a rollout's `transmitted` flags).
+        beta: rejection probability of each draft.
+        accepted: the LLM accepts the draft when it is verified (a rollout's `accepted`,
+            which already implies `transmitted`, gives the same sums).
+        valid: the token is real (None: every token); invalid tokens count nowhere, whatever
+            their values (NaN included).
+        segment_ids: `[n]` segment of each token, in `[0, num_segments)`; None sums all.
+        num_segments: number of segments (static), with `segment_ids`.
+
+    Returns:
+        `TokenSums` with the leading axis summed away, or replaced by `num_segments`.
+    """
+    weight = jnp.asarray(weight, jnp.float32)
+    valid = jnp.ones(weight.shape, bool) if valid is None else jnp.asarray(valid, bool)
+    zero = jnp.float32(0.0)
+    beta = jnp.where(valid, jnp.asarray(beta, jnp.float32), zero)
+    weight = jnp.where(valid, weight, zero)
+    skipped = jnp.where(valid, 1.0 - weight, zero)
+    terms = TokenSums(
+        tokens=valid.astype(jnp.float32),
+        transmitted=weight,
+        accepted=jnp.where(jnp.asarray(accepted, bool), weight, zero),
+        skipped_beta=skipped * beta,
+        beta=beta,
+    )
+    if segment_ids is None:
+        return TokenSums(*(jnp.sum(x, axis=0) for x in terms))
+    return TokenSums(
+        *(jax.ops.segment_sum(x, segment_ids, num_segments=num_segments) for x in terms)
+    )
+
+
+class TokenMetrics(NamedTuple):
+    """Counts and rates of one rollout or grid point (see the module doc).
+
+    Attributes:
+        tokens: valid generated tokens `N`.
+        transmitted: tokens sent to the base station, `Σ w`.
+        skipped: tokens emitted without uplink, `N − Σ w`.
+        transmission_rate: `TR`.
+        skip_rate: `s = 1 − TR`.
+        acceptance_rate: accepted drafts over transmitted ones (NaN without drafts).
+        true_skip_rate: mean `1 − β` over skipped tokens (NaN without skips).
+        risk_per_token: `R`.
+        risk_conditional: `R` given a skip.
         mean_beta: mean `β` over all valid tokens.
+        llm_agreement: `1 − R`.
     """
 
     tokens: Array
@@ -72,69 +146,41 @@ class TokenMetrics(NamedTuple):
     risk_per_token: Array
     risk_conditional: Array
     mean_beta: Array
+    llm_agreement: Array
 
 
-def token_metrics(
-    beta: Float[Array, ...],
-    transmitted: Bool[Array, ...],
-    accepted: Bool[Array, ...],
-    valid: Bool[Array, ...],
-) -> TokenMetrics:
-    """Rates of a rollout from its records (reduces over all axes).
-
-    Args:
-        beta: rejection probability of each draft.
-        transmitted: the draft was verified.
-        accepted: the draft was verified and accepted.
-        valid: the token is real (not after a stop token or the row's end).
-
-    Returns:
-        `TokenMetrics` of float32 scalars.
-    """
-    valid = jnp.asarray(valid, bool)
-    sent = transmitted & valid
-    skip = ~transmitted & valid
-    beta = jnp.where(valid, jnp.asarray(beta, jnp.float32), 0.0)
-    tokens = jnp.sum(valid, dtype=jnp.float32)
-    num_sent = jnp.sum(sent, dtype=jnp.float32)
-    num_skip = jnp.sum(skip, dtype=jnp.float32)
-    skipped_beta = jnp.sum(jnp.where(skip, beta, 0.0))
+def metrics_from_sums(mode: Mode, sums: TokenSums) -> TokenMetrics:
+    """The token metrics of `mode` (static) from its `TokenSums` (any leaf shape)."""
+    skipped = sums.tokens - sums.transmitted
+    risk = safe_ratio(sums.skipped_beta, sums.tokens)
+    acceptance = safe_ratio(sums.accepted, sums.transmitted)
+    tr = safe_ratio(sums.transmitted, sums.tokens)
     return TokenMetrics(
-        tokens=tokens,
-        transmitted=num_sent,
-        skipped=num_skip,
-        transmission_rate=safe_ratio(num_sent, tokens),
-        skip_rate=safe_ratio(num_skip, tokens),
-        acceptance_rate=safe_ratio(jnp.sum(accepted & sent, dtype=jnp.float32), num_sent),
-        true_skip_rate=safe_ratio(num_skip - skipped_beta, num_skip),
-        risk_per_token=safe_ratio(skipped_beta, tokens),
-        risk_conditional=safe_ratio(skipped_beta, num_skip),
-        mean_beta=safe_ratio(jnp.sum(beta), tokens),
+        tokens=sums.tokens,
+        transmitted=sums.transmitted,
+        skipped=skipped,
+        transmission_rate=tr,
+        skip_rate=1.0 - tr,
+        acceptance_rate=acceptance if mode.policy.drafts else jnp.full_like(acceptance, jnp.nan),
+        true_skip_rate=safe_ratio(skipped - sums.skipped_beta, skipped),
+        risk_per_token=risk,
+        risk_conditional=safe_ratio(sums.skipped_beta, skipped),
+        mean_beta=safe_ratio(sums.beta, sums.tokens),
+        llm_agreement=1.0 - risk,
     )
 
 
-def response_nll(
-    llm_logits: Float[Array, "b t v"],
-    tokens: Int[Array, "b t"],
-    response_start: Int[Array, " b"],
-    lengths: Int[Array, " b"],
-) -> Float[Array, " b"]:
-    """The LLM's mean per-token negative log-likelihood of each row's response.
+def speedup_bound(mode: Mode, skip_rate: Float[Array, ...]) -> Float[Array, ...]:
+    """The bound `1 / (1 − s)` on the speedup over HLM from skipping (`channel.speedup_bound`).
 
-    Row `b` holds a prompt in columns `[0, response_start[b])` and the generated response
-    in `[response_start[b], lengths[b])`; `llm_logits[b, j]` predicts `tokens[b, j + 1]`
-    (e.g. from `uhlm_jax.models.llama.forward` with right padding).
-
-    Returns:
-        `[b]` mean NLL in nats per response token; NaN for an empty response.
+    Extended to `s = 1` (SLM-only), where it is infinite; NaN for a mode that drafts
+    nothing (LLM-only), whose speedup does not come from skipping drafts.
     """
-    log_probs = jax.nn.log_softmax(llm_logits[:, :-1].astype(jnp.float32), axis=-1)
-    targets = tokens[:, 1:]
-    token_log_probs = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
-    columns = jnp.arange(1, tokens.shape[1])[None, :]
-    in_response = (columns >= response_start[:, None]) & (columns < lengths[:, None])
-    total = -jnp.sum(jnp.where(in_response, token_log_probs, 0.0), axis=-1)
-    return safe_ratio(total, jnp.sum(in_response, axis=-1))
+    skip_rate = jnp.asarray(skip_rate, jnp.float32)
+    if not mode.policy.drafts:
+        return jnp.full_like(skip_rate, jnp.nan)
+    below = skip_rate < 1
+    return jnp.where(below, channel.speedup_bound(jnp.where(below, skip_rate, 0.0)), jnp.inf)
 
 
 class LinkMetrics(NamedTuple):
@@ -146,7 +192,7 @@ class LinkMetrics(NamedTuple):
         hlm_latency_s: the same tokens costed as HLM (every token transmitted), with the
             same fading draws.
         speedup_vs_hlm: `hlm_latency_s / latency_s`.
-        speedup_bound: `1 / (1 − s)` for the skip share `s`: under this latency model no
+        speedup_bound: `speedup_bound` at the skip rate `s`: under this latency model no
             skipping rule can beat it.
         llm_calls_saved: tokens not verified by the LLM (HLM verifies every token).
         uplink_bits_saved: uplink payload not sent, in bits.
@@ -197,19 +243,12 @@ def link_metrics(
     hlm_latency_s = total_s(Mode.HLM, valid)
     tokens = jnp.sum(valid, dtype=jnp.float32)
     skipped = tokens - jnp.sum(sent, dtype=jnp.float32)
-    if mode in (Mode.LLM_ONLY, Mode.SLM_ONLY):
-        # Neither mode drafts-and-verifies, so "skipped" does not apply.
-        skipped = jnp.where(mode is Mode.SLM_ONLY, tokens, 0.0)
-    skip_share = safe_ratio(skipped, tokens)
     return LinkMetrics(
         latency_s=latency_s,
         throughput_tokens_per_s=safe_ratio(tokens, latency_s),
         hlm_latency_s=hlm_latency_s,
         speedup_vs_hlm=safe_ratio(hlm_latency_s, latency_s),
-        # channel.speedup_bound, extended to s = 1 (SLM-only), where it is infinite.
-        speedup_bound=jnp.where(
-            skip_share < 1, 1.0 / jnp.maximum(1.0 - skip_share, 1e-30), jnp.inf
-        ),
+        speedup_bound=speedup_bound(mode, safe_ratio(skipped, tokens)),
         llm_calls_saved=skipped,
         uplink_bits_saved=skipped * channel.uplink_bits(profile),
     )

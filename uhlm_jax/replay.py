@@ -9,7 +9,8 @@ analysis does: the recorded trajectory is taken as given, so replay ignores how 
 a token (emitting a draft the LLM might have rejected) changes the later tokens, their
 uncertainties and their `β`. Real rollouts (`uhlm_jax.rollout`) do not.
 
-Transmit weight `w_j ∈ [0, 1]` of token `j`, per mode:
+Transmit weight `w_j ∈ [0, 1]` of token `j` is the expectation of the rollout's
+transmit decision (`uhlm_jax.modes.transmit_weight`):
 
     U-HLM      1{u_j > u_th}        (the rollout skips when u ≤ u_th)
     HLM        1
@@ -17,12 +18,8 @@ Transmit weight `w_j ∈ [0, 1]` of token `j`, per mode:
     SLM-only   0
     LLM-only   1                    (every token is the LLM's; drafting metrics are NaN)
 
-and with `N` tokens, `T = Σ w`, the metrics are (as in `uhlm_jax.metrics.token_metrics`)
-
-    TR = T / N,  acceptance = Σ w·acc / T,  true skip rate = Σ (1−w)(1−β) / Σ (1−w),
-    risk per token R = Σ (1−w) β / N,  risk given skip = Σ (1−w) β / Σ (1−w),
-    LLM agreement = 1 − R  (the expected share of emitted tokens the LLM would accept:
-                            verified tokens are exactly LLM-distributed).
+and the metrics are those of `uhlm_jax.metrics` on the sums `Σ w`, `Σ w·acc`,
+`Σ (1−w) β`, `Σ β` over the `N` tokens (`uhlm_jax.metrics.TokenSums`).
 
 A threshold grid is cheap: sort each measure's `u` once, keep cumulative sums of `1`, `β`
 and `acc` in sorted order, and a threshold's sums are one `searchsorted` away, so `P`
@@ -51,8 +48,9 @@ import jax
 import jax.numpy as jnp
 
 from uhlm_jax import channel as ch
-from uhlm_jax.metrics import safe_ratio
-from uhlm_jax.modes import Mode
+from uhlm_jax import metrics
+from uhlm_jax.metrics import TokenSums, token_sums
+from uhlm_jax.modes import Mode, Transmission, transmit_weight
 from uhlm_jax.types import Array, Bool, Float, Int
 
 __all__ = [
@@ -60,27 +58,24 @@ __all__ = [
     "GridPoints",
     "ReplayMetrics",
     "SortedTokens",
-    "TokenSums",
-    "Tokens",
+    "TokenRecords",
     "count_at_most",
     "grid_size",
     "jackknife_se",
     "leave_one_out",
-    "metrics_from_sums",
+    "point_metrics",
     "replay_grid",
     "replay_point",
     "replay_point_direct",
     "sort_tokens",
     "threshold_sums",
-    "token_sums",
-    "transmit_weight",
 ]
 
 # `GridPoints.top_k` value meaning "upload the full distribution" (no truncation).
 FULL_DISTRIBUTION = 0
 
 
-class Tokens(NamedTuple):
+class TokenRecords(NamedTuple):
     """Per-token calibration records, as arrays.
 
     Attributes:
@@ -121,7 +116,7 @@ class GridPoints:
 
     Attributes:
         threshold: U-HLM skips a token when `u ≤ threshold`.
-        measure: index into `Tokens.u` of the measure U-HLM gates on.
+        measure: index into `TokenRecords.u` of the measure U-HLM gates on.
         transmit_probability: Rand-HLM's transmit probability.
         snr_db: the link's mean SNR in dB.
         bandwidth_hz: the link's bandwidth.
@@ -194,30 +189,12 @@ def grid_size(points: GridPoints) -> int:
     return int(shape[0]) if shape else 1
 
 
-class TokenSums(NamedTuple):
-    """Sums over tokens that determine every token metric.
-
-    Attributes:
-        tokens: `N`.
-        transmitted: `Σ w`.
-        accepted: `Σ w · acc`.
-        skipped_beta: `Σ (1 − w) β`.
-        beta: `Σ β`.
-    """
-
-    tokens: Float[Array, ""]
-    transmitted: Float[Array, ""]
-    accepted: Float[Array, ""]
-    skipped_beta: Float[Array, ""]
-    beta: Float[Array, ""]
-
-
 class ReplayMetrics(NamedTuple):
     """Metrics of grid points (each field `[p]`, or `[]` for one point).
 
     Attributes:
-        transmission_rate: transmitted share of tokens (NaN for LLM-only).
-        skip_rate: `1 − TR` (NaN for LLM-only).
+        transmission_rate: transmitted share of tokens `TR` (1 for LLM-only).
+        skip_rate: `1 − TR`.
         acceptance_rate: accepted share of verified drafts (NaN without verified drafts).
         true_skip_rate: mean `1 − β` over skipped tokens (NaN without skips).
         risk_per_token: `R`, expected rejections of skipped drafts per generated token.
@@ -229,7 +206,7 @@ class ReplayMetrics(NamedTuple):
         latency_s: expected latency per generated token, in seconds.
         throughput_tokens_per_s: `1 / latency_s`.
         speedup_vs_hlm: HLM's expected latency over this mode's.
-        speedup_bound: `1 / (1 − s)` at this point's skip share `s` (inf when `s = 1`).
+        speedup_bound: `uhlm_jax.metrics.speedup_bound` at this point's skip rate.
     """
 
     transmission_rate: Array
@@ -248,42 +225,7 @@ class ReplayMetrics(NamedTuple):
     speedup_bound: Array
 
 
-def transmit_weight(
-    mode: Mode,
-    u: Float[Array, ""],
-    threshold: Float[Array, ""],
-    transmit_probability: Float[Array, ""],
-) -> Float[Array, ""]:
-    """Transmit weight `w ∈ [0, 1]` of one token in `mode` (static), see the module doc."""
-    chex.assert_rank([u, threshold, transmit_probability], 0)
-    if mode is Mode.UHLM:
-        return (u > threshold).astype(jnp.float32)
-    if mode is Mode.RAND_HLM:
-        return jnp.asarray(transmit_probability, jnp.float32)
-    if mode in (Mode.HLM, Mode.LLM_ONLY):
-        return jnp.float32(1.0)
-    if mode is Mode.SLM_ONLY:
-        return jnp.float32(0.0)
-    raise ValueError(f"mode={mode!r} is invalid: use a uhlm_jax.modes.Mode")
-
-
-def token_sums(
-    weight: Float[Array, " n"], beta: Float[Array, " n"], accepted: Bool[Array, " n"]
-) -> TokenSums:
-    """`TokenSums` of tokens with transmit weights `w` (direct, `O(n)`)."""
-    chex.assert_rank([weight, beta, accepted], 1)
-    beta = jnp.asarray(beta, jnp.float32)
-    weight = jnp.asarray(weight, jnp.float32)
-    return TokenSums(
-        tokens=jnp.float32(beta.shape[0]),
-        transmitted=jnp.sum(weight),
-        accepted=jnp.sum(weight * accepted),
-        skipped_beta=jnp.sum((1.0 - weight) * beta),
-        beta=jnp.sum(beta),
-    )
-
-
-def sort_tokens(tokens: Tokens) -> SortedTokens:
+def sort_tokens(tokens: TokenRecords) -> SortedTokens:
     """Sorts every measure's tokens by `u` and accumulates `β` and acceptances."""
     chex.assert_rank([tokens.u, tokens.beta, tokens.accepted], [2, 1, 1])
     order = jnp.argsort(tokens.u, axis=1, stable=True)
@@ -349,7 +291,7 @@ def _mode_sums(
     mode: Mode, sorted_tokens: SortedTokens, point: GridPoints
 ) -> TokenSums:
     """A mode's sums at one point from the sorted tokens (weights constant per mode)."""
-    if mode is Mode.UHLM:
+    if mode.policy.transmission is Transmission.UNCERTAIN:
         return threshold_sums(sorted_tokens, point.measure, point.threshold)
     w = transmit_weight(mode, jnp.float32(0.0), point.threshold, point.transmit_probability)
     return TokenSums(
@@ -380,43 +322,37 @@ def uplink_bits_at(base: ch.CostProfile, point: GridPoints) -> Float[Array, ""]:
     return jnp.where(point.top_k == FULL_DISTRIBUTION, full, top_k)
 
 
-def metrics_from_sums(
+def point_metrics(
     mode: Mode, sums: TokenSums, base: ch.CostProfile, point: GridPoints
 ) -> ReplayMetrics:
-    """Token metrics and expected costs of `mode` (static) at one point from its sums."""
+    """The token metrics of `mode` (static) from its sums, and its expected costs at one point."""
     chex.assert_rank(point.threshold, 0)
-    skipped = sums.tokens - sums.transmitted
-    tr = safe_ratio(sums.transmitted, sums.tokens)
-    skip_share = 1.0 - tr
-    risk = safe_ratio(sums.skipped_beta, sums.tokens)
+    tm = metrics.metrics_from_sums(mode, sums)
+    policy = mode.policy
+    tr = tm.transmission_rate
     bits = uplink_bits_at(base, point)
     terms = ch.expected_breakdown(_profile_at(base, point), bits)
     # `mode_latency_s` is the channel model's per-mode formula; it reads the share of
-    # transmitted tokens (ignored by HLM, LLM-only and SLM-only).
+    # transmitted tokens where the mode's policy leaves it open.
     latency_s = ch.mode_latency_s(mode, terms, tr)
     hlm_s = ch.mode_latency_s(Mode.HLM, terms, 1.0)
-    drafting = mode is not Mode.LLM_ONLY
-    nan = jnp.float32(jnp.nan)
-    sent_bits = {Mode.LLM_ONLY: 0.0, Mode.SLM_ONLY: 0.0}.get(mode, tr * bits)
-    calls = {Mode.LLM_ONLY: 1.0, Mode.SLM_ONLY: 0.0}.get(mode, tr)
-    bound = jnp.where(
-        skip_share < 1.0, 1.0 / jnp.where(skip_share < 1.0, 1.0 - skip_share, 1.0), jnp.inf
-    )
+    # A transmitted token uploads its draft distribution; one that was not drafted does not.
+    sent_bits = tr * bits if policy.drafts else jnp.zeros_like(tr)
     return ReplayMetrics(
-        transmission_rate=tr if drafting else nan,
-        skip_rate=skip_share if drafting else nan,
-        acceptance_rate=safe_ratio(sums.accepted, sums.transmitted) if drafting else nan,
-        true_skip_rate=safe_ratio(skipped - sums.skipped_beta, skipped) if drafting else nan,
-        risk_per_token=risk,
-        risk_conditional=safe_ratio(sums.skipped_beta, skipped),
-        mean_beta=safe_ratio(sums.beta, sums.tokens),
-        llm_agreement=1.0 - risk,
-        llm_calls_per_token=jnp.asarray(calls, jnp.float32),
-        uplink_bits_per_token=jnp.asarray(sent_bits, jnp.float32),
+        transmission_rate=tr,
+        skip_rate=tm.skip_rate,
+        acceptance_rate=tm.acceptance_rate,
+        true_skip_rate=tm.true_skip_rate,
+        risk_per_token=tm.risk_per_token,
+        risk_conditional=tm.risk_conditional,
+        mean_beta=tm.mean_beta,
+        llm_agreement=tm.llm_agreement,
+        llm_calls_per_token=tr,
+        uplink_bits_per_token=sent_bits,
         latency_s=latency_s,
         throughput_tokens_per_s=1.0 / latency_s,
         speedup_vs_hlm=hlm_s / latency_s,
-        speedup_bound=bound if drafting else nan,
+        speedup_bound=metrics.speedup_bound(mode, tm.skip_rate),
     )
 
 
@@ -435,11 +371,11 @@ def replay_point(
     Returns:
         `ReplayMetrics` of scalars.
     """
-    return metrics_from_sums(mode, _mode_sums(mode, sorted_tokens, point), base, point)
+    return point_metrics(mode, _mode_sums(mode, sorted_tokens, point), base, point)
 
 
 def replay_point_direct(
-    mode: Mode, tokens: Tokens, base: ch.CostProfile, point: GridPoints
+    mode: Mode, tokens: TokenRecords, base: ch.CostProfile, point: GridPoints
 ) -> ReplayMetrics:
     """Replays one grid point from per-token transmit masks (`O(n)`): the oracle."""
     u = tokens.u[point.measure]
@@ -447,12 +383,12 @@ def replay_point_direct(
         mode, u, point.threshold, point.transmit_probability
     )
     sums = token_sums(weight, tokens.beta, tokens.accepted)
-    return metrics_from_sums(mode, sums, base, point)
+    return point_metrics(mode, sums, base, point)
 
 
 def replay_grid(
     mode: Mode,
-    data: SortedTokens | Tokens,
+    data: SortedTokens | TokenRecords,
     base: ch.CostProfile,
     points: GridPoints,
     chunk_size: int = 4096,
@@ -460,13 +396,13 @@ def replay_grid(
     """Replays every grid point, `chunk_size` points at a time.
 
     `jax.lax.map` with `batch_size` evaluates a `vmap` of `chunk_size` points per
-    iteration, so memory grows with `chunk_size` (and, for `Tokens`, with
+    iteration, so memory grows with `chunk_size` (and, for `TokenRecords`, with
     `chunk_size · n`), never with the grid. Pure: jit it at the call site with `mode`
     and `chunk_size` static.
 
     Args:
         mode: the inference mode (static).
-        data: `SortedTokens` (fast path) or `Tokens` (direct per-token masks).
+        data: `SortedTokens` (fast path) or `TokenRecords` (direct per-token masks).
         base: cost profile.
         points: grid points, leaves `[p]`.
         chunk_size: grid points per vectorized chunk.

@@ -40,7 +40,7 @@ from jaxtyping import Array, Bool, Float, Int
 from uhlm_jax import sharding, speculative
 from uhlm_jax.models.cache import KVCache, init_cache
 from uhlm_jax.models.llama import ModelParams, Padding, decode, prefill
-from uhlm_jax.modes import Mode
+from uhlm_jax.modes import Mode, transmit_decision
 from uhlm_jax.pair import ModelPair
 from uhlm_jax.sampling import mask_unused_ids, pad_rows, padded_length, sample_token
 from uhlm_jax.truncation import FixedK, ToleranceK, verify_compressed
@@ -190,9 +190,10 @@ class Records(NamedTuple):
         beta: rejection probability of the draft, `max(0, 1 - p_d / q_d)`, computed for
             every token (counterfactual when not transmitted).
         tv: expected rejection `TV(p, q)` (NaN unless `RolloutConfig.record_tv`).
-        transmitted: the draft's distribution was uploaded and verified.
-        accepted: transmitted and accepted by the LLM.
-        resampled: transmitted, rejected, and replaced by a residual sample.
+        transmitted: the token went to the base station: the draft's distribution was
+            uploaded and verified, or (LLM-only, which drafts nothing) the LLM produced it.
+        accepted: a transmitted draft the LLM accepted.
+        resampled: a transmitted draft the LLM rejected and replaced by a residual sample.
         token: the emitted token.
         draft: the SLM's draft token.
         uplink_k: probabilities uploaded for verification (`v` without truncation).
@@ -300,11 +301,10 @@ def hybrid_position(
     not_recorded = jnp.float32(jnp.nan)
     tv = speculative.total_variation(log_q, log_p) if config.record_tv else not_recorded
     if params.truncation is None:
-        # Modes that never transmit never use a verification (nor its residual sample).
-        verifies = config.mode in (Mode.HLM, Mode.UHLM, Mode.RAND_HLM)
+        # Modes that never upload a draft never use a verification (nor its residual sample).
         verification = (
             speculative.verify(verify_key, log_q, log_p, draft)
-            if verifies
+            if config.mode.policy.uploads_drafts
             else speculative.Verification(token=draft, accepted=jnp.bool_(False), beta=beta)
         )
         uplink_k = jnp.int32(log_q.shape[-1])
@@ -314,20 +314,20 @@ def hybrid_position(
         )
         uplink_k = truncated.k.astype(jnp.int32)
 
-    mode = config.mode
-    if mode is Mode.HLM:
-        transmitted = jnp.bool_(True)
-    elif mode is Mode.UHLM:
-        transmitted = uncertainty[config.gate_measure] > params.threshold
-    elif mode is Mode.RAND_HLM:
-        transmitted = jax.random.uniform(transmit_key) < params.transmit_probability
-    else:
-        transmitted = jnp.bool_(False)
-
-    if mode is Mode.LLM_ONLY:
-        token = sample_token(llm_key, log_p)
-    else:
+    transmitted = transmit_decision(
+        config.mode,
+        transmit_key,
+        uncertainty[config.gate_measure],
+        params.threshold,
+        params.transmit_probability,
+    )
+    if config.mode.policy.drafts:
         token = jnp.where(transmitted, verification.token, draft).astype(jnp.int32)
+        accepted = transmitted & verification.accepted
+    else:
+        # The LLM samples the token itself: nothing is drafted, so nothing is accepted.
+        token = sample_token(llm_key, log_p)
+        accepted = jnp.bool_(False)
     finite = ~(
         jnp.any(jnp.isnan(slm_logits) | (slm_logits == jnp.inf))
         | jnp.any(jnp.isnan(llm_logits) | (llm_logits == jnp.inf))
@@ -337,7 +337,7 @@ def hybrid_position(
         beta=beta,
         tv=tv,
         transmitted=transmitted,
-        accepted=transmitted & verification.accepted,
+        accepted=accepted,
         token=token,
         draft=draft.astype(jnp.int32),
         uplink_k=uplink_k,
@@ -373,13 +373,15 @@ def _step(
     done = state.done | stopped | (num_generated >= state.max_new_tokens)
     transmitted = valid & position.transmitted
     accepted = valid & position.accepted
+    # A transmitted draft is accepted or resampled; an undrafted token is neither.
+    resampled = transmitted & ~accepted if config.mode.policy.drafts else jnp.zeros_like(valid)
     record = Records(
         uncertainty=position.uncertainty,
         beta=position.beta,
         tv=position.tv,
         transmitted=transmitted,
         accepted=accepted,
-        resampled=transmitted & ~accepted,
+        resampled=resampled,
         token=token,
         draft=position.draft,
         uplink_k=position.uplink_k,

@@ -79,7 +79,7 @@ __all__ = [
     "risk_bounded_threshold",
     "risk_curve",
     "risk_prone",
-    "skip_share",
+    "skip_rate",
     "threshold_grid",
     "weighted_sample",
 ]
@@ -105,12 +105,12 @@ class Risk(NamedTuple):
         skipped token per generated token (skipped or not).
       given_skip: `E[β | u ≤ u_th]`, the same conditional on skipping; 0 when
         nothing is skipped.
-      skip_share: `P(u ≤ u_th)`, the share of tokens skipped.
+      skip_rate: `P(u ≤ u_th)`, the share of tokens skipped.
     """
 
     per_token: Float[Array, ""]
     given_skip: Float[Array, ""]
-    skip_share: Float[Array, ""]
+    skip_rate: Float[Array, ""]
 
 
 class LTTResult(NamedTuple):
@@ -295,7 +295,7 @@ def rejection_share(beta: Float[Array, " n"]) -> Float[Array, ""]:
     return jnp.mean((beta > BETA_POSITIVE_TOL).astype(jnp.float32))
 
 
-def skip_share(u: Float[Array, " n"], u_th: Float[Array, ""]) -> Float[Array, ""]:
+def skip_rate(u: Float[Array, " n"], u_th: Float[Array, ""]) -> Float[Array, ""]:
     """`P(u ≤ u_th)`: the share of tokens a threshold skips.
 
     Args:
@@ -303,7 +303,7 @@ def skip_share(u: Float[Array, " n"], u_th: Float[Array, ""]) -> Float[Array, ""
       u_th: scalar threshold.
 
     Returns:
-      The skip share, a scalar in `[0, 1]`.
+      The skip rate, a scalar in `[0, 1]`.
     """
     chex.assert_rank([u, u_th], [1, 0])
     return jnp.mean((u <= u_th).astype(jnp.float32))
@@ -314,13 +314,13 @@ def _risk(mean_beta: Array, skipped: Array) -> Risk:
     per_token = jnp.mean(mean_beta * skipped)
     share = jnp.mean(skipped)
     given_skip = jnp.where(share > 0, per_token / jnp.where(share > 0, share, 1.0), 0.0)
-    return Risk(per_token=per_token, given_skip=given_skip, skip_share=share)
+    return Risk(per_token=per_token, given_skip=given_skip, skip_rate=share)
 
 
 def empirical_risk(u: Float[Array, " n"], beta: Float[Array, " n"], u_th: Float[Array, ""]) -> Risk:
     """Realised rejection risk of skipping `u ≤ u_th` on observed tokens.
 
-    `R = (1/n) Σ_j β_j · 1{u_j ≤ u_th}` per token, and `R / skip_share`
+    `R = (1/n) Σ_j β_j · 1{u_j ≤ u_th}` per token, and `R / skip_rate`
     conditional on skipping (0 when nothing is skipped).
 
     Args:

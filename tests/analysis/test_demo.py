@@ -57,7 +57,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     assert (per_prompt["tokens"] > 0).all()
     # The headline numbers are computed and finite
     summary = json.loads((out / rd.DEMO_FILE).read_text())
-    for key in ("draft_acceptance_hlm", "u_beta_pearson", "uhlm_skip_share",
+    for key in ("draft_acceptance_hlm", "u_beta_pearson", "uhlm_skip_rate",
                 "uhlm_accuracy_pct_of_llm", "uhlm_speedup_vs_hlm", "total_seconds"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert 0 < summary["draft_acceptance_hlm"] < 1

@@ -76,7 +76,9 @@ def test_every_mode_and_threshold_is_evaluated(evaluated):
     data, back = evaluate.read_summary(run_dir)
     assert data["operating"] == "risk-bounded"
     llm = back[back["mode"] == "llm_only"].iloc[0]
-    assert math.isnan(llm["transmission_rate"]) and math.isnan(llm["acceptance_rate"])
+    # LLM-only transmits every token and drafts none.
+    assert llm["transmission_rate"] == 1.0 and llm["skip_rate"] == 0.0
+    assert math.isnan(llm["acceptance_rate"]) and math.isnan(llm["speedup_bound"])
     assert back.loc[back["mode"] == "slm_only", "speedup_bound"].iloc[0] == math.inf
     np.testing.assert_allclose(back["accuracy"], summary["accuracy"])
     assert (back["accuracy_prompts"] == NUM_PROMPTS).all()
@@ -93,7 +95,7 @@ def test_skipping_everything_is_slm_only(evaluated):
     np.testing.assert_allclose(prone["similarity"], slm["similarity"], atol=FLOAT_ATOL)
     assert (prone["transmitted"] == 0).all()
     row = result.summary[result.summary["threshold_name"] == "risk-prone"].iloc[0]
-    assert row["skip_share"] == 1.0
+    assert row["skip_rate"] == 1.0
 
 
 def test_rand_hlm_transmits_at_the_operating_rate(evaluated):
@@ -130,13 +132,13 @@ def test_accuracy_and_nll_match_one_row_at_a_time_oracles(evaluated):
 
 def test_summary_table_formats_percent_of_llm():
     summary = pd.DataFrame([
-        {"label": "LLM only", "mode": "llm_only", "transmission_rate": math.nan,
-         "skip_share": math.nan, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
+        {"label": "LLM only", "mode": "llm_only", "transmission_rate": 1.0,
+         "skip_rate": 0.0, "acceptance_rate": math.nan, "true_skip_rate": math.nan,
          "accuracy": 0.8, "accuracy_se": 0.01, "correct_rate": 0.5, "correct_rate_se": 0.1,
          "llm_nll": 2.0, "llm_nll_se": 0.1,
          "throughput_tokens_per_s": 100.0, "speedup_vs_hlm": 5.0, "speedup_bound": math.nan},
         {"label": "SLM only", "mode": "slm_only", "transmission_rate": 0.0,
-         "skip_share": 1.0, "acceptance_rate": math.nan, "true_skip_rate": 0.3,
+         "skip_rate": 1.0, "acceptance_rate": math.nan, "true_skip_rate": 0.3,
          "accuracy": 0.6, "accuracy_se": 0.02, "correct_rate": math.nan,
          "correct_rate_se": math.nan, "llm_nll": 9.0, "llm_nll_se": 0.5,
          "throughput_tokens_per_s": 40.0, "speedup_vs_hlm": 2.0, "speedup_bound": math.inf},
@@ -148,7 +150,7 @@ def test_summary_table_formats_percent_of_llm():
     assert table.iloc[0]["Correct answers"] == "0.50 ± 0.10"
     assert table.iloc[1]["Correct answers"] == "—"
     assert table.iloc[1]["Bound 1/(1−s)"] == "∞"
-    assert table.iloc[0]["TR"] == "—"
+    assert table.iloc[0]["TR"] == "1.000" and table.iloc[0]["Acceptance"] == "—"
     assert table.iloc[1]["LLM NLL (nats/token)"] == "9.00 ± 0.50"
     text = evaluate.format_table(table)
     assert text.splitlines()[0].startswith("Mode") and "75.0" in text

@@ -24,7 +24,7 @@ def _parse(argv):
 def test_poor_preset_json_smoke(capsys):
     # Given the command of the acceptance criterion, When it runs,
     # Then it prints one JSON object with every mode, HLM as the unit, and the bound.
-    assert link.main(_parse(["--preset", "poor", "--skip-share", "0.46", "--json"])) == 0
+    assert link.main(_parse(["--preset", "poor", "--skip-rate", "0.46", "--json"])) == 0
     out = json.loads(capsys.readouterr().out)
     modes = {row["mode"]: row for row in out["modes"]}
     assert set(modes) == {"llm_only", "slm_only", "hlm", "uhlm", "rand_hlm"}
@@ -54,7 +54,7 @@ def test_run_reproduces_the_worked_example():
         snr_db=10.0,
         bandwidth_hz=10e6,
         fading=ch.Fading.NONE,
-        skip_share=0.46,
+        skip_rate=0.46,
         bits_per_prob=8.0,
     )
     result = link.run(cfg)
@@ -89,7 +89,7 @@ def test_unknown_preset_is_rejected_with_its_name(capsys):
         (["--snr-db", "120"], r"mean_snr_db=120"),
         (["--bandwidth-hz=-1e6"], r"--bandwidth-hz=-1000000"),
         (["--top-k", "0"], r"--top-k=0"),
-        (["--skip-share", "1.0"], r"--skip-share=1.0"),
+        (["--skip-rate", "1.0"], r"--skip-rate=1.0"),
     ],
 )
 def test_bad_values_are_rejected_by_flag(argv, message, capsys):

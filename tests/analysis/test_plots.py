@@ -38,7 +38,7 @@ def run(tmp_path_factory):
     cfg = sw.Config(
         run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 11)), snr_db=(0.0, 10.0, 20.0)
     )
-    table = sw.replay_frame(cfg, sw.load_tokens(df, measures), measures, progress=False)
+    table = sw.replay_frame(cfg, sw.load_records(df, measures), measures, progress=False)
     return run_dir, df, table
 
 

@@ -138,14 +138,14 @@ def test_report_with_fit_and_thresholds(tmp_path):
             "analytic": {
                 "risk_averse": {
                     "threshold": 0.075,
-                    "empirical": {"per_token": 0.001, "given_skip": 0.01, "skip_share": 0.1},
+                    "empirical": {"per_token": 0.001, "given_skip": 0.01, "skip_rate": 0.1},
                 }
             },
             "posterior": {
                 "linear": {
                     "risk_bounded": {
                         "threshold": 0.2,
-                        "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4},
+                        "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_rate": 0.4},
                     }
                 }
             },

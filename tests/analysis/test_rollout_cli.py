@@ -24,5 +24,5 @@ def test_rollout_text_output_and_bad_values(capsys):
     assert "transmission rate 1.000" in capsys.readouterr().out
     assert cli_main(["rollout", "--pair", "nope"]) == 2
     assert "Unknown pair 'nope'" in capsys.readouterr().err
-    assert cli_main(["rollout", "--mode", "rand_hlm", "--probability", "1.5"]) == 2
-    assert "--probability must be in [0, 1], got 1.5" in capsys.readouterr().err
+    assert cli_main(["rollout", "--mode", "rand_hlm", "--transmit-probability", "1.5"]) == 2
+    assert "--transmit-probability must be in [0, 1], got 1.5" in capsys.readouterr().err

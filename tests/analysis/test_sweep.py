@@ -104,7 +104,7 @@ def test_table_matches_a_numpy_oracle(synthetic):
 def test_chunk_size_does_not_change_the_table(synthetic):
     run_dir, df = synthetic
     measures = ("temperature_perturbation", "entropy")
-    tokens = sw.load_tokens(df, measures)
+    tokens = sw.load_records(df, measures)
     kwargs = dict(run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 7)), snr_db=(5.0,))
     big = sw.replay_frame(sw.Config(**kwargs), tokens, measures, progress=False)
     small = sw.replay_frame(sw.Config(**kwargs, chunk_size=4), tokens, measures, progress=False)

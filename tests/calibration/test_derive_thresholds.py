@@ -130,7 +130,7 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     assert len(summary["grid"]["values"]) == 101
     per_token = np.asarray(summary["empirical_curve"]["per_token"])
     assert per_token.size == 101 and np.all(np.diff(per_token) >= 0)
-    assert summary["empirical_curve"]["skip_share"][-1] == pytest.approx(1.0)
+    assert summary["empirical_curve"]["skip_rate"][-1] == pytest.approx(1.0)
     assert len(ltt["curve"]["pvalues"]) == 101
     within = np.asarray(post["curve"]["probability_within_risk"])
     assert np.all(np.diff(within) <= 0) and within[0] == 1.0
@@ -141,7 +141,7 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
         assert len(m["realised_risk_per_token"]) == 100 and len(m["thresholds"]) == 100
         assert 0 <= m["exceed_frequency_per_token"] <= 1
     # The analytic risk-prone threshold carries no guarantee and skips most tokens.
-    assert validation["methods"]["analytic_risk_prone"]["mean_skip_share"] > 0.5
+    assert validation["methods"]["analytic_risk_prone"]["mean_skip_rate"] > 0.5
     # The human-readable form names every method.
     text = th.format_summary(summary)
     assert all(name in text for name in th.METHODS)

@@ -180,7 +180,7 @@ def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delt
     method to its (per token, per prompt) exceedance frequencies."""
     def block(t):
         return {"threshold": t, "empirical": {"per_token": 0.01, "given_skip": 0.02,
-                                              "skip_share": 0.5}}
+                                              "skip_rate": 0.5}}
 
     data = {
         "measure": "temperature_perturbation", "risk": 0.05, "confidence": 1 - delta,

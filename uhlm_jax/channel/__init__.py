@@ -1,7 +1,7 @@
 """Wireless link, compute latency and token throughput of hybrid LM inference.
 
 Everything a deployment costs per generated token, as pure functions of frozen
-configs. Values one sweeps (SNR, bandwidth, bits per probability, top-k, skip share)
+configs. Values one sweeps (SNR, bandwidth, bits per probability, top-k, skip rate)
 are pytree leaves, so a grid over them is a ``vmap`` that compiles once; what changes
 control flow (fading model, models, devices, vocabulary size) is static.
 
@@ -20,7 +20,7 @@ Model, term by term (DESIGN.md §2, "Link and latency model"), one module each:
   temperature-perturbation uncertainty (``K`` samples over ``V``).
 * **Per token** (`cost`), for each `Mode`: HLM costs
   ``τ_SLM + τ_unc + τ_UL + τ_LLM + τ_DL``; U-HLM pays the last three only on transmitted
-  tokens. Under this model a skip share ``s`` bounds U-HLM's speedup over HLM by
+  tokens. Under this model a skip rate ``s`` bounds U-HLM's speedup over HLM by
   ``1 / (1 − s)`` (`speedup_bound`).
 
 Every public name of the submodules is re-exported here, so ``channel.X`` works for all.

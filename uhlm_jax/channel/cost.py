@@ -3,7 +3,7 @@
 A `CostProfile` joins the models and devices (`uhlm_jax.channel.compute`), the link
 (`uhlm_jax.channel.link`) and the uplink payload (`uhlm_jax.channel.payload`). Per token,
 for each `Mode`: HLM costs ``τ_SLM + τ_unc + τ_UL + τ_LLM + τ_DL``; U-HLM pays the last
-three only on transmitted tokens. Under this model a skip share ``s`` bounds U-HLM's
+three only on transmitted tokens. Under this model a skip rate ``s`` bounds U-HLM's
 speedup over HLM by ``1 / (1 − s)`` (`speedup_bound`). Expected costs average the link
 over fading; costs from records draw it per token.
 
@@ -38,7 +38,7 @@ from uhlm_jax.channel.payload import (
     token_id_bits,
     top_k_bits,
 )
-from uhlm_jax.modes import Mode
+from uhlm_jax.modes import Mode, Transmission
 from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
 
 
@@ -144,6 +144,11 @@ def mode_latency_s(
 ) -> Float[Array, ""]:
     """Per-token latency of ``mode`` from its terms; ``transmitted`` may be a share.
 
+    The mode's policy (`uhlm_jax.modes.ModePolicy`) picks the terms: a drafting mode pays
+    ``τ_SLM``, one that uses the uncertainty ``τ_unc``, and a transmitted token pays
+    ``τ_LLM + τ_DL``, plus ``τ_UL`` when it uploads a draft. ``transmitted`` is read only
+    where the policy leaves the decision open (U-HLM, Rand-HLM). Hence
+
     * LLM-only: ``τ_LLM + τ_DL``, tokens streamed to the device. The prompt upload is a
       one-off cost shared by every mode that uses the LLM, left out of per-token terms.
     * SLM-only: ``τ_SLM``.
@@ -152,19 +157,18 @@ def mode_latency_s(
     * U-HLM: ``τ_SLM + τ_unc + m · (τ_UL + τ_LLM + τ_DL)``, ``m`` transmitted.
     * Rand-HLM: ``τ_SLM + m · (τ_UL + τ_LLM + τ_DL)``; it needs no uncertainty.
     """
-    remote_s = terms.uplink_s + terms.llm_s + terms.downlink_s
-    m = jnp.asarray(transmitted, jnp.float32)
-    if mode is Mode.LLM_ONLY:
-        return terms.llm_s + terms.downlink_s
-    if mode is Mode.SLM_ONLY:
-        return terms.slm_s
-    if mode is Mode.HLM:
-        return terms.slm_s + terms.uncertainty_s + remote_s
-    if mode is Mode.UHLM:
-        return terms.slm_s + terms.uncertainty_s + m * remote_s
-    if mode is Mode.RAND_HLM:
-        return terms.slm_s + m * remote_s
-    raise ValueError(f"mode={mode!r} is invalid: use a uhlm_jax.modes.Mode")
+    policy = mode.policy
+    remote_s = (terms.uplink_s + terms.llm_s if policy.drafts else terms.llm_s) + terms.downlink_s
+    device_s = None
+    if policy.drafts:
+        device_s = terms.slm_s
+        if policy.uses_uncertainty:
+            device_s = device_s + terms.uncertainty_s
+    if policy.transmission is Transmission.NEVER:
+        return device_s
+    if policy.transmission is not Transmission.ALWAYS:
+        remote_s = jnp.asarray(transmitted, jnp.float32) * remote_s
+    return remote_s if device_s is None else device_s + remote_s
 
 
 def _check_share(name: str, value: Any) -> None:
@@ -172,46 +176,46 @@ def _check_share(name: str, value: Any) -> None:
 
 
 def expected_token_latency_s(
-    mode: Mode, profile: CostProfile, skip_share: Float[Array, ""] | float = 0.0
+    mode: Mode, profile: CostProfile, skip_rate: Float[Array, ""] | float = 0.0
 ) -> Float[Array, ""]:
     """Expected latency per generated token, in seconds.
 
     Args:
       mode: inference mode (static).
       profile: cost profile.
-      skip_share: share ``s`` of tokens not transmitted; used by U-HLM and Rand-HLM only.
+      skip_rate: share ``s`` of tokens not transmitted; used by U-HLM and Rand-HLM only.
     """
-    _check_share("skip_share", skip_share)
+    _check_share("skip_rate", skip_rate)
     terms = expected_breakdown(profile)
-    return mode_latency_s(mode, terms, 1.0 - jnp.asarray(skip_share, jnp.float32))
+    return mode_latency_s(mode, terms, 1.0 - jnp.asarray(skip_rate, jnp.float32))
 
 
 def expected_throughput_tokens_per_s(
-    mode: Mode, profile: CostProfile, skip_share: Float[Array, ""] | float = 0.0
+    mode: Mode, profile: CostProfile, skip_rate: Float[Array, ""] | float = 0.0
 ) -> Float[Array, ""]:
     """Long-run token throughput, ``1 / E[τ]`` tokens per second (ratio of expectations)."""
-    return 1.0 / expected_token_latency_s(mode, profile, skip_share)
+    return 1.0 / expected_token_latency_s(mode, profile, skip_rate)
 
 
-def speedup_bound(skip_share: Float[Array, " ..."] | float) -> Float[Array, " ..."]:
-    """Upper bound ``1 / (1 − s)`` on U-HLM's speedup over HLM at skip share ``s``.
+def speedup_bound(skip_rate: Float[Array, " ..."] | float) -> Float[Array, " ..."]:
+    """Upper bound ``1 / (1 − s)`` on U-HLM's speedup over HLM at skip rate ``s``.
 
     With ``a = τ_SLM + τ_unc`` and ``c = τ_UL + τ_LLM + τ_DL``,
     ``(a + c) / (a + (1 − s) c) <= 1 / (1 − s)``, approached as ``a → 0``
     (1.85× at s = 45.93%).
     """
     check(
-        "skip_share", skip_share, lambda a: (a >= 0) & (a < 1), "it must lie in [0, 1)"
+        "skip_rate", skip_rate, lambda a: (a >= 0) & (a < 1), "it must lie in [0, 1)"
     )
-    return 1.0 / (1.0 - jnp.asarray(skip_share, jnp.float32))
+    return 1.0 / (1.0 - jnp.asarray(skip_rate, jnp.float32))
 
 
 def expected_speedup(
-    profile: CostProfile, skip_share: Float[Array, ""] | float
+    profile: CostProfile, skip_rate: Float[Array, ""] | float
 ) -> Float[Array, ""]:
-    """U-HLM's expected throughput over HLM's at skip share ``s``; ``<= 1 / (1 − s)``."""
+    """U-HLM's expected throughput over HLM's at skip rate ``s``; ``<= 1 / (1 − s)``."""
     hlm_s = expected_token_latency_s(Mode.HLM, profile)
-    return hlm_s / expected_token_latency_s(Mode.UHLM, profile, skip_share)
+    return hlm_s / expected_token_latency_s(Mode.UHLM, profile, skip_rate)
 
 
 # ------------------------------------------------------------------- from records
