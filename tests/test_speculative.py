@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uhlm_jax import speculative
-from uhlm_jax.sampling import sample_token
-from uhlm_jax.testing import (
+from tests.helpers import (
     DistributionPair,
     distribution_pairs,
     example_logits,
     tempered_log_probs,
 )
+from uhlm_jax import speculative
+from uhlm_jax.sampling import sample_token
 
 ALPHA = 1e-3
 # Upper-tail critical values χ²_{df, 1−ALPHA} (α = 0.001), from the NIST/SEMATECH

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tests.helpers import example_logits, tempered_log_probs
 from uhlm_jax import speculative
-from uhlm_jax.testing import example_logits, tempered_log_probs
 from uhlm_jax.uncertainty import (
     DEFAULT_MEASURES,
     Entropy,

@@ -9,7 +9,7 @@ import pytest
 from analysis import report
 from calibration import records
 from calibration import run_dir as rd
-from tests.analysis import collect_toy_run, write_synthetic_run
+from tests.helpers import collect_toy_run, write_synthetic_run
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
 

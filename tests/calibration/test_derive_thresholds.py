@@ -11,7 +11,7 @@ import pytest
 from calibration import derive_thresholds as th
 from calibration import fit, records
 from calibration import run_dir as rd
-from tests.calibration import synthetic_records, write_run
+from tests.helpers import synthetic_records, write_run
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
 
