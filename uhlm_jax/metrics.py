@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from uhlm_jax import channel
 from uhlm_jax.modes import Mode
@@ -115,9 +115,9 @@ def token_metrics(
 
 def response_nll(
     llm_logits: Float[Array, "b t v"],
-    tokens: Int[Array, "b t"],
-    response_start: Int[Array, " b"],
-    lengths: Int[Array, " b"],
+    tokens: Int[ArrayLike, "b t"],
+    response_start: Int[ArrayLike, " b"],
+    lengths: Int[ArrayLike, " b"],
 ) -> Float[Array, " b"]:
     """The LLM's mean per-token negative log-likelihood of each row's response.
 

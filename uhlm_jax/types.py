@@ -13,8 +13,12 @@ Dimension names used in jaxtyping annotations and docstrings:
   p  grid points of a sweep
 
 Annotations are checked at runtime in tests only (see tests/conftest.py).
+
+`Array` is a JAX array. `ArrayLike` (JAX or NumPy arrays and scalars, as
+`jax.typing.ArrayLike`) annotates inputs that are converted with `jnp.asarray` and may
+come from the host, e.g. record tables.
 """
 
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
-__all__ = ["Array", "Bool", "Float", "Int", "PRNGKeyArray"]
+__all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "PRNGKeyArray"]
