@@ -163,8 +163,8 @@ class LinkMetrics(NamedTuple):
 
 def link_metrics(
     mode: Mode,
-    transmitted: Bool[Array, "n b"],
-    valid: Bool[Array, "n b"],
+    transmitted: Bool[ArrayLike, "n b"],
+    valid: Bool[ArrayLike, "n b"],
     profile: channel.CostProfile,
     key: Array,
 ) -> LinkMetrics:
