@@ -24,10 +24,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from uhlm_jax import channel
 from uhlm_jax.modes import Mode
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int
 
 __all__ = [
     "LinkMetrics",

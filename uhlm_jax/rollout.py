@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from jaxtyping import Array, ArrayLike, Bool, Float, Int
 
 from uhlm_jax import sharding, speculative
 from uhlm_jax.models.cache import KVCache, init_cache
@@ -44,6 +43,7 @@ from uhlm_jax.modes import Mode
 from uhlm_jax.pair import ModelPair
 from uhlm_jax.sampling import mask_unused_ids, pad_rows, padded_length, sample_token
 from uhlm_jax.truncation import FixedK, ToleranceK, verify_compressed
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, UncertaintyMeasure
 
 __all__ = [

@@ -14,11 +14,15 @@ Dimension names used in jaxtyping annotations and docstrings:
 
 Annotations are checked at runtime in tests only (see tests/conftest.py).
 
-`Array` is a JAX array. `ArrayLike` (JAX or NumPy arrays and scalars, as
-`jax.typing.ArrayLike`) annotates inputs that are converted with `jnp.asarray` and may
-come from the host, e.g. record tables.
+`Array` is a JAX or NumPy array: JAX functions take either, and callers pass NumPy
+arrays read from record tables. `ArrayLike` (`jax.typing.ArrayLike`: arrays and Python
+or NumPy scalars) annotates inputs that may also be scalars.
 """
 
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
+import jax
+import numpy as np
+from jaxtyping import ArrayLike, Bool, Float, Int, PRNGKeyArray
+
+Array = jax.Array | np.ndarray
 
 __all__ = ["Array", "ArrayLike", "Bool", "Float", "Int", "PRNGKeyArray"]

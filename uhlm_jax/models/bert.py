@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax.models import hf_layout
+from uhlm_jax.types import Array, Bool, Float, Int
 
 __all__ = [
     "MINILM_L6_H384",

@@ -15,9 +15,9 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
 
 from uhlm_jax.models.config import ModelConfig
+from uhlm_jax.types import Array, Float, Int
 
 
 @flax.struct.dataclass

@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax.models import hf_layout
 from uhlm_jax.models.cache import KVCache
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.transfer import RowSource, host_buffer, row_chunks, to_device
+from uhlm_jax.types import Array, Bool, Float, Int
 
 # Standard deviation of the normal initialiser of all matrices (HF `initializer_range`).
 INIT_STD = 0.02
