@@ -607,7 +607,7 @@ def run_rollout(
     config: RolloutConfig,
     params: RolloutParams,
     seed: int = 0,
-    prompt_ids: Sequence[int] | None = None,
+    prompt_ids: Sequence[int] | Int[Array, " b"] | None = None,
     chat: bool = True,
     max_cache_length: int | None = None,
     mesh: Mesh | None = None,
