@@ -35,14 +35,6 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "without_type_checks: the test passes ill-typed input on purpose, to reach a "
-        "library error message; runtime type checks are off for it",
-    )
-
-
 @pytest.fixture(autouse=True)
 def _type_checks(request):
     """Turns the runtime type checks off for tests marked `without_type_checks`."""
