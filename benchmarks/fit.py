@@ -141,7 +141,7 @@ def time_hurdle_and_job(n: int) -> dict:
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from calibration import fit
-    from tests.calibration import synthetic_records, write_run
+    from tests.helpers import synthetic_records, write_run
     from uhlm_jax import rejection
 
     tokens_per_prompt = 100

@@ -332,7 +332,9 @@ def run_svi(
     svi = SVI(rejection.linear_gaussian_stats, guide, optimizer, Trace_ELBO(num_particles=4))
     start = time.perf_counter()
     result = svi.run(fit_key, cfg.svi_steps, stats, cfg.linear_prior, progress_bar=False)
-    draws = guide.sample_posterior(draw_key, result.params, sample_shape=(num_draws,))
+    # AutoMultivariateNormal adds its [3] mean to [num_draws, 3] draws by rank promotion.
+    with jax.numpy_rank_promotion("allow"):
+        draws = guide.sample_posterior(draw_key, result.params, sample_shape=(num_draws,))
     draws = {
         "slope": np.asarray(draws["slope"]),
         "intercept": np.asarray(draws["intercept"]),

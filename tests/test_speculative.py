@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uhlm_jax import speculative
-from uhlm_jax.sampling import sample_token
-from uhlm_jax.testing import (
+from tests.helpers import (
     DistributionPair,
     distribution_pairs,
     example_logits,
     tempered_log_probs,
 )
+from uhlm_jax import speculative
+from uhlm_jax.sampling import sample_token
 
 ALPHA = 1e-3
 # Upper-tail critical values χ²_{df, 1−ALPHA} (α = 0.001), from the NIST/SEMATECH
@@ -376,6 +376,7 @@ def test_zero_temperature_is_clamped_to_near_greedy():
     np.testing.assert_allclose(q[np.argmax(logits)], 1.0, atol=FLOAT32_ATOL)
 
 
+@pytest.mark.without_type_checks
 @pytest.mark.parametrize("top_k", [0, -1, VERIFIER_VOCAB + 1, 2.0, True])
 def test_bad_top_k_is_rejected_with_its_value(top_k):
     with pytest.raises(ValueError, match=f"top_k={top_k!r}"):
@@ -399,6 +400,7 @@ def test_sweeping_draft_temperature_compiles_once():
         )
 
 
+@pytest.mark.without_type_checks
 def test_wrong_ranks_are_rejected():
     pair = PAIRS[1]
     with pytest.raises(AssertionError):

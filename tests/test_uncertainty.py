@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from tests.helpers import example_logits, tempered_log_probs
 from uhlm_jax import speculative
-from uhlm_jax.testing import example_logits, tempered_log_probs
 from uhlm_jax.uncertainty import (
     DEFAULT_MEASURES,
     Entropy,
@@ -401,6 +401,7 @@ def test_vmap_equals_loop_and_jit_equals_eager(measure):
     assert np.all(np.asarray(batched) >= 0) and np.all(np.asarray(batched) <= 1)
 
 
+@pytest.mark.without_type_checks
 def test_wrong_ranks_are_rejected():
     logits = example_logits(VOCAB)
     log_q = _log_q(logits)
@@ -416,6 +417,7 @@ def test_wrong_ranks_are_rejected():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.without_type_checks
 @pytest.mark.parametrize(
     "build, match",
     [

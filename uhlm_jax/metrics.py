@@ -31,10 +31,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax import channel
 from uhlm_jax.modes import Mode
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int
 
 __all__ = [
     "LinkMetrics",
@@ -209,8 +209,8 @@ class LinkMetrics(NamedTuple):
 
 def link_metrics(
     mode: Mode,
-    transmitted: Bool[Array, "n b"],
-    valid: Bool[Array, "n b"],
+    transmitted: Bool[ArrayLike, "n b"],
+    valid: Bool[ArrayLike, "n b"],
     profile: channel.CostProfile,
     key: Array,
 ) -> LinkMetrics:

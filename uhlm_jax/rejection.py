@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy.typing as npt
 import numpyro
 import numpyro.distributions as dist
 from jax.scipy.stats import norm
@@ -562,12 +563,12 @@ class ConjugatePosterior(NamedTuple):
 
 
 def conjugate_posterior(
-    n: np.ndarray,
-    sum_u: np.ndarray,
-    sum_beta: np.ndarray,
-    sum_uu: np.ndarray,
-    sum_ubeta: np.ndarray,
-    sum_betabeta: np.ndarray,
+    n: npt.ArrayLike,
+    sum_u: npt.ArrayLike,
+    sum_beta: npt.ArrayLike,
+    sum_uu: npt.ArrayLike,
+    sum_ubeta: npt.ArrayLike,
+    sum_betabeta: npt.ArrayLike,
     prior: LinearPrior = LinearPrior(),
 ) -> ConjugatePosterior:
     """Exact posterior of the linear-Gaussian model from raw sums (float64).

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax import sharding, speculative
 from uhlm_jax.models.cache import KVCache, init_cache
@@ -44,6 +43,7 @@ from uhlm_jax.modes import Mode, transmit_decision
 from uhlm_jax.pair import ModelPair
 from uhlm_jax.sampling import mask_unused_ids, pad_rows, padded_length, sample_token
 from uhlm_jax.truncation import FixedK, ToleranceK, verify_compressed
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, UncertaintyMeasure
 
 __all__ = [
@@ -124,6 +124,9 @@ class RolloutConfig:
 class RolloutParams:
     """Swept settings of a rollout; every leaf is a traced float32 array.
 
+    Each leaf is a scalar for one rollout, or has leading sweep axes (`[p]`) before a
+    `vmap` over them.
+
     Attributes:
         threshold: U-HLM skips a token when its uncertainty `u <= threshold`. A threshold
             below 0 transmits every token; 1 or more skips every token.
@@ -135,19 +138,19 @@ class RolloutParams:
             compressed `x̂` is not exact: see `uhlm_jax.truncation`.
     """
 
-    threshold: Float[Array, ""]
-    transmit_probability: Float[Array, ""]
-    draft_temperature: Float[Array, ""]
-    llm_temperature: Float[Array, ""]
+    threshold: Float[Array, " ..."]
+    transmit_probability: Float[Array, " ..."]
+    draft_temperature: Float[Array, " ..."]
+    llm_temperature: Float[Array, " ..."]
     truncation: FixedK | ToleranceK | None = None
 
     @classmethod
     def create(
         cls,
-        threshold: float = 0.3,
-        transmit_probability: float = 0.5,
-        draft_temperature: float = 1.0,
-        llm_temperature: float = 1.0,
+        threshold: Float[ArrayLike, " ..."] = 0.3,
+        transmit_probability: Float[ArrayLike, " ..."] = 0.5,
+        draft_temperature: Float[ArrayLike, " ..."] = 1.0,
+        llm_temperature: Float[ArrayLike, " ..."] = 1.0,
         truncation: FixedK | ToleranceK | None = None,
     ) -> RolloutParams:
         """Validated constructor from Python scalars or arrays (arrays allow sweeps).
@@ -606,7 +609,7 @@ def run_rollout(
     config: RolloutConfig,
     params: RolloutParams,
     seed: int = 0,
-    prompt_ids: Sequence[int] | None = None,
+    prompt_ids: Sequence[int] | Int[Array, " b"] | None = None,
     chat: bool = True,
     max_cache_length: int | None = None,
     mesh: Mesh | None = None,

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from uhlm_jax.sampling import sample_token
-from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
     "MIN_TEMPERATURE",
@@ -143,7 +143,7 @@ def _log_ratio(log_q_d: Float[Array, "*v"], log_p_d: Float[Array, "*v"]) -> Floa
 
 
 def rejection_probability(
-    log_q: Float[Array, " v"], log_p: Float[Array, " v"], draft: Int[Array, ""]
+    log_q: Float[Array, " v"], log_p: Float[Array, " v"], draft: Int[ArrayLike, ""]
 ) -> Float[Array, ""]:
     """Rejection probability of the draft, `β = max(0, 1 − p_d / q_d)`.
 
@@ -232,7 +232,7 @@ def verify(
     key: PRNGKeyArray,
     log_q: Float[Array, " v"],
     log_p: Float[Array, " v"],
-    draft: Int[Array, ""],
+    draft: Int[ArrayLike, ""],
 ) -> Verification:
     """Verifies one draft token with speculative sampling; the output is distributed as p.
 

@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import betainc, xlogy
 
-from uhlm_jax.types import Array, Float, Int
+from uhlm_jax.types import Array, ArrayLike, Float, Int
 from uhlm_jax.uncertainty import exact_fractions
 
 __all__ = [
@@ -510,7 +510,9 @@ def hoeffding_bentkus_pvalue(
     return jnp.minimum(jnp.minimum(hoeffding, bentkus), 1.0)
 
 
-def fixed_sequence_index(pvalues: Float[Array, " p"], delta: Float[Array, ""]) -> Int[Array, ""]:
+def fixed_sequence_index(
+    pvalues: Float[Array, " p"], delta: Float[ArrayLike, ""]
+) -> Int[Array, ""]:
     """Last hypothesis rejected by fixed-sequence testing at level `δ`.
 
     Tests `H0_0, H0_1, …` in order and stops at the first `p_k > δ`; this
@@ -632,7 +634,7 @@ def ltt_prompts_needed(
 
 
 def risk_bounded_index(
-    risk_curves: Float[Array, "m p"], eps: Float[Array, ""], delta: Float[Array, ""]
+    risk_curves: Float[Array, "m p"], eps: Float[ArrayLike, ""], delta: Float[ArrayLike, ""]
 ) -> Int[Array, ""]:
     """Largest grid index with `P(R(grid[k]) ≤ ε | data) ≥ 1 − δ`.
 

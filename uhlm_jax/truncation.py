@@ -47,7 +47,7 @@ import numpy as np
 from flax import struct
 
 from uhlm_jax import speculative
-from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
     "FixedK",
@@ -253,7 +253,7 @@ def verify_compressed(
     rule: FixedK | ToleranceK,
     log_q: Float[Array, " v"],
     log_p: Float[Array, " v"],
-    draft: Int[Array, ""],
+    draft: Int[ArrayLike, ""],
 ) -> tuple[speculative.Verification, Truncated]:
     """CU-HLM verification of one draft ``d ~ q``: compress ``q``, verify against ``x̂``.
 

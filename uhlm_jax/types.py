@@ -13,8 +13,17 @@ Dimension names used in jaxtyping annotations and docstrings:
   p  grid points of a sweep
 
 Annotations are checked at runtime in tests only (see tests/conftest.py).
+
+`Array` is a JAX or NumPy array: JAX functions take either, and callers pass NumPy
+arrays read from record tables. `ArrayLike` (`jax.typing.ArrayLike`: arrays and Python
+or NumPy scalars) annotates inputs that may also be scalars; `DTypeLike` a NumPy or JAX
+dtype.
 """
 
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+import jax
+import numpy as np
+from jaxtyping import ArrayLike, Bool, DTypeLike, Float, Int, PRNGKeyArray
 
-__all__ = ["Array", "Bool", "Float", "Int", "PRNGKeyArray"]
+Array = jax.Array | np.ndarray
+
+__all__ = ["Array", "ArrayLike", "Bool", "DTypeLike", "Float", "Int", "PRNGKeyArray"]

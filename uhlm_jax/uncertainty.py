@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
     "DEFAULT_MEASURES",
@@ -91,7 +91,7 @@ def _check_positive(owner: str, field: str, value: Any) -> None:
 
 
 def _check_inputs(
-    logits: Array, log_q: Array, draft: Array
+    logits: Array, log_q: Array, draft: ArrayLike
 ) -> tuple[Float[Array, " v"], Float[Array, " v"], Int[Array, ""]]:
     logits = jnp.asarray(logits, jnp.float32)
     log_q = jnp.asarray(log_q, jnp.float32)
@@ -213,7 +213,7 @@ class TemperaturePerturbation:
         key: PRNGKeyArray,
         logits: Float[Array, " v"],
         log_q: Float[Array, " v"],
-        draft: Int[Array, ""],
+        draft: Int[ArrayLike, ""],
     ) -> Float[Array, ""]:
         """Returns float32 `[]`: `j / num_samples` correctly rounded (`exact_fractions`)."""
         logits, _, draft = _check_inputs(logits, log_q, draft)
@@ -225,7 +225,7 @@ class TemperaturePerturbation:
         return disagreement_share(log_u >= log_prob_draft)
 
     def redraws_disagree_gumbel(
-        self, key: PRNGKeyArray, logits: Float[Array, " v"], draft: Int[Array, ""]
+        self, key: PRNGKeyArray, logits: Float[Array, " v"], draft: Int[ArrayLike, ""]
     ) -> Float[Array, ""]:
         """The paper's form of the same measure, `mean_k 1[argmax(z + θ_k g_k) ≠ d]`.
 
@@ -275,7 +275,7 @@ class ExpectedTemperaturePerturbation:
         key: PRNGKeyArray,
         logits: Float[Array, " v"],
         log_q: Float[Array, " v"],
-        draft: Int[Array, ""],
+        draft: Int[ArrayLike, ""],
     ) -> Float[Array, ""]:
         """Returns float32 `[]` in `[0, 1]`; `key` is ignored."""
         del key
@@ -305,7 +305,7 @@ class Entropy:
         key: PRNGKeyArray,
         logits: Float[Array, " v"],
         log_q: Float[Array, " v"],
-        draft: Int[Array, ""],
+        draft: Int[ArrayLike, ""],
     ) -> Float[Array, ""]:
         """Returns float32 `[]` in `[0, 1]`; `key`, `logits` and `draft` are ignored."""
         del key
@@ -329,7 +329,7 @@ class OneMinusMaxProbability:
         key: PRNGKeyArray,
         logits: Float[Array, " v"],
         log_q: Float[Array, " v"],
-        draft: Int[Array, ""],
+        draft: Int[ArrayLike, ""],
     ) -> Float[Array, ""]:
         """Returns float32 `[]` in `[0, 1]`; `key`, `logits` and `draft` are ignored."""
         del key
@@ -351,7 +351,7 @@ class TopTwoMargin:
         key: PRNGKeyArray,
         logits: Float[Array, " v"],
         log_q: Float[Array, " v"],
-        draft: Int[Array, ""],
+        draft: Int[ArrayLike, ""],
     ) -> Float[Array, ""]:
         """Returns float32 `[]` in `[0, 1]`; `key`, `logits` and `draft` are ignored."""
         del key

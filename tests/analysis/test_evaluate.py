@@ -14,7 +14,7 @@ import pytest
 from analysis import evaluate
 from analysis.cli import main as cli_main
 from calibration import run_dir as rd
-from tests.analysis import write_synthetic_run
+from tests.helpers import write_synthetic_run
 from uhlm_jax.answers import AnswerMatch, is_correct
 from uhlm_jax.models import sentence_encoder
 from uhlm_jax.models.llama import forward

@@ -9,7 +9,7 @@ import pytest
 from analysis import plots, report
 from analysis import sweep as sw
 from calibration import records
-from tests.analysis import write_synthetic_run
+from tests.helpers import write_synthetic_run
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED_SIZE = (int(plots.FIGSIZE_IN[0] * plots.DPI), int(plots.FIGSIZE_IN[1] * plots.DPI))

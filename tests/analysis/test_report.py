@@ -10,7 +10,7 @@ from analysis import report
 from analysis.cli import main as cli_main
 from calibration import records
 from calibration import run_dir as rd
-from tests.analysis import collect_toy_run, write_synthetic_run
+from tests.helpers import collect_toy_run, write_synthetic_run
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
 

@@ -10,7 +10,7 @@ import pytest
 from analysis import sweep as sw
 from analysis.cli import main as cli_main
 from calibration import run_dir as rd
-from tests.analysis import collect_toy_run, write_synthetic_run
+from tests.helpers import collect_toy_run, write_synthetic_run
 from uhlm_jax import channel as ch
 from uhlm_jax import cli_config
 from uhlm_jax.modes import Mode

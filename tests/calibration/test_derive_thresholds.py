@@ -12,7 +12,7 @@ from analysis.cli import main as cli_main
 from calibration import derive_thresholds as th
 from calibration import fit, records
 from calibration import run_dir as rd
-from tests.calibration import synthetic_records, write_run
+from tests.helpers import synthetic_records, write_run
 from uhlm_jax import rejection
 from uhlm_jax import threshold as T
 

@@ -14,7 +14,7 @@ import pytest
 from analysis.cli import main as cli_main
 from calibration import fit, records
 from calibration import run_dir as rd
-from tests.calibration import synthetic_records, write_run
+from tests.helpers import synthetic_records, write_run
 from tests.test_rejection import TRUE_HURDLE, TRUE_LINEAR, hurdle_data, linear_data
 from uhlm_jax import rejection
 

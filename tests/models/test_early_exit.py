@@ -153,6 +153,7 @@ def test_init_copies_and_leaves_the_model_unchanged(params):
     assert head.layer["mlp"]["down_proj"]["kernel"] is not source
 
 
+@pytest.mark.without_type_checks
 @pytest.mark.parametrize("bad", [-1, 4, True, 1.0])
 def test_bad_exit_layer_is_rejected(params, bad):
     with pytest.raises(ValueError, match="exit_layer"):

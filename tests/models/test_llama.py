@@ -415,6 +415,7 @@ def test_prompt_longer_than_cache_names_both_lengths_and_the_fix():
         eager_prefill(params, tokens, jnp.asarray([9, 4]), init_cache(LLAMA_GQA, 2, 8))
 
 
+@pytest.mark.without_type_checks
 def test_batch_and_rank_mismatches_are_rejected():
     params = random_params(LLAMA_GQA)
     cache = init_cache(LLAMA_GQA, 2, 8)
@@ -426,6 +427,7 @@ def test_batch_and_rank_mismatches_are_rejected():
         decode(params, jnp.zeros((3,), jnp.int32), cache)
 
 
+@pytest.mark.without_type_checks
 @pytest.mark.parametrize(
     ("change", "message"),
     [
@@ -444,6 +446,7 @@ def test_invalid_config_values_are_named(change, message):
         dataclasses.replace(LLAMA_GQA, **change)
 
 
+@pytest.mark.without_type_checks
 @pytest.mark.parametrize(("batch_size", "max_length"), [(0, 8), (2, 0), (2, 8.0), (True, 8)])
 def test_init_cache_rejects_bad_sizes(batch_size, max_length):
     with pytest.raises(ValueError, match="must be a positive int"):

@@ -39,7 +39,7 @@ from uhlm_jax.channel.payload import (
     top_k_bits,
 )
 from uhlm_jax.modes import Mode, Transmission
-from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
+from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 
 @struct.dataclass
@@ -140,7 +140,7 @@ def expected_breakdown(
 
 
 def mode_latency_s(
-    mode: Mode, terms: LatencyBreakdown, transmitted: Bool[Array, ""] | Float[Array, ""]
+    mode: Mode, terms: LatencyBreakdown, transmitted: Bool[ArrayLike, ""] | Float[ArrayLike, ""]
 ) -> Float[Array, ""]:
     """Per-token latency of ``mode`` from its terms; ``transmitted`` may be a share.
 

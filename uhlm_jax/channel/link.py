@@ -30,7 +30,7 @@ import numpy as np
 from flax import struct
 
 from uhlm_jax.channel.checks import check, non_negative, parse_enum, positive
-from uhlm_jax.types import Array, Float, PRNGKeyArray
+from uhlm_jax.types import Array, ArrayLike, Float, PRNGKeyArray
 
 # Mean SNRs outside this range are almost surely a unit mistake (linear vs dB, or dBm).
 SNR_DB_RANGE = (-50.0, 80.0)
@@ -72,7 +72,7 @@ def db_to_linear(value_db: Float[Array, " ..."] | float) -> Float[Array, " ..."]
 # ------------------------------------------------------------------- exponential integral
 
 
-def exp1_scaled(x: Float[Array, " ..."]) -> Float[Array, " ..."]:
+def exp1_scaled(x: Float[ArrayLike, " ..."]) -> Float[Array, " ..."]:
     """``e^x · E1(x)`` for ``x > 0``, without overflow for large ``x``.
 
     ``E1(x) = ∫_x^∞ e^{-t}/t dt``. For ``x <= 1`` the power series
@@ -96,7 +96,7 @@ def exp1_scaled(x: Float[Array, " ..."]) -> Float[Array, " ..."]:
     return jnp.where(x <= _EXP1_SWITCH, small, large)
 
 
-def exp1(x: Float[Array, " ..."]) -> Float[Array, " ..."]:
+def exp1(x: Float[ArrayLike, " ..."]) -> Float[Array, " ..."]:
     """The exponential integral ``E1(x) = ∫_x^∞ e^{-t}/t dt`` for ``x > 0``."""
     x = jnp.asarray(x, jnp.float32)
     return exp1_scaled(x) * jnp.exp(-x)

@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
-from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax.models import hf_layout
+from uhlm_jax.types import Array, Bool, Float, Int
 
 __all__ = [
     "MINILM_L6_H384",
@@ -194,11 +194,13 @@ def layer_norm(
     mean = jnp.mean(x, axis=-1, keepdims=True)
     centred = x - mean
     variance = jnp.mean(centred * centred, axis=-1, keepdims=True)
-    return centred * jax.lax.rsqrt(variance + eps) * norm["scale"] + norm["bias"]
+    lead = tuple(range(x.ndim - 1))
+    scale, bias = jnp.expand_dims(norm["scale"], lead), jnp.expand_dims(norm["bias"], lead)
+    return centred * jax.lax.rsqrt(variance + eps) * scale + bias
 
 
 def _dense(x: Float[Array, "... i"], layer: Mapping[str, Array]) -> Float[Array, "... o"]:
-    return x @ layer["kernel"] + layer["bias"]
+    return x @ layer["kernel"] + jnp.expand_dims(layer["bias"], tuple(range(x.ndim - 1)))
 
 
 def _attention(

@@ -15,9 +15,9 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int
 
 from uhlm_jax.models.config import ModelConfig
+from uhlm_jax.types import Array, DTypeLike, Float, Int
 
 
 @flax.struct.dataclass
@@ -54,7 +54,7 @@ class KVCache:
 
 
 def init_cache(
-    config: ModelConfig, batch_size: int, max_length: int, dtype: jnp.dtype = jnp.float32
+    config: ModelConfig, batch_size: int, max_length: int, dtype: DTypeLike = jnp.float32
 ) -> KVCache:
     """Allocates an empty cache.
 

@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Float, Int
 
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.llama import (
@@ -51,6 +50,7 @@ from uhlm_jax.models.llama import (
     residual_stream,
     rms_norm,
 )
+from uhlm_jax.types import Array, Float, Int
 
 __all__ = [
     "ExitHead",

@@ -35,12 +35,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
 
 from uhlm_jax.models import hf_layout
 from uhlm_jax.models.cache import KVCache
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.transfer import RowSource, host_buffer, row_chunks, to_device
+from uhlm_jax.types import Array, Bool, Float, Int
 
 # Standard deviation of the normal initialiser of all matrices (HF `initializer_range`).
 INIT_STD = 0.02
@@ -111,7 +111,7 @@ def rms_norm(x: Float[Array, "... h"], scale: Float[Array, " h"], eps: float) ->
     """
     x32 = x.astype(jnp.float32)
     normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return normed.astype(scale.dtype) * scale
+    return normed.astype(scale.dtype) * jnp.expand_dims(scale, tuple(range(x.ndim - 1)))
 
 
 class _RMSNorm(nn.Module):
@@ -140,7 +140,8 @@ def _rope_tables(
     pairs of the RoFormer paper (Su et al., 2021, arXiv 2104.09864).
     """
     inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    inv_freq = jnp.asarray(inv_freq, jnp.float32)
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
 

@@ -22,7 +22,6 @@ import jax.numpy as jnp
 from uhlm_jax.models.config import Architecture, ModelConfig
 from uhlm_jax.models.llama import INIT_STD, ModelParams, init_params
 
-TOY_BYTE_VOCAB = 256
 TOY_BOS_ID = 256
 TOY_EOS_ID = 257
 TOY_PAD_ID = 258

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -35,6 +35,7 @@ CHUNK_BYTES = 4 << 20
 _ALIGNMENT = 64
 
 
+@runtime_checkable
 class RowSource(Protocol):
     """A tensor read on demand: its shape, and rows `[start, stop)` as a NumPy array.
 

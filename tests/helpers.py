@@ -1,33 +1,29 @@
-"""Closed-form fakes for tests: distributions whose exact behaviour is known.
-
-Everything here is deterministic NumPy (no RNG, no files), so tests can use it as an
-independent oracle for the JAX code.
+"""Helpers shared by the tests: closed-form fakes and synthetic calibration runs.
 
 Sections:
   * Distribution pairs: named `(p, q)` pairs of log-probabilities on a small vocabulary,
     including adversarial ones, for speculative verification.
   * Logits: closed-form logits and a float64 NumPy oracle for tempered/top-k distributions.
+  * Record tables: synthetic calibration records whose u → β link is known.
+  * Run directories: record tables written as a calibration run, and a real toy-pair run.
+
+The distribution pairs and logits are deterministic NumPy (no RNG, no files), so tests
+can use them as an independent oracle for the JAX code.
 """
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+import pandas as pd
 
-__all__ = [
-    "FAKE_VOCAB",
-    "DistributionPair",
-    "distribution_pair",
-    "distribution_pairs",
-    "example_logits",
-    "tempered_log_probs",
-]
+from calibration import collect, records
+from calibration import run_dir as rd
+from calibration.prompts import embedded_prompts_path
 
 # ---------------------------------------------------------------------------------------
 # Distribution pairs
 # ---------------------------------------------------------------------------------------
-
-FAKE_VOCAB = 8
-"""Vocabulary size of every pair in `distribution_pairs`."""
 
 
 class DistributionPair(NamedTuple):
@@ -59,14 +55,14 @@ class DistributionPair(NamedTuple):
         return float(np.sum(np.maximum(0.0, self.q - self.p)))
 
 
-def _log_normalised(weights: list[float] | np.ndarray) -> np.ndarray:
+def _log_normalised(weights: Sequence[float] | np.ndarray) -> np.ndarray:
     weights = np.asarray(weights, np.float64)
     with np.errstate(divide="ignore"):
         return np.log(weights / weights.sum()).astype(np.float32)
 
 
 def distribution_pair(
-    name: str, p: list[float] | np.ndarray, q: list[float] | np.ndarray
+    name: str, p: Sequence[float] | np.ndarray, q: Sequence[float] | np.ndarray
 ) -> DistributionPair:
     """Builds a pair from non-negative weights (normalised here, in float64).
 
@@ -91,7 +87,7 @@ def distribution_pair(
 
 
 def distribution_pairs() -> tuple[DistributionPair, ...]:
-    """The named pairs on `FAKE_VOCAB` tokens, generic and adversarial.
+    """The named pairs on 8 tokens, generic and adversarial.
 
     * `equal`: `p = q`; TV = 0, every draft accepted.
     * `partial_overlap`: generic, TV ≈ 0.45.
@@ -179,3 +175,113 @@ def tempered_log_probs(
         scaled = masked
     shifted = scaled - np.max(scaled)
     return shifted - np.log(np.sum(np.exp(shifted)))
+
+
+# ---------------------------------------------------------------------------------------
+# Record tables
+# ---------------------------------------------------------------------------------------
+
+# Temperature perturbation with K draws takes the values k/K.
+NUM_PERTURBATIONS = 20
+
+
+def hurdle_beta(
+    rng: np.random.Generator,
+    u: np.ndarray,
+    positive_slope: float,
+    positive_intercept: float,
+    mean_slope: float,
+    mean_intercept: float,
+    concentration: float,
+) -> np.ndarray:
+    """β from the hurdle model: Bernoulli(σ(c·u + e)) times Beta with mean σ(f·u + g)."""
+    p = 1 / (1 + np.exp(-(positive_slope * u + positive_intercept)))
+    m = 1 / (1 + np.exp(-(mean_slope * u + mean_intercept)))
+    positive = rng.uniform(size=u.shape) < p
+    value = rng.beta(m * concentration, (1 - m) * concentration)
+    return np.where(positive, np.clip(value, 1e-6, 1.0), 0.0)
+
+
+def synthetic_records(
+    rng: np.random.Generator,
+    num_prompts: int,
+    tokens_per_prompt: int,
+    hurdle_params: tuple[float, float, float, float, float] = (4.0, -2.0, 2.0, -1.5, 8.0),
+) -> pd.DataFrame:
+    """A record table whose β follows the hurdle model in u = k/K, k ~ Binomial(K, ·).
+
+    Each prompt has its own typical uncertainty (a Beta(1, 3) draw) so prompts
+    differ, as real prompts do.
+    """
+    n = num_prompts * tokens_per_prompt
+    prompt_level = rng.beta(1.0, 3.0, num_prompts)
+    prompt_id = np.repeat(np.arange(num_prompts, dtype=np.int64) * 3 + 7, tokens_per_prompt)
+    k = rng.binomial(NUM_PERTURBATIONS, np.repeat(prompt_level, tokens_per_prompt))
+    u = k / NUM_PERTURBATIONS
+    beta = hurdle_beta(rng, u, *hurdle_params)
+    return pd.DataFrame(
+        {
+            "prompt_id": prompt_id,
+            "position": np.tile(np.arange(tokens_per_prompt, dtype=np.int32), num_prompts),
+            "token": rng.integers(0, 100, n).astype(np.int32),
+            "draft": rng.integers(0, 100, n).astype(np.int32),
+            "beta": beta.astype(np.float32),
+            "tv": np.clip(beta + 0.05, 0, 1).astype(np.float32),
+            "accepted": rng.uniform(size=n) >= beta,
+            "u_temperature_perturbation": u.astype(np.float32),
+            "u_entropy": (3.0 * u + rng.uniform(0, 0.1, n)).astype(np.float32),
+        }
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Run directories
+# ---------------------------------------------------------------------------------------
+
+
+def write_run(run_dir, df: pd.DataFrame, num_shards: int = 2) -> None:
+    """Writes a run directory: `config.json` and `num_shards` shuffled record shards."""
+    rd.write_json(run_dir / rd.CONFIG_FILE, {"synthetic": True})
+    order = np.random.default_rng(0).permutation(len(df))
+    for i, part in enumerate(np.array_split(order, num_shards)):
+        records.write_shard(df.iloc[part], run_dir / rd.RECORDS_DIR / f"shard-{i:05d}.parquet")
+
+
+def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
+    """A run directory whose records have a linear u → β link (β ≈ 0.8 u − 0.06)."""
+    rng = np.random.default_rng(seed)
+    n = prompts * tokens
+    u = rng.binomial(20, rng.beta(1, 3, n)) / 20
+    beta = np.clip(0.8 * u - 0.06 + rng.normal(0, 0.1, n), 0, 1)
+    df = pd.DataFrame(
+        {
+            "prompt_id": np.repeat(np.arange(prompts), tokens),
+            "position": np.tile(np.arange(tokens), prompts),
+            "token": rng.integers(0, 50, n),
+            "draft": rng.integers(0, 50, n),
+            "beta": beta,
+            "tv": beta,
+            "accepted": rng.random(n) > beta,
+            "u_temperature_perturbation": u,
+            "u_entropy": np.clip(u + rng.normal(0, 0.2, n), 0, None),
+        }
+    )
+    records.write_shard(df, run_dir / rd.RECORDS_DIR / "shard-000000.parquet")
+    rd.write_json(run_dir / rd.CONFIG_FILE, {"settings": {"pair": "toy", "seed": 0}})
+    return records.read_records(run_dir)
+
+
+def collect_toy_run(run_dir, max_new_tokens, seed=0):
+    """A real calibration run of the toy pair: 8 shipped prompts in one batch."""
+    collect.run(
+        collect.Config(
+            pair="toy",
+            prompts=embedded_prompts_path(),
+            out=str(run_dir),
+            num_prompts=8,
+            max_new_tokens=max_new_tokens,
+            batch_size=8,
+            seed=seed,
+        )
+    )
+    return run_dir
