@@ -7,7 +7,7 @@ import pytest
 
 from analysis import demo, evaluate, report
 from calibration import run_dir as rd
-from tests.analysis import write_synthetic_run
+from tests.helpers import write_synthetic_run
 
 # A run whose Learn-then-Test threshold is not certified: the linear posterior's
 # risk-bounded threshold operates, and exceeds ε in 45% of the validation splits per token

@@ -10,7 +10,7 @@ import pytest
 
 from calibration import collect, records
 from calibration import run_dir as rd
-from tests.calibration import synthetic_records
+from tests.helpers import synthetic_records
 from uhlm_jax import files, rejection
 from uhlm_jax import threshold as T
 
