@@ -17,7 +17,7 @@ import pytest
 
 from analysis import cli
 from calibration import collect, train_draft
-from tests.analysis import write_synthetic_run
+from tests.helpers import write_synthetic_run
 from uhlm_jax import cli_config, console
 
 # A log line: "2025-01-01 12:00:00 desc: ...".
