@@ -334,5 +334,5 @@ def test_plan_prompts_says_how_many_prompts_learn_then_test_needs(tmp_path, caps
 
 
 def test_plan_prompts_needs_a_run(capsys):
-    assert th.main(parse(["--slope", "0.8", "--intercept", "0", "--plan-prompts"])) == 2
+    assert cli_main(["threshold", "--slope", "0.8", "--intercept", "0", "--plan-prompts"]) == 2
     assert "--plan-prompts needs a pilot run" in capsys.readouterr().err
