@@ -23,7 +23,7 @@ the prompts that have it, with its standard error over prompts.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -117,11 +117,12 @@ class MeanEstimate(NamedTuple):
     count: int
 
 
-def mean_estimate(values: Sequence[float] | np.ndarray) -> MeanEstimate:
+def mean_estimate(values: np.ndarray | Iterable[float]) -> MeanEstimate:
     """Mean and standard error over prompts of a per-prompt measure, NaN entries left out.
 
     Args:
-        values: `[n]` per-prompt values; NaN where a prompt has no value.
+        values: `[n]` per-prompt values (an array, a list or a pandas column); NaN where
+            a prompt has no value.
 
     Returns:
         The `MeanEstimate` over the finite values.

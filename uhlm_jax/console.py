@@ -16,7 +16,7 @@ import math
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from tqdm import tqdm
@@ -33,6 +33,17 @@ __all__ = [
 
 UNDEFINED = "—"
 INFINITE = "∞"
+
+
+@runtime_checkable
+class TextStream(Protocol):
+    """Where text goes: a file, `sys.stderr`, or a test's captured stream."""
+
+    def write(self, text: str, /) -> Any: ...
+
+    def flush(self) -> Any: ...
+
+
 # A log line is written each time this share of the total more is done.
 _LOG_SHARE = 0.1
 
@@ -76,7 +87,7 @@ def progress(
     unit: str = "it",
     initial: int = 0,
     quiet: bool = False,
-    stream: TextIO | None = None,
+    stream: TextStream | None = None,
 ) -> tqdm | LogProgress:
     """A progress display: a tqdm bar in a terminal, log lines otherwise, nothing if `quiet`.
 
@@ -92,7 +103,7 @@ def progress(
                        stream=stream, quiet=quiet)
 
 
-def _is_terminal(stream: TextIO) -> bool:
+def _is_terminal(stream: TextStream) -> bool:
     isatty = getattr(stream, "isatty", None)
     return bool(isatty and isatty())
 
@@ -106,7 +117,7 @@ class LogProgress:
     """
 
     def __init__(self, iterable: Iterable | None, *, total: int | None, desc: str, unit: str,
-                 initial: int, stream: TextIO, quiet: bool):
+                 initial: int, stream: TextStream, quiet: bool):
         self.iterable, self.total, self.desc, self.unit = iterable, total, desc, unit
         self.n = self._start = self._logged = initial
         self.stream, self.quiet = stream, quiet
