@@ -310,7 +310,7 @@ class Correlation:
 
 @dataclasses.dataclass(frozen=True)
 class ParamSummary:
-    """Posterior summary of one parameter (numpyro.diagnostics)."""
+    """Posterior summary of one parameter (ArviZ: bulk ESS and rank-normalised r-hat)."""
 
     mean: float | None
     sd: float | None
@@ -329,13 +329,21 @@ class NutsSummary:
 
 @dataclasses.dataclass(frozen=True)
 class ModelComparison:
-    """WAIC of the linear and hurdle models, and `elpd(hurdle) − elpd(linear) ± se`."""
+    """The models ranked by predictive accuracy (`calibration.fit.compare`).
 
-    linear_waic: float
-    hurdle_waic: float
-    elpd_difference: float
-    elpd_difference_se: float
-    preferred: str
+    Attributes:
+        criterion: how they are ranked (`PSIS-LOO`).
+        unit: what one pointwise observation is (`token`).
+        num_draws: posterior draws each model was scored with.
+        best: the model that predicts best.
+        table: one `rejection.ModelScore` per model, best first.
+    """
+
+    criterion: str
+    unit: str
+    num_draws: int
+    best: str
+    table: tuple[rejection.ModelScore, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +356,7 @@ class Fit:
         correlations: `pearson`, `spearman` of `u` and `β`.
         linear_prior: the linear model's prior, if recorded.
         nuts: `linear`, `hurdle` NUTS summaries.
-        comparison: the WAIC comparison, if recorded.
+        comparison: the models ranked by PSIS-LOO, if recorded.
         predictive_mean_covered: per model, whether each `u` bin's replicated range covers
             the observed mean `β`.
     """
@@ -386,13 +394,14 @@ class Fit:
                 for name, p in (block.get("params") or {}).items()
             }
             nuts[model] = NutsSummary(divergences=block.get("divergences"), params=params)
-        comp = data.get("comparison")
-        comparison = None if not comp else ModelComparison(
-            linear_waic=float(comp["linear"]["waic"]),
-            hurdle_waic=float(comp["hurdle"]["waic"]),
-            elpd_difference=float(comp["elpd_difference_hurdle_minus_linear"]),
-            elpd_difference_se=float(comp["elpd_difference_se"]),
-            preferred=comp["preferred"],
+        comp = data.get("comparison") or {}
+        # A fit.json without a ranked table predates the PSIS-LOO comparison.
+        comparison = None if "table" not in comp else ModelComparison(
+            criterion=comp["criterion"],
+            unit=comp["unit"],
+            num_draws=int(comp["num_draws"]),
+            best=comp["best"],
+            table=tuple(rejection.ModelScore(**row) for row in comp["table"]),
         )
         checks = data.get("predictive_checks") or []
         prior = _get(data, "linear", "prior")

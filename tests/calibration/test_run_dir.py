@@ -152,6 +152,15 @@ def test_run_config_reads_what_collect_writes(tmp_path):
         collect.Config(pair="toy", prompts=None, out="").max_new_tokens)
 
 
+# Two models' scores as `rejection.compare_models` ranks them.
+SCORES = (
+    rejection.ModelScore("hurdle", 0, -120.0, 7.0, 4.0, 0.0, 0.0, 0.9, False, 0.2, -119.9,
+                         7.0, 3.9, False),
+    rejection.ModelScore("linear", 1, -290.0, 17.0, 6.0, 170.0, 15.0, 0.1, True, 0.8,
+                         -289.8, 17.0, 5.8, False),
+)
+
+
 def test_fit_view_reads_a_hand_written_fit(tmp_path):
     param = {"mean": 0.8, "sd": 0.02, "interval": [0.77, 0.83], "r_hat": 1.001, "ess": 180.0}
     rd.write_json(tmp_path / rd.FIT_FILE, {
@@ -160,9 +169,9 @@ def test_fit_view_reads_a_hand_written_fit(tmp_path):
         "correlation": {"pearson": {"estimate": 0.5, "interval": [0.4, 0.6]}, "level": 0.95},
         "linear": {"prior": {"scale": 5.0, "shape": 2.0, "rate": 0.1},
                    "nuts": {"divergences": 0, "params": {"slope": param}}},
-        "comparison": {"linear": {"waic": 10.0}, "hurdle": {"waic": 8.0},
-                       "elpd_difference_hurdle_minus_linear": 1.0, "elpd_difference_se": 0.5,
-                       "preferred": "hurdle"},
+        "comparison": {"criterion": "PSIS-LOO", "unit": "token", "num_draws": 400,
+                       "best": "hurdle", "seconds": 1.0,
+                       "table": [score._asdict() for score in SCORES]},
         "predictive_checks": [{"linear": {"mean_covered": True},
                                "hurdle": {"mean_covered": False}}] * 2,
     })
@@ -172,7 +181,7 @@ def test_fit_view_reads_a_hand_written_fit(tmp_path):
     assert view.linear_prior == rejection.LinearPrior(scale=5.0, shape=2.0, rate=0.1)
     assert view.nuts["linear"] == rd.NutsSummary(
         divergences=0, params={"slope": rd.ParamSummary(0.8, 0.02, (0.77, 0.83), 1.001, 180.0)})
-    assert view.comparison == rd.ModelComparison(10.0, 8.0, 1.0, 0.5, "hurdle")
+    assert view.comparison == rd.ModelComparison("PSIS-LOO", "token", 400, "hurdle", SCORES)
     assert view.predictive_mean_covered == {"linear": (True, True), "hurdle": (False, False)}
 
 
