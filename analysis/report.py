@@ -365,9 +365,10 @@ def _threshold_rows(th: rd.Thresholds) -> pd.DataFrame:
     add("analytic risk-averse −b/a", th.risk_averse, "none (plug-in)")
     add("analytic risk-prone (Δ−b)/a", th.risk_prone, "none (plug-in)")
     bound = f"P(R ≤ {th.risk} | data) ≥ {th.confidence}"
-    add("posterior risk-bounded (linear)", th.risk_bounded, bound + " under the linear model")
-    add("posterior risk-bounded (hurdle)", th.risk_bounded_hurdle,
-        bound + " under the hurdle model")
+    for model, block in th.risk_bounded_by_model.items():
+        chosen = " — best by PSIS-LOO, the one used" if model == th.risk_bounded_model else ""
+        add(f"posterior risk-bounded ({model}{chosen})", block,
+            bound + f" under the {model} model")
     add("Learn-then-Test", th.ltt, f"P(R ≤ {th.risk}) ≥ {th.confidence}, distribution-free",
         ltt_note(th))
     return pd.DataFrame(

@@ -539,8 +539,9 @@ class Thresholds:
         seed: the job's seed, if recorded.
         plug_in: the least-squares line and the paper's thresholds, if written.
         risk_averse, risk_prone: the analytic thresholds `−b/a`, `(Δ − b)/a`.
-        risk_bounded, risk_bounded_hurdle: the posterior risk-bounded thresholds of the
-            linear and the hurdle model.
+        risk_bounded: the posterior risk-bounded threshold in use, that of the model
+            that predicts best (highest PSIS-LOO elpd); `risk_bounded_model` names it.
+        risk_bounded_by_model: every posterior model's risk-bounded threshold.
         ltt: the Learn-then-Test threshold; `ltt_certified`: whether it is certified;
             `ltt_num_prompts`: the calibration prompts it used.
         validation: the prompt-split validation, if written.
@@ -554,7 +555,10 @@ class Thresholds:
     risk_averse: NamedThreshold | None = None
     risk_prone: NamedThreshold | None = None
     risk_bounded: NamedThreshold | None = None
-    risk_bounded_hurdle: NamedThreshold | None = None
+    risk_bounded_model: str | None = None
+    risk_bounded_by_model: Mapping[str, NamedThreshold] = dataclasses.field(
+        default_factory=dict
+    )
     ltt: NamedThreshold | None = None
     ltt_certified: bool = False
     ltt_num_prompts: int | None = None
@@ -612,10 +616,14 @@ class Thresholds:
             plug_in=plug_in,
             risk_averse=NamedThreshold.from_json(analytic.get("risk_averse")),
             risk_prone=NamedThreshold.from_json(analytic.get("risk_prone")),
-            risk_bounded=NamedThreshold.from_json(
-                _get(data, "posterior", "linear", "risk_bounded")),
-            risk_bounded_hurdle=NamedThreshold.from_json(
-                _get(data, "posterior", "hurdle", "risk_bounded")),
+            risk_bounded=NamedThreshold.from_json(_get(data, "posterior", "risk_bounded")),
+            risk_bounded_model=_get(data, "posterior", "risk_bounded", "model"),
+            risk_bounded_by_model={
+                model: block
+                for model in ("linear", "hurdle")
+                if (block := NamedThreshold.from_json(
+                    _get(data, "posterior", model, "risk_bounded"))) is not None
+            },
             ltt=NamedThreshold.from_json(data.get("ltt")),
             ltt_certified=bool(_get(data, "ltt", "certified")),
             ltt_num_prompts=_get(data, "ltt", "num_prompts"),
@@ -652,7 +660,13 @@ class Thresholds:
     def exceed_frequency(self, name: ThresholdName) -> float | None:
         """The share of validation splits in which threshold `name` exceeded `ε` (None
         without a validation of it): per prompt for Learn-then-Test, whose guarantee is
-        about the per-prompt risk, per token for the others."""
+        about the per-prompt risk, per token for the others. The split validation
+        refits only the linear posterior, so a risk-bounded threshold of another model
+        has none."""
+        if name is ThresholdName.RISK_BOUNDED and self.risk_bounded_model not in (
+            None, "linear"
+        ):
+            return None
         method, statistic = _VALIDATED_AS[name]
         found = None if self.validation is None else self.validation.methods.get(method)
         return None if found is None else getattr(found, statistic)

@@ -163,10 +163,22 @@ def test_report_with_fit_and_thresholds(tmp_path):
             "posterior": {
                 "linear": {
                     "risk_bounded": {
+                        "threshold": 0.3,
+                        "empirical": {"per_token": 0.03, "given_skip": 0.06, "skip_share": 0.5},
+                    }
+                },
+                "hurdle": {
+                    "risk_bounded": {
                         "threshold": 0.2,
                         "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_rate": 0.4},
                     }
-                }
+                },
+                "model_choice": {"model": "hurdle"},
+                "risk_bounded": {
+                    "threshold": 0.2,
+                    "model": "hurdle",
+                    "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4},
+                },
             },
             "ltt": {"threshold": 0.15, "certified": True},
             "validation": {
@@ -189,6 +201,11 @@ def test_report_with_fit_and_thresholds(tmp_path):
     assert "U-HLM, Learn-then-Test (u_th = 0.150)" in rows
     assert "U-HLM, risk-bounded (u_th = 0.200)" in rows
     assert "| Learn-then-Test | 0.150 |" in markdown
+    # The risk-bounded threshold in use is the best-predicting (hurdle) model's
+    assert "| posterior risk-bounded (hurdle — best by PSIS-LOO, the one used) | 0.200 |" in (
+        markdown
+    )
+    assert "| posterior risk-bounded (linear) | 0.300 |" in markdown
     assert "| linear | slope | 0.8000 |" in markdown
     assert "the best predictor is the hurdle model" in markdown
     assert "| hurdle | -120.0 | 7.2 | 0.0 | 0.0 | 0.960 | 4.3 | -120.0 | none |" in markdown

@@ -185,9 +185,11 @@ def test_fit_view_reads_a_hand_written_fit(tmp_path):
     assert view.predictive_mean_covered == {"linear": (True, True), "hurdle": (False, False)}
 
 
-def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delta=0.1):
+def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delta=0.1,
+                model="linear"):
     """A thresholds.json in `uhlm threshold --run`'s format; `exceed` maps a validation
-    method to its (per token, per prompt) exceedance frequencies."""
+    method to its (per token, per prompt) exceedance frequencies; `model` is the posterior
+    model that predicts best."""
     def block(t):
         return {"threshold": t, "empirical": {"per_token": 0.01, "given_skip": 0.02,
                                               "skip_rate": 0.5}}
@@ -199,7 +201,9 @@ def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delt
                      "risk_averse": block(averse), "risk_prone": block(prone)},
         "posterior": {"linear": {"risk_bounded": block(bounded)},
                       "hurdle": {"risk_bounded": {"threshold": None,
-                                                  "probability_within_risk": None}}},
+                                                  "probability_within_risk": None}},
+                      "model_choice": {"model": model},
+                      "risk_bounded": {**block(bounded), "model": model}},
         "ltt": {"threshold": ltt, "certified": ltt is not None},
     }
     if exceed is not None:
@@ -222,7 +226,9 @@ def test_thresholds_view_reads_every_threshold(tmp_path):
     assert view.plug_in == rejection.PlugInThresholds(
         0.5, -0.05, 0.35, T.PaperThreshold(0.1, 0.1, None), T.PaperThreshold(0.8, 0.8, None))
     assert view.risk_bounded == rd.NamedThreshold(0.45, rd.Empirical(0.01, 0.02, 0.5))
-    assert view.risk_bounded_hurdle == rd.NamedThreshold(None, None)
+    assert view.risk_bounded_model == "linear"
+    assert view.risk_bounded_by_model == {
+        "linear": view.risk_bounded, "hurdle": rd.NamedThreshold(None, None)}
     assert view.ltt.threshold == 0.3 and view.ltt_certified
     assert view.validation.methods["ltt"].realised_risk_per_token == (0.01, 0.07)
     assert view.named() == {"risk-averse": 0.1, "risk-prone": 0.8, "risk-bounded": 0.45,
@@ -274,6 +280,13 @@ def test_validation_judges_ltt_per_prompt_and_the_others_per_token():
     assert op.note == ("the risk-bounded threshold FAILED its validation: realised risk per "
                        "token exceeded ε = 0.05 in 40% of 200 prompt splits (allowed: δ = 10%)")
     assert op.describe().startswith("risk-bounded (u_th = 0.450); the risk-bounded threshold")
+    # The split validation refits only the linear posterior: a risk-bounded threshold from
+    # the hurdle model has none.
+    th = rd.Thresholds.from_json(_thresholds(exceed=exceed, model="hurdle"))
+    assert th.risk_bounded_model == "hurdle"
+    assert th.exceed_frequency(rd.ThresholdName.RISK_BOUNDED) is None
+    assert th.passed_validation(rd.ThresholdName.RISK_BOUNDED) is None
+    assert not rd.operating_threshold(th).failed
 
 
 def test_foreign_files_are_those_no_job_writes(tmp_path):
