@@ -354,7 +354,7 @@ def _hurdle_curves(draws: dict[str, jnp.ndarray], u: np.ndarray, grid: jnp.ndarr
 def _posterior(
     cfg: Config, posterior: fit.Posterior, data: RunData, grid: jnp.ndarray
 ) -> dict[str, Any]:
-    best = _best_model(posterior.summary)
+    best = _best_model(posterior.fit)
     u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
     linear = rejection.thin_draws(posterior.linear, cfg.num_posterior_draws)
     hurdle_draws = rejection.thin_draws(posterior.hurdle, cfg.num_posterior_draws)
@@ -407,21 +407,20 @@ def _posterior(
     out["model_choice"] = {
         "model": best,
         "rule": "highest elpd_loo (PSIS-LOO) in fit.json's comparison",
-        "comparison": posterior.summary["comparison"]["table"],
+        "comparison": [score._asdict() for score in posterior.fit.comparison.table],
     }
     out["risk_bounded"] = {**out[best]["risk_bounded"], "model": best}
     return out
 
 
-def _best_model(fit_summary: dict[str, Any]) -> str:
+def _best_model(fitted: rd.Fit) -> str:
     """The model of `fit.json` that predicts best (its comparison's `best`)."""
-    comparison = fit_summary.get("comparison") or {}
-    if "best" not in comparison:
+    if fitted.comparison is None:
         raise ValueError(
-            f"{fit.FIT_FILE} has no PSIS-LOO model comparison (it was written by an older "
-            f"uhlm fit); rerun `uhlm fit {fit_summary.get('run_dir', 'RUN_DIR')}`"
+            f"{rd.FIT_FILE} has no PSIS-LOO model comparison (an older uhlm fit wrote it); "
+            "rerun `uhlm fit RUN_DIR`"
         )
-    return comparison["best"]
+    return fitted.comparison.best
 
 
 def _clipped_shares(slope: np.ndarray, intercept: np.ndarray, level) -> dict[str, float]:

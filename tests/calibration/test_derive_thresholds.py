@@ -123,7 +123,7 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
         assert (block["reason"] is None) == inside
         assert block["threshold"] == pytest.approx(min(max(block["raw"], 0), 1), abs=1e-6)
     # The risk-bounded threshold in use is the model's that predicts best (hurdle data here).
-    fitted = json.loads((fitted_run / fit.FIT_FILE).read_text())["comparison"]
+    fitted = json.loads((fitted_run / rd.FIT_FILE).read_text())["comparison"]
     choice = summary["posterior"]["model_choice"]
     assert choice["model"] == fitted["best"] == "hurdle"
     assert choice["comparison"] == fitted["table"]
