@@ -218,7 +218,8 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     pearson = on_disk["correlation"]["pearson"]
     assert view.correlations["pearson"] == rd.Correlation(pearson["estimate"],
                                                           tuple(pearson["interval"]))
-    assert view.comparison.preferred == "hurdle"
+    assert view.comparison.best == "hurdle"
+    assert [s._asdict() for s in view.comparison.table] == on_disk["comparison"]["table"]
     assert view.nuts["linear"].params["slope"].mean == on_disk["linear"]["nuts"]["params"][
         "slope"]["mean"]
     assert len(view.predictive_mean_covered["hurdle"]) == len(on_disk["predictive_checks"])
