@@ -68,6 +68,7 @@ __all__ = [
     "main",
     "measure_scores",
     "mode_table",
+    "model_comparison_table",
     "plug_in_thresholds",
     "run",
 ]
@@ -364,9 +365,10 @@ def _threshold_rows(th: rd.Thresholds) -> pd.DataFrame:
     add("analytic risk-averse −b/a", th.risk_averse, "none (plug-in)")
     add("analytic risk-prone (Δ−b)/a", th.risk_prone, "none (plug-in)")
     bound = f"P(R ≤ {th.risk} | data) ≥ {th.confidence}"
-    add("posterior risk-bounded (linear)", th.risk_bounded, bound + " under the linear model")
-    add("posterior risk-bounded (hurdle)", th.risk_bounded_hurdle,
-        bound + " under the hurdle model")
+    for model, block in th.risk_bounded_by_model.items():
+        chosen = " — best by PSIS-LOO, the one used" if model == th.risk_bounded_model else ""
+        add(f"posterior risk-bounded ({model}{chosen})", block,
+            bound + f" under the {model} model")
     add("Learn-then-Test", th.ltt, f"P(R ≤ {th.risk}) ≥ {th.confidence}, distribution-free",
         ltt_note(th))
     return pd.DataFrame(
@@ -398,6 +400,22 @@ def _fit_rows(fit: rd.Fit) -> pd.DataFrame:
     return pd.DataFrame(
         rows, columns=["Model", "Parameter", "Mean", "SD", "Interval", "r-hat", "ESS",
                        "Divergences"],
+    )
+
+
+def model_comparison_table(comparison: rd.ModelComparison) -> pd.DataFrame:
+    """The models of `fit.json`'s comparison, best first: PSIS-LOO elpd and its SE, the
+    difference to the best and its SE, stacking weight, effective parameters, WAIC, and
+    whether PSIS was unreliable."""
+    rows = [
+        [r.name, _fmt(r.elpd_loo, 1), _fmt(r.se, 1), _fmt(r.elpd_diff, 1), _fmt(r.dse, 1),
+         _fmt(r.weight, 3), _fmt(r.p_loo, 1), _fmt(r.elpd_waic, 1),
+         f"Pareto k up to {r.max_pareto_k:.2f}" if r.warning else "none"]
+        for r in comparison.table
+    ]
+    return pd.DataFrame(
+        rows, columns=["Model", "elpd_loo", "SE", "elpd_diff", "dSE", "Weight", "p_loo",
+                       "elpd_waic", "Warning"],
     )
 
 
@@ -815,14 +833,17 @@ def run(cfg: Config) -> Result:
         comp = fit.comparison
         if comp is not None:
             text.append(
-                f"WAIC: linear {comp.linear_waic:.1f}, hurdle {comp.hurdle_waic:.1f}; "
-                f"elpd(hurdle) − elpd(linear) = {comp.elpd_difference:.1f}"
-                f" ± {comp.elpd_difference_se:.1f}, preferred: {comp.preferred}."
+                f"Models compared by {comp.criterion} over {comp.unit}s ({comp.num_draws} "
+                f"posterior draws each, ArviZ); the best predictor is the {comp.best} model "
+                "(table below)."
             )
         for model, covered in fit.predictive_mean_covered.items():
             text.append(f"Posterior predictive: the {model} model's 90% range covers "
                         f"the observed mean β in {sum(covered)} of {len(covered)} u bins.")
-        blocks += [_para(" ".join(text)), _table(_fit_rows(fit))]
+        blocks += [_para(" ".join(text))]
+        if comp is not None:
+            blocks.append(_table(model_comparison_table(comp)))
+        blocks.append(_table(_fit_rows(fit)))
     else:
         notes.append(f"No {rd.FIT_FILE}: the fit section is empty (run `uhlm fit RUN_DIR`).")
         blocks.append(_para(f"No {rd.FIT_FILE} (run `uhlm fit RUN_DIR`). Least squares on the "

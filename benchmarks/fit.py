@@ -18,8 +18,9 @@ Measured, each as wall time:
   token (`uhlm_jax.rejection.linear_gaussian`), sequential chains, one run.
 * **SVI**: 5000 steps of a full-rank Gaussian guide (4 particles), first and second run.
 * **hurdle NUTS**: 2 chains × (1000 + 1000), likelihood grouped by distinct `u`.
-* **`uhlm fit` end to end** on a 10^5-token run directory: both models, SVI, WAIC over
-  every token and draw, predictive checks and 1000 prompt-bootstrap replicates.
+* **`uhlm fit` end to end** on a 10^5-token run directory: both models, SVI,
+  PSIS-LOO and WAIC (ArviZ) over every token and `loo_draws` draws, predictive checks
+  and 1000 prompt-bootstrap replicates.
 
 Writes (replaces) the "## NumPyro fit" section of benchmarks/RESULTS.md.
 
@@ -151,7 +152,7 @@ def time_hurdle_and_job(n: int) -> dict:
     cfg = fit.Config(run_dir=".")
     groups = rejection.HurdleGroups(*(jnp.asarray(x) for x in rejection.hurdle_groups(u, beta)))
     start = time.perf_counter()
-    _, hurdle = fit.run_nuts(
+    hurdle = fit.run_nuts(
         rejection.hurdle_grouped,
         (groups, cfg.hurdle_prior),
         rejection.HURDLE_SITES,
@@ -168,13 +169,13 @@ def time_hurdle_and_job(n: int) -> dict:
     s = result.summary
     return {
         "hurdle_s": hurdle_s,
-        "hurdle_divergences": hurdle["divergences"],
+        "hurdle_divergences": hurdle.diagnostics["divergences"],
         "job_s": job_s,
         "job_parts": {
             "linear_nuts_s": s["linear"]["nuts"]["seconds"],
             "svi_s": s["linear"]["svi"]["seconds"],
             "hurdle_nuts_s": s["hurdle"]["nuts"]["seconds"],
-            "waic_s": s["comparison"]["seconds"],
+            "loo_s": s["comparison"]["seconds"],
         },
         "max_r_hat": max(
             p["r_hat"]
@@ -182,6 +183,7 @@ def time_hurdle_and_job(n: int) -> dict:
             for p in block["params"].values()
         ),
         "num_tokens": s["data"]["num_tokens"],
+        "loo_draws": s["comparison"]["num_draws"],
     }
 
 
@@ -284,8 +286,9 @@ sufficient statistics: {svi["first_s"]:.1f} s first, {svi["second_s"]:.1f} s sec
 (compilation included), {job["hurdle_divergences"]} divergences.
 - `uhlm fit` end to end on a {job["num_tokens"]:,}-token run directory: \
 {job["job_s"]:.1f} s (linear NUTS {parts["linear_nuts_s"]:.1f} s, SVI \
-{parts["svi_s"]:.1f} s, hurdle NUTS {parts["hurdle_nuts_s"]:.1f} s, WAIC of both models \
-over every token and draw {parts["waic_s"]:.1f} s; the rest is predictive checks, 1000 \
+{parts["svi_s"]:.1f} s, hurdle NUTS {parts["hurdle_nuts_s"]:.1f} s, PSIS-LOO and WAIC \
+of both models (ArviZ) over every token and {job["loo_draws"]} draws {parts["loo_s"]:.1f} s; \
+the rest is predictive checks, 1000 \
 prompt-bootstrap replicates and I/O); largest r-hat {job["max_r_hat"]:.3f}.
 """
     write_section(SECTION, body)

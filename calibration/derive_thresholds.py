@@ -15,6 +15,8 @@ writes `thresholds.json` with, on a grid of thresholds `u_th ∈ [0, 1]`:
   (every NUTS draw of `(a, b)`, with `Δ` drawn by a Bayesian bootstrap over
   prompts), and the risk-bounded threshold, the largest `u_th` with
   `P(R(u_th) ≤ ε | data) ≥ 1 − δ`, for the linear and the hurdle model;
+  `posterior.risk_bounded` is that of the model that predicts best (highest
+  PSIS-LOO elpd in `fit.json`), and `posterior.model_choice` records which and why;
 * **ltt**: the distribution-free Learn-then-Test threshold (Hoeffding–Bentkus
   p-values, fixed-sequence testing, prompts as the exchangeable unit), for which
   `P(R(û_th) ≤ ε) ≥ 1 − δ` over the draw of calibration prompts, where `R` is
@@ -58,6 +60,7 @@ from uhlm_jax import threshold as T
 
 __all__ = [
     "METHODS",
+    "MODELS",
     "Config",
     "Result",
     "RunData",
@@ -77,6 +80,8 @@ SPLIT_BATCH = 8
 # Posterior draws per batch for hurdle risk curves.
 DRAW_BATCH = 64
 METHODS = ("ltt", "posterior_linear", "analytic_risk_averse", "analytic_risk_prone")
+# The posterior models, as `uhlm fit` names them.
+MODELS = ("linear", "hurdle")
 
 
 class ThresholdSource(enum.Enum):
@@ -349,6 +354,7 @@ def _hurdle_curves(draws: dict[str, jnp.ndarray], u: np.ndarray, grid: jnp.ndarr
 def _posterior(
     cfg: Config, posterior: fit.Posterior, data: RunData, grid: jnp.ndarray
 ) -> dict[str, Any]:
+    best = _best_model(posterior.fit)
     u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
     linear = rejection.thin_draws(posterior.linear, cfg.num_posterior_draws)
     hurdle_draws = rejection.thin_draws(posterior.hurdle, cfg.num_posterior_draws)
@@ -369,7 +375,7 @@ def _posterior(
         linear["slope"], linear["intercept"], sample, grid
     )
     hurdle_curves = _hurdle_curves(hurdle_draws, data.u, grid)
-    return {
+    out = {
         "num_draws": num_draws,
         "credible_mass": cfg.credible_mass,
         "linear": {
@@ -398,6 +404,23 @@ def _posterior(
             "curve": _curve_summary(hurdle_curves, cfg),
         },
     }
+    out["model_choice"] = {
+        "model": best,
+        "rule": "highest elpd_loo (PSIS-LOO) in fit.json's comparison",
+        "comparison": [score._asdict() for score in posterior.fit.comparison.table],
+    }
+    out["risk_bounded"] = {**out[best]["risk_bounded"], "model": best}
+    return out
+
+
+def _best_model(fitted: rd.Fit) -> str:
+    """The model of `fit.json` that predicts best (its comparison's `best`)."""
+    if fitted.comparison is None:
+        raise ValueError(
+            f"{rd.FIT_FILE} has no PSIS-LOO model comparison (an older uhlm fit wrote it); "
+            "rerun `uhlm fit RUN_DIR`"
+        )
+    return fitted.comparison.best
 
 
 def _clipped_shares(slope: np.ndarray, intercept: np.ndarray, level) -> dict[str, float]:
@@ -828,9 +851,14 @@ def format_summary(summary: dict[str, Any]) -> str:
                 f"  {rule.label} {rule.formula}: {clipped['above_1']:.1%} of draws > 1 "
                 f"(skip everything), {clipped['below_0']:.1%} < 0 (skip only u = 0)"
             )
+    post = summary["posterior"]
+    best = post["model_choice"]["model"]
+    others = ", ".join(
+        f"{m} {_fmt(post[m]['risk_bounded']['threshold'])}" for m in MODELS if m != best
+    )
     lines.append(
-        f"risk-bounded: linear {_fmt(lin['risk_bounded']['threshold'])}, hurdle "
-        f"{_fmt(summary['posterior']['hurdle']['risk_bounded']['threshold'])}"
+        f"risk-bounded: {_fmt(post['risk_bounded']['threshold'])} from the {best} model, "
+        f"which predicts best (highest elpd_loo); {others}"
     )
     lines.append(format_ltt(summary["ltt"]))
     val = summary["validation"]

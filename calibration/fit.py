@@ -17,12 +17,13 @@ models the rejection probability `β` of a draft given the SLM's uncertainty `u`
   exact and cheap for discrete measures such as temperature perturbation
   (`K + 1` distinct values).
 
-It reports r-hat, effective sample sizes and divergences (numpyro.diagnostics);
+It reports r-hat, bulk and tail effective sample sizes (ArviZ) and divergences;
 posterior predictive checks in `u` bins (share of `β > 0` and mean `β`, observed
-against the 5-95% range of replicated data); a WAIC comparison of the two models
-on the observed scale (the linear model scored as the law of `clip(β*, 0, 1)`,
-with point masses at 0 and 1, so both models give likelihoods with respect to the
-same measure); and Pearson and Spearman correlations of `u` and `β` with 95%
+against the 5-95% range of replicated data); a comparison of the two models by
+PSIS-LOO, with WAIC beside it (ArviZ `az.loo`, `az.waic`, `az.compare`), on the
+observed scale (the linear model scored as the law of `clip(β*, 0, 1)`, with point
+masses at 0 and 1, so both models give likelihoods with respect to the same
+measure); and Pearson and Spearman correlations of `u` and `β` with 95%
 bootstrap intervals that resample prompts.
 
 Outputs, written atomically into RUN_DIR: `posterior_linear.npz` (NUTS draws
@@ -45,17 +46,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import optax
 import pandas as pd
-from numpyro.diagnostics import summary as numpyro_summary
 from numpyro.infer import MCMC, NUTS, SVI, Trace_ELBO
 from numpyro.infer.autoguide import AutoMultivariateNormal
 from numpyro.infer.initialization import init_to_value
@@ -71,11 +73,14 @@ __all__ = [
     "ChainMethod",
     "Config",
     "FitData",
+    "NutsFit",
     "Posterior",
     "Result",
     "add_arguments",
+    "compare",
     "default_chain_method",
     "fit_data",
+    "format_comparison",
     "format_summary",
     "load_fit_data",
     "load_posterior",
@@ -92,6 +97,8 @@ BETA_RANGE_TOL = 1e-5
 # Fewest tokens and prompts a fit accepts.
 MIN_TOKENS = 10
 MIN_PROMPTS = 2
+# Fewest posterior draws PSIS-LOO may use (its Pareto fit needs a tail of draws).
+MIN_LOO_DRAWS = 100
 # Central mass of reported intervals.
 INTERVAL_MASS = 0.9
 # SVI learning rate: starts here, decays tenfold over the run.
@@ -142,6 +149,9 @@ class Config:
       max_tokens: most tokens used; above it, whole prompts are subsampled.
       num_bins: `u` bins of the posterior predictive checks.
       num_bootstrap: prompt-bootstrap replicates of the correlations.
+      loo_draws: most posterior draws (over all chains, thinned evenly per chain) that
+        score each token in PSIS-LOO and WAIC; the pointwise log likelihood takes
+        `8 · tokens · loo_draws` bytes per model.
       seed: seed of every random choice (NUTS, SVI, subsampling, bootstrap).
       linear_prior, hurdle_prior: the priors.
     """
@@ -156,6 +166,7 @@ class Config:
     max_tokens: int = 100_000
     num_bins: int = 10
     num_bootstrap: int = 1000
+    loo_draws: int = 500
     seed: int = 0
     linear_prior: rejection.LinearPrior = rejection.LinearPrior()
     hurdle_prior: rejection.HurdlePrior = rejection.HurdlePrior()
@@ -175,6 +186,7 @@ class Config:
         _positive_int("max_tokens", self.max_tokens, MIN_TOKENS)
         _positive_int("num_bins", self.num_bins)
         _positive_int("num_bootstrap", self.num_bootstrap)
+        _positive_int("loo_draws", self.loo_draws, MIN_LOO_DRAWS)
         _positive_int("seed", self.seed, 0)
         if self.chain_method is not None and not isinstance(self.chain_method, ChainMethod):
             raise ValueError(
@@ -266,27 +278,46 @@ def load_fit_data(cfg: Config) -> FitData:
     return prepare_data(records.read_records(cfg.run_dir), cfg.measure, cfg.max_tokens, cfg.seed)
 
 
-def _site_summary(samples: dict[str, np.ndarray], sites: tuple[str, ...]) -> dict[str, Any]:
-    """Per-site mean, sd, interval, ESS and r-hat of draws shaped `(chains, draws)`."""
-    table = numpyro_summary({s: samples[s] for s in sites}, prob=INTERVAL_MASS)
-    lo_key, hi_key = [k for k in next(iter(table.values())) if k.endswith("%")]
-    return {
-        s: {
-            "mean": float(table[s]["mean"]),
-            "sd": float(table[s]["std"]),
-            "median": float(table[s]["median"]),
-            "interval": [float(table[s][lo_key]), float(table[s][hi_key])],
-            "ess": float(table[s]["n_eff"]),
-            "r_hat": float(table[s]["r_hat"]),
+def _site_summary(inference: az.InferenceData, sites: tuple[str, ...]) -> dict[str, Any]:
+    """Per-site mean, sd, median, central interval, ESS and r-hat (ArviZ: rank-normalised
+    split r-hat and bulk and tail ESS, Vehtari et al. 2021)."""
+    table = az.summary(inference, var_names=list(sites), round_to="none", stat_focus="mean")
+    tail = (1 - INTERVAL_MASS) / 2
+    out = {}
+    for s in sites:
+        draws = inference.posterior[s].values
+        lo, median, hi = np.quantile(draws, [tail, 0.5, 1 - tail])
+        out[s] = {
+            "mean": float(table.loc[s, "mean"]),
+            "sd": float(table.loc[s, "sd"]),
+            "median": float(median),
+            "interval": [float(lo), float(hi)],
+            "ess": float(table.loc[s, "ess_bulk"]),
+            "ess_tail": float(table.loc[s, "ess_tail"]),
+            "r_hat": float(table.loc[s, "r_hat"]),
         }
-        for s in sites
-    }
+    return out
+
+
+class NutsFit(NamedTuple):
+    """A NUTS run: draws, a JSON summary, and the ArviZ InferenceData.
+
+    Attributes:
+      draws: site -> `(chains, draws)` NumPy draws of the model's `sites`.
+      diagnostics: chain settings, divergences, mean leapfrog steps, seconds, and the
+        per-site `_site_summary`.
+      inference: `az.from_numpyro` of the run (posterior and sample stats).
+    """
+
+    draws: dict[str, np.ndarray]
+    diagnostics: dict[str, Any]
+    inference: az.InferenceData
 
 
 def run_nuts(
     model, model_args: tuple, sites: tuple[str, ...], cfg: Config, key: Array, init: dict | None
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Runs NUTS (dense mass matrix) and returns draws `(chains, draws)` and diagnostics."""
+) -> NutsFit:
+    """Runs NUTS (dense mass matrix); returns its draws, diagnostics and InferenceData."""
     method = cfg.chain_method or default_chain_method(cfg.num_chains)
     kernel = NUTS(
         model,
@@ -305,6 +336,8 @@ def run_nuts(
     mcmc.run(key, *model_args, extra_fields=("diverging", "num_steps"))
     samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items()}
     seconds = time.perf_counter() - start
+    # The pointwise log likelihood is added on the observed scale by `_compare`.
+    inference = az.from_numpyro(mcmc, log_likelihood=False)
     extra = mcmc.get_extra_fields()
     diagnostics = {
         "chain_method": method.value,
@@ -314,9 +347,9 @@ def run_nuts(
         "divergences": int(np.asarray(extra["diverging"]).sum()),
         "mean_leapfrog_steps": float(np.asarray(extra["num_steps"]).mean()),
         "seconds": seconds,
-        "params": _site_summary(samples, sites),
+        "params": _site_summary(inference, sites),
     }
-    return {s: samples[s] for s in sites}, diagnostics
+    return NutsFit({s: samples[s] for s in sites}, diagnostics, inference)
 
 
 def run_svi(
@@ -386,6 +419,48 @@ class Result:
     fit_path: Path
 
 
+def compare(
+    cfg: Config, u: np.ndarray, beta: np.ndarray, models: dict[str, tuple]
+) -> dict[str, Any]:
+    """PSIS-LOO and WAIC of each model on the observed tokens, ranked (`fit.json`'s
+    `comparison`).
+
+    Each model's draws are thinned evenly per chain to at most `cfg.loo_draws` and
+    scored per token on the observed scale, then ranked by `rejection.compare_models`.
+
+    Args:
+      cfg: the fit's settings (`loo_draws`).
+      u, beta: `(n,)` the fitted tokens.
+      models: name -> (`NutsFit`, its sites, its per-draw pointwise log likelihood).
+
+    Returns:
+      The criterion, the scale, the draws used, `table` (one row per model, best first:
+      elpd_loo, se, p_loo, elpd_diff, dse, weight, warning and WAIC) and `best`.
+    """
+    start = time.perf_counter()
+    scored = {}
+    for name, (nuts, sites, loglik) in models.items():
+        chains, draws = nuts.draws[sites[0]].shape
+        step = max(1, math.ceil(chains * draws / cfg.loo_draws))
+        thinned = nuts.inference.isel(draw=slice(None, None, step))
+        kept = {s: thinned.posterior[s].values for s in sites}
+        thinned.add_groups(
+            log_likelihood={"beta": rejection.pointwise_log_likelihood(loglik, kept, u, beta)}
+        )
+        scored[name] = thinned
+    table = rejection.compare_models(scored)
+    return {
+        "criterion": "PSIS-LOO",
+        "scale": "observed beta in [0, 1]: the linear model is scored as the law of "
+        "clip(beta*, 0, 1) (point masses at 0 and 1), the hurdle model as fitted",
+        "unit": "token",
+        "num_draws": int(next(iter(scored.values())).posterior.sizes["draw"]) * cfg.num_chains,
+        "table": [score._asdict() for score in table],
+        "best": table[0].name,
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, dict]:
     """Fits both models to prepared data; returns the summary and the three draw sets."""
     linear_key, svi_key, hurdle_key = jax.random.split(jax.random.key(cfg.seed), 3)
@@ -398,7 +473,7 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
     }
     stats = rejection.linear_stats(u, beta)
     stats32 = rejection.LinearStats(*(jnp.float32(x) for x in stats))
-    linear_draws, linear_nuts = run_nuts(
+    linear = run_nuts(
         rejection.linear_gaussian_stats,
         (stats32, cfg.linear_prior),
         rejection.LINEAR_SITES,
@@ -406,6 +481,7 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
         linear_key,
         init,
     )
+    linear_draws, linear_nuts = linear.draws, linear.diagnostics
     svi_draws, svi_summary = run_svi(stats32, cfg, svi_key, init, cfg.num_chains * cfg.num_samples)
     u64, beta64 = u.astype(np.float64), beta.astype(np.float64)
     exact = rejection.conjugate_posterior(
@@ -418,7 +494,7 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
         cfg.linear_prior,
     )
     groups = rejection.HurdleGroups(*(jnp.asarray(x) for x in rejection.hurdle_groups(u, beta)))
-    hurdle_draws, hurdle_nuts = run_nuts(
+    hurdle = run_nuts(
         rejection.hurdle_grouped,
         (groups, cfg.hurdle_prior),
         rejection.HURDLE_SITES,
@@ -426,25 +502,16 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
         hurdle_key,
         None,
     )
-    start = time.perf_counter()
-    waic_linear = rejection.waic(
-        rejection.linear_pointwise_loglik, rejection.thin_draws(linear_draws), u, beta
+    hurdle_draws, hurdle_nuts = hurdle.draws, hurdle.diagnostics
+    comparison = compare(
+        cfg,
+        u,
+        beta,
+        {
+            "linear": (linear, rejection.LINEAR_SITES, rejection.linear_pointwise_loglik),
+            "hurdle": (hurdle, rejection.HURDLE_SITES, rejection.hurdle_pointwise_loglik),
+        },
     )
-    waic_hurdle = rejection.waic(
-        rejection.hurdle_pointwise_loglik, rejection.thin_draws(hurdle_draws), u, beta
-    )
-    diff = waic_hurdle.elpd_i - waic_linear.elpd_i
-    comparison = {
-        "criterion": "WAIC",
-        "scale": "observed beta in [0, 1]: the linear model is scored as the law of "
-        "clip(beta*, 0, 1) (point masses at 0 and 1), the hurdle model as fitted",
-        "linear": waic_linear.summary(),
-        "hurdle": waic_hurdle.summary(),
-        "elpd_difference_hurdle_minus_linear": float(diff.sum()),
-        "elpd_difference_se": float(np.sqrt(diff.size * np.var(diff))),
-        "preferred": "hurdle" if diff.sum() > 0 else "linear",
-        "seconds": time.perf_counter() - start,
-    }
     ppc = rejection.predictive_checks(
         u, beta, linear_draws, hurdle_draws, cfg.num_bins, np.random.default_rng((cfg.seed, 3))
     )
@@ -550,6 +617,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_config.add_output_flags(parser)
 
 
+def format_comparison(comparison: dict[str, Any]) -> list[str]:
+    """The model comparison of `fit.json` as text lines, best model first."""
+    lines = [
+        f"{comparison['criterion']} over {comparison['unit']}s "
+        f"({comparison['num_draws']} draws per model); best: {comparison['best']}",
+        f"  {'model':<8}{'elpd_loo':>10}{'se':>8}{'elpd_diff':>11}{'dse':>8}{'weight':>8}"
+        f"{'p_loo':>8}{'elpd_waic':>11}  warning",
+    ]
+    for r in comparison["table"]:
+        warning = "Pareto k > bound" if r["warning"] else "-"
+        lines.append(
+            f"  {r['name']:<8}{r['elpd_loo']:>10.1f}{r['se']:>8.1f}{r['elpd_diff']:>11.1f}"
+            f"{r['dse']:>8.1f}{r['weight']:>8.2f}{r['p_loo']:>8.1f}{r['elpd_waic']:>11.1f}  "
+            f"{warning}"
+        )
+    return lines
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable report of `fit.json`."""
     lines = []
@@ -577,12 +662,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(
         "linear SVI: " + ", ".join(f"{k} {v['mean']:.4f}±{v['sd']:.4f}" for k, v in svi.items())
     )
-    comp = summary["comparison"]
-    lines.append(
-        f"WAIC: linear {comp['linear']['waic']:.1f}, hurdle {comp['hurdle']['waic']:.1f}; "
-        f"elpd(hurdle) - elpd(linear) = {comp['elpd_difference_hurdle_minus_linear']:.1f} "
-        f"± {comp['elpd_difference_se']:.1f} -> {comp['preferred']}"
-    )
+    lines += format_comparison(summary["comparison"])
     return "\n".join(lines)
 
 

@@ -310,7 +310,7 @@ class Correlation:
 
 @dataclasses.dataclass(frozen=True)
 class ParamSummary:
-    """Posterior summary of one parameter (numpyro.diagnostics)."""
+    """Posterior summary of one parameter (ArviZ: bulk ESS and rank-normalised r-hat)."""
 
     mean: float | None
     sd: float | None
@@ -329,13 +329,21 @@ class NutsSummary:
 
 @dataclasses.dataclass(frozen=True)
 class ModelComparison:
-    """WAIC of the linear and hurdle models, and `elpd(hurdle) − elpd(linear) ± se`."""
+    """The models ranked by predictive accuracy (`calibration.fit.compare`).
 
-    linear_waic: float
-    hurdle_waic: float
-    elpd_difference: float
-    elpd_difference_se: float
-    preferred: str
+    Attributes:
+        criterion: how they are ranked (`PSIS-LOO`).
+        unit: what one pointwise observation is (`token`).
+        num_draws: posterior draws each model was scored with.
+        best: the model that predicts best.
+        table: one `rejection.ModelScore` per model, best first.
+    """
+
+    criterion: str
+    unit: str
+    num_draws: int
+    best: str
+    table: tuple[rejection.ModelScore, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +356,7 @@ class Fit:
         correlations: `pearson`, `spearman` of `u` and `β`.
         linear_prior: the linear model's prior, if recorded.
         nuts: `linear`, `hurdle` NUTS summaries.
-        comparison: the WAIC comparison, if recorded.
+        comparison: the models ranked by PSIS-LOO, if recorded.
         predictive_mean_covered: per model, whether each `u` bin's replicated range covers
             the observed mean `β`.
     """
@@ -386,13 +394,14 @@ class Fit:
                 for name, p in (block.get("params") or {}).items()
             }
             nuts[model] = NutsSummary(divergences=block.get("divergences"), params=params)
-        comp = data.get("comparison")
-        comparison = None if not comp else ModelComparison(
-            linear_waic=float(comp["linear"]["waic"]),
-            hurdle_waic=float(comp["hurdle"]["waic"]),
-            elpd_difference=float(comp["elpd_difference_hurdle_minus_linear"]),
-            elpd_difference_se=float(comp["elpd_difference_se"]),
-            preferred=comp["preferred"],
+        comp = data.get("comparison") or {}
+        # A fit.json without a ranked table predates the PSIS-LOO comparison.
+        comparison = None if "table" not in comp else ModelComparison(
+            criterion=comp["criterion"],
+            unit=comp["unit"],
+            num_draws=int(comp["num_draws"]),
+            best=comp["best"],
+            table=tuple(rejection.ModelScore(**row) for row in comp["table"]),
         )
         checks = data.get("predictive_checks") or []
         prior = _get(data, "linear", "prior")
@@ -530,8 +539,9 @@ class Thresholds:
         seed: the job's seed, if recorded.
         plug_in: the least-squares line and the paper's thresholds, if written.
         risk_averse, risk_prone: the analytic thresholds `−b/a`, `(Δ − b)/a`.
-        risk_bounded, risk_bounded_hurdle: the posterior risk-bounded thresholds of the
-            linear and the hurdle model.
+        risk_bounded: the posterior risk-bounded threshold in use, that of the model
+            that predicts best (highest PSIS-LOO elpd); `risk_bounded_model` names it.
+        risk_bounded_by_model: every posterior model's risk-bounded threshold.
         ltt: the Learn-then-Test threshold; `ltt_certified`: whether it is certified;
             `ltt_num_prompts`: the calibration prompts it used.
         validation: the prompt-split validation, if written.
@@ -545,7 +555,10 @@ class Thresholds:
     risk_averse: NamedThreshold | None = None
     risk_prone: NamedThreshold | None = None
     risk_bounded: NamedThreshold | None = None
-    risk_bounded_hurdle: NamedThreshold | None = None
+    risk_bounded_model: str | None = None
+    risk_bounded_by_model: Mapping[str, NamedThreshold] = dataclasses.field(
+        default_factory=dict
+    )
     ltt: NamedThreshold | None = None
     ltt_certified: bool = False
     ltt_num_prompts: int | None = None
@@ -603,10 +616,14 @@ class Thresholds:
             plug_in=plug_in,
             risk_averse=NamedThreshold.from_json(analytic.get("risk_averse")),
             risk_prone=NamedThreshold.from_json(analytic.get("risk_prone")),
-            risk_bounded=NamedThreshold.from_json(
-                _get(data, "posterior", "linear", "risk_bounded")),
-            risk_bounded_hurdle=NamedThreshold.from_json(
-                _get(data, "posterior", "hurdle", "risk_bounded")),
+            risk_bounded=NamedThreshold.from_json(_get(data, "posterior", "risk_bounded")),
+            risk_bounded_model=_get(data, "posterior", "risk_bounded", "model"),
+            risk_bounded_by_model={
+                model: block
+                for model in ("linear", "hurdle")
+                if (block := NamedThreshold.from_json(
+                    _get(data, "posterior", model, "risk_bounded"))) is not None
+            },
             ltt=NamedThreshold.from_json(data.get("ltt")),
             ltt_certified=bool(_get(data, "ltt", "certified")),
             ltt_num_prompts=_get(data, "ltt", "num_prompts"),
@@ -643,7 +660,13 @@ class Thresholds:
     def exceed_frequency(self, name: ThresholdName) -> float | None:
         """The share of validation splits in which threshold `name` exceeded `ε` (None
         without a validation of it): per prompt for Learn-then-Test, whose guarantee is
-        about the per-prompt risk, per token for the others."""
+        about the per-prompt risk, per token for the others. The split validation
+        refits only the linear posterior, so a risk-bounded threshold of another model
+        has none."""
+        if name is ThresholdName.RISK_BOUNDED and self.risk_bounded_model not in (
+            None, "linear"
+        ):
+            return None
         method, statistic = _VALIDATED_AS[name]
         found = None if self.validation is None else self.validation.methods.get(method)
         return None if found is None else getattr(found, statistic)

@@ -1,5 +1,5 @@
-"""Tests of uhlm_jax.rejection: exact likelihood rewrites, WAIC, correlation and AUROC
-oracles, and the conjugate posterior."""
+"""Tests of uhlm_jax.rejection: exact likelihood rewrites, pointwise log likelihood and
+ArviZ model comparison, correlation and AUROC oracles, and the conjugate posterior."""
 
 import math
 
@@ -16,6 +16,8 @@ from uhlm_jax import rejection
 
 # float32 log densities of a few hundred tokens, relative.
 LOG_DENSITY_RTOL = 1e-5
+# ArviZ sums float32 log densities of hundreds of tokens; the oracle sums them in float64.
+FLOAT32_SUM_RTOL = 1e-4
 TRUE_LINEAR = {"slope": 0.82, "intercept": -0.06, "sigma": 0.15}
 TRUE_HURDLE = {
     "positive_slope": 4.0,
@@ -93,17 +95,68 @@ def test_linear_pointwise_loglik_is_censored_at_zero_and_one():
     assert ll[2] == pytest.approx(math.log(phi((mu - 1) / s)), rel=1e-4)
 
 
-def test_waic_matches_direct_formula():
-    # Given a model whose pointwise log likelihood is −θ·β² over three draws
-    draws = {"theta": jnp.float32([0.5, 1.0, 2.0])}
-    u = np.zeros(5000, np.float32)  # spans two chunks
-    beta = np.linspace(0, 1, 5000).astype(np.float32)
-    result = rejection.waic(lambda p, u_, b_: -p["theta"] * b_**2 + 0 * u_, draws, u, beta)
-    ll = -np.asarray([0.5, 1.0, 2.0])[:, None] * beta.astype(np.float64) ** 2
+def test_pointwise_log_likelihood_matches_a_loop_over_draws():
+    # Given 2 chains x 3 draws of the linear model and tokens spanning two chunks
+    rng = np.random.default_rng(0)
+    draws = {
+        "slope": rng.uniform(0.5, 1.0, (2, 3)),
+        "intercept": rng.uniform(-0.1, 0.1, (2, 3)),
+        "sigma": rng.uniform(0.1, 0.3, (2, 3)),
+    }
+    u, beta = linear_data(rejection.LOGLIK_CHUNK + 7)
+    beta = np.clip(beta, 0, 1)
+    # When scored at once
+    ll = rejection.pointwise_log_likelihood(rejection.linear_pointwise_loglik, draws, u, beta)
+    # Then each (chain, draw) row is the one-draw function on that draw
+    assert ll.shape == (2, 3, u.size)
+    for c in range(2):
+        for d in range(3):
+            one = {k: jnp.float32(v[c, d]) for k, v in draws.items()}
+            expected = rejection.linear_pointwise_loglik(one, jnp.asarray(u), jnp.asarray(beta))
+            np.testing.assert_allclose(ll[c, d], expected, rtol=1e-6, atol=1e-6)
+
+
+def _waic_by_hand(ll: np.ndarray) -> tuple[float, float, float]:
+    """WAIC's elpd, its SE and p_waic from an `(S, n)` log likelihood (Vehtari et al. 2017,
+    eqs. 11-13, 23; the variance over draws without Bessel's correction, as ArviZ has it)."""
     lppd = np.log(np.exp(ll).mean(0))
-    np.testing.assert_allclose(result.p_i, ll.var(0), rtol=1e-4, atol=1e-7)
-    np.testing.assert_allclose(result.elpd_i, lppd - ll.var(0), rtol=1e-4, atol=1e-6)
-    assert result.summary()["waic"] == pytest.approx(-2 * (lppd - ll.var(0)).sum(), rel=1e-4)
+    p = ll.var(0)
+    elpd_i = lppd - p
+    return float(elpd_i.sum()), float(np.sqrt(elpd_i.size * elpd_i.var())), float(p.sum())
+
+
+def test_compare_models_matches_waic_by_hand_and_ranks_the_true_model_first():
+    # Given hurdle data and posterior-like draws of the two models near their least-squares
+    # and true values
+    import arviz as az
+
+    u, beta = hurdle_data(600, seed=3)
+    rng = np.random.default_rng(1)
+    ls = rejection.least_squares(u, beta)
+    linear = {k: ls[k] * (1 + 0.02 * rng.standard_normal((2, 200))) for k in ls}
+    hurdle = {k: v * (1 + 0.02 * rng.standard_normal((2, 200))) for k, v in TRUE_HURDLE.items()}
+    models = {}
+    for name, draws, loglik in (
+        ("linear", linear, rejection.linear_pointwise_loglik),
+        ("hurdle", hurdle, rejection.hurdle_pointwise_loglik),
+    ):
+        ll = rejection.pointwise_log_likelihood(loglik, draws, u, beta)
+        models[name] = az.from_dict(posterior=draws, log_likelihood={"beta": ll})
+    # When ArviZ compares them
+    table = rejection.compare_models(models)
+    # Then the hurdle model, which made the data, ranks first with most stacking weight ...
+    assert [r.name for r in table] == ["hurdle", "linear"]
+    assert table[0].elpd_diff == 0 and table[1].elpd_diff > 3 * table[1].dse
+    assert table[0].weight > 0.5 and sum(r.weight for r in table) == pytest.approx(1.0)
+    # ... and each model's WAIC is the textbook formula on the same log likelihood
+    for row in table:
+        ll = np.asarray(models[row.name].log_likelihood["beta"], np.float64).reshape(400, -1)
+        elpd, se, p = _waic_by_hand(ll)
+        assert row.elpd_waic == pytest.approx(elpd, rel=FLOAT32_SUM_RTOL)
+        assert row.waic_se == pytest.approx(se, rel=FLOAT32_SUM_RTOL)
+        assert row.p_waic == pytest.approx(p, rel=FLOAT32_SUM_RTOL)
+        # PSIS-LOO and WAIC agree to well within the SE when no draw dominates.
+        assert abs(row.elpd_loo - row.elpd_waic) < 0.1 * row.se
 
 
 # --- correlations and AUROC ------------------------------------------------------------

@@ -14,7 +14,8 @@ as pure functions of arrays (files are the jobs' business, `uhlm fit` and
     `P(β > 0 | u) = σ(c·u + e)` and `β | β > 0 ~ Beta(m·κ, (1 − m)·κ)` with
     `m = σ(f·u + g)`, and `hurdle_grouped`, the same likelihood summed over tokens of
     equal `u`;
-* **model checks**: pointwise log likelihoods on the observed scale, `waic`, and
+* **model checks**: pointwise log likelihoods on the observed scale
+  (`pointwise_log_likelihood`), PSIS-LOO and WAIC by ArviZ (`compare_models`), and
   posterior predictive checks in `u` bins (`predictive_checks`);
 * **the exact posterior** of the linear model (Normal-inverse-gamma,
   `conjugate_posterior`) and **least squares** (`least_squares`), with the paper's
@@ -30,8 +31,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, NamedTuple
 
+import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,10 +58,11 @@ __all__ = [
     "HurdlePrior",
     "LinearPrior",
     "LinearStats",
+    "ModelScore",
     "PlugInThresholds",
-    "Waic",
     "auroc",
     "average_ranks",
+    "compare_models",
     "conjugate_posterior",
     "correlations",
     "hurdle",
@@ -72,13 +76,13 @@ __all__ = [
     "linear_stats",
     "pearson",
     "plug_in_thresholds",
+    "pointwise_log_likelihood",
     "predictive_checks",
     "replicate_hurdle",
     "replicate_linear",
     "sample_conjugate",
     "spearman",
     "thin_draws",
-    "waic",
 ]
 
 # Sample sites of the posterior draws of each model.
@@ -94,9 +98,9 @@ HURDLE_SITES = (
 # Positive β are clipped into (0, 1) before the Beta log density, which is infinite at
 # β = 1 (an LLM probability that underflowed to 0) for concentrations below 1.
 BETA_CLIP = 1e-6
-# Posterior draws used for the predictive checks and tokens per WAIC chunk.
+# Posterior draws used for the predictive checks and tokens per log-likelihood chunk.
 PPC_DRAWS = 100
-WAIC_CHUNK = 4096
+LOGLIK_CHUNK = 4096
 # Central mass of the bootstrap intervals of the correlations.
 BOOTSTRAP_LEVEL = 0.95
 # Bootstrap replicates computed together (bounds memory to this many copies of the tokens).
@@ -321,7 +325,7 @@ def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> 
     )
 
 
-# --- pointwise likelihoods and WAIC ----------------------------------------------------
+# --- pointwise likelihoods and model comparison -------------------------------
 
 
 def _beta_log_density(a: Array, b: Array, total: Array, x: Array) -> Array:
@@ -364,61 +368,111 @@ def hurdle_pointwise_loglik(
     )
 
 
-class Waic(NamedTuple):
-    """WAIC (Watanabe 2010; Vehtari, Gelman, Gabry 2017), per token and in total.
-
-    Attributes:
-      elpd_i: `(n,)` pointwise `lppd_i − p_i`.
-      p_i: `(n,)` pointwise effective parameters, the variance over draws of the
-        log likelihood.
-    """
-
-    elpd_i: np.ndarray
-    p_i: np.ndarray
-
-    def summary(self) -> dict[str, float]:
-        n = self.elpd_i.size
-        elpd = float(self.elpd_i.sum())
-        return {
-            "elpd": elpd,
-            "p_waic": float(self.p_i.sum()),
-            "waic": -2.0 * elpd,
-            "se": 2.0 * float(np.sqrt(n * np.var(self.elpd_i))),
-        }
-
-
-def waic(loglik, draws: dict[str, Array], u: np.ndarray, beta: np.ndarray) -> Waic:
-    """WAIC of a model from its pointwise log likelihood, in token chunks.
-
-    `elpd_i = log mean_s p(β_i | θ_s) − var_s log p(β_i | θ_s)`.
+def pointwise_log_likelihood(
+    loglik, draws: dict[str, Array], u: Float[Array, " n"], beta: Float[Array, " n"]
+) -> np.ndarray:
+    """Every draw's per-token log likelihood, in token chunks.
 
     Args:
-      loglik: `(params, u, beta) -> (n,)` for one draw.
-      draws: site -> `(S,)` posterior draws.
+      loglik: `(params, u, beta) -> (n,)` for one draw, e.g. `linear_pointwise_loglik`.
+      draws: site -> `(chains, draws)` posterior draws.
       u, beta: `(n,)` data.
 
     Returns:
-      The pointwise `Waic`.
+      `(chains, draws, n)` float32, the `log_likelihood` group ArviZ's LOO and WAIC read.
     """
     n = u.shape[0]
-    pad = (-n) % WAIC_CHUNK
-    u_chunks = jnp.pad(jnp.asarray(u, jnp.float32), (0, pad)).reshape(-1, WAIC_CHUNK)
-    beta_chunks = jnp.pad(jnp.asarray(beta, jnp.float32), (0, pad)).reshape(-1, WAIC_CHUNK)
-    num_draws = next(iter(draws.values())).shape[0]
+    pad = (-n) % LOGLIK_CHUNK
+    u_chunks = jnp.pad(jnp.asarray(u, jnp.float32), (0, pad)).reshape(-1, LOGLIK_CHUNK)
+    beta_chunks = jnp.pad(jnp.asarray(beta, jnp.float32), (0, pad)).reshape(-1, LOGLIK_CHUNK)
+    chains, num_draws = np.shape(next(iter(draws.values())))
+    flat = {k: jnp.asarray(v, jnp.float32).reshape(-1) for k, v in draws.items()}
 
-    def pointwise(draws, xs):
-        def chunk(args):
-            u_c, beta_c = args
-            ll = jax.vmap(loglik, in_axes=(0, None, None))(draws, u_c, beta_c)  # (S, chunk)
-            lppd = jax.nn.logsumexp(ll, axis=0) - jnp.log(num_draws)
-            return lppd, jnp.var(ll, axis=0)
-
-        return jax.lax.map(chunk, xs)
+    def pointwise(flat, xs):
+        per_draw = jax.vmap(loglik, in_axes=(0, None, None))
+        return jax.lax.map(lambda c: per_draw(flat, *c), xs)  # (chunks, S, chunk)
 
     # Draws are arguments, not closed-over constants, which XLA would try to fold.
-    lppd, p = jax.jit(pointwise)(draws, (u_chunks, beta_chunks))
-    lppd, p = np.asarray(lppd).reshape(-1)[:n], np.asarray(p).reshape(-1)[:n]
-    return Waic(elpd_i=lppd - p, p_i=p)
+    ll = np.asarray(jax.jit(pointwise)(flat, (u_chunks, beta_chunks)))
+    ll = np.moveaxis(ll, 0, 1).reshape(chains * num_draws, -1)[:, :n]
+    return ll.reshape(chains, num_draws, n)
+
+
+class ModelScore(NamedTuple):
+    """One model's predictive accuracy, as ranked by `compare_models`.
+
+    Attributes:
+      name: the model.
+      rank: 0 for the model that predicts best (highest `elpd_loo`).
+      elpd_loo: PSIS-LOO expected log predictive density (Vehtari, Gelman, Gabry 2017).
+      se: its standard error.
+      p_loo: effective number of parameters.
+      elpd_diff: `elpd_loo` of the best model minus this one's (0 for the best).
+      dse: standard error of `elpd_diff`, from the pointwise differences.
+      weight: stacking weight.
+      warning: whether PSIS was unreliable (a Pareto `k` above ArviZ's bound).
+      max_pareto_k: the largest Pareto `k` over the observations.
+      elpd_waic, waic_se, p_waic: WAIC (Watanabe 2010) on the same log likelihood.
+      waic_warning: whether a pointwise variance of the log density exceeded 0.4.
+    """
+
+    name: str
+    rank: int
+    elpd_loo: float
+    se: float
+    p_loo: float
+    elpd_diff: float
+    dse: float
+    weight: float
+    warning: bool
+    max_pareto_k: float
+    elpd_waic: float
+    waic_se: float
+    p_waic: float
+    waic_warning: bool
+
+
+# InferenceData is annotated as Any: it subclasses typing.Mapping, which the test-time
+# annotation checks reject as a deprecated hint.
+def compare_models(models: dict[str, Any]) -> tuple[ModelScore, ...]:
+    """PSIS-LOO and WAIC of each model, ranked by `elpd_loo` (`az.loo`, `az.waic`,
+    `az.compare` with stacking weights).
+
+    Every model's `log_likelihood` group must score the same observations (one variable,
+    `(chain, draw, observation)`). ArviZ's warnings about unreliable estimates are
+    returned as the `warning` flags rather than raised; its others are about its own use
+    of pandas (`sort_values(inplace=True)`, deprecated in pandas 3.1).
+
+    Args:
+      models: name -> `az.InferenceData` with `posterior` and `log_likelihood` groups.
+
+    Returns:
+      The `ModelScore`s, best first.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loo = {name: az.loo(data, pointwise=True) for name, data in models.items()}
+        waic = {name: az.waic(data) for name, data in models.items()}
+        table = az.compare(loo, ic="loo", method="stacking")
+    return tuple(
+        ModelScore(
+            name=str(name),
+            rank=int(row["rank"]),
+            elpd_loo=float(row["elpd_loo"]),
+            se=float(row["se"]),
+            p_loo=float(row["p_loo"]),
+            elpd_diff=float(row["elpd_diff"]),
+            dse=float(row["dse"]),
+            weight=float(row["weight"]),
+            warning=bool(row["warning"]),
+            max_pareto_k=float(np.max(loo[name].pareto_k)),
+            elpd_waic=float(waic[name].elpd_waic),
+            waic_se=float(waic[name].se),
+            p_waic=float(waic[name].p_waic),
+            waic_warning=bool(waic[name].warning),
+        )
+        for name, row in table.iterrows()
+    )
 
 
 # --- posterior draws and predictive checks ---------------------------------------------

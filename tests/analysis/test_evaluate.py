@@ -31,7 +31,7 @@ FLOAT_ATOL = 2e-5
 NUM_PROMPTS = 5
 THRESHOLDS = {"analytic": {"risk_averse": {"threshold": -0.3},  # clipped to 0
                            "risk_prone": {"threshold": 1.7}},  # clipped to 1: skips all
-              "posterior": {"linear": {"risk_bounded": {"threshold": 0.45}}},
+              "posterior": {"risk_bounded": {"threshold": 0.45, "model": "hurdle"}},
               "ltt": {"threshold": None, "certified": False},
               "measure": "temperature_perturbation", "risk": 0.05, "confidence": 0.9}
 

@@ -126,6 +126,25 @@ def test_report_with_fit_and_thresholds(tmp_path):
             "correlation": {"pearson": {"estimate": 0.8, "interval": [0.75, 0.85]}},
             "linear": {"nuts": {"divergences": 0, "params": {"slope": params}}},
             "hurdle": {"nuts": {"divergences": 1, "params": {"positive_slope": params}}},
+            "comparison": {
+                "criterion": "PSIS-LOO",
+                "unit": "token",
+                "num_draws": 200,
+                "best": "hurdle",
+                "table": [
+                    rejection.ModelScore(
+                        name="hurdle", rank=0, elpd_loo=-120.04, se=7.2, p_loo=4.3,
+                        elpd_diff=0.0, dse=0.0, weight=0.96, warning=False, max_pareto_k=0.2,
+                        elpd_waic=-120.0, waic_se=7.2, p_waic=4.2, waic_warning=False,
+                    )._asdict(),
+                    rejection.ModelScore(
+                        name="linear", rank=1, elpd_loo=-290.0, se=17.3, p_loo=6.1,
+                        elpd_diff=169.96, dse=15.6, weight=0.04, warning=True,
+                        max_pareto_k=0.81, elpd_waic=-289.8, waic_se=17.3, p_waic=6.0,
+                        waic_warning=False,
+                    )._asdict(),
+                ],
+            },
         },
     )
     rd.write_json(
@@ -144,10 +163,22 @@ def test_report_with_fit_and_thresholds(tmp_path):
             "posterior": {
                 "linear": {
                     "risk_bounded": {
+                        "threshold": 0.3,
+                        "empirical": {"per_token": 0.03, "given_skip": 0.06, "skip_share": 0.5},
+                    }
+                },
+                "hurdle": {
+                    "risk_bounded": {
                         "threshold": 0.2,
                         "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_rate": 0.4},
                     }
-                }
+                },
+                "model_choice": {"model": "hurdle"},
+                "risk_bounded": {
+                    "threshold": 0.2,
+                    "model": "hurdle",
+                    "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4},
+                },
             },
             "ltt": {"threshold": 0.15, "certified": True},
             "validation": {
@@ -170,7 +201,18 @@ def test_report_with_fit_and_thresholds(tmp_path):
     assert "U-HLM, Learn-then-Test (u_th = 0.150)" in rows
     assert "U-HLM, risk-bounded (u_th = 0.200)" in rows
     assert "| Learn-then-Test | 0.150 |" in markdown
+    # The risk-bounded threshold in use is the best-predicting (hurdle) model's
+    assert "| posterior risk-bounded (hurdle — best by PSIS-LOO, the one used) | 0.200 |" in (
+        markdown
+    )
+    assert "| posterior risk-bounded (linear) | 0.300 |" in markdown
     assert "| linear | slope | 0.8000 |" in markdown
+    assert "the best predictor is the hurdle model" in markdown
+    assert "| hurdle | -120.0 | 7.2 | 0.0 | 0.0 | 0.960 | 4.3 | -120.0 | none |" in markdown
+    assert (
+        "| linear | -290.0 | 17.3 | 170.0 | 15.6 | 0.040 | 6.1 | -289.8 | Pareto k up to 0.81 |"
+        in markdown
+    )
     assert "Seeds: calibration 0, fit 7, thresholds 3." in markdown
     names = {p.name for p in result.plots}
     assert {"threshold_posteriors.png", "risk_histograms.png", "u_beta.png"} <= names

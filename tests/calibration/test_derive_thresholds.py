@@ -122,7 +122,14 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
         inside = 0 <= block["raw"] <= 1
         assert (block["reason"] is None) == inside
         assert block["threshold"] == pytest.approx(min(max(block["raw"], 0), 1), abs=1e-6)
-    for model in ("linear", "hurdle"):
+    # The risk-bounded threshold in use is the model's that predicts best (hurdle data here).
+    fitted = json.loads((fitted_run / rd.FIT_FILE).read_text())["comparison"]
+    choice = summary["posterior"]["model_choice"]
+    assert choice["model"] == fitted["best"] == "hurdle"
+    assert choice["comparison"] == fitted["table"]
+    chosen = summary["posterior"]["risk_bounded"]
+    assert chosen == {**summary["posterior"]["hurdle"]["risk_bounded"], "model": "hurdle"}
+    for model in th.MODELS:
         bounded = summary["posterior"][model]["risk_bounded"]
         assert bounded["probability_within_risk"] >= 0.9
         assert bounded["posterior_risk"]["interval"][1] <= 0.05 + 1e-6
@@ -145,6 +152,7 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     # The human-readable form names every method.
     text = th.format_summary(summary)
     assert all(name in text for name in th.METHODS)
+    assert "from the hurdle model, which predicts best (highest elpd_loo)" in text
     # The typed view reads back what was written.
     view = rd.Thresholds.read(fitted_run)
     assert (view.measure, view.risk, view.confidence) == ("temperature_perturbation", 0.05, 0.9)

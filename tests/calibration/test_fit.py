@@ -29,6 +29,12 @@ SVI_MEAN_SDS = 0.5
 SVI_SD_RTOL = 0.3
 R_HAT_MAX = 1.05
 SMALL = {"num_warmup": 300, "num_samples": 300}
+# The pooled linear model's WAIC on the smoke test's fixture run, computed by the
+# hand-written WAIC that ArviZ replaced (elpd = lppd - p_waic over every NUTS draw;
+# the same records, seed and settings): elpd -289.79, WAIC SE 34.68 on the deviance
+# scale, so 17.34 on the elpd scale.
+HAND_WAIC_LINEAR_ELPD = -289.79
+HAND_WAIC_LINEAR_SE = 17.34
 
 
 def small_config(run_dir, **kw) -> fit.Config:
@@ -46,7 +52,7 @@ def test_nuts_and_svi_recover_the_linear_model():
     init = {"slope": ls["slope"], "intercept": ls["intercept"], "sigma_sq": ls["sigma"] ** 2}
     stats = rejection.LinearStats(*(jnp.float32(x) for x in rejection.linear_stats(u, beta)))
     # When NUTS and SVI fit the sufficient-statistic model
-    draws, nuts = fit.run_nuts(
+    draws, nuts, _ = fit.run_nuts(
         rejection.linear_gaussian_stats,
         (stats, cfg.linear_prior),
         rejection.LINEAR_SITES,
@@ -87,7 +93,7 @@ def test_nuts_recovers_the_hurdle_model():
     u, beta = hurdle_data(3000, seed=5)
     cfg = fit.Config(run_dir=".", **SMALL)
     groups = rejection.HurdleGroups(*(jnp.asarray(x) for x in rejection.hurdle_groups(u, beta)))
-    _, nuts = fit.run_nuts(
+    _, nuts, _ = fit.run_nuts(
         rejection.hurdle_grouped,
         (groups, cfg.hurdle_prior),
         rejection.HURDLE_SITES,
@@ -197,7 +203,13 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     on_disk = json.loads((tmp_path / rd.FIT_FILE).read_text())
     assert printed == on_disk
     assert on_disk["data"]["num_tokens"] == 300 and on_disk["data"]["num_prompts"] == 20
-    assert on_disk["comparison"]["preferred"] == "hurdle"  # the data are hurdle data
+    comparison = on_disk["comparison"]
+    assert comparison["best"] == "hurdle"  # the data are hurdle data
+    assert [r["name"] for r in comparison["table"]] == ["hurdle", "linear"]
+    # ArviZ's PSIS-LOO of the linear model agrees with the hand-written WAIC it replaced.
+    linear = comparison["table"][1]
+    assert abs(linear["elpd_loo"] - HAND_WAIC_LINEAR_ELPD) < HAND_WAIC_LINEAR_SE
+    assert linear["se"] == pytest.approx(HAND_WAIC_LINEAR_SE, rel=0.1)
     assert len(on_disk["predictive_checks"]) >= 5
     posterior = fit.load_posterior(tmp_path)
     # The typed view of fit.json reads back what was written
@@ -206,7 +218,8 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     pearson = on_disk["correlation"]["pearson"]
     assert view.correlations["pearson"] == rd.Correlation(pearson["estimate"],
                                                           tuple(pearson["interval"]))
-    assert view.comparison.preferred == "hurdle"
+    assert view.comparison.best == "hurdle"
+    assert [s._asdict() for s in view.comparison.table] == on_disk["comparison"]["table"]
     assert view.nuts["linear"].params["slope"].mean == on_disk["linear"]["nuts"]["params"][
         "slope"]["mean"]
     assert len(view.predictive_mean_covered["hurdle"]) == len(on_disk["predictive_checks"])

@@ -152,6 +152,15 @@ def test_run_config_reads_what_collect_writes(tmp_path):
         collect.Config(pair="toy", prompts=None, out="").max_new_tokens)
 
 
+# Two models' scores as `rejection.compare_models` ranks them.
+SCORES = (
+    rejection.ModelScore("hurdle", 0, -120.0, 7.0, 4.0, 0.0, 0.0, 0.9, False, 0.2, -119.9,
+                         7.0, 3.9, False),
+    rejection.ModelScore("linear", 1, -290.0, 17.0, 6.0, 170.0, 15.0, 0.1, True, 0.8,
+                         -289.8, 17.0, 5.8, False),
+)
+
+
 def test_fit_view_reads_a_hand_written_fit(tmp_path):
     param = {"mean": 0.8, "sd": 0.02, "interval": [0.77, 0.83], "r_hat": 1.001, "ess": 180.0}
     rd.write_json(tmp_path / rd.FIT_FILE, {
@@ -160,9 +169,9 @@ def test_fit_view_reads_a_hand_written_fit(tmp_path):
         "correlation": {"pearson": {"estimate": 0.5, "interval": [0.4, 0.6]}, "level": 0.95},
         "linear": {"prior": {"scale": 5.0, "shape": 2.0, "rate": 0.1},
                    "nuts": {"divergences": 0, "params": {"slope": param}}},
-        "comparison": {"linear": {"waic": 10.0}, "hurdle": {"waic": 8.0},
-                       "elpd_difference_hurdle_minus_linear": 1.0, "elpd_difference_se": 0.5,
-                       "preferred": "hurdle"},
+        "comparison": {"criterion": "PSIS-LOO", "unit": "token", "num_draws": 400,
+                       "best": "hurdle", "seconds": 1.0,
+                       "table": [score._asdict() for score in SCORES]},
         "predictive_checks": [{"linear": {"mean_covered": True},
                                "hurdle": {"mean_covered": False}}] * 2,
     })
@@ -172,13 +181,15 @@ def test_fit_view_reads_a_hand_written_fit(tmp_path):
     assert view.linear_prior == rejection.LinearPrior(scale=5.0, shape=2.0, rate=0.1)
     assert view.nuts["linear"] == rd.NutsSummary(
         divergences=0, params={"slope": rd.ParamSummary(0.8, 0.02, (0.77, 0.83), 1.001, 180.0)})
-    assert view.comparison == rd.ModelComparison(10.0, 8.0, 1.0, 0.5, "hurdle")
+    assert view.comparison == rd.ModelComparison("PSIS-LOO", "token", 400, "hurdle", SCORES)
     assert view.predictive_mean_covered == {"linear": (True, True), "hurdle": (False, False)}
 
 
-def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delta=0.1):
+def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delta=0.1,
+                model="linear"):
     """A thresholds.json in `uhlm threshold --run`'s format; `exceed` maps a validation
-    method to its (per token, per prompt) exceedance frequencies."""
+    method to its (per token, per prompt) exceedance frequencies; `model` is the posterior
+    model that predicts best."""
     def block(t):
         return {"threshold": t, "empirical": {"per_token": 0.01, "given_skip": 0.02,
                                               "skip_rate": 0.5}}
@@ -190,7 +201,9 @@ def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delt
                      "risk_averse": block(averse), "risk_prone": block(prone)},
         "posterior": {"linear": {"risk_bounded": block(bounded)},
                       "hurdle": {"risk_bounded": {"threshold": None,
-                                                  "probability_within_risk": None}}},
+                                                  "probability_within_risk": None}},
+                      "model_choice": {"model": model},
+                      "risk_bounded": {**block(bounded), "model": model}},
         "ltt": {"threshold": ltt, "certified": ltt is not None},
     }
     if exceed is not None:
@@ -213,7 +226,9 @@ def test_thresholds_view_reads_every_threshold(tmp_path):
     assert view.plug_in == rejection.PlugInThresholds(
         0.5, -0.05, 0.35, T.PaperThreshold(0.1, 0.1, None), T.PaperThreshold(0.8, 0.8, None))
     assert view.risk_bounded == rd.NamedThreshold(0.45, rd.Empirical(0.01, 0.02, 0.5))
-    assert view.risk_bounded_hurdle == rd.NamedThreshold(None, None)
+    assert view.risk_bounded_model == "linear"
+    assert view.risk_bounded_by_model == {
+        "linear": view.risk_bounded, "hurdle": rd.NamedThreshold(None, None)}
     assert view.ltt.threshold == 0.3 and view.ltt_certified
     assert view.validation.methods["ltt"].realised_risk_per_token == (0.01, 0.07)
     assert view.named() == {"risk-averse": 0.1, "risk-prone": 0.8, "risk-bounded": 0.45,
@@ -265,6 +280,13 @@ def test_validation_judges_ltt_per_prompt_and_the_others_per_token():
     assert op.note == ("the risk-bounded threshold FAILED its validation: realised risk per "
                        "token exceeded ε = 0.05 in 40% of 200 prompt splits (allowed: δ = 10%)")
     assert op.describe().startswith("risk-bounded (u_th = 0.450); the risk-bounded threshold")
+    # The split validation refits only the linear posterior: a risk-bounded threshold from
+    # the hurdle model has none.
+    th = rd.Thresholds.from_json(_thresholds(exceed=exceed, model="hurdle"))
+    assert th.risk_bounded_model == "hurdle"
+    assert th.exceed_frequency(rd.ThresholdName.RISK_BOUNDED) is None
+    assert th.passed_validation(rd.ThresholdName.RISK_BOUNDED) is None
+    assert not rd.operating_threshold(th).failed
 
 
 def test_foreign_files_are_those_no_job_writes(tmp_path):
