@@ -1,6 +1,7 @@
 """The run directory: atomic writes, file modes, typed views, missing-file errors and the
 operating-threshold rule, on hand-written files."""
 
+import json
 import os
 import stat
 
@@ -142,7 +143,8 @@ def test_run_config_reads_what_collect_writes(tmp_path):
     })
     view = rd.RunConfig.read(tmp_path)
     assert view == rd.RunConfig(
-        pair="toy", settings=cfg.settings(), max_new_tokens=9, seed=4, draft_temperature=0.7,
+        pair="toy", settings=json.loads(json.dumps(cfg.settings())), max_new_tokens=9, seed=4,
+        draft_temperature=0.7,
         llm_temperature=1.0, dtype="float32", slm_config={"hidden": 8},
         llm_config={"hidden": 16},
         measures=("entropy",), versions={"jax": "0.0"},
