@@ -16,7 +16,8 @@ THRESHOLDS = {
     "measure": "temperature_perturbation", "risk": 0.05, "confidence": 0.9,
     "analytic": {"slope": 0.8, "intercept": -0.06, "rejection_share": 0.4,
                  "risk_averse": {"threshold": 0.075}, "risk_prone": {"threshold": 0.575}},
-    "posterior": {"linear": {"risk_bounded": {"threshold": 0.25}}},
+    "posterior": {"linear": {"risk_bounded": {"threshold": 0.25}},
+                  "risk_bounded": {"threshold": 0.25, "model": "linear"}},
     "ltt": {"threshold": None, "certified": False},
     "validation": {
         "num_splits": 100, "calibration_prompts": 6, "test_prompts": 6,
