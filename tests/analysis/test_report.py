@@ -164,7 +164,7 @@ def test_report_with_fit_and_thresholds(tmp_path):
                 "linear": {
                     "risk_bounded": {
                         "threshold": 0.3,
-                        "empirical": {"per_token": 0.03, "given_skip": 0.06, "skip_share": 0.5},
+                        "empirical": {"per_token": 0.03, "given_skip": 0.06, "skip_rate": 0.5},
                     }
                 },
                 "hurdle": {
@@ -177,7 +177,7 @@ def test_report_with_fit_and_thresholds(tmp_path):
                 "risk_bounded": {
                     "threshold": 0.2,
                     "model": "hurdle",
-                    "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_share": 0.4},
+                    "empirical": {"per_token": 0.02, "given_skip": 0.05, "skip_rate": 0.4},
                 },
             },
             "ltt": {"threshold": 0.15, "certified": True},
