@@ -51,16 +51,17 @@ def _start(
             *extra,
             *(last if rank == PROCESSES - 1 else ()),
         )
-        log = open(logs / f"{tag}-{rank}.log", "w")  # noqa: SIM115 (the process closes it)
-        processes.append(
-            subprocess.Popen(
-                command,
-                env=_env(DEVICES_PER_PROCESS),
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
+        # The child holds its own copy of the descriptor, so the parent's closes here.
+        with open(logs / f"{tag}-{rank}.log", "w") as log:
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    env=_env(DEVICES_PER_PROCESS),
+                    cwd=REPO,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
             )
-        )
     return processes
 
 
