@@ -5,17 +5,22 @@ Every function draws one figure from arrays or tables, writes it to `path` as a 
 returns the path. None reads files: `analysis.report` gathers the data of a run directory
 and calls them.
 
-* `u_beta` — uncertainty against rejection probability, with binned means, the fitted
-  line, its posterior band and the thresholds;
+* `u_beta` — uncertainty against rejection probability, with the mean `β` at each `u`
+  value, the fitted line, its posterior band, the hurdle fit and the thresholds;
 * `threshold_posteriors` — posterior draws of the analytic thresholds;
-* `threshold_curves` — transmission rate, LLM agreement and acceptance, realised risk and
-  throughput against the threshold (replay lines, rollout points with error bars);
+* `threshold_curves` — each measure's threshold, LLM agreement and acceptance, realised
+  risk and throughput against the share of tokens skipped (replay lines, rollout points
+  with error bars);
 * `throughput_vs_snr` — every mode's token throughput against the link's mean SNR;
-* `pareto` — LLM agreement against throughput, per mode and threshold;
+* `pareto` — LLM agreement `1 − R` against throughput, per mode and threshold;
 * `evaluated_modes` — accuracy (MiniLM cosine), correct answers and the LLM's NLL against
   throughput of real rollouts on held-out prompts;
 * `risk_histograms` — realised risk on held-out prompts over random splits, with `ε`;
 * `measure_comparison` — uncertainty measures by correlation with `β` and AUROC of `β > 0`.
+
+Figures with a risk axis mark `ε`, and figures with a place for it mark the operating
+point (`Operating`) in one style. Modes whose markers or lines would cover each other are
+drawn apart or said to coincide.
 """
 
 from __future__ import annotations
@@ -238,8 +243,11 @@ def u_beta(
         ax.plot(grid, slope * grid + intercept, color="tab:red", lw=2,
                 label=f"linear fit β = {slope:.3f}·u "
                       f"{'−' if intercept < 0 else '+'} {abs(intercept):.3f}")
-    if hurdle is not None:
-        params = [jnp.float32(hurdle[site]) for site in rejection.HURDLE_SITES[:4]]
+    # The mean needs the four logistic parameters; the concentration only shapes the spread.
+    mean_sites = rejection.HURDLE_SITES[:4]
+    values = [None if hurdle is None else hurdle.get(site) for site in mean_sites]
+    if all(v is not None and np.isfinite(v) for v in values):
+        params = [jnp.float32(v) for v in values]
         curve = np.asarray(T.hurdle_mean(*params, jnp.asarray(grid, jnp.float32)))
         ax.plot(grid, curve, color="tab:blue", lw=2, ls="-.",
                 label="hurdle fit E[β | u] = σ(c·u + e)·σ(f·u + g)")
@@ -343,6 +351,9 @@ def threshold_curves(
                        strict=False))
     skip = {m: _by_threshold(replay[replay["measure"] == m], "skip_rate") for m in measures}
     if rollout is not None and len(rollout):
+        if not (rollout["metric"] == "skip_rate").any():
+            raise ValueError("rollout rows have no 'skip_rate' metric to place them on the "
+                             "skip-share axis; pass the sweep's rollout rows unfiltered by metric")
         ro_skip = _by_threshold(rollout, "skip_rate")
         ro_skip_se = rollout[rollout["metric"] == "skip_rate"].drop_duplicates(
             "threshold").set_index("threshold")["se"].reindex(ro_skip.index)

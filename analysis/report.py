@@ -584,6 +584,9 @@ def run(cfg: Config) -> Result:
     failed = {name for name in from_file if gate_th.failed_validation(name)}
     table, metrics = mode_table(tokens, gate, named, profile, failed)
     uh = metrics[f"uhlm:{op_name}"]
+    operating_point = plots.Operating(str(op_name), threshold, float(uh.skip_rate),
+                                      float(uh.throughput_tokens_per_s), float(uh.llm_agreement))
+    eps = th.risk if th is not None else None
     plot_dir = run_dir / rd.PLOTS_DIR
     figures: list[tuple[Path, str]] = []
 
@@ -601,10 +604,14 @@ def run(cfg: Config) -> Result:
                 slope_draws=None if draws is None else draws["slope"],
                 intercept_draws=None if draws is None else draws["intercept"],
                 thresholds=marks,
+                raw_thresholds={"risk-averse −b/a": averse.raw, "risk-prone (Δ−b)/a": prone.raw},
+                hurdle={k: p.mean for k, p in fit.nuts["hurdle"].params.items()}
+                if fit and fit.measure == cfg.measure and "hurdle" in fit.nuts else None,
+                operating=operating_point,
             ),
-            "Uncertainty against rejection probability: tokens, mean β per u bin, the "
-            "least-squares line" + (", its posterior band" if draws else "") +
-            " and the thresholds.",
+            "Uncertainty against rejection probability: tokens, mean β at each u value (or "
+            "per u bin), the least-squares line" + (", its posterior band" if draws else "") +
+            ", the hurdle fit when fitted, and the thresholds (raw values of clipped ones).",
         )
     )
     positive_share = 0.0 if draws is None else float(np.mean(draws["slope"] > 0))
@@ -624,6 +631,7 @@ def run(cfg: Config) -> Result:
                     point_estimates={"risk-averse −b/a": -intercept / slope,
                                      "risk-prone (Δ−b)/a": (share - intercept) / slope}
                     if slope > 0 else None,
+                    operating=operating_point,
                 ),
                 "Posterior of the analytic thresholds (linear-model NUTS draws; Δ at its "
                 "empirical value; dashed: least squares), before clipping to [0, 1]: below "
@@ -664,16 +672,19 @@ def run(cfg: Config) -> Result:
                     at_link[at_link["mode"] == "uhlm"], plot_dir / "threshold_curves.png",
                     rollout=rollout_rows if len(rollout_rows) else None,
                     references=at_link[at_link["mode"] != "uhlm"], link=f"{link_label} link",
+                    eps=eps, operating=operating_point,
                 ),
-                "Transmission rate, LLM agreement and acceptance, realised risk and "
-                "throughput against the threshold" +
+                "Each measure's threshold, LLM agreement and acceptance, realised risk and "
+                "throughput against the share of tokens skipped (measures compared at equal "
+                "skip share; ε and the operating point marked)" +
                 (", with real rollouts (± 2 SE)." if len(rollout_rows) else "."),
             )
         )
         pareto_rows = at_link[(at_link["mode"] != "uhlm") | (at_link["measure"] == cfg.measure)]
         figures.append(
             (
-                plots.pareto(pareto_rows, plot_dir / "pareto.png", link=f"{link_label} link"),
+                plots.pareto(pareto_rows, plot_dir / "pareto.png", link=f"{link_label} link",
+                             eps=eps, operating=operating_point),
                 f"LLM agreement against throughput: U-HLM over its thresholds ({cfg.measure}), "
                 "Rand-HLM over its transmit probabilities, and the fixed modes.",
             )
@@ -727,7 +738,8 @@ def run(cfg: Config) -> Result:
     if evaluation is not None:
         figures.insert(0, (
             plots.evaluated_modes(evaluation[1], plot_dir / "evaluated_modes.png",
-                                  link=f"{evaluation[0]['settings']['link']} link"),
+                                  link=f"{evaluation[0]['settings']['link']} link",
+                                  operating=operating_point),
             "Accuracy (MiniLM cosine to the reference), correct answers and the LLM's NLL "
             "of the responses against token throughput, for each mode's real rollouts on "
             "the held-out prompts (± 2 SE over prompts).",
