@@ -38,13 +38,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from uhlm_jax import rejection
+from uhlm_jax import channel as ch
+from uhlm_jax import pricing, rejection
 from uhlm_jax import threshold as T
 from uhlm_jax.files import TMP_SUFFIX, AtomicFile
+from uhlm_jax.models.config import ModelConfig
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "DEFAULT_DTYPE",
     "DEMO_FILE",
     "DEMO_MARKER",
     "EVALUATION_FILE",
@@ -77,6 +80,8 @@ __all__ = [
     "Validation",
     "foreign_files",
     "operating_threshold",
+    "pair_profile",
+    "read_evaluation_summary",
     "read_json",
     "require_file",
     "require_run_dir",
@@ -105,6 +110,8 @@ REPORT_HTML_FILE = "report.html"
 PLOTS_DIR = "plots"
 DEMO_FILE = "demo.json"
 DEMO_MARKER = ".uhlm-demo"
+# The dtype of a run whose config.json records none (runs from before it was an option).
+DEFAULT_DTYPE = "float32"
 
 # The command that writes each file, for the error when it is missing.
 _MADE_BY = {
@@ -216,6 +223,21 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from err
 
 
+def read_evaluation_summary(
+    run_dir: str | os.PathLike,
+) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """`evaluation.json` of a run directory: its contents and the summary frame, or None."""
+    path = Path(run_dir) / EVALUATION_SUMMARY_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    summary = pd.DataFrame(data["summary"])
+    for column in summary.columns:
+        if column not in ("label", "mode", "threshold_name"):
+            summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
+    return data, summary
+
+
 def _read_view(cls, run_dir: str | os.PathLike, name: str):
     return cls.from_json(read_json(require_file(require_run_dir(run_dir), name)))
 
@@ -254,7 +276,7 @@ class RunConfig:
         settings: the collection's settings (`collect.Config.settings()`).
         max_new_tokens, seed, draft_temperature, llm_temperature: the decoding settings,
             with collect's defaults where not recorded.
-        dtype: the models' dtype name, if recorded.
+        dtype: the models' dtype name (`DEFAULT_DTYPE` where not recorded).
         slm_config, llm_config: the models' recorded `ModelConfig` fields, if recorded.
         measures: the recorded uncertainty measures.
         versions: package versions of the collection.
@@ -266,7 +288,7 @@ class RunConfig:
     seed: int = 0
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
-    dtype: str | None = None
+    dtype: str = DEFAULT_DTYPE
     slm_config: Mapping[str, Any] | None = None
     llm_config: Mapping[str, Any] | None = None
     measures: tuple[str, ...] = ()
@@ -283,7 +305,7 @@ class RunConfig:
             seed=int(settings.get("seed", d.seed)),
             draft_temperature=float(settings.get("draft_temperature", d.draft_temperature)),
             llm_temperature=float(settings.get("llm_temperature", d.llm_temperature)),
-            dtype=settings.get("dtype"),
+            dtype=settings.get("dtype") or DEFAULT_DTYPE,
             slm_config=_get(data, "pair", "slm"),
             llm_config=_get(data, "pair", "llm"),
             measures=tuple(data.get("measures") or ()),
@@ -298,6 +320,31 @@ class RunConfig:
     @classmethod
     def read_optional(cls, run_dir: str | os.PathLike) -> RunConfig | None:
         return _read_optional_view(cls, run_dir, CONFIG_FILE)
+
+    def pair_profile(self, cost_profile: str) -> ch.PairProfile | None:
+        """The pair `cost_profile` prices for this run (`uhlm_jax.pricing.pair_profile`).
+
+        The recorded models' configs at the run's dtype; a run that records only the
+        pair's name loads the pair.
+        """
+        configs = None
+        if self.slm_config and self.llm_config:
+            configs = (ModelConfig.from_fields(self.slm_config),
+                       ModelConfig.from_fields(self.llm_config))
+        return pricing.pair_profile(cost_profile, self.pair, configs, self.dtype)
+
+
+def pair_profile(run_dir: str | os.PathLike, cost_profile: str) -> ch.PairProfile | None:
+    """The pair `cost_profile` prices for the run in `run_dir` (`RunConfig.pair_profile`).
+
+    Raises:
+        ValueError: for an unknown profile name, or `pair` where `run_dir` has no
+            `config.json` that names a pair.
+    """
+    run_config = RunConfig.read_optional(run_dir) if cost_profile == pricing.PAIR_COSTS else None
+    if run_config is None:
+        return pricing.pair_profile(cost_profile)
+    return run_config.pair_profile(cost_profile)
 
 
 @dataclasses.dataclass(frozen=True)
