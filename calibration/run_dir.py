@@ -33,7 +33,7 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
@@ -238,13 +238,21 @@ def read_evaluation_summary(
     return data, summary
 
 
-def _read_view(cls, run_dir: str | os.PathLike, name: str):
-    return cls.from_json(read_json(require_file(require_run_dir(run_dir), name)))
+class _FileView:
+    """A typed view of the run directory's JSON file `FILE`, built by `from_json`."""
 
+    FILE: ClassVar[str]
 
-def _read_optional_view(cls, run_dir: str | os.PathLike, name: str):
-    path = Path(run_dir) / name
-    return cls.from_json(read_json(path)) if path.is_file() else None
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> Self:
+        """Reads `run_dir/FILE`; ValueError naming the file if it is missing."""
+        return cls.from_json(read_json(require_file(require_run_dir(run_dir), cls.FILE)))
+
+    @classmethod
+    def read_optional(cls, run_dir: str | os.PathLike) -> Self | None:
+        """Reads `run_dir/FILE`, or None where there is none."""
+        path = Path(run_dir) / cls.FILE
+        return cls.from_json(read_json(path)) if path.is_file() else None
 
 
 # ------------------------------------------------------------------------ views
@@ -268,7 +276,7 @@ def _floats(values: Any) -> tuple[float, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_FileView):
     """`config.json`: how the records were made (written by `uhlm collect`).
 
     Attributes:
@@ -281,6 +289,8 @@ class RunConfig:
         measures: the recorded uncertainty measures.
         versions: package versions of the collection.
     """
+
+    FILE: ClassVar[str] = CONFIG_FILE
 
     pair: str = ""
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -312,14 +322,6 @@ class RunConfig:
             versions=dict(data.get("versions") or {}),
         )
 
-    @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> RunConfig:
-        """Reads `run_dir/config.json`; ValueError naming the file if it is missing."""
-        return _read_view(cls, run_dir, CONFIG_FILE)
-
-    @classmethod
-    def read_optional(cls, run_dir: str | os.PathLike) -> RunConfig | None:
-        return _read_optional_view(cls, run_dir, CONFIG_FILE)
 
     def pair_profile(self, cost_profile: str) -> ch.PairProfile | None:
         """The pair `cost_profile` prices for this run (`uhlm_jax.pricing.pair_profile`).
@@ -394,7 +396,7 @@ class ModelComparison:
 
 
 @dataclasses.dataclass(frozen=True)
-class Fit:
+class Fit(_FileView):
     """`fit.json`: the rejection model's fit (written by `uhlm fit`).
 
     Attributes:
@@ -407,6 +409,8 @@ class Fit:
         predictive_mean_covered: per model, whether each `u` bin's replicated range covers
             the observed mean `β`.
     """
+
+    FILE: ClassVar[str] = FIT_FILE
 
     measure: str | None = None
     seed: int | None = None
@@ -466,14 +470,6 @@ class Fit:
             } if checks else {},
         )
 
-    @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> Fit:
-        """Reads `run_dir/fit.json`; ValueError naming the file if it is missing."""
-        return _read_view(cls, run_dir, FIT_FILE)
-
-    @classmethod
-    def read_optional(cls, run_dir: str | os.PathLike) -> Fit | None:
-        return _read_optional_view(cls, run_dir, FIT_FILE)
 
 
 class ThresholdName(enum.StrEnum):
@@ -577,7 +573,7 @@ _VALIDATED_AS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Thresholds:
+class Thresholds(_FileView):
     """`thresholds.json`: the thresholds of a run (written by `uhlm threshold --run`).
 
     Attributes:
@@ -593,6 +589,8 @@ class Thresholds:
             `ltt_num_prompts`: the calibration prompts it used.
         validation: the prompt-split validation, if written.
     """
+
+    FILE: ClassVar[str] = THRESHOLDS_FILE
 
     measure: str | None = None
     risk: float | None = None
@@ -677,14 +675,6 @@ class Thresholds:
             validation=validation,
         )
 
-    @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> Thresholds:
-        """Reads `run_dir/thresholds.json`; ValueError naming the file if it is missing."""
-        return _read_view(cls, run_dir, THRESHOLDS_FILE)
-
-    @classmethod
-    def read_optional(cls, run_dir: str | os.PathLike) -> Thresholds | None:
-        return _read_optional_view(cls, run_dir, THRESHOLDS_FILE)
 
     def named(self) -> dict[ThresholdName, float]:
         """The finite U-HLM thresholds, clipped to [0, 1], in `ThresholdName` order.
