@@ -31,9 +31,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from analysis import evaluate, report, sweep
+from analysis import evaluate, report, sweep, tables
 from calibration import collect, derive_thresholds, fit, records
 from calibration import run_dir as rd
+from calibration.prompts import CALIBRATION_SPLIT
 from uhlm_jax import channel as ch
 from uhlm_jax import cli_config, console
 from uhlm_jax.models.registry import DType
@@ -42,7 +43,6 @@ from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
 __all__ = ["Config", "Result", "add_arguments", "main", "run"]
 
 DEFAULT_OUT = "runs/demo"
-CALIBRATION_SPLIT = "calibration"
 # Prior weight, in seconds, of the expected pace in the time-left estimate.
 _PACE_PRIOR_S = 60.0
 
@@ -231,7 +231,7 @@ def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[s
         "uhlm_speedup_bound": op["speedup_bound"],
         "uhlm_realised_risk_per_token": op["risk_per_token"],
         "slm_only_accuracy_pct_of_llm": by_mode["slm_only"]["accuracy_pct_of_llm"],
-        "accuracy": evaluate.accuracy_caption(evaluation.summary),
+        "accuracy": tables.accuracy_caption(evaluation.summary),
     }
 
 
@@ -272,7 +272,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     summary["total_seconds"] = time.perf_counter() - stages.start
     rd.write_json(out / rd.DEMO_FILE, console.json_ready(summary))
     return Result(
-        run_dir=out, summary=summary, table=evaluate.summary_table(evaluation.summary),
+        run_dir=out, summary=summary, table=tables.summary_table(evaluation.summary),
         report_html=written.html, report_markdown=written.markdown,
         stage_seconds=stages.seconds,
     )
@@ -325,7 +325,7 @@ def main(args: argparse.Namespace) -> int:
         print(console.json_text(result.summary, indent=2))
         return 0
     print()
-    print(evaluate.format_table(result.table))
+    print(tables.format_table(result.table))
     print()
     print(describe(result))
     return 0

@@ -9,7 +9,8 @@ and writes into the run directory
 * `evaluation.parquet`: one row per mode (U-HLM once per threshold) and prompt: token
   counts, the response text and token ids, its sentence similarity to the reference,
   whether it gives the short answer, and the LLM's NLL of it;
-* `evaluation.json`: the settings and one summary row per mode (`SUMMARY_COLUMNS`).
+* `evaluation.json`: the settings and one summary row per mode (`analysis.tables.
+  SUMMARY_COLUMNS`).
 
 SLM-only, HLM and the U-HLM thresholds run as one vmapped U-HLM sweep (SLM-only and HLM
 are its limits), LLM-only and Rand-HLM as one rollout each: three compiled rollouts.
@@ -54,19 +55,11 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from analysis.link import (
-    COST_PROFILE_HELP,
-    COST_PROFILES,
-    DEFAULT_RUN_DTYPE,
-    NAMED_COSTS,
-    cost_caption,
-    pair_profile,
-)
-from analysis.link import Config as LinkConfig
+from analysis import tables
 from calibration import run_dir as rd
 from calibration.prompts import embedded_prompts_path, read_prompts
 from uhlm_jax import channel as ch
-from uhlm_jax import cli_config, console, metrics
+from uhlm_jax import cli_config, console, metrics, pricing
 from uhlm_jax.accuracy import has_text, mean_estimate, score_responses
 from uhlm_jax.models.registry import DType
 from uhlm_jax.models.sentence_encoder import load_minilm
@@ -76,17 +69,11 @@ from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.uncertainty import DEFAULT_MEASURES, OneMinusMaxProbability
 
 __all__ = [
-    "SUMMARY_COLUMNS",
     "Config",
     "Result",
-    "accuracy_caption",
     "add_arguments",
-    "format_table",
     "main",
-    "read_summary",
     "run",
-    "summary_table",
-    "uhlm_label",
 ]
 
 EVALUATION_SPLIT = "evaluation"
@@ -98,22 +85,6 @@ _FIRST_PROMPT_ID = 1_000_000
 # U-HLM thresholds that make it SLM-only (u never exceeds 1) and HLM (u is never negative).
 _SKIP_ALL = 1.0
 _SEND_ALL = -1.0
-SUMMARY_COLUMNS = (
-    "Mode",
-    "TR",
-    "Skip %",
-    "Acceptance",
-    "True skip rate",
-    "Accuracy (MiniLM cosine)",
-    "Accuracy (% of LLM)",
-    "Correct answers",
-    "LLM NLL (nats/token)",
-    "Throughput (tokens/s)",
-    "Speedup vs HLM",
-    "Bound 1/(1−s)",
-)
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Settings of `uhlm evaluate`.
@@ -127,7 +98,7 @@ class Config:
         link: link preset of the throughput columns.
         seed: base seed of the rollouts (None: the calibration's).
         cost_profile_name: the models the throughput columns price, one of
-            `analysis.link.COST_PROFILES` (`pair`: the run's pair).
+            `uhlm_jax.pricing.COST_PROFILES` (`pair`: the run's pair).
         skip_accuracy: score no accuracy (MiniLM cosine to the reference, correct
             answers), for prompts without references or short answers; NLL, TR and
             throughput are still reported.
@@ -141,7 +112,7 @@ class Config:
     max_new_tokens: int | None = None
     link: ch.LinkPreset = ch.LinkPreset.MEDIUM
     seed: int | None = None
-    cost_profile_name: str = NAMED_COSTS
+    cost_profile_name: str = pricing.NAMED_COSTS
     skip_accuracy: bool = False
     dtype: DType | None = None
 
@@ -157,11 +128,7 @@ class Config:
             raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
         if self.prompts is not None and not Path(self.prompts).is_file():
             raise ValueError(f"prompts={self.prompts!r}: no such file; pass a JSON Lines file")
-        if self.cost_profile_name not in COST_PROFILES:
-            raise ValueError(
-                f"unknown cost profile {self.cost_profile_name!r}; use one of: "
-                f"{', '.join(COST_PROFILES)}"
-            )
+        pricing.check_cost_profile(self.cost_profile_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,13 +136,13 @@ class Result:
     """What `uhlm evaluate` wrote.
 
     Attributes:
-        summary: one row per mode (`SUMMARY_COLUMNS` plus raw numeric columns).
+        summary: one row per mode (`tables.SUMMARY_COLUMNS` plus raw numeric columns).
         per_prompt: one row per mode and prompt.
         thresholds: the U-HLM thresholds evaluated, by name.
         operating: the operating threshold and its validation.
         seconds: wall-clock time of the job.
         costs: which models and devices the throughput columns price
-            (`analysis.link.cost_caption`).
+            (`uhlm_jax.pricing.cost_caption`).
     """
 
     summary: pd.DataFrame
@@ -261,17 +228,6 @@ def _summary_row(
     }
 
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return console.number(x, f".{digits}f")
-
-
-def _fmt_estimate(mean: float, standard_error: float, digits: int = 3) -> str:
-    """`mean ± SE`, or "—" alone when the mean is undefined."""
-    if mean is None or math.isnan(mean):
-        return console.UNDEFINED
-    return f"{_fmt(mean, digits)} ± {_fmt(standard_error, digits)}"
-
-
 def _accuracy_summary(frame: pd.DataFrame) -> dict[str, Any]:
     """Accuracy columns of one mode's summary row from its per-prompt rows."""
     similarity = mean_estimate(frame["similarity"])
@@ -286,41 +242,6 @@ def _accuracy_summary(frame: pd.DataFrame) -> dict[str, Any]:
     }
 
 
-def accuracy_caption(summary: pd.DataFrame) -> str:
-    """What the accuracy columns of `summary_table` measure, and on how many prompts."""
-    llm = summary[summary["mode"] == Mode.LLM_ONLY.value].iloc[0]
-    num_prompts = int(llm["prompts"])
-    scored, answered = int(llm["accuracy_prompts"]), int(llm["correct_prompts"])
-    if not scored and not answered:
-        return "Accuracy and correct answers were not scored (--skip-accuracy)."
-    return (
-        "Accuracy (MiniLM cosine): mean cosine similarity of the all-MiniLM-L6-v2 sentence "
-        f"embeddings of each reply and its prompt's reference, over the {scored} of "
-        f"{num_prompts} prompts with a reference (± 1 SE over prompts); its % of LLM is "
-        "the paper's \"% of LLM accuracy\". Correct answers: share of replies that "
-        f"contain the prompt's short answer, over the {answered} of {num_prompts} prompts "
-        "with one."
-    )
-
-
-def summary_table(summary: pd.DataFrame) -> pd.DataFrame:
-    """The paper-style table (`SUMMARY_COLUMNS`, formatted strings) of a summary frame."""
-    llm = summary.loc[summary["mode"] == Mode.LLM_ONLY.value, "accuracy"]
-    llm_accuracy = float(llm.iloc[0]) if len(llm) else float("nan")
-    rows = []
-    for r in summary.itertuples():
-        rows.append([
-            r.label, _fmt(r.transmission_rate), _fmt(100 * r.skip_rate, 1),
-            _fmt(r.acceptance_rate), _fmt(r.true_skip_rate),
-            _fmt_estimate(r.accuracy, r.accuracy_se),
-            _fmt(100 * r.accuracy / llm_accuracy, 1) if llm_accuracy > 0 else console.UNDEFINED,
-            _fmt_estimate(r.correct_rate, r.correct_rate_se, 2),
-            _fmt_estimate(r.llm_nll, r.llm_nll_se, 2),
-            _fmt(r.throughput_tokens_per_s, 2), _fmt(r.speedup_vs_hlm), _fmt(r.speedup_bound),
-        ])
-    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
-
-
 def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
     """Rows for strict JSON: NaN (a metric a mode lacks) as null, ±inf as "inf"/"-inf"."""
 
@@ -330,36 +251,6 @@ def _json_rows(frame: pd.DataFrame) -> list[dict[str, Any]]:
         return value
 
     return [{k: clean(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
-
-
-def read_summary(run_dir: str | Path) -> tuple[dict[str, Any], pd.DataFrame] | None:
-    """`evaluation.json` of a run directory: its contents and the summary frame, or None."""
-    path = Path(run_dir) / rd.EVALUATION_SUMMARY_FILE
-    if not path.is_file():
-        return None
-    data = rd.read_json(path)
-    summary = pd.DataFrame(data["summary"])
-    for column in summary.columns:
-        if column not in ("label", "mode", "threshold_name"):
-            summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
-    return data, summary
-
-
-def uhlm_label(name: str, threshold: float, failed_validation: bool = False) -> str:
-    """The table label of U-HLM at a named threshold, flagged when it failed validation."""
-    flag = ", failed validation" if failed_validation else ""
-    return f"{Mode.UHLM.policy.label}, {name} (u_th = {threshold:.3f}{flag})"
-
-
-def format_table(table: pd.DataFrame) -> str:
-    """A plain-text table for a terminal: columns padded to their widest cell."""
-    cells = [list(map(str, table.columns))] + [[str(v) for v in row] for row in
-                                                table.itertuples(index=False)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-             for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def run(cfg: Config, progress: bool = True) -> Result:
@@ -395,7 +286,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         )
     # Loaded before the rollouts, so a missing wheel stops the job before its slow part.
     encoder = None if cfg.skip_accuracy else load_minilm()
-    pair = load_pair(run_config.pair, dtype=cfg.dtype or run_config.dtype or DEFAULT_RUN_DTYPE)
+    pair = load_pair(run_config.pair, dtype=cfg.dtype or run_config.dtype)
     max_new = cfg.max_new_tokens or run_config.max_new_tokens
     seed = run_config.seed if cfg.seed is None else cfg.seed
     temperatures = {
@@ -404,9 +295,9 @@ def run(cfg: Config, progress: bool = True) -> Result:
     }
     texts = [p.text for p in prompts]
     prompt_ids = np.arange(len(prompts)) + _FIRST_PROMPT_ID
-    pair_costs = pair_profile(cfg.cost_profile_name, run_config)
-    profile = LinkConfig(preset=cfg.link, pair=pair_costs).cost_profile()
-    costs = cost_caption(profile, pair_costs)
+    pair_costs = run_config.pair_profile(cfg.cost_profile_name)
+    profile = pricing.Pricing(preset=cfg.link, pair=pair_costs).cost_profile()
+    costs = pricing.cost_caption(profile, pair_costs)
 
     def rollout(mode: Mode, **params):
         # Only U-HLM gates on u; the other modes record the cheapest measure (one max over
@@ -426,7 +317,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     # in one compiled rollout instead of three.
     sweep_points = [(Mode.SLM_ONLY, Mode.SLM_ONLY.policy.label, None, _SKIP_ALL),
                     (Mode.HLM, Mode.HLM.policy.label, None, _SEND_ALL)]
-    sweep_points += [(Mode.UHLM, uhlm_label(n, t, th.failed_validation(n)), n, t)
+    sweep_points += [(Mode.UHLM, tables.uhlm_label(n, t, th.failed_validation(n)), n, t)
                      for n, t in thresholds.items()]
     frames, rows = [], []
     matched = float("nan")
@@ -496,7 +387,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
                 "passed_validation": operating.passed_validation,
                 "validation": operating.note,
             },
-            "accuracy": accuracy_caption(summary),
+            "accuracy": tables.accuracy_caption(summary),
             "summary": _json_rows(summary),
             "seconds": seconds,
         },
@@ -509,7 +400,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds `uhlm evaluate`'s arguments."""
     cli_config.add_arguments(parser, Config, cli_config.Flags(
         positional=("run_dir",), names={"cost_profile_name": "cost_profile"},
-        help={"cost_profile_name": COST_PROFILE_HELP},
+        help={"cost_profile_name": pricing.COST_PROFILE_HELP},
     ))
     cli_config.add_output_flags(parser, quiet=True)
 
@@ -520,8 +411,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(console.json_text(_json_rows(result.summary), indent=2))
     else:
-        print(format_table(summary_table(result.summary)))
-        print(f"\n{accuracy_caption(result.summary)}")
+        print(tables.format_table(tables.summary_table(result.summary)))
+        print(f"\n{tables.accuracy_caption(result.summary)}")
         print(f"\nThroughput and speedup: {cfg.link.name.lower()} link, {result.costs}.")
         print(f"Operating threshold: {result.operating.describe()}.")
         print(f"\nWrote {Path(cfg.run_dir) / rd.EVALUATION_SUMMARY_FILE} and "

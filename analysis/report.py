@@ -48,16 +48,23 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from analysis import evaluate, plots
-from analysis import sweep as sw
-from analysis.link import COST_PROFILE_HELP, COST_PROFILES, NAMED_COSTS, cost_caption
+from analysis import plots, tables
 from calibration import records
 from calibration import run_dir as rd
 from uhlm_jax import channel as ch
 from uhlm_jax import cli_config, console, rejection
 from uhlm_jax import replay as rp
+from uhlm_jax import replay_table as rt
 from uhlm_jax import threshold as T
 from uhlm_jax.modes import Mode
+from uhlm_jax.pricing import (
+    COST_PROFILE_HELP,
+    NAMED_COSTS,
+    Pricing,
+    check_cost_profile,
+    cost_caption,
+)
+from uhlm_jax.uncertainty import DEFAULT_TEMPERATURE_PERTURBATION
 
 __all__ = [
     "MODE_TABLE_COLUMNS",
@@ -107,7 +114,7 @@ class Config:
             module doc).
         link: the link of the table and the threshold curves.
         cost_profile_name: the models the table's throughput prices, one of
-            `analysis.link.COST_PROFILES` (`pair`: the run's pair).
+            `uhlm_jax.pricing.COST_PROFILES` (`pair`: the run's pair).
     """
 
     run_dir: str
@@ -117,19 +124,12 @@ class Config:
     cost_profile_name: str = NAMED_COSTS
 
     def __post_init__(self):
-        if self.measure not in sw.KNOWN_MEASURES:
-            raise ValueError(
-                f"unknown measure {self.measure!r}; use one of: {', '.join(sw.KNOWN_MEASURES)}"
-            )
+        rt.check_measure(self.measure)
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ValueError(f"threshold={self.threshold!r} must be finite")
         if not isinstance(self.link, ch.LinkPreset):
             raise ValueError(f"link={self.link!r} must be a LinkPreset ('good', 'medium', 'poor')")
-        if self.cost_profile_name not in COST_PROFILES:
-            raise ValueError(
-                f"unknown cost profile {self.cost_profile_name!r}; use one of: "
-                f"{', '.join(COST_PROFILES)}"
-            )
+        check_cost_profile(self.cost_profile_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +324,7 @@ def mode_table(
     rows_of = [(labels[Mode.LLM_ONLY], "llm_only", replay(Mode.LLM_ONLY)),
                (labels[Mode.SLM_ONLY], "slm_only", replay(Mode.SLM_ONLY)),
                (labels[Mode.HLM], "hlm", replay(Mode.HLM))]
-    rows_of += [(evaluate.uhlm_label(name, t, name in failed_validation), f"uhlm:{name}",
+    rows_of += [(tables.uhlm_label(name, t, name in failed_validation), f"uhlm:{name}",
                  uhlm[name]) for name, t in named]
     rows_of.append((f"{labels[Mode.RAND_HLM]} (p = {matched:.3f})", "rand_hlm",
                     replay(Mode.RAND_HLM, 0.0, matched)))
@@ -466,13 +466,13 @@ def _evaluation_blocks(evaluation: tuple[dict[str, Any], pd.DataFrame] | None) -
     validation = (data.get("operating_threshold") or {}).get("validation")
     return [
         heading,
-        _table(evaluate.summary_table(summary)),
+        _table(tables.summary_table(summary)),
         _para(
             f"Real rollouts of every mode on {s['num_prompts']} `{s['split']}` prompts "
             f"(≤ {s['max_new_tokens']} new tokens, seed {s['seed']}, gate measure "
             f"`{s['measure']}`), {s['link']} link"
             + (f", throughput priced with {s['costs']}" if s.get("costs") else "")
-            + f". {evaluate.accuracy_caption(summary)} LLM NLL "
+            + f". {tables.accuracy_caption(summary)} LLM NLL "
             "= the LLM's mean negative log-likelihood of the emitted tokens. Rand-HLM "
             f"transmits with U-HLM's transmission rate at the {data['operating']} threshold"
             + (f" ({validation})" if validation else "") + ". "
@@ -511,9 +511,9 @@ def _sweep_table(run_dir: Path, measure: str, measures: tuple[str, ...], tokens:
         f"No {rd.SWEEP_FILE}: the threshold and Pareto figures use a default replay "
         "computed for this report (run `uhlm sweep` to choose the grid and add rollouts)."
     )
-    cfg = sw.Config(run_dir=str(run_dir), measures=measures, snr_db=(),
-                    cost_profile_name=cost_profile_name)
-    return sw.replay_frame(cfg, tokens, measures, progress=False)
+    grid = rt.ReplayGrid(measures=measures, snr_db=())
+    base = Pricing(pair=rd.pair_profile(run_dir, cost_profile_name)).cost_profile()
+    return rt.replay_table(grid, tokens, measures, base, progress=False)
 
 
 def run(cfg: Config) -> Result:
@@ -532,7 +532,7 @@ def run(cfg: Config) -> Result:
     th = rd.Thresholds.read_optional(run_dir)
     sweep_summary_path = run_dir / rd.SWEEP_SUMMARY_FILE
     sweep_summary = rd.read_json(sweep_summary_path) if sweep_summary_path.is_file() else None
-    tokens = sw.load_records(df, measures)
+    tokens = records.token_records(df, measures)
     gate = measures.index(cfg.measure)
     u = df[records.MEASURE_PREFIX + cfg.measure].to_numpy(np.float64)
     beta = np.clip(df["beta"].to_numpy(np.float64), 0, 1)
@@ -573,8 +573,8 @@ def run(cfg: Config) -> Result:
             f"empirical R ≤ {FALLBACK_RISK}",
         )
     threshold, source, op_name = chosen
-    costs = sw.Config(run_dir=str(run_dir), cost_profile_name=cfg.cost_profile_name)
-    profile = costs.cost_profile(cfg.link)
+    pair_costs = rd.pair_profile(run_dir, cfg.cost_profile_name)
+    profile = Pricing(preset=cfg.link, pair=pair_costs).cost_profile()
     named = {op_name: threshold}
     plug_ins = {rd.ThresholdName.RISK_AVERSE: averse.threshold,
                 rd.ThresholdName.RISK_PRONE: prone.threshold}
@@ -659,8 +659,8 @@ def run(cfg: Config) -> Result:
         # Only rollouts at the calibration's draft temperature, K and θ_max match replay.
         calibration = {
             "draft_temperature": run_config.draft_temperature,
-            "num_samples": float(sw.DEFAULT_TP.num_samples),
-            "max_temperature": float(sw.DEFAULT_TP.max_temperature),
+            "num_samples": float(DEFAULT_TEMPERATURE_PERTURBATION.num_samples),
+            "max_temperature": float(DEFAULT_TEMPERATURE_PERTURBATION.max_temperature),
         }
         for column, value in calibration.items():
             if column in rollout_rows:
@@ -692,13 +692,13 @@ def run(cfg: Config) -> Result:
     else:
         notes.append(f"The sweep has no {link_label} link with the full distribution: no "
                      "threshold or Pareto figure.")
-    snr_cfg = sw.Config(
-        run_dir=str(run_dir), thresholds=(threshold,), measures=(cfg.measure,), presets=(),
-        snr_db=sw.DEFAULT_SNR_DB,
+    snr_grid = rt.ReplayGrid(
+        thresholds=(threshold,), measures=(cfg.measure,), presets=(),
+        snr_db=rt.DEFAULT_SNR_DB,
         transmit_probabilities=(float(uh.transmission_rate),),
-        cost_profile_name=cfg.cost_profile_name,
     )
-    snr_table = sw.replay_frame(snr_cfg, tokens, measures, progress=False)
+    snr_table = rt.replay_table(snr_grid, tokens, measures,
+                                Pricing(pair=pair_costs).cost_profile(), progress=False)
     figures.append(
         (
             plots.throughput_vs_snr(snr_table, plot_dir / "throughput_vs_snr.png",
@@ -734,7 +734,7 @@ def run(cfg: Config) -> Result:
             )
         )
 
-    evaluation = evaluate.read_summary(run_dir)
+    evaluation = rd.read_evaluation_summary(run_dir)
     if evaluation is not None:
         figures.insert(0, (
             plots.evaluated_modes(evaluation[1], plot_dir / "evaluated_modes.png",
@@ -756,7 +756,7 @@ def run(cfg: Config) -> Result:
             f"`{run_config.pair or 'unknown'}`. Gate measure "
             f"`{cfg.measure}`; operating threshold u_th = {threshold:.4f} ({source}). "
             + (f"{validation_text} " if validation_text else "") +
-            f"Costs: {cost_caption(profile, costs.pair_profile())}; "
+            f"Costs: {cost_caption(profile, pair_costs)}; "
             f"{link_label} link ({float(profile.link.mean_snr_db):.1f} dB mean SNR, "
             f"{float(profile.link.bandwidth_hz) / 1e6:g} MHz, Rayleigh fading), "
             f"{float(profile.bits_per_prob):g} bits per probability."

@@ -59,35 +59,33 @@ import numpy as np
 import pandas as pd
 
 import uhlm_jax
-from analysis.link import DEFAULT_RUN_DTYPE, NAMED_COSTS, PAIR_COSTS, pair_profile
-from analysis.link import Config as LinkConfig
 from calibration import records
 from calibration import run_dir as rd
+from calibration.prompts import collection_source, read_prompts
 from uhlm_jax import channel as ch
-from uhlm_jax import cli_config, console, metrics
+from uhlm_jax import cli_config, console, metrics, pricing
 from uhlm_jax import replay as rp
+from uhlm_jax import replay_table as rt
 from uhlm_jax.models.registry import DType
 from uhlm_jax.modes import Mode, Transmission, transmit_weight
-from uhlm_jax.uncertainty import DEFAULT_MEASURES, TemperaturePerturbation
+from uhlm_jax.uncertainty import (
+    DEFAULT_MEASURE_NAMES,
+    DEFAULT_MEASURES,
+    DEFAULT_TEMPERATURE_PERTURBATION,
+    TemperaturePerturbation,
+)
 
 __all__ = [
-    "KNOWN_MEASURES",
     "Config",
     "Result",
     "add_arguments",
-    "link_points",
-    "load_records",
     "main",
-    "replay_frame",
     "run",
 ]
 
-KNOWN_MEASURES = tuple(m.name for m in DEFAULT_MEASURES)
 # The calibration job records the default measures; their temperature perturbation is the
 # paper's (K = 20, θ_max = 2).
-DEFAULT_TP = next(m for m in DEFAULT_MEASURES if isinstance(m, TemperaturePerturbation))
-DEFAULT_THRESHOLDS = tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, 41), 6))
-DEFAULT_SNR_DB = tuple(float(x) for x in range(-10, 45, 5))
+DEFAULT_TP = DEFAULT_TEMPERATURE_PERTURBATION
 # Metrics compared between replay and rollout (costs follow from the transmission rate).
 COMPARED_METRICS = (
     "transmission_rate",
@@ -99,8 +97,6 @@ COMPARED_METRICS = (
     "llm_agreement",
     "throughput_tokens_per_s",
 )
-# Custom-SNR links take every other parameter (bandwidth, outage) from this preset.
-SNR_BASE_PRESET = ch.LinkPreset.MEDIUM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +111,7 @@ class Config:
         modes: modes to evaluate.
         transmit_probabilities: Rand-HLM transmit probabilities.
         presets: named links.
-        snr_db: custom mean SNRs in dB, each a link with `SNR_BASE_PRESET`'s other
+        snr_db: custom mean SNRs in dB, each a link with `rt.SNR_BASE_PRESET`'s other
             parameters (links are the presets followed by these).
         bandwidths_hz: link bandwidths; empty keeps each link's own (the presets' SNR
             then follows the bandwidth; a custom SNR stays).
@@ -125,7 +121,7 @@ class Config:
             the models that made the records).
         cost_profile_name: `named` prices `slm_model` and `llm_model`; `pair` prices the
             pair recorded in the run's `config.json`, with its V on the uplink
-            (`analysis.link.pair_profile`).
+            (`calibration.run_dir.RunConfig.pair_profile`).
         chunk_size: grid points per vectorized chunk (bounds memory).
         rollout_thresholds: U-HLM thresholds to also run as real rollouts.
         rollout_modes: other modes to run as real rollouts.
@@ -145,12 +141,12 @@ class Config:
     """
 
     run_dir: str
-    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
+    thresholds: tuple[float, ...] = rt.DEFAULT_THRESHOLDS
     measures: tuple[str, ...] = ()
     modes: tuple[Mode, ...] = tuple(Mode)
-    transmit_probabilities: tuple[float, ...] = tuple(float(x) for x in np.linspace(0, 1, 11))
+    transmit_probabilities: tuple[float, ...] = rt.DEFAULT_TRANSMIT_PROBABILITIES
     presets: tuple[ch.LinkPreset, ...] = tuple(ch.LinkPreset)
-    snr_db: tuple[float, ...] = DEFAULT_SNR_DB
+    snr_db: tuple[float, ...] = rt.DEFAULT_SNR_DB
     bandwidths_hz: tuple[float, ...] = ()
     top_k: tuple[int, ...] = (rp.FULL_DISTRIBUTION,)
     bits_per_prob: tuple[float, ...] = (16.0,)
@@ -158,7 +154,7 @@ class Config:
     slm_device: ch.Device = ch.Device.PHONE_SOC
     llm_model: ch.ModelSize = ch.ModelSize.LLAMA_2_7B
     llm_device: ch.Device = ch.Device.DATACENTER_GPU
-    cost_profile_name: str = NAMED_COSTS
+    cost_profile_name: str = pricing.NAMED_COSTS
     chunk_size: int = 4096
     rollout_thresholds: tuple[float, ...] = ()
     rollout_modes: tuple[Mode, ...] = ()
@@ -173,42 +169,9 @@ class Config:
     dtype: DType | None = None
 
     def __post_init__(self):
-        axes = {
-            "thresholds": self.thresholds,
-            "modes": self.modes,
-            "transmit_probabilities": self.transmit_probabilities,
-            "top_k": self.top_k,
-            "bits_per_prob": self.bits_per_prob,
-        }
-        for name, values in axes.items():
-            if not isinstance(values, tuple) or not values:
-                raise ValueError(
-                    f"{name}={values!r} is an empty grid axis; give at least one value "
-                    "(a tuple, or a TOML list)"
-                )
-        if not self.presets and not self.snr_db:
-            raise ValueError("no link: give at least one preset or one snr_db value")
-        for name in self.measures + (self.rollout_measure,):
-            if name not in KNOWN_MEASURES:
-                raise ValueError(
-                    f"unknown measure {name!r}; use one of: {', '.join(KNOWN_MEASURES)}"
-                )
-        for mode in self.modes + self.rollout_modes:
-            if not isinstance(mode, Mode):
-                raise ValueError(f"mode {mode!r} is not a Mode; parse names with Mode.from_name")
-        for preset in self.presets + (self.rollout_link,):
-            if not isinstance(preset, ch.LinkPreset):
-                raise ValueError(
-                    f"preset {preset!r} is not a LinkPreset; parse names with "
-                    "LinkPreset.from_name ('good', 'medium', 'poor')"
-                )
-        for t in self.thresholds + self.rollout_thresholds:
-            if not math.isfinite(t):
-                raise ValueError(f"threshold {t!r} must be finite")
-        for p in self.transmit_probabilities + (self.rollout_transmit_probability,):
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"transmit probability {p!r} must lie in [0, 1]")
-        if self.cost_profile_name != NAMED_COSTS and (
+        self.grid()  # validates the grid's axes
+        check_rollout(self)
+        if self.cost_profile_name != pricing.NAMED_COSTS and (
             self.slm_model is not Config.slm_model or self.llm_model is not Config.llm_model
         ):
             raise ValueError(
@@ -245,13 +208,24 @@ class Config:
                 f"max_rollout_prompts={self.max_rollout_prompts} must be >= 2 (the Monte "
                 "Carlo error is estimated across prompts)"
             )
-        # Builds every link, validating SNRs and bandwidths.
-        for link in link_points(self):
-            ch.link_from_budget(link[1], bandwidth_hz=link[3], snr_db=link[2])
+
+    def grid(self) -> rt.ReplayGrid:
+        """The replayed grid."""
+        return rt.ReplayGrid(
+            thresholds=self.thresholds,
+            measures=self.measures,
+            modes=self.modes,
+            transmit_probabilities=self.transmit_probabilities,
+            presets=self.presets,
+            snr_db=self.snr_db,
+            bandwidths_hz=self.bandwidths_hz,
+            top_k=self.top_k,
+            bits_per_prob=self.bits_per_prob,
+        )
 
     def cost_profile(self, preset: ch.LinkPreset = ch.LinkPreset.MEDIUM) -> ch.CostProfile:
         """The cost profile (the grid point replaces its link and payload)."""
-        return LinkConfig(
+        return pricing.Pricing(
             preset=preset,
             slm_model=self.slm_model,
             slm_device=self.slm_device,
@@ -262,11 +236,7 @@ class Config:
 
     def pair_profile(self) -> ch.PairProfile | None:
         """The run's pair if `cost_profile_name` is `pair`, else None."""
-        run_config = (
-            rd.RunConfig.read_optional(self.run_dir) if self.cost_profile_name == PAIR_COSTS
-            else None
-        )
-        return pair_profile(self.cost_profile_name, run_config)
+        return rd.pair_profile(self.run_dir, self.cost_profile_name)
 
     def as_json(self) -> dict[str, Any]:
         """JSON-ready fields (enums by value)."""
@@ -291,12 +261,15 @@ def _enum_name(value: Any) -> Any:
     return value
 
 
-def link_points(cfg: Config) -> list[tuple[str, ch.LinkPreset, float | None, float | None]]:
-    """The links of the grid: `(label, budget preset, SNR override, bandwidth override)`."""
-    bandwidths = cfg.bandwidths_hz or (None,)
-    links = [(p.name.lower(), p, None) for p in cfg.presets]
-    links += [(f"snr {s:g} dB", SNR_BASE_PRESET, float(s)) for s in cfg.snr_db]
-    return [(label, preset, snr, w) for (label, preset, snr) in links for w in bandwidths]
+def check_rollout(cfg: Config) -> None:
+    """Validates the rollout points of `cfg` as its grid validates the replayed ones."""
+    rt.check_measure(cfg.rollout_measure)
+    for mode in cfg.rollout_modes:
+        rt.check_mode(mode)
+    rt.check_preset(cfg.rollout_link)
+    for t in cfg.rollout_thresholds:
+        rt.check_threshold(t)
+    rt.check_transmit_probability(cfg.rollout_transmit_probability)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,140 +289,6 @@ class Result:
     num_points: int
     replay_seconds: float
     paths: tuple[Path, ...]
-
-
-def load_records(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.TokenRecords:
-    """Replay inputs from a record table.
-
-    Raises:
-        ValueError: naming a measure that is not recorded.
-    """
-    recorded = records.measure_names(df.columns)
-    for name in measures:
-        if name not in recorded:
-            raise ValueError(
-                f"measure {name!r} is not in the records (no column "
-                f"{records.MEASURE_PREFIX}{name}); recorded measures: {recorded}"
-            )
-    u = np.stack([df[records.MEASURE_PREFIX + m].to_numpy(np.float32) for m in measures])
-    beta = df["beta"].to_numpy(np.float32)
-    if not (np.isfinite(u).all() and np.isfinite(beta).all()):
-        raise ValueError(
-            "the records hold non-finite uncertainties or beta; re-collect them (NaN logits?)"
-        )
-    return rp.TokenRecords(
-        u=jnp.asarray(u),
-        beta=jnp.asarray(np.clip(beta, 0.0, 1.0)),
-        accepted=jnp.asarray(df["accepted"].to_numpy(bool)),
-    )
-
-
-def _mode_axes(cfg: Config, mode: Mode, measures: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Grid points of one mode as dicts; axes that do not affect the mode are dropped.
-
-    U-HLM gates on `cfg.measures`, or on every measure of `measures` (the rows of the
-    replay tokens) when that is empty.
-    """
-    links = link_points(cfg)
-    nan = float("nan")
-    policy = mode.policy
-    if policy.transmission is Transmission.UNCERTAIN:
-        gate = [(t, m, nan) for t in cfg.thresholds for m in (cfg.measures or measures)]
-    elif policy.transmission is Transmission.RANDOM:
-        gate = [(nan, None, p) for p in cfg.transmit_probabilities]
-    else:
-        gate = [(nan, None, nan)]
-    payload = (
-        list(itertools.product(cfg.top_k, cfg.bits_per_prob))
-        if policy.uploads_drafts
-        else [(0, nan)]
-    )
-    points = []
-    for (t, m, p), (label, preset, snr, w), (k, b) in itertools.product(gate, links, payload):
-        link = ch.link_from_budget(preset, bandwidth_hz=w, snr_db=snr)
-        points.append(
-            {
-                "mode": mode.value,
-                "measure": m,
-                "threshold": t,
-                "transmit_probability": p,
-                "link": label,
-                "snr_db": float(link.mean_snr_db),
-                "bandwidth_hz": float(link.bandwidth_hz),
-                "top_k": int(k),
-                "bits_per_prob": float(b),
-            }
-        )
-    return points
-
-
-def _grid_points(points: pd.DataFrame, measures: tuple[str, ...]) -> rp.GridPoints:
-    index = {m: i for i, m in enumerate(measures)}
-    return rp.GridPoints.create(
-        threshold=np.nan_to_num(points["threshold"].to_numpy(np.float32), nan=0.0),
-        measure=np.array([index.get(m, 0) for m in points["measure"]], np.int32),
-        transmit_probability=np.nan_to_num(
-            points["transmit_probability"].to_numpy(np.float32), nan=0.0
-        ),
-        snr_db=points["snr_db"].to_numpy(np.float32),
-        bandwidth_hz=points["bandwidth_hz"].to_numpy(np.float32),
-        top_k=points["top_k"].to_numpy(np.int32),
-        bits_per_prob=np.where(points["bits_per_prob"].isna(), 16.0, points["bits_per_prob"]),
-    )
-
-
-_REPLAY_JIT = jax.jit(rp.replay_grid, static_argnames=("mode", "chunk_size"))
-
-
-def _tidy(points: pd.DataFrame, values: dict[str, np.ndarray], se: dict | None) -> pd.DataFrame:
-    """One row per point and metric."""
-    frames = []
-    for metric, value in values.items():
-        frame = points.copy()
-        frame["metric"] = metric
-        frame["value"] = np.asarray(value, np.float64)
-        frame["se"] = np.nan if se is None else np.asarray(se[metric], np.float64)
-        frames.append(frame)
-    return pd.concat(frames, ignore_index=True)
-
-
-def replay_frame(
-    cfg: Config, tokens: rp.TokenRecords, measures: tuple[str, ...], progress: bool = True
-) -> pd.DataFrame:
-    """Replays every mode over the grid; returns the tidy table (source `replay`)."""
-    sorted_tokens = jax.jit(rp.sort_tokens)(tokens)
-    base = cfg.cost_profile()
-    frames = []
-    offset = 0
-    for mode in cfg.modes:
-        points = pd.DataFrame(_mode_axes(cfg, mode, measures))
-        grid = _grid_points(points, measures)
-        size = len(points)
-        # Always whole chunks of `chunk_size`: one compiled shape per mode, whatever the grid.
-        chunk = cfg.chunk_size
-        padded = -(-size // chunk) * chunk
-        # Pad to whole chunks (repeating the last point) so every chunk has one shape.
-        extra = padded - size
-        grid = jax.tree.map(lambda x, e=extra: jnp.concatenate([x, jnp.repeat(x[-1:], e)]), grid)
-        parts = []
-        for start in console.progress(
-            range(0, padded, chunk), desc=f"replay {mode.value}", unit="chunk",
-            quiet=not progress,
-        ):
-            block = jax.tree.map(lambda x, s=start, c=chunk: x[s : s + c], grid)
-            parts.append(
-                jax.device_get(_REPLAY_JIT(mode, sorted_tokens, base, block, chunk_size=chunk))
-            )
-        values = {
-            name: np.concatenate([getattr(p, name) for p in parts])[:size]
-            for name in rp.ReplayMetrics._fields
-        }
-        points.insert(0, "point", np.arange(offset, offset + size))
-        offset += size
-        frames.append(_tidy(points, values, None))
-    table = pd.concat(frames, ignore_index=True)
-    table.insert(0, "source", "replay")
-    return table
 
 
 # ------------------------------------------------------------------- real rollouts
@@ -498,19 +337,16 @@ def _z_score(difference: float, se: float) -> float:
 
 
 def _rollout_prompts(cfg: Config, settings: Mapping[str, Any]) -> tuple[list[str], np.ndarray]:
-    from calibration import collect
-    from calibration.prompts import read_prompts
-
     # The collection's own settings say which file and split it read.
-    collected = collect.Config(out="", **settings)
-    path = cfg.prompts or collected.prompts_path()
+    recorded_path, split = collection_source(settings.get("prompts"), settings.get("split"))
+    path = cfg.prompts or recorded_path
     if not Path(path).is_file():
         raise ValueError(
             f"the calibration prompt file {path!r} (from config.json) is not found; pass "
             "--prompts FILE with the prompts the run was collected on"
         )
-    first = collected.first_prompt
-    prompts = read_prompts(path, collected.split)[first:]
+    first = int(settings.get("first_prompt", 0))
+    prompts = read_prompts(path, split)[first:]
     if settings.get("num_prompts") is not None:
         prompts = prompts[: int(settings["num_prompts"])]
     if cfg.max_rollout_prompts is not None:
@@ -529,8 +365,8 @@ def rollout_frames(
     from uhlm_jax.rollout import RolloutConfig, RolloutParams, run_rollout
 
     texts, ids = _rollout_prompts(cfg, run_config.settings)
-    pair = load_pair(run_config.pair, dtype=cfg.dtype or run_config.dtype or DEFAULT_RUN_DTYPE)
-    gate = KNOWN_MEASURES.index(cfg.rollout_measure)
+    pair = load_pair(run_config.pair, dtype=cfg.dtype or run_config.dtype)
+    gate = DEFAULT_MEASURE_NAMES.index(cfg.rollout_measure)
     temperatures = {
         "draft_temperature": run_config.draft_temperature,
         "llm_temperature": run_config.llm_temperature,
@@ -664,9 +500,11 @@ def run(cfg: Config, progress: bool = True) -> Result:
     run_dir = rd.require_run_dir(cfg.run_dir)
     df = records.read_records(run_dir)
     measures = cfg.measures or tuple(records.measure_names(df.columns))
-    tokens = load_records(df, measures)
+    tokens = records.token_records(df, measures)
     start = time.perf_counter()
-    table = replay_frame(cfg, tokens, measures, progress)
+    table = rt.replay_table(
+        cfg.grid(), tokens, measures, cfg.cost_profile(), cfg.chunk_size, progress
+    )
     replay_seconds = time.perf_counter() - start
     comparison = pd.DataFrame()
     if cfg.rollout_thresholds or cfg.rollout_modes:

@@ -28,10 +28,10 @@ import time
 import jax
 import numpy as np
 
-from analysis.link import Config as LinkConfig
 from benchmarks.results import machine, write_section
 from uhlm_jax import replay as rp
 from uhlm_jax.modes import Mode
+from uhlm_jax.pricing import Pricing
 
 TARGET_S = 10.0
 NUM_MEASURES = 5
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args()
 
-    profile = LinkConfig().cost_profile()
+    profile = Pricing().cost_profile()
     tokens, points = _data(args.tokens, args.points)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     sorted_fn = _sorted_fn(args.chunk)

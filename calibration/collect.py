@@ -35,11 +35,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 
-from calibration.prompts import embedded_prompts_path, read_prompts
+from calibration.prompts import collection_source, read_prompts
 from calibration.records import MEASURE_PREFIX, write_shard
 from calibration.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
+    DEFAULT_DTYPE,
     RECORDS_DIR,
     SHARD_GLOB,
     RunConfig,
@@ -52,13 +53,8 @@ from uhlm_jax.modes import Mode
 from uhlm_jax.pair import DEFAULT_PAIR, load_pair
 from uhlm_jax.rollout import Records, RolloutConfig, RolloutParams, run_rollout
 from uhlm_jax.sharding import MeshShape, make_mesh, place_pair
-from uhlm_jax.uncertainty import DEFAULT_MEASURES, UncertaintyMeasure
+from uhlm_jax.uncertainty import DEFAULT_MEASURE_NAMES, DEFAULT_MEASURES, UncertaintyMeasure
 
-MEASURE_NAMES = tuple(m.name for m in DEFAULT_MEASURES)
-# The shipped prompts' split that calibration uses when no split is given.
-CALIBRATION_SPLIT = "calibration"
-# The dtype of a run whose config.json records none (runs from before it was an option).
-DEFAULT_DTYPE = "float32"
 _VERSIONED_PACKAGES = ("uhlm-jax", "jax", "jaxlib", "flax", "numpyro", "orbax-checkpoint")
 
 
@@ -106,7 +102,7 @@ class Config:
     seed: int = 0
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
-    measures: tuple[str, ...] = MEASURE_NAMES
+    measures: tuple[str, ...] = DEFAULT_MEASURE_NAMES
     resume: bool = False
     mesh: str | None = None
     distributed: bool = False
@@ -116,8 +112,7 @@ class Config:
     dtype: DType = DEFAULT_DTYPE
 
     def __post_init__(self):
-        if self.prompts is None and self.split is None:
-            object.__setattr__(self, "split", CALIBRATION_SPLIT)
+        object.__setattr__(self, "split", collection_source(self.prompts, self.split)[1])
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ValueError(f"num_prompts must be >= 1, got {self.num_prompts}.")
         if self.first_prompt < 0:
@@ -130,10 +125,10 @@ class Config:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}.")
         object.__setattr__(self, "measures", tuple(self.measures))
-        unknown = [m for m in self.measures if m not in MEASURE_NAMES]
+        unknown = [m for m in self.measures if m not in DEFAULT_MEASURE_NAMES]
         if unknown or not self.measures or len(set(self.measures)) < len(self.measures):
             raise ValueError(
-                f"measures must be distinct names among {', '.join(MEASURE_NAMES)}; got "
+                f"measures must be distinct names among {', '.join(DEFAULT_MEASURE_NAMES)}; got "
                 f"{list(self.measures)!r}."
             )
         if self.mesh is not None:
@@ -161,7 +156,7 @@ class Config:
         return tuple(by_name[name] for name in self.measures)
 
     def prompts_path(self) -> str:
-        return embedded_prompts_path() if self.prompts is None else self.prompts
+        return collection_source(self.prompts, self.split)[0]
 
     def settings(self) -> dict:
         """What determines the records (not `out`, `resume`, nor where the run runs)."""

@@ -17,7 +17,16 @@ import json
 import os
 from typing import NamedTuple
 
-__all__ = ["Prompt", "embedded_prompts_path", "read_prompts"]
+__all__ = [
+    "CALIBRATION_SPLIT",
+    "Prompt",
+    "collection_source",
+    "embedded_prompts_path",
+    "read_prompts",
+]
+
+# The shipped prompts' split that calibration uses when no split is given.
+CALIBRATION_SPLIT = "calibration"
 
 
 class Prompt(NamedTuple):
@@ -32,6 +41,14 @@ class Prompt(NamedTuple):
 def embedded_prompts_path() -> str:
     """The prompt file shipped with the package (`uhlm_jax/data/prompts.jsonl`)."""
     return str(importlib.resources.files("uhlm_jax") / "data" / "prompts.jsonl")
+
+
+def collection_source(prompts: str | None, split: str | None) -> tuple[str, str | None]:
+    """The file and split a collection reads: `prompts` and `split`, or by default the
+    shipped prompts' calibration split."""
+    if prompts is None:
+        return embedded_prompts_path(), CALIBRATION_SPLIT if split is None else split
+    return prompts, split
 
 
 def _parse(line_number: int, record: object, path: str) -> Prompt:

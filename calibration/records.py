@@ -10,15 +10,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 import pandas as pd
 
 from calibration import run_dir as rd
+from uhlm_jax import replay as rp
 
 __all__ = [
     "MEASURE_PREFIX",
     "RECORD_COLUMNS",
     "measure_names",
     "read_records",
+    "token_records",
     "write_shard",
 ]
 
@@ -96,3 +100,29 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
     df = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
     _check_columns(df, f"records of {str(path)!r}")
     return df.sort_values(["prompt_id", "position"], kind="stable").reset_index(drop=True)
+
+
+def token_records(df: pd.DataFrame, measures: tuple[str, ...]) -> rp.TokenRecords:
+    """Replay inputs (`uhlm_jax.replay.TokenRecords`) from a record table.
+
+    Raises:
+        ValueError: naming a measure that is not recorded.
+    """
+    recorded = measure_names(df.columns)
+    for name in measures:
+        if name not in recorded:
+            raise ValueError(
+                f"measure {name!r} is not in the records (no column "
+                f"{MEASURE_PREFIX}{name}); recorded measures: {recorded}"
+            )
+    u = np.stack([df[MEASURE_PREFIX + m].to_numpy(np.float32) for m in measures])
+    beta = df["beta"].to_numpy(np.float32)
+    if not (np.isfinite(u).all() and np.isfinite(beta).all()):
+        raise ValueError(
+            "the records hold non-finite uncertainties or beta; re-collect them (NaN logits?)"
+        )
+    return rp.TokenRecords(
+        u=jnp.asarray(u),
+        beta=jnp.asarray(np.clip(beta, 0.0, 1.0)),
+        accepted=jnp.asarray(df["accepted"].to_numpy(bool)),
+    )

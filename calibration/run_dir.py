@@ -33,18 +33,21 @@ import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import pandas as pd
 
-from uhlm_jax import rejection
+from uhlm_jax import channel as ch
+from uhlm_jax import pricing, rejection
 from uhlm_jax import threshold as T
 from uhlm_jax.files import TMP_SUFFIX, AtomicFile
+from uhlm_jax.models.config import ModelConfig
 
 __all__ = [
     "CHECKPOINT_DIR",
     "CONFIG_FILE",
+    "DEFAULT_DTYPE",
     "DEMO_FILE",
     "DEMO_MARKER",
     "EVALUATION_FILE",
@@ -77,6 +80,8 @@ __all__ = [
     "Validation",
     "foreign_files",
     "operating_threshold",
+    "pair_profile",
+    "read_evaluation_summary",
     "read_json",
     "require_file",
     "require_run_dir",
@@ -105,6 +110,8 @@ REPORT_HTML_FILE = "report.html"
 PLOTS_DIR = "plots"
 DEMO_FILE = "demo.json"
 DEMO_MARKER = ".uhlm-demo"
+# The dtype of a run whose config.json records none (runs from before it was an option).
+DEFAULT_DTYPE = "float32"
 
 # The command that writes each file, for the error when it is missing.
 _MADE_BY = {
@@ -216,13 +223,36 @@ def read_json(path: str | os.PathLike) -> Any:
         ) from err
 
 
-def _read_view(cls, run_dir: str | os.PathLike, name: str):
-    return cls.from_json(read_json(require_file(require_run_dir(run_dir), name)))
+def read_evaluation_summary(
+    run_dir: str | os.PathLike,
+) -> tuple[dict[str, Any], pd.DataFrame] | None:
+    """`evaluation.json` of a run directory: its contents and the summary frame, or None."""
+    path = Path(run_dir) / EVALUATION_SUMMARY_FILE
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    summary = pd.DataFrame(data["summary"])
+    for column in summary.columns:
+        if column not in ("label", "mode", "threshold_name"):
+            summary[column] = pd.to_numeric(summary[column], errors="coerce").astype(float)
+    return data, summary
 
 
-def _read_optional_view(cls, run_dir: str | os.PathLike, name: str):
-    path = Path(run_dir) / name
-    return cls.from_json(read_json(path)) if path.is_file() else None
+class _FileView:
+    """A typed view of the run directory's JSON file `FILE`, built by `from_json`."""
+
+    FILE: ClassVar[str]
+
+    @classmethod
+    def read(cls, run_dir: str | os.PathLike) -> Self:
+        """Reads `run_dir/FILE`; ValueError naming the file if it is missing."""
+        return cls.from_json(read_json(require_file(require_run_dir(run_dir), cls.FILE)))
+
+    @classmethod
+    def read_optional(cls, run_dir: str | os.PathLike) -> Self | None:
+        """Reads `run_dir/FILE`, or None where there is none."""
+        path = Path(run_dir) / cls.FILE
+        return cls.from_json(read_json(path)) if path.is_file() else None
 
 
 # ------------------------------------------------------------------------ views
@@ -246,7 +276,7 @@ def _floats(values: Any) -> tuple[float, ...]:
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_FileView):
     """`config.json`: how the records were made (written by `uhlm collect`).
 
     Attributes:
@@ -254,11 +284,13 @@ class RunConfig:
         settings: the collection's settings (`collect.Config.settings()`).
         max_new_tokens, seed, draft_temperature, llm_temperature: the decoding settings,
             with collect's defaults where not recorded.
-        dtype: the models' dtype name, if recorded.
+        dtype: the models' dtype name (`DEFAULT_DTYPE` where not recorded).
         slm_config, llm_config: the models' recorded `ModelConfig` fields, if recorded.
         measures: the recorded uncertainty measures.
         versions: package versions of the collection.
     """
+
+    FILE: ClassVar[str] = CONFIG_FILE
 
     pair: str = ""
     settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -266,7 +298,7 @@ class RunConfig:
     seed: int = 0
     draft_temperature: float = 1.0
     llm_temperature: float = 1.0
-    dtype: str | None = None
+    dtype: str = DEFAULT_DTYPE
     slm_config: Mapping[str, Any] | None = None
     llm_config: Mapping[str, Any] | None = None
     measures: tuple[str, ...] = ()
@@ -283,21 +315,38 @@ class RunConfig:
             seed=int(settings.get("seed", d.seed)),
             draft_temperature=float(settings.get("draft_temperature", d.draft_temperature)),
             llm_temperature=float(settings.get("llm_temperature", d.llm_temperature)),
-            dtype=settings.get("dtype"),
+            dtype=settings.get("dtype") or DEFAULT_DTYPE,
             slm_config=_get(data, "pair", "slm"),
             llm_config=_get(data, "pair", "llm"),
             measures=tuple(data.get("measures") or ()),
             versions=dict(data.get("versions") or {}),
         )
 
-    @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> RunConfig:
-        """Reads `run_dir/config.json`; ValueError naming the file if it is missing."""
-        return _read_view(cls, run_dir, CONFIG_FILE)
 
-    @classmethod
-    def read_optional(cls, run_dir: str | os.PathLike) -> RunConfig | None:
-        return _read_optional_view(cls, run_dir, CONFIG_FILE)
+    def pair_profile(self, cost_profile: str) -> ch.PairProfile | None:
+        """The pair `cost_profile` prices for this run (`uhlm_jax.pricing.pair_profile`).
+
+        The recorded models' configs at the run's dtype; a run that records only the
+        pair's name loads the pair.
+        """
+        configs = None
+        if self.slm_config and self.llm_config:
+            configs = (ModelConfig.from_fields(self.slm_config),
+                       ModelConfig.from_fields(self.llm_config))
+        return pricing.pair_profile(cost_profile, self.pair, configs, self.dtype)
+
+
+def pair_profile(run_dir: str | os.PathLike, cost_profile: str) -> ch.PairProfile | None:
+    """The pair `cost_profile` prices for the run in `run_dir` (`RunConfig.pair_profile`).
+
+    Raises:
+        ValueError: for an unknown profile name, or `pair` where `run_dir` has no
+            `config.json` that names a pair.
+    """
+    run_config = RunConfig.read_optional(run_dir) if cost_profile == pricing.PAIR_COSTS else None
+    if run_config is None:
+        return pricing.pair_profile(cost_profile)
+    return run_config.pair_profile(cost_profile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +396,7 @@ class ModelComparison:
 
 
 @dataclasses.dataclass(frozen=True)
-class Fit:
+class Fit(_FileView):
     """`fit.json`: the rejection model's fit (written by `uhlm fit`).
 
     Attributes:
@@ -360,6 +409,8 @@ class Fit:
         predictive_mean_covered: per model, whether each `u` bin's replicated range covers
             the observed mean `β`.
     """
+
+    FILE: ClassVar[str] = FIT_FILE
 
     measure: str | None = None
     seed: int | None = None
@@ -419,14 +470,6 @@ class Fit:
             } if checks else {},
         )
 
-    @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> Fit:
-        """Reads `run_dir/fit.json`; ValueError naming the file if it is missing."""
-        return _read_view(cls, run_dir, FIT_FILE)
-
-    @classmethod
-    def read_optional(cls, run_dir: str | os.PathLike) -> Fit | None:
-        return _read_optional_view(cls, run_dir, FIT_FILE)
 
 
 class ThresholdName(enum.StrEnum):
@@ -530,7 +573,7 @@ _VALIDATED_AS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class Thresholds:
+class Thresholds(_FileView):
     """`thresholds.json`: the thresholds of a run (written by `uhlm threshold --run`).
 
     Attributes:
@@ -546,6 +589,8 @@ class Thresholds:
             `ltt_num_prompts`: the calibration prompts it used.
         validation: the prompt-split validation, if written.
     """
+
+    FILE: ClassVar[str] = THRESHOLDS_FILE
 
     measure: str | None = None
     risk: float | None = None
@@ -630,14 +675,6 @@ class Thresholds:
             validation=validation,
         )
 
-    @classmethod
-    def read(cls, run_dir: str | os.PathLike) -> Thresholds:
-        """Reads `run_dir/thresholds.json`; ValueError naming the file if it is missing."""
-        return _read_view(cls, run_dir, THRESHOLDS_FILE)
-
-    @classmethod
-    def read_optional(cls, run_dir: str | os.PathLike) -> Thresholds | None:
-        return _read_optional_view(cls, run_dir, THRESHOLDS_FILE)
 
     def named(self) -> dict[ThresholdName, float]:
         """The finite U-HLM thresholds, clipped to [0, 1], in `ThresholdName` order.

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from analysis.link import Config as LinkConfig
 from uhlm_jax import channel as ch
 from uhlm_jax import replay as rp
 from uhlm_jax.metrics import TokenSums, metrics_from_sums, token_sums
 from uhlm_jax.modes import Mode
+from uhlm_jax.pricing import Pricing
 
 # Float32 sums of the same numbers in another order (prefix sums vs masked sums) agree to
 # a few ulps of the total; the brute-force comparison uses dyadic data, where they agree
@@ -19,7 +19,7 @@ SUM_ORDER_RTOL = 1e-5
 
 
 def _profile() -> ch.CostProfile:
-    return LinkConfig().cost_profile()
+    return Pricing().cost_profile()
 
 
 def _dyadic_tokens(n: int = 64, m: int = 3, seed: int = 0) -> rp.TokenRecords:

@@ -47,6 +47,7 @@ import numpy as np
 from flax import struct
 
 from uhlm_jax import speculative
+from uhlm_jax.channel.checks import concrete
 from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
@@ -66,17 +67,8 @@ __all__ = [
 ]
 
 
-def _concrete(value: Any) -> np.ndarray | None:
-    if value is None or isinstance(value, jax.core.Tracer):
-        return None
-    try:
-        return np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        return None
-
-
 def _check_k(k: Any, vocab_size: int) -> None:
-    arr = _concrete(k)
+    arr = concrete(k)
     if arr is not None and not np.all((arr >= 1) & (arr <= vocab_size) & (arr == np.round(arr))):
         raise ValueError(
             f"top_k={k!r} is invalid: k must be an integer in [1, vocab_size={vocab_size}]"
@@ -84,7 +76,7 @@ def _check_k(k: Any, vocab_size: int) -> None:
 
 
 def _check_tolerance(tolerance_tv: Any) -> None:
-    arr = _concrete(tolerance_tv)
+    arr = concrete(tolerance_tv)
     if arr is not None and not np.all((arr >= 0) & (arr <= 1)):
         raise ValueError(
             f"tolerance_tv={tolerance_tv!r} is invalid: a total-variation tolerance lies in [0, 1]"
@@ -197,7 +189,7 @@ class FixedK:
     k: Int[Array, ""] | int
 
     def __post_init__(self):
-        arr = _concrete(self.k)
+        arr = concrete(self.k)
         if arr is not None and not np.all((arr >= 1) & (arr == np.round(arr))):
             raise ValueError(f"k={self.k!r} is invalid: k must be an integer >= 1")
 

@@ -45,6 +45,8 @@ from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
     "DEFAULT_MEASURES",
+    "DEFAULT_MEASURE_NAMES",
+    "DEFAULT_TEMPERATURE_PERTURBATION",
     "PANEL_RATIO",
     "Entropy",
     "ExpectedTemperaturePerturbation",
@@ -379,3 +381,8 @@ DEFAULT_MEASURES: tuple[UncertaintyMeasure, ...] = (
     TopTwoMargin(),
 )
 """One of each measure, with the paper's defaults (K = 20, θ_max = 2)."""
+DEFAULT_MEASURE_NAMES = tuple(m.name for m in DEFAULT_MEASURES)
+# The temperature perturbation of the default measures: the paper's (K = 20, θ_max = 2).
+DEFAULT_TEMPERATURE_PERTURBATION = next(
+    m for m in DEFAULT_MEASURES if isinstance(m, TemperaturePerturbation)
+)

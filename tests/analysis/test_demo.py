@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from analysis import demo, evaluate, plots
+from analysis import demo, plots, tables
 from analysis.cli import main as cli_main
 from calibration import records
 from calibration import run_dir as rd
@@ -41,7 +41,7 @@ def test_quick_demo_writes_every_artifact(tmp_path):
     for i in range(1, 8):
         assert f"[{i}/7]" in proc.stdout
     assert "left)" in proc.stdout
-    assert evaluate.SUMMARY_COLUMNS[0] in proc.stdout and "Rand-HLM" in proc.stdout
+    assert tables.SUMMARY_COLUMNS[0] in proc.stdout and "Rand-HLM" in proc.stdout
     assert "Report:" in proc.stdout and "Draft acceptance under HLM" in proc.stdout
     # And the run directory holds every stage's output
     for name in (rd.CONFIG_FILE, "fit.json", "posterior_linear.npz", "thresholds.json",

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analysis import evaluate
+from analysis import evaluate, tables
 from analysis.cli import main as cli_main
 from calibration import run_dir as rd
 from tests.helpers import write_synthetic_run
@@ -73,7 +73,7 @@ def test_every_mode_and_threshold_is_evaluated(evaluated):
     # Files: the per-prompt table and the summary read back with NaN and inf restored.
     on_disk = pd.read_parquet(run_dir / rd.EVALUATION_FILE)
     assert len(on_disk) == len(per_prompt)
-    data, back = evaluate.read_summary(run_dir)
+    data, back = rd.read_evaluation_summary(run_dir)
     assert data["operating"] == "risk-bounded"
     llm = back[back["mode"] == "llm_only"].iloc[0]
     # LLM-only transmits every token and drafts none.
@@ -143,8 +143,8 @@ def test_summary_table_formats_percent_of_llm():
          "correct_rate_se": math.nan, "llm_nll": 9.0, "llm_nll_se": 0.5,
          "throughput_tokens_per_s": 40.0, "speedup_vs_hlm": 2.0, "speedup_bound": math.inf},
     ])
-    table = evaluate.summary_table(summary)
-    assert list(table.columns) == list(evaluate.SUMMARY_COLUMNS)
+    table = tables.summary_table(summary)
+    assert list(table.columns) == list(tables.SUMMARY_COLUMNS)
     assert table.iloc[1]["Accuracy (% of LLM)"] == "75.0"
     assert table.iloc[0]["Accuracy (MiniLM cosine)"] == "0.800 ± 0.010"
     assert table.iloc[0]["Correct answers"] == "0.50 ± 0.10"
@@ -152,7 +152,7 @@ def test_summary_table_formats_percent_of_llm():
     assert table.iloc[1]["Bound 1/(1−s)"] == "∞"
     assert table.iloc[0]["TR"] == "1.000" and table.iloc[0]["Acceptance"] == "—"
     assert table.iloc[1]["LLM NLL (nats/token)"] == "9.00 ± 0.50"
-    text = evaluate.format_table(table)
+    text = tables.format_table(table)
     assert text.splitlines()[0].startswith("Mode") and "75.0" in text
 
 
@@ -185,7 +185,7 @@ def test_pair_cost_profile_prices_the_runs_pair(tmp_path, capsys):
     # Then the printed note, evaluation.json and the payload are the pair's
     caption = "cost profile 'pair' (pair toy): toy-slm float32 on phone-soc, toy-llm float32"
     assert f"Throughput and speedup: medium link, {caption}" in out and "V = 260." in out
-    data, summary = evaluate.read_summary(run_dir)
+    data, summary = rd.read_evaluation_summary(run_dir)
     assert data["settings"]["costs"].startswith(caption)
     slm_only = summary[summary["mode"] == "slm_only"].iloc[0]
     assert slm_only["uplink_bits_saved"] == slm_only["tokens"] * 260 * 16
@@ -194,7 +194,7 @@ def test_pair_cost_profile_prices_the_runs_pair(tmp_path, capsys):
 def test_named_cost_profile_is_stated_in_the_summary(evaluated):
     run_dir, result = evaluated
     assert result.costs.startswith("cost profile 'named': tinyllama-1.1b float16 on phone-soc")
-    assert evaluate.read_summary(run_dir)[0]["settings"]["costs"] == result.costs
+    assert rd.read_evaluation_summary(run_dir)[0]["settings"]["costs"] == result.costs
     with pytest.raises(ValueError, match=r"'paper'.*named, pair"):
         evaluate.Config(run_dir=str(run_dir), cost_profile_name="paper")
 
@@ -216,7 +216,7 @@ def test_prompts_without_a_reference_are_left_out_of_similarity(tmp_path, capsys
     assert _main(argv) == 0
     out = capsys.readouterr().out
     # Then only the first is scored for similarity and only the second for correctness
-    data, summary = evaluate.read_summary(run_dir)
+    data, summary = rd.read_evaluation_summary(run_dir)
     per_prompt = pd.read_parquet(run_dir / rd.EVALUATION_FILE)
     for _, rows in per_prompt.groupby("label"):
         assert not np.isnan(rows["similarity"].iloc[0])
@@ -247,7 +247,7 @@ def test_prompts_without_references_or_answers_need_skip_accuracy(tmp_path, caps
     assert _main([*argv, "--skip-accuracy"]) == 0
     out = capsys.readouterr().out
     assert "not scored (--skip-accuracy)" in out
-    _, summary = evaluate.read_summary(run_dir)
+    _, summary = rd.read_evaluation_summary(run_dir)
     assert summary["accuracy"].isna().all() and (summary["accuracy_prompts"] == 0).all()
     assert summary["llm_nll"].notna().all()
 

@@ -54,7 +54,7 @@ def test_evaluate_report_and_demo_name_the_same_operating_threshold(run_dir: Pat
     evaluation = evaluate.run(
         evaluate.Config(run_dir=str(run_dir), num_prompts=2, max_new_tokens=4), progress=False)
     assert evaluation.operating == expected
-    data, summary = evaluate.read_summary(run_dir)
+    data, summary = rd.read_evaluation_summary(run_dir)
     assert data["operating"] == "risk-bounded"
     assert data["operating_threshold"]["passed_validation"] is False
     labels = list(summary.loc[summary["mode"] == "uhlm", "label"])

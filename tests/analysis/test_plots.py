@@ -10,9 +10,10 @@ import pytest
 from matplotlib.patches import Rectangle
 
 from analysis import plots, report
-from analysis import sweep as sw
 from calibration import records
 from tests.helpers import write_synthetic_run
+from uhlm_jax import replay_table as rt
+from uhlm_jax.pricing import Pricing
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 EXPECTED_SIZE = (int(plots.FIGSIZE_IN[0] * plots.DPI), int(plots.FIGSIZE_IN[1] * plots.DPI))
@@ -70,10 +71,9 @@ def run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("plots_run")
     df = write_synthetic_run(run_dir)
     measures = tuple(records.measure_names(df.columns))
-    cfg = sw.Config(
-        run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 11)), snr_db=(0.0, 10.0, 20.0)
-    )
-    table = sw.replay_frame(cfg, sw.load_records(df, measures), measures, progress=False)
+    grid = rt.ReplayGrid(thresholds=tuple(np.linspace(0, 1, 11)), snr_db=(0.0, 10.0, 20.0))
+    table = rt.replay_table(grid, records.token_records(df, measures), measures,
+                            Pricing().cost_profile(), progress=False)
     return run_dir, df, table
 
 

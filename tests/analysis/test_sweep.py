@@ -9,10 +9,12 @@ import pytest
 
 from analysis import sweep as sw
 from analysis.cli import main as cli_main
+from calibration import records
 from calibration import run_dir as rd
 from tests.helpers import collect_toy_run, write_synthetic_run
 from uhlm_jax import channel as ch
-from uhlm_jax import cli_config
+from uhlm_jax import cli_config, pricing
+from uhlm_jax import replay_table as rt
 from uhlm_jax.modes import Mode
 
 # Replay and rollout agree when |difference| ≤ Z_MAX · SE (SE: jackknife over prompts).
@@ -75,7 +77,7 @@ def test_table_matches_a_numpy_oracle(synthetic):
             run_dir=str(run_dir),
             thresholds=thresholds,
             snr_db=(),
-            presets=(sw.SNR_BASE_PRESET,),
+            presets=(rt.SNR_BASE_PRESET,),
             modes=(Mode.UHLM,),
         ),
         progress=False,
@@ -104,10 +106,11 @@ def test_table_matches_a_numpy_oracle(synthetic):
 def test_chunk_size_does_not_change_the_table(synthetic):
     run_dir, df = synthetic
     measures = ("temperature_perturbation", "entropy")
-    tokens = sw.load_records(df, measures)
-    kwargs = dict(run_dir=str(run_dir), thresholds=tuple(np.linspace(0, 1, 7)), snr_db=(5.0,))
-    big = sw.replay_frame(sw.Config(**kwargs), tokens, measures, progress=False)
-    small = sw.replay_frame(sw.Config(**kwargs, chunk_size=4), tokens, measures, progress=False)
+    tokens = records.token_records(df, measures)
+    grid = rt.ReplayGrid(thresholds=tuple(np.linspace(0, 1, 7)), snr_db=(5.0,))
+    base = pricing.Pricing().cost_profile()
+    big = rt.replay_table(grid, tokens, measures, base, progress=False)
+    small = rt.replay_table(grid, tokens, measures, base, chunk_size=4, progress=False)
     pd.testing.assert_frame_equal(big, small)
 
 
@@ -233,10 +236,8 @@ def test_pair_cost_profile_prices_the_runs_pair(toy_run, capsys):
     assert tables["pair"]["hlm", "uplink_bits_per_token"] == 260 * 16
     assert tables["named"]["hlm", "uplink_bits_per_token"] == 32000 * 16
     # And SLM-only costs the toy SLM's roofline (it computes no uncertainty)
-    from analysis.link import pair_profile
-
     profile = sw.Config(run_dir=str(toy_run), cost_profile_name="pair").cost_profile()
-    assert profile.slm.model_profile == pair_profile("pair", pair="toy").slm
+    assert profile.slm.model_profile == pricing.pair_profile("pair", pair="toy").slm
     expected_s = ch.compute_latency_s(profile.slm)
     np.testing.assert_allclose(
         tables["pair"]["slm_only", "throughput_tokens_per_s"], 1 / expected_s, rtol=ORACLE_RTOL
