@@ -579,6 +579,19 @@ class _Context:
         return self.metrics[f"uhlm:{self.operating.name}"]
 
     @property
+    def operating_point(self) -> plots.Operating:
+        """The operating point as the figures mark it (flagged when it failed validation)."""
+        op, uh = self.operating, self.operating_metrics
+        name = f"{op.name} (failed validation)" if op.failed else str(op.name)
+        return plots.Operating(name, op.value, float(uh.skip_rate),
+                               float(uh.throughput_tokens_per_s), float(uh.llm_agreement))
+
+    @property
+    def eps(self) -> float | None:
+        """The risk level `ε` of thresholds.json, if any."""
+        return self.data.thresholds.risk if self.data.thresholds is not None else None
+
+    @property
     def link_label(self) -> str:
         return self.cfg.link.name.lower()
 
@@ -656,7 +669,7 @@ def _evaluation_section(ctx: _Context) -> Section:
     )
     figure = Figure(
         plots.evaluated_modes(summary, ctx.plot_dir / "evaluated_modes.png",
-                              link=f"{s['link']} link"),
+                              link=f"{s['link']} link", operating=ctx.operating_point),
         "Accuracy (MiniLM cosine to the reference), correct answers and the LLM's NLL "
         "of the responses against token throughput, for each mode's real rollouts on "
         "the held-out prompts (± 2 SE over prompts).",
@@ -759,13 +772,16 @@ def _sweep_figures(ctx: _Context) -> tuple[list[Figure], list[str]]:
                 at_link[at_link["mode"] == "uhlm"], ctx.plot_dir / "threshold_curves.png",
                 rollout=rollout_rows if len(rollout_rows) else None,
                 references=at_link[at_link["mode"] != "uhlm"], link=f"{link_label} link",
+                eps=ctx.eps, operating=ctx.operating_point,
             ),
-            "Transmission rate, LLM agreement and acceptance, realised risk and "
-            "throughput against the threshold" +
+            "Each measure's threshold, LLM agreement and acceptance, realised risk and "
+            "throughput against the share of tokens skipped (measures compared at equal "
+            "skip share; ε and the operating point marked)" +
             (", with real rollouts (± 2 SE)." if len(rollout_rows) else "."),
         ),
         Figure(
-            plots.pareto(pareto_rows, ctx.plot_dir / "pareto.png", link=f"{link_label} link"),
+            plots.pareto(pareto_rows, ctx.plot_dir / "pareto.png", link=f"{link_label} link",
+                         eps=ctx.eps, operating=ctx.operating_point),
             f"LLM agreement against throughput: U-HLM over its thresholds ({measure}), "
             "Rand-HLM over its transmit probabilities, and the fixed modes.",
         ),
@@ -973,7 +989,7 @@ def _fit_figures(ctx: _Context) -> tuple[list[Figure], list[str]]:
         if name in from_file:
             flag = " (failed validation)" if th.failed_validation(name) else ""
             marks[f"{name}{flag}"] = from_file[name]
-    draws = data.posterior_draws
+    draws, fit = data.posterior_draws, data.fit
     figures = [Figure(
         plots.u_beta(
             data.u, data.beta, ctx.plot_dir / "u_beta.png", measure=ctx.cfg.measure,
@@ -981,10 +997,15 @@ def _fit_figures(ctx: _Context) -> tuple[list[Figure], list[str]]:
             slope_draws=None if draws is None else draws["slope"],
             intercept_draws=None if draws is None else draws["intercept"],
             thresholds=marks,
+            raw_thresholds={"risk-averse −b/a": averse.raw, "risk-prone (Δ−b)/a": prone.raw},
+            hurdle={k: p.mean for k, p in fit.nuts["hurdle"].params.items()}
+            if fit is not None and fit.measure == ctx.cfg.measure and "hurdle" in fit.nuts
+            else None,
+            operating=ctx.operating_point,
         ),
-        "Uncertainty against rejection probability: tokens, mean β per u bin, the "
-        "least-squares line" + (", its posterior band" if draws else "") +
-        " and the thresholds.",
+        "Uncertainty against rejection probability: tokens, mean β at each u value (or "
+        "per u bin), the least-squares line" + (", its posterior band" if draws else "") +
+        ", the hurdle fit when fitted, and the thresholds (raw values of clipped ones).",
     )]
     if draws is None:
         notes.append(f"No {rd.FIT_FILE}/{rd.LINEAR_POSTERIOR_FILE} for this measure: no "
@@ -1006,6 +1027,7 @@ def _fit_figures(ctx: _Context) -> tuple[list[Figure], list[str]]:
             point_estimates={"risk-averse −b/a": -intercept / slope,
                              "risk-prone (Δ−b)/a": (share - intercept) / slope}
             if slope > 0 else None,
+            operating=ctx.operating_point,
         ),
         "Posterior of the analytic thresholds (linear-model NUTS draws; Δ at its "
         "empirical value; dashed: least squares), before clipping to [0, 1]: below "

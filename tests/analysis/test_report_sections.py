@@ -270,3 +270,4 @@ def test_a_threshold_that_failed_validation_is_flagged_where_it_is_shown(written
     # The figures that mark it
     assert calls["u_beta"]["thresholds"]["risk-bounded (failed validation)"] == 0.25
     assert calls["throughput_vs_snr"]["threshold_label"] == "u_th = 0.250, failed validation"
+    assert calls["u_beta"]["operating"].name == "risk-bounded (failed validation)"
