@@ -4,8 +4,10 @@ The job runs the pair over a prompt file in batches. Each batch's records go to 
 Parquet shard, written atomically; after each shard the job state (the next batch) is
 saved as an orbax checkpoint. `--resume` continues from the last checkpoint: a batch whose
 shard was written but not checkpointed is run again and its shard replaced, so no record
-is lost or duplicated. Keys depend only on the seed, the prompt id and the step, so a
-resumed run writes the same records as an uninterrupted one.
+is lost or duplicated. It first checks every shard the checkpoint counts as done (readable
+Parquet, the record columns, the batch's prompts) and runs again, with a warning naming
+the file, each batch whose shard is missing or damaged. Keys depend only on the seed, the
+prompt id and the step, so a resumed run writes the same records as an uninterrupted one.
 
 Scale-out: every batch runs on a `data` x `model` mesh over all devices
 (`uhlm_jax.sharding`; `--mesh data=D,model=M`, default every device on `data`). Rows are
@@ -26,6 +28,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import sys
 from pathlib import Path
 
 import jax
@@ -35,8 +38,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 
-from calibration.prompts import collection_source, read_prompts
-from calibration.records import MEASURE_PREFIX, write_shard
+from calibration.prompts import Prompt, collection_source, read_prompts
+from calibration.records import MEASURE_PREFIX, shard_problem, write_shard
 from calibration.run_dir import (
     CHECKPOINT_DIR,
     CONFIG_FILE,
@@ -69,7 +72,8 @@ class Config:
         prompts: JSON Lines prompt file; None uses the shipped prompts.
         split: use only prompts of this split; None uses all, except of the shipped
             prompts, where it is their "calibration" split.
-        num_prompts: use the first this many prompts (None: all).
+        num_prompts: use the first this many prompts (None: all); more than there are
+            is an error.
         first_prompt: skip this many prompts first (to keep calibration and evaluation
             prompts disjoint).
         max_new_tokens: tokens generated per prompt at most.
@@ -172,11 +176,20 @@ _PLACEMENT_FIELDS = ("out", "resume", "mesh", "distributed", *_PROCESS_FIELDS)
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """Where the records went and how many there are."""
+    """Where the records went, how many there are, and how many this call wrote.
+
+    Attributes:
+        run_dir: the run directory.
+        num_shards, num_tokens: shards and token records the run holds.
+        written_shards, written_tokens: those this call wrote (0 when a resumed run
+            was already complete).
+    """
 
     run_dir: Path
     num_shards: int
     num_tokens: int
+    written_shards: int
+    written_tokens: int
 
 
 def records_frame(
@@ -280,14 +293,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     if cfg.distributed:
         _join(cfg)
     run_dir = Path(cfg.out).absolute()
-    prompts = read_prompts(cfg.prompts_path(), cfg.split)[cfg.first_prompt :]
-    if cfg.num_prompts is not None:
-        prompts = prompts[: cfg.num_prompts]
-    if not prompts:
-        raise ValueError(
-            f"No prompts left in {cfg.prompts_path()} after skipping {cfg.first_prompt}; lower "
-            "--first-prompt."
-        )
+    prompts = _select_prompts(cfg)
     num_devices = jax.device_count()
     try:
         shape = cfg.mesh_shape().resolve(num_devices)
@@ -340,12 +346,17 @@ def run(cfg: Config, progress: bool = True) -> Result:
                     "llm": _describe(pair.llm.config),
                 },
                 "measures": list(config.measure_names),
+                "num_prompts": len(prompts),
                 "num_devices": num_devices,
                 "num_processes": jax.process_count(),
                 "mesh": str(shape),
                 "versions": _versions(),
             },
         )
+    starts = range(0, len(prompts), cfg.batch_size)
+    # The batches to run: those after the checkpoint, and those before it whose shard fails
+    # its check.
+    todo = np.ones(len(starts), bool)
     next_batch = 0
     if writer:
         # Only this process saves checkpoints; orbax leaves creating the folder to it.
@@ -363,17 +374,30 @@ def run(cfg: Config, progress: bool = True) -> Result:
         if cfg.resume and manager.latest_step() is not None:
             state = manager.restore(manager.latest_step(), args=ocp.args.JsonRestore())
             next_batch = int(state["next_batch"])
+        for batch in range(min(next_batch, len(starts))):
+            path = run_dir / RECORDS_DIR / shard_name(batch)
+            ids = _batch_ids(cfg, starts[batch], len(prompts))
+            problem = shard_problem(path, ids, config.measure_names)
+            todo[batch] = problem is not None
+            if problem is not None:
+                print(
+                    f"warning: record shard {str(path)!r} {problem}; collecting its "
+                    f"{len(ids)} prompts again",
+                    file=sys.stderr,
+                )
     if jax.process_count() > 1:
-        next_batch = int(multihost_utils.broadcast_one_to_all(np.int32(next_batch)))
+        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
 
-    starts = range(0, len(prompts), cfg.batch_size)
-    num_tokens = 0
+    written_shards = written_tokens = 0
     bar = console.progress(
-        total=len(starts), initial=next_batch, unit="batch", desc="collect", quiet=not progress
+        total=len(starts),
+        initial=len(starts) - int(todo.sum()),
+        unit="batch",
+        desc="collect",
+        quiet=not progress,
     )
-    for batch, start in enumerate(starts):
-        if batch < next_batch:
-            continue
+    for batch in np.flatnonzero(todo).tolist():
+        start = starts[batch]
         chunk = prompts[start : start + cfg.batch_size]
         rows = len(chunk)
         # Pad a short last batch with copies so every batch has one shape; drop them after.
@@ -381,12 +405,15 @@ def run(cfg: Config, progress: bool = True) -> Result:
         ids = np.arange(start + cfg.first_prompt, start + cfg.first_prompt + cfg.batch_size)
         output = run_rollout(pair, texts, config, params, seed=cfg.seed, prompt_ids=ids, mesh=mesh)
         frame = records_frame(output.records, output.prompt_ids, config.measure_names, rows)
-        num_tokens += len(frame)
         if writer:
             write_shard(frame, run_dir / RECORDS_DIR / shard_name(batch))
-            manager.save(batch + 1, args=ocp.args.JsonSave({"next_batch": batch + 1}))
-            manager.wait_until_finished()
-        bar.set_postfix(tokens=num_tokens)
+            # A batch run again before the checkpoint leaves the checkpoint as it is.
+            if batch >= next_batch:
+                manager.save(batch + 1, args=ocp.args.JsonSave({"next_batch": batch + 1}))
+                manager.wait_until_finished()
+        written_shards += 1
+        written_tokens += len(frame)
+        bar.set_postfix(tokens=written_tokens)
         bar.update(1)
     bar.close()
     if writer:
@@ -395,7 +422,37 @@ def run(cfg: Config, progress: bool = True) -> Result:
         multihost_utils.sync_global_devices("collect: records written")
     shards = sorted((run_dir / RECORDS_DIR).glob(SHARD_GLOB))
     total = sum(pq.read_metadata(s).num_rows for s in shards)
-    return Result(run_dir=run_dir, num_shards=len(shards), num_tokens=total)
+    return Result(
+        run_dir=run_dir,
+        num_shards=len(shards),
+        num_tokens=total,
+        written_shards=written_shards,
+        written_tokens=written_tokens,
+    )
+
+
+def _select_prompts(cfg: Config) -> list[Prompt]:
+    """The prompts `cfg` collects: its split, after `first_prompt`, at most `num_prompts`."""
+    path = cfg.prompts_path()
+    prompts = read_prompts(path, cfg.split)[cfg.first_prompt :]
+    where = f"in {path}" if cfg.split is None else f"in split {cfg.split!r} of {path}"
+    if not prompts:
+        raise ValueError(
+            f"No prompts left {where} after skipping {cfg.first_prompt}; lower --first-prompt."
+        )
+    if cfg.num_prompts is not None and cfg.num_prompts > len(prompts):
+        after = f" after --first-prompt {cfg.first_prompt}" if cfg.first_prompt else ""
+        raise ValueError(
+            f"--num-prompts {cfg.num_prompts} is more than the {len(prompts)} prompts {where}"
+            f"{after}; pass --num-prompts {len(prompts)} or fewer, or leave it out to use all."
+        )
+    return prompts[: cfg.num_prompts]
+
+
+def _batch_ids(cfg: Config, start: int, num_prompts: int) -> range:
+    """The prompt ids of the batch that starts at prompt `start` (of `num_prompts`)."""
+    first = cfg.first_prompt + start
+    return range(first, first + min(cfg.batch_size, num_prompts - start))
 
 
 # The flags of collect's Config; `uhlm calibrate` shares them.
@@ -411,17 +468,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_config.add_output_flags(parser, quiet=True)
 
 
+def summary_line(result: Result) -> str:
+    """What this call wrote, and what the run holds when that differs."""
+    def records(tokens: int, shards: int) -> str:
+        return f"{tokens} token records in {shards} shard{'s' * (shards != 1)}"
+
+    held = records(result.num_tokens, result.num_shards)
+    if result.written_shards == 0:
+        return f"wrote nothing: {result.run_dir} already holds all its {held}"
+    wrote = f"wrote {records(result.written_tokens, result.written_shards)} to {result.run_dir}"
+    return wrote if result.written_shards == result.num_shards else f"{wrote}; it holds {held}"
+
+
 def main(args: argparse.Namespace) -> int:
     result = run(cli_config.config_from_args(Config, args), progress=not args.quiet)
     summary = {
         "run_dir": os.fspath(result.run_dir),
         "num_shards": result.num_shards,
         "num_tokens": result.num_tokens,
+        "written_shards": result.written_shards,
+        "written_tokens": result.written_tokens,
     }
-    print(
-        console.json_text(summary)
-        if args.json
-        else f"wrote {result.num_tokens} token records in {result.num_shards} shards to "
-        f"{result.run_dir}"
-    )
+    print(console.json_text(summary) if args.json else summary_line(result))
     return 0

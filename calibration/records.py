@@ -7,12 +7,16 @@ uncertainty measure. Shards are written atomically (`calibration.run_dir`).
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from calibration import run_dir as rd
 from uhlm_jax import replay as rp
@@ -20,8 +24,10 @@ from uhlm_jax import replay as rp
 __all__ = [
     "MEASURE_PREFIX",
     "RECORD_COLUMNS",
+    "coverage_warning",
     "measure_names",
     "read_records",
+    "shard_problem",
     "token_records",
     "write_shard",
 ]
@@ -77,6 +83,96 @@ def write_shard(df: pd.DataFrame, path: str | os.PathLike) -> None:
     rd.write_parquet(table, path)
 
 
+def _reason(err: Exception) -> str:
+    """The first line of an error, to keep messages to one line."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def _read_table(path: Path) -> pa.Table:
+    """A shard's table (OSError or `pa.ArrowException` if it cannot be read)."""
+    with pq.ParquetFile(path) as f:
+        return f.read()
+
+
+def _ids(ids: Collection[int]) -> str:
+    """Prompt ids, short: `3`, `2-5` when consecutive, else the first few."""
+    ids = sorted(ids)
+    if len(ids) > 1 and ids[-1] - ids[0] == len(ids) - 1:
+        return f"{ids[0]}-{ids[-1]}"
+    return ", ".join(map(str, ids[:5])) + (", ..." if len(ids) > 5 else "")
+
+
+def shard_problem(
+    path: str | os.PathLike, prompt_ids: Collection[int], measures: Sequence[str]
+) -> str | None:
+    """Why a shard cannot stand for its prompts' records, or None if it can.
+
+    It can when it is readable Parquet, has `RECORD_COLUMNS` and a `u_<measure>` column per
+    measure, and holds records of exactly `prompt_ids` (a collection records at least the
+    first token of every prompt).
+
+    Args:
+      path: the shard file.
+      prompt_ids: the prompts the shard should hold.
+      measures: the recorded measures, unprefixed.
+
+    Returns:
+      A phrase that completes "shard ... ": "is missing", "is not readable Parquet (...)",
+      "lacks columns [...]", "lacks prompts ...", "holds other prompts ...".
+    """
+    path = Path(path)
+    if not path.is_file():
+        return "is missing"
+    try:
+        table = _read_table(path)
+    except (OSError, pa.ArrowException) as err:
+        return f"is not readable Parquet ({_reason(err)})"
+    wanted = [*RECORD_COLUMNS, *(MEASURE_PREFIX + m for m in measures)]
+    missing = [c for c in wanted if c not in table.column_names]
+    if missing:
+        return f"lacks columns {missing}"
+    found = set(table.column("prompt_id").to_pylist())
+    if lacking := set(prompt_ids) - found:
+        return f"lacks prompts {_ids(lacking)}"
+    if other := found - set(prompt_ids):
+        return f"holds other prompts ({_ids(other)})"
+    return None
+
+
+def coverage_warning(run_dir: str | os.PathLike, num_prompts: int) -> str | None:
+    """Warns, on stderr, when records cover fewer prompts than `config.json` says were collected.
+
+    Args:
+      run_dir: the run directory.
+      num_prompts: distinct prompts in its records.
+
+    Returns:
+      The warning line (for the job's JSON output), or None when the records cover every
+      prompt, or `config.json` does not count them.
+    """
+    config = rd.RunConfig.read_optional(run_dir)
+    expected = None if config is None else config.num_prompts
+    if expected is None or num_prompts >= expected:
+        return None
+    line = (
+        f"warning: the records of {str(run_dir)!r} cover {num_prompts} of the {expected} "
+        f"prompts in its {rd.CONFIG_FILE}; resume the collection (its `uhlm collect` "
+        "command with --resume) to collect the rest"
+    )
+    print(line, file=sys.stderr)
+    return line
+
+
+def _read_shard(path: Path) -> pd.DataFrame:
+    try:
+        return _read_table(path).to_pandas()
+    except (OSError, pa.ArrowException) as err:
+        raise ValueError(
+            f"record shard {str(path)!r} cannot be read ({_reason(err)}); rerun the run's "
+            "`uhlm collect` command with --resume to collect its prompts again"
+        ) from None
+
+
 def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
     """Reads every record shard of a run, sorted by `(prompt_id, position)`.
 
@@ -87,7 +183,8 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
       One row per generated token, index reset.
 
     Raises:
-      ValueError: if the directory or its shards are missing, or a column is.
+      ValueError: if the directory or its shards are missing, a shard cannot be read
+        (naming it), or a column is missing.
     """
     path = rd.require_run_dir(run_dir)
     shards = sorted((path / rd.RECORDS_DIR).glob(rd.SHARD_GLOB))
@@ -97,7 +194,7 @@ def read_records(run_dir: str | os.PathLike) -> pd.DataFrame:
             f"collect them first (`uhlm calibrate --out {path}`, or `--resume` an "
             "interrupted run)"
         )
-    df = pd.concat([pd.read_parquet(s) for s in shards], ignore_index=True)
+    df = pd.concat([_read_shard(s) for s in shards], ignore_index=True)
     _check_columns(df, f"records of {str(path)!r}")
     return df.sort_values(["prompt_id", "position"], kind="stable").reset_index(drop=True)
 

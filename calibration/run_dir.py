@@ -271,6 +271,10 @@ def _float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
 def _floats(values: Any) -> tuple[float, ...]:
     return tuple(float(v) for v in values or ())
 
@@ -287,6 +291,8 @@ class RunConfig(_FileView):
         dtype: the models' dtype name (`DEFAULT_DTYPE` where not recorded).
         slm_config, llm_config: the models' recorded `ModelConfig` fields, if recorded.
         measures: the recorded uncertainty measures.
+        num_prompts: the prompts the collection covers, if recorded (else its
+            `--num-prompts`, if given).
         versions: package versions of the collection.
     """
 
@@ -302,6 +308,7 @@ class RunConfig(_FileView):
     slm_config: Mapping[str, Any] | None = None
     llm_config: Mapping[str, Any] | None = None
     measures: tuple[str, ...] = ()
+    num_prompts: int | None = None
     versions: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -319,6 +326,7 @@ class RunConfig(_FileView):
             slm_config=_get(data, "pair", "slm"),
             llm_config=_get(data, "pair", "llm"),
             measures=tuple(data.get("measures") or ()),
+            num_prompts=_int(data.get("num_prompts", settings.get("num_prompts"))),
             versions=dict(data.get("versions") or {}),
         )
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibration.collect import Config, run
+from analysis import cli
+from calibration.collect import Config, run, summary_line
 from calibration.records import read_records
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,6 +97,67 @@ def test_resume_refuses_other_settings_and_existing_runs(tmp_path):
     # Nothing already written was touched.
     assert (tmp_path / "run" / "config.json").read_text() == before
     assert len(read_records(tmp_path / "run")) > 0
+
+
+def test_resume_collects_missing_and_damaged_shards_again(tmp_path, capsys):
+    # Given a finished run of 3 shards (prompts 0-1, 2-3, 4-5), and a copy of it where
+    # shard 0 is truncated, shard 1 holds shard 2's prompts, and shard 2 is gone,
+    full = run(_config(tmp_path, out="full"))
+    shards = shutil.copytree(full.run_dir, tmp_path / "run") / "records"
+    (shards / "shard-000000.parquet").write_bytes(
+        (shards / "shard-000000.parquet").read_bytes()[:-16]
+    )
+    (shards / "shard-000002.parquet").replace(shards / "shard-000001.parquet")
+    capsys.readouterr()
+    # when it is resumed,
+    resumed = run(_config(tmp_path, resume=True), progress=False)
+    # then each damaged shard is named on one line of stderr and its prompts collected again,
+    warnings = capsys.readouterr().err.splitlines()
+    assert [w.split("'")[1] for w in warnings] == [
+        str(shards / f"shard-00000{i}.parquet") for i in range(3)
+    ]
+    assert "is not readable Parquet" in warnings[0]
+    assert "lacks prompts 2-3" in warnings[1]
+    assert "is missing" in warnings[2]
+    # so the records equal the uninterrupted run's, and it says it wrote all three again.
+    pd.testing.assert_frame_equal(read_records(resumed.run_dir), read_records(full.run_dir))
+    assert (resumed.written_shards, resumed.written_tokens) == (3, full.num_tokens)
+    assert summary_line(resumed) == (
+        f"wrote {full.num_tokens} token records in 3 shards to {resumed.run_dir}"
+    )
+
+
+def test_resuming_a_complete_run_writes_nothing_and_says_so(tmp_path, capsys):
+    argv = ["collect", "--pair", "toy", "--prompts", str(_prompts(tmp_path / "p.jsonl", 4)),
+            "--out", str(tmp_path / "run"), "--max-new-tokens", "4", "--batch-size", "2",
+            "--quiet"]  # fmt: skip
+    assert cli.main(argv) == 0
+    first = capsys.readouterr().out
+    assert first.startswith("wrote ") and "in 2 shards" in first
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "records").iterdir()}
+    assert cli.main([*argv, "--resume", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["written_shards"], summary["written_tokens"]) == (0, 0)
+    assert summary["num_shards"] == 2 and summary["num_tokens"] > 0
+    assert cli.main([*argv, "--resume"]) == 0
+    assert capsys.readouterr().out.startswith("wrote nothing: ")
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "records").iterdir()}
+
+
+def test_num_prompts_beyond_the_prompts_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=(
+        r"^--num-prompts 7 is more than the 6 prompts in .*p\.jsonl; pass --num-prompts 6 or "
+        "fewer"
+    )):
+        run(_config(tmp_path, num_prompts=7))
+    with pytest.raises(ValueError, match=(
+        r"^--num-prompts 6 is more than the 4 prompts in .* after --first-prompt 2;"
+    )):
+        run(_config(tmp_path, num_prompts=6, first_prompt=2))
+    assert not (tmp_path / "run").exists()
+    # All of them is fine, and config.json counts them.
+    result = run(_config(tmp_path, num_prompts=4, first_prompt=2), progress=False)
+    assert json.loads((result.run_dir / "config.json").read_text())["num_prompts"] == 4
 
 
 def test_empty_prompt_file_is_a_clear_error(tmp_path):
