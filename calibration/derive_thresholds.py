@@ -738,6 +738,7 @@ def from_run(cfg: Config) -> dict[str, Any]:
             "num_prompts": data.num_prompts,
             "mean_beta": float(data.beta.mean()),
         },
+        "records_warning": records.coverage_warning(run_dir, data.num_prompts),
         "analytic": analytic_section,
         "posterior": _posterior(cfg, posterior, data, grid),
         "ltt": _ltt(cfg, prompt_risks, grid, u, beta),

@@ -576,6 +576,7 @@ def run(cfg: Config) -> Result:
             "run_dir": str(run_dir),
         },
         "files": {"linear": rd.LINEAR_POSTERIOR_FILE, "hurdle": rd.HURDLE_POSTERIOR_FILE},
+        "records_warning": records.coverage_warning(run_dir, data.num_prompts_total),
         **summary,
     }
     rd.write_npz(
