@@ -321,23 +321,27 @@ def run(cfg: Config, progress: bool = True) -> Result:
                      for n, t in thresholds.items()]
     frames, rows = [], []
     matched = float("nan")
-    bar = console.progress(total=len(sweep_points) + 2, desc="evaluating modes", unit="mode",
-                           quiet=not progress)
+    # Progress counts decode steps of the rows (every row runs all max_new steps), so the
+    # batched sweep counts as its points' rollouts and the time left stays steady.
+    steps = len(texts) * max_new
+    bar = console.progress(total=(len(sweep_points) + 2) * steps, desc="evaluating modes",
+                           unit="step", quiet=not progress)
 
     def add(mode, label, name, threshold, probability, recs, generated):
         frame = _job_frame(label, mode, name, threshold, probability, recs, generated,
                            prompt_ids)
         frames.append(frame)
         rows.append(_summary_row(frame, recs, mode, profile, seed))
-        bar.update(1)
         return rows[-1]
 
     nan = float("nan")
     bar.set_postfix(mode=Mode.LLM_ONLY.policy.label)
     out = rollout(Mode.LLM_ONLY)
+    bar.update(steps)
     add(Mode.LLM_ONLY, Mode.LLM_ONLY.policy.label, None, nan, nan, out.records, out.texts)
     bar.set_postfix(mode="SLM only, HLM and U-HLM")
     out = rollout(Mode.UHLM, threshold=np.asarray([p[3] for p in sweep_points], np.float32))
+    bar.update(len(sweep_points) * steps)
     for i, (mode, label, name, t) in enumerate(sweep_points):
         row = add(mode, label, name, t if mode is Mode.UHLM else nan, nan,
                   jax.tree.map(lambda x, i=i: x[i], out.records), out.texts[i])
@@ -345,6 +349,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
             matched = row["transmission_rate"]
     bar.set_postfix(mode=Mode.RAND_HLM.policy.label)
     out = rollout(Mode.RAND_HLM, transmit_probability=matched)
+    bar.update(steps)
     add(Mode.RAND_HLM, f"{Mode.RAND_HLM.policy.label} (p = {matched:.3f})", None, nan, matched,
         out.records, out.texts)
     per_prompt = pd.concat(frames, ignore_index=True)

@@ -191,6 +191,18 @@ def test_pair_cost_profile_prices_the_runs_pair(tmp_path, capsys):
     assert slm_only["uplink_bits_saved"] == slm_only["tokens"] * 260 * 16
 
 
+def test_progress_counts_decode_steps_so_the_batched_sweep_weighs_its_points(tmp_path, capsys):
+    # Given 2 prompts of 4 steps and 3 thresholds: LLM-only, a batched sweep of 5 points
+    # (SLM-only, HLM and the 3 U-HLM thresholds) and Rand-HLM
+    run_dir = _thresholds_run(tmp_path)
+    argv = [str(run_dir), "--num-prompts", "2", "--max-new-tokens", "4", "--skip-accuracy"]
+    assert _main(argv) == 0
+    # Then progress moves once per rollout, by its rows times steps: 8, then 5 x 8, then 8
+    lines = [line for line in capsys.readouterr().err.splitlines() if "evaluating modes" in line]
+    done = [line.split("evaluating modes: ")[1].split(" step")[0] for line in lines]
+    assert done == ["8/56", "48/56", "56/56"]
+
+
 def test_named_cost_profile_is_stated_in_the_summary(evaluated):
     run_dir, result = evaluated
     assert result.costs.startswith("cost profile 'named': tinyllama-1.1b float16 on phone-soc")
