@@ -386,7 +386,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
                     file=sys.stderr,
                 )
     if jax.process_count() > 1:
-        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo))
+        todo = np.asarray(multihost_utils.broadcast_one_to_all(todo.astype(np.int32))) > 0
 
     written_shards = written_tokens = 0
     bar = console.progress(
