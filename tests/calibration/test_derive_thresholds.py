@@ -99,11 +99,21 @@ def fitted_run(tmp_path_factory):
 
 def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     cfg = ["--run", str(fitted_run), "--risk", "0.05", "--confidence", "0.9", "--splits", "100"]
-    assert th.main(parse(cfg + ["--json"])) == 0
-    printed = json.loads(capsys.readouterr().out)
+    # config.json counts one prompt more than the records hold.
+    config = fitted_run / rd.CONFIG_FILE
+    original = config.read_text()
+    rd.write_json(config, {"num_prompts": 241})
+    try:
+        assert th.main(parse(cfg + ["--json"])) == 0
+    finally:
+        config.write_text(original)
+    printed, err = capsys.readouterr()
+    printed = json.loads(printed)
     summary = json.loads((fitted_run / rd.THRESHOLDS_FILE).read_text())
     assert printed == summary
     assert summary["measure"] == "temperature_perturbation"
+    assert "cover 240 of the 241 prompts" in summary["records_warning"]
+    assert err == summary["records_warning"] + "\n"
     assert summary["data"] == {
         "num_tokens": 2880,
         "num_prompts": 240,

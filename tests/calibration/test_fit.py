@@ -182,6 +182,7 @@ def test_bad_records_are_rejected_with_the_fix():
 @pytest.mark.slow
 def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     write_run(tmp_path, synthetic_records(np.random.default_rng(0), 20, 15))
+    rd.write_json(tmp_path / rd.CONFIG_FILE, {"num_prompts": 24})  # 4 prompts lost
     parser = argparse.ArgumentParser()
     fit.add_arguments(parser)
     args = parser.parse_args(
@@ -199,9 +200,12 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
         ]
     )
     assert fit.main(args) == 0
-    printed = json.loads(capsys.readouterr().out)
+    printed, err = capsys.readouterr()
+    printed = json.loads(printed)
     on_disk = json.loads((tmp_path / rd.FIT_FILE).read_text())
     assert printed == on_disk
+    assert "cover 20 of the 24 prompts" in on_disk["records_warning"]
+    assert on_disk["records_warning"] + "\n" in err
     assert on_disk["data"]["num_tokens"] == 300 and on_disk["data"]["num_prompts"] == 20
     comparison = on_disk["comparison"]
     assert comparison["best"] == "hurdle"  # the data are hurdle data
