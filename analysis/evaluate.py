@@ -57,7 +57,7 @@ import pandas as pd
 
 from analysis import tables
 from calibration import run_dir as rd
-from calibration.prompts import embedded_prompts_path, read_prompts
+from calibration.prompts import embedded_prompts_path, select_prompts
 from uhlm_jax import channel as ch
 from uhlm_jax import cli_config, console, metrics, pricing
 from uhlm_jax.accuracy import has_text, mean_estimate, score_responses
@@ -270,12 +270,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
     if measure is None:
         raise ValueError(f"unknown measure {measure_name!r} in {rd.THRESHOLDS_FILE}")
     prompts_path = cfg.prompts or embedded_prompts_path()
-    prompts = read_prompts(prompts_path, cfg.split)[: cfg.num_prompts]
-    if not prompts:
-        raise ValueError(
-            f"no prompts in {prompts_path!r} with split {cfg.split!r}; pick another split, or "
-            "--split all to use every prompt"
-        )
+    prompts = select_prompts(prompts_path, cfg.split, count=cfg.num_prompts)
     if not cfg.skip_accuracy and not any(
         has_text(p.reference) or has_text(p.answer) for p in prompts
     ):

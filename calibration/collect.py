@@ -38,7 +38,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from jax.experimental import multihost_utils
 
-from calibration.prompts import Prompt, collection_source, read_prompts
+from calibration.prompts import Prompt, collection_source, select_prompts
 from calibration.records import MEASURE_PREFIX, shard_problem, write_shard
 from calibration.run_dir import (
     CHECKPOINT_DIR,
@@ -433,20 +433,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
 
 def _select_prompts(cfg: Config) -> list[Prompt]:
     """The prompts `cfg` collects: its split, after `first_prompt`, at most `num_prompts`."""
-    path = cfg.prompts_path()
-    prompts = read_prompts(path, cfg.split)[cfg.first_prompt :]
-    where = f"in {path}" if cfg.split is None else f"in split {cfg.split!r} of {path}"
-    if not prompts:
-        raise ValueError(
-            f"No prompts left {where} after skipping {cfg.first_prompt}; lower --first-prompt."
-        )
-    if cfg.num_prompts is not None and cfg.num_prompts > len(prompts):
-        after = f" after --first-prompt {cfg.first_prompt}" if cfg.first_prompt else ""
-        raise ValueError(
-            f"--num-prompts {cfg.num_prompts} is more than the {len(prompts)} prompts {where}"
-            f"{after}; pass --num-prompts {len(prompts)} or fewer, or leave it out to use all."
-        )
-    return prompts[: cfg.num_prompts]
+    return select_prompts(cfg.prompts_path(), cfg.split, cfg.first_prompt, cfg.num_prompts)
 
 
 def _batch_ids(cfg: Config, start: int, num_prompts: int) -> range:

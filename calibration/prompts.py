@@ -23,6 +23,7 @@ __all__ = [
     "collection_source",
     "embedded_prompts_path",
     "read_prompts",
+    "select_prompts",
 ]
 
 # The shipped prompts' split that calibration uses when no split is given.
@@ -117,3 +118,27 @@ def read_prompts(path: str | os.PathLike, split: str | None = None) -> list[Prom
                 f"Prompt file {path} has no prompts in split {split!r}; its splits are {splits}."
             )
     return prompts
+
+
+def select_prompts(
+    path: str | os.PathLike, split: str | None, first: int = 0, count: int | None = None
+) -> list[Prompt]:
+    """The prompts a job runs: those of `split` in `path`, after the first `first`, at
+    most `count` (None: all).
+
+    Raises:
+        ValueError: naming the flag, when nothing is left after `first` or `count` asks
+            for more prompts than there are (never cut silently).
+    """
+    path = os.fspath(path)
+    prompts = read_prompts(path, split)[first:]
+    where = f"in {path}" if split is None else f"in split {split!r} of {path}"
+    if not prompts:
+        raise ValueError(f"No prompts left {where} after skipping {first}; lower --first-prompt.")
+    if count is not None and count > len(prompts):
+        after = f" after --first-prompt {first}" if first else ""
+        raise ValueError(
+            f"--num-prompts {count} is more than the {len(prompts)} prompts {where}"
+            f"{after}; pass --num-prompts {len(prompts)} or fewer, or leave it out to use all."
+        )
+    return prompts[:count]

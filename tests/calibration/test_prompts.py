@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from calibration.prompts import Prompt, embedded_prompts_path, read_prompts
+from calibration.prompts import Prompt, embedded_prompts_path, read_prompts, select_prompts
 
 
 def _write(path, lines):
@@ -80,3 +80,14 @@ def test_split_filter_and_shipped_prompts(tmp_path):
         p.answer.isdigit() or p.answer.lower() in p.reference.lower().replace(",", "")
         for p in answered
     )
+
+
+def test_select_prompts_skips_counts_and_never_cuts_silently(tmp_path):
+    path = _write(tmp_path / "s.jsonl", [json.dumps({"prompt": c, "split": "x"}) for c in "abcd"])
+    assert [p.text for p in select_prompts(path, "x", first=1, count=2)] == ["b", "c"]
+    assert [p.text for p in select_prompts(path, "x", first=1)] == ["b", "c", "d"]
+    with pytest.raises(ValueError, match=r"--num-prompts 4 is more than the 3 prompts in split "
+                       r"'x' of .* after --first-prompt 1; pass --num-prompts 3 or fewer"):
+        select_prompts(path, "x", first=1, count=4)
+    with pytest.raises(ValueError, match="No prompts left .* after skipping 4; lower --first"):
+        select_prompts(path, "x", first=4)
