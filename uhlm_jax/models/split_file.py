@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Iterator
 
 from uhlm_jax.files import AtomicFile
-from uhlm_jax.models.weight_cache import CACHE_ENV, CacheEntry, cache_dir
+from uhlm_jax.models.weight_cache import CACHE_ENV, CacheEntry, cache_dir, newest_first
 
 __all__ = [
     "FOLDER",
@@ -235,17 +235,9 @@ def entries() -> list[CacheEntry]:
             source = json.loads(sidecar.read_text()).get("source", "")
             last_used = sidecar.stat().st_mtime
         except (OSError, ValueError, AttributeError):
-            source, last_used = "", path.stat().st_mtime
-        found.append(
-            CacheEntry(
-                path=path,
-                source=source,
-                dtype="",
-                size_bytes=path.stat().st_size,
-                last_used=last_used,
-            )
-        )
-    return sorted(found, key=lambda e: e.last_used, reverse=True)
+            source, last_used = "", None
+        found.append(CacheEntry.of(path, source, last_used=last_used))
+    return newest_first(found)
 
 
 def clear() -> list[CacheEntry]:

@@ -54,6 +54,7 @@ __all__ = [
     "clear",
     "entries",
     "entry_path",
+    "newest_first",
 ]
 
 CACHE_ENV = "UHLM_CACHE_DIR"
@@ -136,6 +137,20 @@ class CacheEntry:
     size_bytes: int
     last_used: float
 
+    @classmethod
+    def of(
+        cls, path: pathlib.Path, source: str = "", dtype: str = "", last_used: float | None = None
+    ) -> CacheEntry:
+        """The entry of the file at `path`; its last use defaults to its modification time."""
+        stat = path.stat()
+        last_used = stat.st_mtime if last_used is None else last_used
+        return cls(path, source, dtype, stat.st_size, last_used)
+
+
+def newest_first(found: list[CacheEntry]) -> list[CacheEntry]:
+    """`found`, most recently used first: the order `entries` lists a cache folder in."""
+    return sorted(found, key=lambda e: e.last_used, reverse=True)
+
 
 def entries() -> list[CacheEntry]:
     """The cache's entries, most recently used first (empty when the cache is off)."""
@@ -150,18 +165,10 @@ def entries() -> list[CacheEntry]:
             meta = safetensors_metadata(path) if path.name.endswith(_SUFFIX) else {}
         except (OSError, ValueError):
             meta = {}
-        stat = path.stat()
-        current = meta.get("format") == _FORMAT
-        found.append(
-            CacheEntry(
-                path=path,
-                source=meta.get("source", "") if current else "",
-                dtype=meta.get("dtype", "") if current else "",
-                size_bytes=stat.st_size,
-                last_used=stat.st_mtime,
-            )
-        )
-    return sorted(found, key=lambda e: e.last_used, reverse=True)
+        if meta.get("format") != _FORMAT:
+            meta = {}
+        found.append(CacheEntry.of(path, meta.get("source", ""), meta.get("dtype", "")))
+    return newest_first(found)
 
 
 def clear() -> list[CacheEntry]:
