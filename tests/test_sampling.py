@@ -2,7 +2,7 @@
 
 The sampler's law is checked with Pearson's chi-square test at size ALPHA on NUM_DRAWS
 draws, against the exact distribution and (two-sample) against the Gumbel-max reference
-`sample_token_gumbel`; with at least MIN_EXPECTED_COUNT expected draws per cell the
+`sample_token_gumbel` below; with at least MIN_EXPECTED_COUNT expected draws per cell the
 chi-square approximation holds (Cochran's rule). Seeds are fixed, so each test either
 always passes or always fails.
 """
@@ -23,7 +23,6 @@ from uhlm_jax.sampling import (
     pad_rows,
     padded_length,
     sample_token,
-    sample_token_gumbel,
 )
 
 ALPHA = 1e-3
@@ -32,6 +31,23 @@ MIN_EXPECTED_COUNT = 5.0
 # Steps and prompts of the reply comparison on the toy model.
 REPLY_STEPS = 6
 REPLY_PROMPTS = ("hello", "a much longer prompt", "xy")
+
+
+def sample_token_gumbel(key, logits, temperature=1.0, top_k=0, num_ids=None):
+    """`sample_token`'s law by the Gumbel-max trick, `argmax(z / τ + G)`: its reference.
+
+    Ids `>= num_ids` and those below the `top_k`-th largest logit are dropped; `τ = 0` is
+    the argmax.
+    """
+    z = jnp.asarray(logits, jnp.float32)
+    ids = jnp.arange(z.shape[-1])
+    if num_ids is not None:
+        z = jnp.where(ids < num_ids, z, -jnp.inf)
+    if top_k > 0:
+        z = jnp.where(z >= jnp.sort(z, axis=-1)[..., -top_k, None], z, -jnp.inf)
+    tau = jnp.asarray(temperature, jnp.float32)
+    drawn = jax.random.categorical(key, z / jnp.where(tau > 0, tau, 1.0), axis=-1)
+    return jnp.where(tau > 0, drawn, jnp.argmax(z, axis=-1)).astype(jnp.int32)
 
 
 SAMPLERS = (sample_token, sample_token_gumbel)

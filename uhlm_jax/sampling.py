@@ -5,7 +5,7 @@
 - `sample_token`: one token from tempered, optionally top-k truncated logits, greedy at
   temperature 0, by inverse CDF. The draft of the hybrid rollout, its LLM-only token and
   the residual resample of verification are `sample_token(key, log_probs)` at the default
-  settings. `sample_token_gumbel` is its Gumbel-max reference.
+  settings.
 - `pad_rows`, `padded_length`: variable-length rows right-padded into one array, with
   widths rounded up so that nearby lengths share a compile.
 - `generate_replies`: replies of one model to a batch of prompts, as `lax.scan` over
@@ -42,7 +42,6 @@ __all__ = [
     "padded_length",
     "reply_step",
     "sample_token",
-    "sample_token_gumbel",
     "start_replies",
 ]
 
@@ -125,8 +124,9 @@ def sample_token(
     """Samples a token id from `softmax(z / τ)` by inverse CDF; `-inf` is never drawn.
 
     Two uniforms and two cumulative sums of about `√v` entries per row (`_inverse_cdf_one`)
-    replace the `v` Gumbel variates of `sample_token_gumbel`, the reference it is tested
-    against; the law is the same, the ids drawn for a given key are not.
+    replace the `v` Gumbel variates of the Gumbel-max trick, `argmax(z / τ + G)`, which
+    costs several times more at a real vocabulary; the law is the same, the ids drawn for
+    a given key are not.
 
     Ids `>= num_ids` are never chosen. With `top_k > 0`, ids whose logit is below the
     `top_k`-th largest are dropped (ties at the boundary are kept). `τ = 0` returns the
@@ -149,23 +149,6 @@ def sample_token(
     rows = scaled.reshape(-1, scaled.shape[-1])
     uniforms = jax.random.uniform(key, (rows.shape[0], 2), jnp.float32)
     drawn = jax.vmap(_inverse_cdf_one)(uniforms, rows).reshape(scaled.shape[:-1])
-    return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
-
-
-def sample_token_gumbel(
-    key: PRNGKeyArray,
-    logits: Float[Array, "*b v"],
-    temperature: Float[Array, ""] | float = 1.0,
-    top_k: int = 0,
-    num_ids: int | None = None,
-) -> Int[Array, "*b"]:
-    """`sample_token` by the Gumbel-max trick, `argmax(z / τ + G)`: its tested reference.
-
-    Same arguments and law as `sample_token`; it draws `v` Gumbel variates per row, which
-    costs several times more at a real vocabulary.
-    """
-    logits, scaled, sampled = _sampling_logits(logits, temperature, top_k, num_ids)
-    drawn = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(sampled, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
 
 
