@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from uhlm_jax import channel as ch
+from uhlm_jax.metrics import link_metrics
 from uhlm_jax.modes import Mode
 
 # float32 arithmetic on a handful of operations.
@@ -405,7 +406,7 @@ def test_token_latencies_jit_equals_eager_and_loop():
     np.testing.assert_allclose(eager, looped, rtol=FLOAT32_RTOL)
 
 
-def test_latency_from_mask_on_static_link_by_hand():
+def test_sequence_latency_on_static_link_by_hand():
     profile = _profile(_static_link())
     b = ch.expected_breakdown(profile)
     transmitted = jnp.array([True, False, True, True, False, True])
@@ -420,11 +421,12 @@ def test_latency_from_mask_on_static_link_by_hand():
         Mode.SLM_ONLY: 5 * float(b.slm_s),
         Mode.LLM_ONLY: 5 * float(b.llm_s + b.downlink_s),
     }
-    latency_from_mask = jax.jit(ch.latency_from_mask, static_argnums=0)
+    token_latencies_s = jax.jit(ch.token_latencies_s, static_argnums=0)
     for mode, want in total.items():
-        got = float(latency_from_mask(mode, transmitted, valid, profile, key))
+        got = float(jnp.sum(token_latencies_s(mode, transmitted, valid, profile, key)))
         np.testing.assert_allclose(got, want, rtol=FLOAT32_RTOL, err_msg=str(mode))
-    throughput = float(ch.throughput_from_mask(Mode.UHLM, transmitted, valid, profile, key))
+    one_row = link_metrics(Mode.UHLM, transmitted[:, None], valid[:, None], profile, key)
+    throughput = float(one_row.throughput_tokens_per_s)
     np.testing.assert_allclose(throughput, 5 / total[Mode.UHLM], rtol=FLOAT32_RTOL)
 
 

@@ -234,10 +234,10 @@ def link_metrics(
     row_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(valid.shape[1]))
 
     def total_s(mode, sent):
-        per_row = jax.vmap(channel.latency_from_mask, in_axes=(None, 1, 1, None, 0))(
+        per_token = jax.vmap(channel.token_latencies_s, in_axes=(None, 1, 1, None, 0))(
             mode, sent, valid, profile, row_keys
         )
-        return jnp.sum(per_row)
+        return jnp.sum(per_token)
 
     latency_s = total_s(mode, sent)
     hlm_latency_s = total_s(Mode.HLM, valid)

@@ -322,6 +322,10 @@ def uplink_bits_at(base: ch.CostProfile, point: GridPoints) -> Float[Array, ""]:
     return jnp.where(point.top_k == FULL_DISTRIBUTION, full, top_k)
 
 
+# The fields `ReplayMetrics` shares with `metrics.TokenMetrics`.
+_TOKEN_RATES = tuple(f for f in ReplayMetrics._fields if f in metrics.TokenMetrics._fields)
+
+
 def point_metrics(
     mode: Mode, sums: TokenSums, base: ch.CostProfile, point: GridPoints
 ) -> ReplayMetrics:
@@ -338,15 +342,10 @@ def point_metrics(
     hlm_s = ch.mode_latency_s(Mode.HLM, terms, 1.0)
     # A transmitted token uploads its draft distribution; one that was not drafted does not.
     sent_bits = tr * bits if policy.drafts else jnp.zeros_like(tr)
+    # The token rates come from `metrics_from_sums` by name; the rest are this point's costs.
+    rates = {name: getattr(tm, name) for name in _TOKEN_RATES}
     return ReplayMetrics(
-        transmission_rate=tr,
-        skip_rate=tm.skip_rate,
-        acceptance_rate=tm.acceptance_rate,
-        true_skip_rate=tm.true_skip_rate,
-        risk_per_token=tm.risk_per_token,
-        risk_conditional=tm.risk_conditional,
-        mean_beta=tm.mean_beta,
-        llm_agreement=tm.llm_agreement,
+        **rates,
         llm_calls_per_token=tr,
         uplink_bits_per_token=sent_bits,
         latency_s=latency_s,

@@ -57,10 +57,8 @@ from uhlm_jax.channel.cost import (
     expected_speedup,
     expected_throughput_tokens_per_s,
     expected_token_latency_s,
-    latency_from_mask,
     mode_latency_s,
     speedup_bound,
-    throughput_from_mask,
     token_latencies_s,
     uplink_bits,
 )
@@ -135,10 +133,8 @@ __all__ = [
     "expected_speedup",
     "expected_throughput_tokens_per_s",
     "expected_token_latency_s",
-    "latency_from_mask",
     "mode_latency_s",
     "speedup_bound",
-    "throughput_from_mask",
     "token_latencies_s",
     "uplink_bits",
 ]

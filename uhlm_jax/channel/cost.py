@@ -274,31 +274,3 @@ def token_latencies_s(
 
     latency_s = jax.vmap(one)(jnp.arange(n), transmitted, ul_bits)
     return jnp.where(valid, latency_s, 0.0)
-
-
-def latency_from_mask(
-    mode: Mode,
-    transmitted: Bool[Array, " n"],
-    valid: Bool[Array, " n"],
-    profile: CostProfile,
-    key: PRNGKeyArray,
-    uplink_bits_per_token: Float[Array, " n"] | None = None,
-) -> Float[Array, ""]:
-    """Total random latency of one generated sequence, in seconds (`token_latencies_s`)."""
-    return jnp.sum(
-        token_latencies_s(mode, transmitted, valid, profile, key, uplink_bits_per_token)
-    )
-
-
-def throughput_from_mask(
-    mode: Mode,
-    transmitted: Bool[Array, " n"],
-    valid: Bool[Array, " n"],
-    profile: CostProfile,
-    key: PRNGKeyArray,
-    uplink_bits_per_token: Float[Array, " n"] | None = None,
-) -> Float[Array, ""]:
-    """Tokens per second of one sequence: valid steps over total latency."""
-    total_s = latency_from_mask(mode, transmitted, valid, profile, key, uplink_bits_per_token)
-    tokens = jnp.sum(valid.astype(jnp.float32))
-    return jnp.where(total_s > 0, tokens / jnp.where(total_s > 0, total_s, 1.0), 0.0)
