@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.models.test_gguf import TINY_LLAMA, random_hf_tensors, write_gguf
+from tests.helpers import TINY_LLAMA, random_hf_tensors, write_gguf
 from uhlm_jax.pair import PAIR_SEPARATOR, load_pair
 
 

@@ -11,37 +11,13 @@ from numpyro.infer import log_likelihood
 from numpyro.infer.util import log_density
 from scipy import stats as scipy_stats
 
-from tests.helpers import hurdle_beta, synthetic_records
+from tests.helpers import TRUE_HURDLE, hurdle_data, linear_data, synthetic_records
 from uhlm_jax import rejection
 
 # float32 log densities of a few hundred tokens, relative.
 LOG_DENSITY_RTOL = 1e-5
 # ArviZ sums float32 log densities of hundreds of tokens; the oracle sums them in float64.
 FLOAT32_SUM_RTOL = 1e-4
-TRUE_LINEAR = {"slope": 0.82, "intercept": -0.06, "sigma": 0.15}
-TRUE_HURDLE = {
-    "positive_slope": 4.0,
-    "positive_intercept": -2.0,
-    "mean_slope": 2.0,
-    "mean_intercept": -1.5,
-    "concentration": 8.0,
-}
-
-
-def linear_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    u = rng.uniform(0, 1, n).astype(np.float32)
-    beta = TRUE_LINEAR["slope"] * u + TRUE_LINEAR["intercept"]
-    beta = (beta + TRUE_LINEAR["sigma"] * rng.standard_normal(n)).astype(np.float32)
-    return u, beta
-
-
-def hurdle_data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    u = (rng.integers(0, 21, n) / 20).astype(np.float32)
-    return u, hurdle_beta(rng, u, *TRUE_HURDLE.values()).astype(np.float32)
-
-
 # --- exact rewrites of the likelihoods -------------------------------------------------
 
 

@@ -7,8 +7,14 @@ import jax.numpy as jnp
 import pytest
 
 from analysis import cache, cli
-from tests.models.test_gguf import TINY_LLAMA, random_hf_tensors, write_gguf
-from tests.models.test_split_file import fake_parts, install_parts, split_of
+from tests.helpers import (
+    TINY_LLAMA,
+    fake_parts,
+    install_parts,
+    random_hf_tensors,
+    split_of,
+    write_gguf,
+)
 from uhlm_jax.models import split_file, weight_cache
 
 

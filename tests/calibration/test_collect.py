@@ -1,13 +1,10 @@
 """The collection job: run directory, resume after SIGKILL, device-count invariance, errors."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,25 +13,13 @@ import pytest
 from analysis import cli
 from calibration.collect import Config, run, summary_line
 from calibration.records import read_records
-
-REPO = Path(__file__).resolve().parents[2]
-# Float32 rounding differences between batch layouts (a few ulps of values in [0, 1]).
-FLOAT_ATOL = 1e-5
-
-
-def _prompts(path: Path, count: int) -> Path:
-    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel"]
-    lines = [
-        json.dumps({"prompt": f"{words[i % 8]} {i} {words[(3 * i) % 8]}"}) for i in range(count)
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from tests.helpers import FLOAT_ATOL, REPO, collect_command, cpu_env, write_prompts
 
 
 def _config(tmp_path, out="run", **overrides):
     settings = dict(
         pair="toy",
-        prompts=str(_prompts(tmp_path / "p.jsonl", 6)),
+        prompts=str(write_prompts(tmp_path / "p.jsonl", 6)),
         out=str(tmp_path / out),
         max_new_tokens=6,
         batch_size=2,
@@ -128,7 +113,7 @@ def test_resume_collects_missing_and_damaged_shards_again(tmp_path, capsys):
 
 
 def test_resuming_a_complete_run_writes_nothing_and_says_so(tmp_path, capsys):
-    argv = ["collect", "--pair", "toy", "--prompts", str(_prompts(tmp_path / "p.jsonl", 4)),
+    argv = ["collect", "--pair", "toy", "--prompts", str(write_prompts(tmp_path / "p.jsonl", 4)),
             "--out", str(tmp_path / "run"), "--max-new-tokens", "4", "--batch-size", "2",
             "--quiet"]  # fmt: skip
     assert cli.main(argv) == 0
@@ -168,44 +153,15 @@ def test_empty_prompt_file_is_a_clear_error(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def _collect_command(prompts: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "analysis.cli",
-        "collect",
-        "--pair",
-        "toy",
-        "--prompts",
-        str(prompts),
-        "--out",
-        str(out),
-        "--max-new-tokens",
-        "8",
-        "--batch-size",
-        "4",
-        "--seed",
-        "3",
-        *extra,
-    ]
-
-
-def _env(devices: int = 1) -> dict:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
-
-
 @pytest.mark.slow
 def test_killed_run_resumes_without_losing_or_duplicating_records(tmp_path):
-    prompts = _prompts(tmp_path / "p.jsonl", 24)
+    prompts = write_prompts(tmp_path / "p.jsonl", 24)
     # Given: an uninterrupted run.
-    subprocess.run(_collect_command(prompts, tmp_path / "full"), check=True, env=_env(), cwd=REPO)
+    subprocess.run(collect_command(prompts, tmp_path / "full"), check=True, env=cpu_env(), cwd=REPO)
     # When: another run is SIGKILLed after its first shard, then resumed.
     process = subprocess.Popen(
-        _collect_command(prompts, tmp_path / "killed"),
-        env=_env(),
+        collect_command(prompts, tmp_path / "killed"),
+        env=cpu_env(),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -218,9 +174,8 @@ def test_killed_run_resumes_without_losing_or_duplicating_records(tmp_path):
     process.wait()
     written = len(list(shards.glob("shard-*.parquet")))
     assert 1 <= written < 6, "the run must be killed part-way"
-    subprocess.run(
-        _collect_command(prompts, tmp_path / "killed", "--resume"), check=True, env=_env(), cwd=REPO
-    )
+    resume = collect_command(prompts, tmp_path / "killed", "--resume")
+    subprocess.run(resume, check=True, env=cpu_env(), cwd=REPO)
     # Then: the records equal the uninterrupted run's, row for row.
     pd.testing.assert_frame_equal(
         read_records(tmp_path / "killed"), read_records(tmp_path / "full")
@@ -229,12 +184,12 @@ def test_killed_run_resumes_without_losing_or_duplicating_records(tmp_path):
 
 @pytest.mark.slow
 def test_four_devices_give_the_same_records_as_one(tmp_path):
-    prompts = _prompts(tmp_path / "p.jsonl", 8)
+    prompts = write_prompts(tmp_path / "p.jsonl", 8)
     for devices in (1, 4):
         subprocess.run(
-            _collect_command(prompts, tmp_path / f"d{devices}"),
+            collect_command(prompts, tmp_path / f"d{devices}"),
             check=True,
-            env=_env(devices),
+            env=cpu_env(devices),
             cwd=REPO,
         )
     config = json.loads((tmp_path / "d4" / "config.json").read_text())

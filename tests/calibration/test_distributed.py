@@ -15,7 +15,7 @@ import pytest
 
 from calibration.collect import Config, run
 from calibration.records import read_records
-from tests.calibration.test_collect import FLOAT_ATOL, REPO, _collect_command, _env, _prompts
+from tests.helpers import FLOAT_ATOL, REPO, collect_command, cpu_env, write_prompts
 
 PROCESSES = 2
 DEVICES_PER_PROCESS = 2
@@ -38,7 +38,7 @@ def _start(
     address = f"localhost:{_free_port()}"
     processes = []
     for rank in range(PROCESSES):
-        command = _collect_command(
+        command = collect_command(
             prompts,
             out,
             "--distributed",
@@ -56,7 +56,7 @@ def _start(
             processes.append(
                 subprocess.Popen(
                     command,
-                    env=_env(DEVICES_PER_PROCESS),
+                    env=cpu_env(DEVICES_PER_PROCESS),
                     cwd=REPO,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -86,7 +86,7 @@ def _assert_same_records(got: pd.DataFrame, expected: pd.DataFrame) -> None:
 def _config(tmp_path: Path, **overrides) -> Config:
     return Config(
         pair="toy",
-        prompts=str(_prompts(tmp_path / "p.jsonl", 2)),
+        prompts=str(write_prompts(tmp_path / "p.jsonl", 2)),
         out=str(tmp_path / "run"),
         **overrides,
     )
@@ -115,10 +115,10 @@ def test_mesh_that_does_not_fit_the_devices_stops_before_writing(tmp_path):
 @pytest.mark.slow
 def test_mesh_that_does_not_divide_the_heads_is_a_one_line_cli_error(tmp_path):
     # Given: 4 devices and the toy LLM, which has 2 kv heads.
-    command = _collect_command(
-        _prompts(tmp_path / "p.jsonl", 4), tmp_path / "run", "--mesh", "model=4"
+    command = collect_command(
+        write_prompts(tmp_path / "p.jsonl", 4), tmp_path / "run", "--mesh", "model=4"
     )
-    done = subprocess.run(command, env=_env(4), cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(command, env=cpu_env(4), cwd=REPO, capture_output=True, text=True)
     # Then: exit code 2 and one line naming the value; nothing is written.
     assert done.returncode == 2
     assert done.stderr.strip() == (
@@ -130,11 +130,11 @@ def test_mesh_that_does_not_divide_the_heads_is_a_one_line_cli_error(tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_write_the_records_of_one_and_resume_after_a_kill(tmp_path):
-    prompts = _prompts(tmp_path / "p.jsonl", NUM_PROMPTS)
+    prompts = write_prompts(tmp_path / "p.jsonl", NUM_PROMPTS)
     logs = tmp_path / "logs"
     logs.mkdir()
     # Given: the records of one process with one device.
-    subprocess.run(_collect_command(prompts, tmp_path / "one"), check=True, env=_env(1), cwd=REPO)
+    subprocess.run(collect_command(prompts, tmp_path / "one"), check=True, env=cpu_env(1), cwd=REPO)
     expected = read_records(tmp_path / "one")
 
     # When: two processes run the same collection.
@@ -164,7 +164,7 @@ def test_two_processes_write_the_records_of_one_and_resume_after_a_kill(tmp_path
 
 @pytest.mark.slow
 def test_processes_with_different_configs_stop_with_a_one_line_error(tmp_path):
-    prompts = _prompts(tmp_path / "p.jsonl", 4)
+    prompts = write_prompts(tmp_path / "p.jsonl", 4)
     logs = tmp_path / "logs"
     logs.mkdir()
     # Given: two processes, the last started with another seed.

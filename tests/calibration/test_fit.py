@@ -14,8 +14,14 @@ import pytest
 from analysis.cli import main as cli_main
 from calibration import fit, records
 from calibration import run_dir as rd
-from tests.helpers import synthetic_records, write_run
-from tests.test_rejection import TRUE_HURDLE, TRUE_LINEAR, hurdle_data, linear_data
+from tests.helpers import (
+    TRUE_HURDLE,
+    TRUE_LINEAR,
+    hurdle_data,
+    linear_data,
+    synthetic_records,
+    write_run,
+)
 from uhlm_jax import rejection
 
 # Parameter recovery: |posterior mean − truth| < RECOVERY_SDS posterior sds.

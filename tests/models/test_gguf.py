@@ -8,13 +8,13 @@ weights. Tests marked slow read the SmolLM2-135M-Instruct file shipped in `llm-s
 from __future__ import annotations
 
 import os
-import pathlib
 
 import gguf
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import TINY_LLAMA, random_hf_tensors, toy_vocab, write_gguf
 from uhlm_jax.models.config import Architecture, ModelConfig
 from uhlm_jax.models.gguf import (
     GGUFFormatError,
@@ -27,27 +27,13 @@ from uhlm_jax.models.gguf import (
 )
 from uhlm_jax.models.llama import params_from_hf
 from uhlm_jax.models.registry import embedded_gguf_path
-from uhlm_jax.models.tokenizer import TOY_SPECIAL_TOKENS, TokenType, _gpt2_byte_alphabet
+from uhlm_jax.models.tokenizer import TokenType
 
 # Float32 scores computed two ways differ by rounding only.
 SCORE_RTOL = 1e-5
 # Q8_0 stores 8-bit values with one float16 scale per 32: error <= scale/2 ~ max|w|/254.
 Q8_0_ATOL = 1.0 / 254 + 1e-3
 
-TINY_LLAMA = ModelConfig(
-    architecture=Architecture.LLAMA,
-    vocab_size=260,
-    hidden_size=32,
-    intermediate_size=64,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    rope_theta=10_000.0,
-    rms_norm_eps=1e-6,
-    tie_word_embeddings=True,
-    qkv_bias=False,
-)
 TINY_QWEN2 = ModelConfig(
     architecture=Architecture.QWEN2,
     vocab_size=260,
@@ -62,132 +48,6 @@ TINY_QWEN2 = ModelConfig(
     tie_word_embeddings=False,
     qkv_bias=True,
 )
-
-_HF_TO_GGUF_LAYER = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-
-
-def random_hf_tensors(config: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 tensors under HF names, shapes written out from the config."""
-    rng = np.random.default_rng(seed)
-    h, i, d = config.hidden_size, config.intermediate_size, config.head_dim
-    q, kv = config.num_heads * d, config.num_kv_heads * d
-    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, h)
-    for layer in range(config.num_layers):
-        p = f"model.layers.{layer}."
-        shapes |= {
-            p + "self_attn.q_proj.weight": (q, h),
-            p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h),
-            p + "self_attn.o_proj.weight": (h, q),
-            p + "mlp.gate_proj.weight": (i, h),
-            p + "mlp.up_proj.weight": (i, h),
-            p + "mlp.down_proj.weight": (h, i),
-            p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        }
-        if config.qkv_bias:
-            shapes |= {
-                p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.bias": (kv,),
-            }
-    return {
-        name: rng.uniform(-1, 1, size=shape).astype(np.float32) for name, shape in shapes.items()
-    }
-
-
-def gguf_name_of(name: str) -> str:
-    """llama.cpp's name of an HF tensor name, written out independently of `hf_name`."""
-    fixed = {
-        "model.embed_tokens.weight": "token_embd.weight",
-        "model.norm.weight": "output_norm.weight",
-        "lm_head.weight": "output.weight",
-    }
-    if name in fixed:
-        return fixed[name]
-    _, _, layer, *module, kind = name.split(".")
-    return f"blk.{layer}.{_HF_TO_GGUF_LAYER['.'.join(module)]}.{kind}"
-
-
-def toy_vocab() -> tuple[list[str], list[int]]:
-    """The 256 byte tokens plus the toy specials, and their GGUF token types."""
-    tokens = [*_gpt2_byte_alphabet(), *TOY_SPECIAL_TOKENS]
-    types = [TokenType.NORMAL] * 256 + [TokenType.CONTROL] * len(TOY_SPECIAL_TOKENS)
-    return tokens, [int(t) for t in types]
-
-
-def write_gguf(
-    path: pathlib.Path,
-    config: ModelConfig,
-    tensors: dict[str, np.ndarray],
-    *,
-    tokens: list[str] | None = None,
-    token_types: list[int] | None = None,
-    merges: list[str] | None = None,
-    pre: str = "gpt2",
-    tokenizer_model: str = "gpt2",
-    chat_template: str | None = None,
-    q8_0: tuple[str, ...] = (),
-) -> pathlib.Path:
-    """Writes a GGUF file as llama.cpp's converter would, from HF-layout tensors.
-
-    For the llama architecture q and k rows are permuted with llama.cpp's formula, written
-    here directly (not via the module under test). Tensors named in `q8_0` are quantized.
-    """
-    if tokens is None:
-        tokens, token_types = toy_vocab()
-    arch = config.architecture.value
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_block_count(config.num_layers)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_heads)
-    writer.add_head_count_kv(config.num_kv_heads)
-    writer.add_rope_freq_base(config.rope_theta)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.head_dim)
-    writer.add_tokenizer_model(tokenizer_model)
-    writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(token_types)
-    writer.add_token_merges(merges or [])
-    writer.add_bos_token_id(256)
-    writer.add_eos_token_id(257)
-    writer.add_pad_token_id(258)
-    if chat_template is not None:
-        writer.add_chat_template(chat_template)
-    for name, array in tensors.items():
-        if config.architecture is Architecture.LLAMA and (".q_proj." in name or ".k_proj." in name):
-            heads = config.num_heads if ".q_proj." in name else config.num_kv_heads
-            d = array.shape[0] // heads
-            # convert_hf_to_gguf.py, LlamaModel.permute
-            split = array.reshape(heads, 2, d // 2, *array.shape[1:])
-            array = split.swapaxes(1, 2).reshape(array.shape)
-        if name in q8_0:
-            quantized = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(
-                gguf_name_of(name), quantized, raw_dtype=gguf.GGMLQuantizationType.Q8_0
-            )
-        else:
-            writer.add_tensor(gguf_name_of(name), array)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
 
 # ---------------------------------------------------------------------------------------
 # The q/k row permutation.

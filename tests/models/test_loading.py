@@ -20,8 +20,7 @@ import pytest
 import safetensors.numpy
 
 from benchmarks.load import PEAK_RATIO, load_in_child
-from tests.models.test_gguf import random_hf_tensors, write_gguf
-from tests.models.test_registry import hf_config_json
+from tests.helpers import hf_config_json, random_hf_tensors, write_gguf
 from uhlm_jax.models import registry
 from uhlm_jax.models.config import Architecture, ModelConfig
 from uhlm_jax.models.gguf import load_gguf

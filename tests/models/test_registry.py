@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from tests.models.test_gguf import TINY_LLAMA, random_hf_tensors, write_gguf
+from tests.helpers import TINY_LLAMA, hf_config_json, random_hf_tensors, write_gguf
 from uhlm_jax.models import registry
 from uhlm_jax.models.config import ModelConfig
 from uhlm_jax.models.gguf import GGUFFormatError
@@ -92,24 +92,6 @@ def test_gguf_path_loads(tmp_path):
     assert model.name == str(path)
     assert model.params.config == TINY_LLAMA
     assert model.tokenizer.encode("hi") == [ord("h"), ord("i")]
-
-
-def hf_config_json(config: ModelConfig) -> dict:
-    """The `config.json` of a LlamaForCausalLM checkpoint of `config`."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size,
-        "num_hidden_layers": config.num_layers,
-        "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads,
-        "head_dim": config.head_dim,
-        "rope_theta": config.rope_theta,
-        "rms_norm_eps": config.rms_norm_eps,
-        "tie_word_embeddings": config.tie_word_embeddings,
-    }
 
 
 def _write_hf_folder(folder, config: ModelConfig, with_tokenizer: bool = True):

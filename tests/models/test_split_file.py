@@ -6,46 +6,17 @@ wheels lay them out (`{prefix_}{i}/data/part{i:02d}.bin`).
 
 from __future__ import annotations
 
-import hashlib
 import os
 
-import numpy as np
 import pytest
 
+from tests.helpers import FAKE_PART_SIZES as PART_SIZES
+from tests.helpers import FAKE_SPLIT_PREFIX as PREFIX
+from tests.helpers import FAKE_SPLIT_VERSION as VERSION
+from tests.helpers import fake_parts, install_parts, split_of
 from uhlm_jax.models import registry, split_file
 from uhlm_jax.models.split_file import PartsMismatchError, SplitFile, assembled
 from uhlm_jax.models.weight_cache import CACHE_ENV
-
-PREFIX = "uhlm-fake-split-part"
-VERSION = "1.2.3"
-# Eleven parts, so that part 10 must follow part 9 (not part 1, as names would sort).
-PART_SIZES = (5, 1, 300, 7, 0, 64, 2, 3, 129, 11, 40)
-
-
-def fake_parts(seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, n, dtype=np.uint8).tobytes() for n in PART_SIZES]
-
-
-def split_of(parts: list[bytes]) -> SplitFile:
-    return SplitFile(
-        file_name="fake.gguf",
-        prefix=PREFIX,
-        version=VERSION,
-        parts=len(parts),
-        sha256=hashlib.sha256(b"".join(parts)).hexdigest(),
-    )
-
-
-def install_parts(root, parts: list[bytes], skip: tuple[int, ...] = ()) -> None:
-    """Lays out part packages under `root`, leaving out the 1-based indices in `skip`."""
-    for index, data in enumerate(parts, start=1):
-        if index in skip:
-            continue
-        package = root / f"{PREFIX.replace('-', '_')}{index}"
-        (package / "data").mkdir(parents=True)
-        (package / "__init__.py").write_text("")
-        (package / "data" / f"part{index:02d}.bin").write_bytes(data)
 
 
 @pytest.fixture

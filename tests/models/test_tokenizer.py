@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from tests.models.test_gguf import TINY_LLAMA, random_hf_tensors, toy_vocab, write_gguf
+from tests.helpers import TINY_LLAMA, random_hf_tensors, toy_vocab, write_gguf
 from uhlm_jax.models.gguf import open_gguf
 from uhlm_jax.models.registry import embedded_gguf_path
 from uhlm_jax.models.tokenizer import (

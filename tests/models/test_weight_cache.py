@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from gguf.quants import dequantize
 
-from tests.models.test_gguf import TINY_LLAMA, random_hf_tensors, write_gguf
+from tests.helpers import TINY_LLAMA, random_hf_tensors, write_gguf
 from uhlm_jax.models import weight_cache
 from uhlm_jax.models.gguf import load_gguf, read_gguf
 from uhlm_jax.models.tokenizer import ChatTemplate
