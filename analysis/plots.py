@@ -103,14 +103,14 @@ class Operating(NamedTuple):
     Attributes:
         name: where its threshold comes from (e.g. "risk-bounded").
         threshold: `u_th`, clipped to [0, 1].
-        skip_share: share of tokens it skips (trace replay); NaN if unknown.
+        skip_rate: share of tokens it skips (trace replay); NaN if unknown.
         throughput_tokens_per_s: its trace-replay throughput; NaN if unknown.
         llm_agreement: its trace-replay `1 − R`; NaN if unknown.
     """
 
     name: str
     threshold: float
-    skip_share: float = math.nan
+    skip_rate: float = math.nan
     throughput_tokens_per_s: float = math.nan
     llm_agreement: float = math.nan
 
@@ -324,8 +324,8 @@ def threshold_curves(
     share of tokens it skips.
 
     Measures differ in scale (an entropy in nats, a share in [0, 1]), so they are compared
-    at equal skip share, which is what a threshold buys; the first panel maps each
-    measure's skip share back to its threshold.
+    at equal skip rate, which is what a threshold buys; the first panel maps each
+    measure's skip rate back to its threshold.
 
     Args:
         replay: tidy U-HLM rows of one link and payload (`threshold`, `measure`,
@@ -337,7 +337,7 @@ def threshold_curves(
             horizontal lines in the throughput panel.
         link: the link's label, for the title.
         eps: the risk level, drawn in the risk panel.
-        operating: the operating point, drawn at its skip share in every panel.
+        operating: the operating point, drawn at its skip rate in every panel.
     """
     panels = [
         ("threshold", "threshold u_th of the measure", None),
@@ -386,9 +386,9 @@ def threshold_curves(
                         label="real rollouts ± 2 SE" if metric == "threshold" else None)
         if metric == "risk_per_token" and eps is not None:
             ax.axhline(eps, **EPS_LINE, label=_eps_label(eps))
-        if operating is not None and np.isfinite(operating.skip_share):
-            ax.axvline(operating.skip_share, **OPERATING_LINE,
-                       label=f"{operating.label} (skips {operating.skip_share:.1%})"
+        if operating is not None and np.isfinite(operating.skip_rate):
+            ax.axvline(operating.skip_rate, **OPERATING_LINE,
+                       label=f"{operating.label} (skips {operating.skip_rate:.1%})"
                        if metric == "threshold" else None)
         if metric == "throughput_tokens_per_s" and references is not None:
             for mode, (name, colour, _) in MODE_STYLE.items():

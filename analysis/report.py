@@ -776,7 +776,7 @@ def _sweep_figures(ctx: _Context) -> tuple[list[Figure], list[str]]:
             ),
             "Each measure's threshold, LLM agreement and acceptance, realised risk and "
             "throughput against the share of tokens skipped (measures compared at equal "
-            "skip share; ε and the operating point marked)" +
+            "skip rate; ε and the operating point marked)" +
             (", with real rollouts (± 2 SE)." if len(rollout_rows) else "."),
         ),
         Figure(

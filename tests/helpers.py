@@ -4,7 +4,7 @@ Sections:
   * Distribution pairs: named `(p, q)` pairs of log-probabilities on a small vocabulary,
     including adversarial ones, for speculative verification.
   * Logits: closed-form logits and a float64 NumPy oracle for tempered/top-k distributions.
-  * Record tables: synthetic calibration records whose u → β link is known.
+  * Record tables: synthetic calibration records whose u → β model is known.
   * Run directories: record tables written as a calibration run, and a real toy-pair run.
   * Tiny checkpoints: a tiny Llama config, random Hugging Face-layout weights, and GGUF
     files and `config.json` written from them.
@@ -263,7 +263,7 @@ def write_run(run_dir, df: pd.DataFrame, num_shards: int = 2) -> None:
 
 
 def write_synthetic_run(run_dir, prompts=12, tokens=20, seed=0):
-    """A run directory whose records have a linear u → β link (β ≈ 0.8 u − 0.06)."""
+    """A run directory whose records follow a linear u → β model (β ≈ 0.8 u − 0.06)."""
     rng = np.random.default_rng(seed)
     n = prompts * tokens
     u = rng.binomial(20, rng.beta(1, 3, n)) / 20

@@ -274,18 +274,18 @@ def test_threshold_posteriors_mark_the_operating_point(figures, tmp_path):
     assert _vertical_at(figures[0].axes[0], OPERATING.threshold)
 
 
-def test_threshold_curves_compare_measures_at_equal_skip_share(run, figures, tmp_path):
+def test_threshold_curves_compare_measures_at_equal_skip_rate(run, figures, tmp_path):
     _, _, table = run
     medium = table[(table["link"] == "medium") & (table["mode"] == "uhlm")]
     plots.threshold_curves(medium, tmp_path / "c.png", eps=EPS, operating=OPERATING)
     axes = figures[0].axes
     for ax in axes:
         assert ax.get_xlabel() == "share of tokens skipped 1 − TR"
-        assert _vertical_at(ax, OPERATING.skip_share)
+        assert _vertical_at(ax, OPERATING.skip_rate)
     (risk_ax,) = [ax for ax in axes if ax.get_ylabel().startswith("realised risk")]
     assert _horizontal_at(risk_ax, EPS)
     # Oracle: each measure's line runs over 1 − TR of its own replay rows, and the first
-    # panel maps that skip share back to the measure's threshold.
+    # panel maps that skip rate back to the measure's threshold.
     for measure in medium["measure"].unique():
         rows = medium[(medium["measure"] == measure) &
                       (medium["metric"] == "transmission_rate")].sort_values("threshold")
@@ -296,7 +296,7 @@ def test_threshold_curves_compare_measures_at_equal_skip_share(run, figures, tmp
         np.testing.assert_allclose(line.get_ydata(), rows["threshold"].to_numpy()[order])
 
 
-def test_threshold_curves_need_the_rollouts_skip_share(run, tmp_path):
+def test_threshold_curves_need_the_rollouts_skip_rate(run, tmp_path):
     _, _, table = run
     medium = table[(table["link"] == "medium") & (table["mode"] == "uhlm")]
     rollout = pd.DataFrame({"threshold": [0.2], "metric": ["transmission_rate"],
