@@ -48,6 +48,7 @@ __all__ = [
     "DEFAULT_MEASURE_NAMES",
     "DEFAULT_TEMPERATURE_PERTURBATION",
     "PANEL_RATIO",
+    "TOP_M_ROUNDING_MARGIN",
     "Entropy",
     "ExpectedTemperaturePerturbation",
     "OneMinusMaxProbability",
@@ -57,6 +58,7 @@ __all__ = [
     "disagreement_share",
     "exact_fractions",
     "quadrature_rule",
+    "top_m_log_prob_bracket",
 ]
 
 PANEL_RATIO = 0.25
@@ -145,6 +147,68 @@ def _tempered_log_prob(
     return shifted[draft] * inverse - log_partition
 
 
+TOP_M_ROUNDING_MARGIN = 1e-5
+"""Relative margin, in units of `1 + |log q_d(θ)|`, that a top-M decision keeps from its
+bracket: it covers the float32 rounding of the top-M and the full path alike (each about
+1e-7 relative), so a decision called certain is the one the full path takes."""
+
+
+def top_m_log_prob_bracket(
+    logits: Float[Array, " v"], draft: Int[Array, ""], theta: Float[Array, " m"], top_m: int
+) -> tuple[Float[Array, " m"], Float[Array, " m"]]:
+    """Bounds `lower ≤ log softmax(z/θ_k)_d ≤ upper` from the top-M logits, per `θ_k > 0`.
+
+    With `s = z − max z`, `s_(1) ≥ s_(2) ≥ …` sorted and `T` the `V − M` entries outside the
+    top `M`, the partition function splits as `Z_k = H_k + R_k` with the head
+    `H_k = Σ_{i ≤ M} exp(s_(i)/θ_k) ≥ 1` (computed) and the omitted tail
+    `R_k = Σ_{i ∈ T} exp(s_i/θ_k)`, bounded two ways, both using `s_i ≤ c = s_(M+1)` on `T`:
+
+    - flat: `R_k ≤ (V − M) exp(c/θ_k)`;
+    - from one reference temperature `θ* = max_k θ_k` (so `1/θ_k − 1/θ* ≥ 0`): for `i ∈ T`,
+      `exp(s_i/θ_k) = exp(s_i/θ*) exp(s_i (1/θ_k − 1/θ*)) ≤ exp(s_i/θ*) exp(c (1/θ_k − 1/θ*))`,
+      so `R_k ≤ exp(c (1/θ_k − 1/θ*)) R*`, with `R* ≤ Σ_{s_i ≤ c} exp(s_i/θ*)` (one pass of
+      `V` exponentials, not `K V`; entries tied with `c` inside the top `M` only enlarge
+      it), inflated by `1 + 2Vε` for float32 summation in any order.
+
+    With `B_k` the smaller bound, `0 ≤ R_k ≤ B_k`, so `log Z_k ∈ [log H_k, log(H_k + B_k)]`
+    and `log q_d(θ_k) = s_d/θ_k − log Z_k` lies in
+    `[s_d/θ_k − log(H_k + B_k), s_d/θ_k − log H_k]`, whether or not `d` is in the top `M`.
+    Its width `log(1 + B_k/H_k)` bounds the error of the top-M log-probability, and
+    `q_d(θ_k) B_k / (H_k + B_k)` that of the probability.
+
+    Args:
+      logits: `[v]` logits `z`.
+      draft: int `[]` token `d`.
+      theta: `[m]` temperatures, all `> 0`.
+      top_m: static `M` with `1 ≤ M < V`.
+
+    Returns:
+      `(lower, upper)`, float32 `[m]` each.
+    """
+    vocab = logits.shape[0]
+    if not 1 <= top_m < vocab:
+        raise ValueError(f"top_m={top_m} must be in [1, {vocab - 1}] for vocabulary size {vocab}.")
+    shifted = logits - jnp.max(logits)
+    top, _ = jax.lax.top_k(shifted, top_m + 1)
+    head, cut = top[:top_m], top[top_m]
+    inverse = 1.0 / theta
+    log_head = jnp.log(jnp.sum(jnp.exp(head[None, :] * inverse[:, None]), axis=-1))
+    reference = jnp.max(theta)
+    summation = 1.0 + 2.0 * vocab * float(jnp.finfo(jnp.float32).eps)
+    tail_at_reference = summation * jnp.sum(
+        jnp.where(shifted <= cut, jnp.exp(shifted / reference), 0.0)
+    )
+    # A cut of −inf (masked ids) leaves an empty tail: keep −inf · 0 from making NaN.
+    finite_cut = jnp.isfinite(cut)
+    log_tail_from_reference = jnp.where(
+        finite_cut, cut * (inverse - 1.0 / reference), 0.0
+    ) + jnp.log(tail_at_reference)
+    log_tail_flat = math.log(vocab - top_m) + jnp.where(finite_cut, cut * inverse, -jnp.inf)
+    log_tail = jnp.minimum(log_tail_from_reference, log_tail_flat)
+    draft_term = shifted[draft] * inverse
+    return draft_term - jnp.logaddexp(log_head, log_tail), draft_term - log_head
+
+
 def quadrature_rule(num_panels: int, nodes_per_panel: int) -> tuple[np.ndarray, np.ndarray]:
     """Composite Gauss–Legendre rule on [0, 1] with geometrically shrinking panels.
 
@@ -219,12 +283,76 @@ class TemperaturePerturbation:
     ) -> Float[Array, ""]:
         """Returns float32 `[]`: `j / num_samples` correctly rounded (`exact_fractions`)."""
         logits, _, draft = _check_inputs(logits, log_q, draft)
+        theta, log_u = self._draws(key)
+        return disagreement_share(log_u >= _tempered_log_prob(logits, draft, theta))
+
+    def _draws(self, key: PRNGKeyArray) -> tuple[Float[Array, " m"], Float[Array, " m"]]:
+        """Temperatures `θ_k > 0` and `log U_k` of the `K` re-draws."""
         # θ_k = 0 (a uniform of exactly 0) is floored, so it is the argmax indicator, not 0/0.
         theta = jnp.maximum(self.temperatures(key), jnp.finfo(jnp.float32).tiny)
         _, redraw_key = jax.random.split(key)
-        log_prob_draft = _tempered_log_prob(logits, draft, theta)
         log_u = jnp.log(jax.random.uniform(redraw_key, (self.num_samples,), jnp.float32))
-        return disagreement_share(log_u >= log_prob_draft)
+        return theta, log_u
+
+    def top_m_decisions(
+        self,
+        key: PRNGKeyArray,
+        logits: Float[Array, " v"],
+        draft: Int[ArrayLike, ""],
+        top_m: int,
+    ) -> tuple[Bool[Array, " m"], Bool[Array, " m"]]:
+        """Each re-draw's disagreement from the top-M logits, and whether it is certain.
+
+        Re-draw `k` disagrees iff `log U_k ≥ log q_d(θ_k)`. With the bracket
+        `[lower_k, upper_k]` of `top_m_log_prob_bracket`, `log U_k ≥ upper_k` proves it
+        disagrees and `log U_k < lower_k` proves it agrees (each with the margin
+        `TOP_M_ROUNDING_MARGIN`); between the two the top-M logits cannot decide. Where
+        every re-draw is certain, the count, hence `u`, equals the full sum's exactly:
+        its error is 0. NaN logits are never certain.
+
+        Returns:
+          `(disagree, certain)`, bool `[K]` each; `disagree` is meaningful where `certain`.
+        """
+        logits, _, draft = _check_inputs(logits, logits, draft)
+        theta, log_u = self._draws(key)
+        lower, upper = top_m_log_prob_bracket(logits, draft, theta, top_m)
+        margin = TOP_M_ROUNDING_MARGIN * (1.0 + jnp.abs(upper))
+        disagree = log_u >= upper + margin
+        certain = (disagree | (log_u < lower - margin)) & ~jnp.isnan(lower)
+        return disagree, certain
+
+    def top_m_rows(
+        self,
+        keys: Array,
+        logits: Float[Array, "b v"],
+        drafts: Int[ArrayLike, " b"],
+        top_m: int,
+    ) -> Float[Array, " b"]:
+        """`u` of `b` rows, equal to `vmap(self)`, from the top-M logits where that is exact.
+
+        Every row's re-draws are decided from its top-M logits (`top_m_decisions`). If all
+        of the batch's are certain, those decisions give `u`; otherwise the whole batch
+        falls back to the full sums. The choice is made once per batch, by `lax.cond`
+        outside any `vmap`, so only one branch runs: a per-row `cond` under `vmap` would
+        become a select that runs both.
+
+        Args:
+          keys: `[b]` one key per row, as `vmap(self)` takes them.
+          logits: `[b, v]` SLM logits.
+          drafts: int `[b]` drafted tokens.
+          top_m: static `M` with `1 ≤ M < V`.
+
+        Returns:
+          float32 `[b]`, each `j / num_samples` correctly rounded.
+        """
+        disagree, certain = jax.vmap(self.top_m_decisions, in_axes=(0, 0, 0, None))(
+            keys, logits, drafts, top_m
+        )
+        return jax.lax.cond(
+            jnp.all(certain),
+            lambda: jax.vmap(disagreement_share)(disagree),
+            lambda: jax.vmap(self)(keys, logits, logits, drafts),
+        )
 
     def redraws_disagree_gumbel(
         self, key: PRNGKeyArray, logits: Float[Array, " v"], draft: Int[ArrayLike, ""]
