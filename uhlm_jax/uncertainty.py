@@ -143,7 +143,10 @@ def _tempered_log_prob(
     """
     shifted = logits - jnp.max(logits)
     inverse = 1.0 / theta
-    log_partition = jnp.log(jnp.sum(jnp.exp(shifted[None, :] * inverse[:, None]), axis=-1))
+    # One temperature at a time: batched by `vmap`, the `[m, v]` form becomes one XLA:CPU
+    # (YNNPACK) fusion over `[b, m, v]` that is 4–8× slower at b = 32 than `m` fused
+    # exp-sums over `[b, v]`; the values are the same.
+    log_partition = jax.lax.map(lambda scale: jnp.log(jnp.sum(jnp.exp(shifted * scale))), inverse)
     return shifted[draft] * inverse - log_partition
 
 
