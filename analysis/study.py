@@ -246,9 +246,10 @@ def _expected_seconds(cfg: Config, share_left: float) -> dict[str, float]:
 
 
 def _batches(cfg: collect.Config) -> tuple[int, int]:
-    """Collection batches finished (checkpointed) and needed."""
+    """Collection batches finished (checkpointed) and needed (at least one: with no
+    prompts, collection runs to say so)."""
     steps = ocp.utils.checkpoint_steps(Path(cfg.out) / rd.CHECKPOINT_DIR)
-    needed = math.ceil(_calibration_prompts(cfg) / cfg.batch_size)
+    needed = max(1, math.ceil(_calibration_prompts(cfg) / cfg.batch_size))
     return max(steps, default=0), needed
 
 

@@ -90,7 +90,9 @@ def test_a_run_directory_of_the_individual_commands_is_continued(by_commands):
     # And the summary holds the headline numbers, strict JSON throughout
     assert summary["pair"] == "toy" and summary["evaluation_prompts"] == 3
     assert summary["calibration_tokens"] == 4 * 6
-    assert set(summary["thresholds"]) >= {"risk-averse", "risk-prone", "risk-bounded"}
+    assert summary["operating_threshold"] in summary["thresholds"]
+    assert summary["thresholds"] == _strict_json(
+        (run_dir / rd.EVALUATION_SUMMARY_FILE).read_text())["thresholds"]
 
 
 @pytest.mark.slow
