@@ -538,7 +538,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "calibration prompts, fit, derive thresholds, evaluate the five modes on held-out "
         "prompts, sweep and report. Rerun the same command to continue an interrupted "
         "study, or a run directory made by the individual commands with the same settings: "
-        "stages whose files are there are skipped."
+        "stages whose files are there are skipped. Example: uhlm study --pair qwen-coder "
+        "--calibration-prompts 100 --max-new-tokens 64 --evaluation-prompts 48 --out "
+        "runs/qwen"
     )
     cli_config.add_arguments(parser, collect.Config, cli_config.Flags(
         required=("out",), names={"num_prompts": "calibration_prompts"},
