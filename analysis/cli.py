@@ -1,7 +1,8 @@
 """The `uhlm` command: dispatches each subcommand to a job module.
 
 Every job module exposes `add_arguments(parser)` (its flags, built from its `Config` by
-`uhlm_jax.cli_config`) and `main(args) -> int`. Modules are imported only when their
+`uhlm_jax.cli_config`) and `main(args) -> int`, and may say how an interrupted run goes
+on (`HOW_TO_CONTINUE`). Modules are imported only when their
 subcommand runs, so `uhlm --help` stays fast.
 
 Failures end in one line on stderr, here and nowhere else: bad input (`ValueError`, a
@@ -45,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "link": (
         "analysis.link",
         "per-mode latency, token throughput and U-HLM speedup under a wireless link",
+    ),
+    "study": (
+        "analysis.study",
+        "calibrate, evaluate, sweep and report a pair into one run directory (resumable)",
     ),
     "sweep": (
         "analysis.sweep",
@@ -103,13 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 2
     prog = f"uhlm {args.command}"
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
-        return importlib.import_module(COMMANDS[args.command][0]).main(args)
+        return module.main(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; {_how_to_continue(args)}", file=sys.stderr)
+        hint = getattr(module, "HOW_TO_CONTINUE", None) or _how_to_continue(args)
+        print(f"\n{prog}: interrupted; {hint}", file=sys.stderr)
         return 130
     except OSError as err:
         if err.errno not in _WRITE_ERRORS:

@@ -12,8 +12,9 @@ this package). The demo runs, into one run directory:
 6. the report with its plots (`uhlm report`),
 
 then prints the paper-style table and the headline numbers, and writes them to
-`demo.json`. Each stage prints what it does, the time so far and an estimate of the time
-left. `--quick` runs a small version (a few prompts, short replies) for smoke tests.
+`demo.json`. It is `uhlm study` (`analysis.study`) at the demo's sizes, started afresh:
+each stage prints when it starts and ends, with the time so far and an estimate of the
+time left. `--quick` runs a small version (a few prompts, short replies) for smoke tests.
 
 A rerun starts the run directory afresh (results are never reused); what it reuses is the
 machine's cache of the dequantized weights and tokenizer (`uhlm_jax.models.weight_cache`).
@@ -26,25 +27,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import time
-from collections.abc import Callable
+import sys
 from pathlib import Path
-from typing import Any
 
-from analysis import evaluate, report, sweep, tables
-from calibration import collect, derive_thresholds, fit, records
+from analysis import study, tables
+from calibration import calibrate, collect
 from calibration import run_dir as rd
-from calibration.prompts import CALIBRATION_SPLIT
 from uhlm_jax import channel as ch
 from uhlm_jax import cli_config, console
 from uhlm_jax.models.registry import DType
-from uhlm_jax.pair import DEFAULT_PAIR, known_pairs, load_pair
+from uhlm_jax.pair import DEFAULT_PAIR, known_pairs
 
-__all__ = ["Config", "Result", "add_arguments", "main", "run"]
+__all__ = ["Config", "add_arguments", "main", "run", "study_config"]
 
 DEFAULT_OUT = "runs/demo"
-# Prior weight, in seconds, of the expected pace in the time-left estimate.
-_PACE_PRIOR_S = 60.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +54,6 @@ class Scale:
         max_new_tokens: tokens per reply at most.
         batch_size: prompts per calibration batch.
         num_warmup, num_samples: NUTS warmup and draws per chain.
-        stage_seconds: seconds of each stage measured on two idle CPU cores (for the time
-            estimate; rescaled by the measured pace as the demo runs).
     """
 
     calibration_prompts: int
@@ -68,11 +62,10 @@ class Scale:
     batch_size: int
     num_warmup: int
     num_samples: int
-    stage_seconds: tuple[float, ...]
 
 
-FULL = Scale(36, 36, 64, 36, 500, 500, (5, 55, 20, 7, 165, 4, 4))
-QUICK = Scale(4, 4, 12, 4, 100, 100, (2, 12, 25, 8, 50, 4, 5))
+FULL = Scale(36, 36, 64, 36, 500, 500)
+QUICK = Scale(4, 4, 12, 4, 100, 100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,59 +110,6 @@ class Config:
         return QUICK if self.quick else FULL
 
 
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """What the demo wrote.
-
-    Attributes:
-        run_dir: the run directory.
-        summary: the headline numbers (also in `demo.json`).
-        table: the paper-style table of the five modes (formatted strings).
-        report_html, report_markdown: the report files.
-        stage_seconds: wall-clock seconds of each stage.
-    """
-
-    run_dir: Path
-    summary: dict[str, Any]
-    table: Any
-    report_html: Path
-    report_markdown: Path
-    stage_seconds: dict[str, float]
-
-
-def _clock(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-class _Stages:
-    """Prints each stage with the time so far and an estimate of the time left.
-
-    The estimate is the expected seconds of the stages left, scaled by how the stages done
-    so far compared with their expected seconds (with `_PACE_PRIOR_S` seconds of prior
-    weight on the expected pace).
-    """
-
-    def __init__(self, names: list[str], expected: tuple[float, ...], progress: bool):
-        self.names, self.expected, self.progress = names, expected, progress
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    def run(self, index: int, fn: Callable[[], Any]) -> Any:
-        elapsed = time.perf_counter() - self.start
-        # The pace (measured over expected time) starts at 1 and follows the measurements
-        # as they add up, so one short stage does not swing the estimate.
-        pace = (elapsed + _PACE_PRIOR_S) / (sum(self.expected[:index]) + _PACE_PRIOR_S)
-        left = pace * sum(self.expected[index:])
-        if self.progress:
-            print(f"[{index + 1}/{len(self.names)}] {self.names[index]} "
-                  f"(elapsed {_clock(elapsed)}, about {_clock(left)} left)", flush=True)
-        t0 = time.perf_counter()
-        out = fn()
-        self.seconds[self.names[index]] = time.perf_counter() - t0
-        return out
-
-
 # Files named in an error, at most.
 _MAX_NAMED_FILES = 5
 
@@ -198,116 +138,30 @@ def _prepare_out(out: Path) -> None:
     rd.write_text(out / rd.DEMO_MARKER, "written by uhlm demo; a rerun replaces this folder\n")
 
 
-def _headline(run_dir: Path, evaluation: evaluate.Result, cfg: Config) -> dict[str, Any]:
-    summary = evaluation.summary
-    by_mode = {row["mode"]: row for row in summary.to_dict(orient="records")
-               if row["mode"] != "uhlm"}
-    uhlm = {row["threshold_name"]: row for row in summary.to_dict(orient="records")
-            if row["mode"] == "uhlm"}
-    thresholds = rd.Thresholds.read(run_dir)
-    operating = rd.operating_threshold(thresholds)
-    op = uhlm[operating.name]
-    pearson = rd.Fit.read(run_dir).correlations.get("pearson")
-    return {
-        "pair": cfg.pair,
-        "quick": cfg.quick,
-        "link": cfg.link.name.lower(),
-        "calibration_tokens": int(len(records.read_records(run_dir))),
-        "evaluation_prompts": int(op["prompts"]),
-        "draft_acceptance_hlm": by_mode["hlm"]["acceptance_rate"],
-        "u_beta_pearson": None if pearson is None else pearson.estimate,
-        "u_beta_pearson_interval": None if pearson is None else list(pearson.interval),
-        "risk": thresholds.risk,
-        "confidence": thresholds.confidence,
-        "thresholds": evaluation.thresholds,
-        "operating_threshold": operating.name,
-        "operating_threshold_passed_validation": operating.passed_validation,
-        "operating_threshold_validation": operating.note,
-        "uhlm_skip_rate": op["skip_rate"],
-        "uhlm_accuracy_pct_of_llm": op["accuracy_pct_of_llm"],
-        "uhlm_correct_rate": op["correct_rate"],
-        "llm_only_correct_rate": by_mode["llm_only"]["correct_rate"],
-        "uhlm_speedup_vs_hlm": op["speedup_vs_hlm"],
-        "uhlm_speedup_bound": op["speedup_bound"],
-        "uhlm_realised_risk_per_token": op["risk_per_token"],
-        "slm_only_accuracy_pct_of_llm": by_mode["slm_only"]["accuracy_pct_of_llm"],
-        "accuracy": tables.accuracy_caption(evaluation.summary),
-    }
-
-
-def run(cfg: Config, progress: bool = True) -> Result:
-    """Runs the six stages into `cfg.out`; see the module docstring."""
-    out = Path(cfg.out)
+def study_config(cfg: Config) -> study.Config:
+    """The study the demo runs: the demo's pair and settings at its sizes."""
     scale = cfg.scale
-    names = [
-        f"load the {cfg.pair} pair",
-        "calibrate: collect per-token records on the calibration prompts",
-        "fit uncertainty -> rejection probability (NumPyro NUTS, SVI, hurdle)",
-        "derive the risk-averse, risk-prone and risk-bounded thresholds",
-        "evaluate the five modes with real rollouts on held-out prompts",
-        "sweep thresholds, links and modes by trace replay",
-        "write the report and plots",
-    ]
-    stages = _Stages(names, scale.stage_seconds, progress)
-    # Load first: a missing wheel or exit head fails before anything is written.
-    stages.run(0, lambda: load_pair(cfg.pair, dtype=cfg.dtype))
-    _prepare_out(out)
-    collect_cfg = collect.Config(
-        pair=cfg.pair, prompts=None, out=str(out), split=CALIBRATION_SPLIT,
-        num_prompts=scale.calibration_prompts, max_new_tokens=scale.max_new_tokens,
-        batch_size=scale.batch_size, seed=cfg.seed, dtype=cfg.dtype,
-    )
-    stages.run(1, lambda: collect.run(collect_cfg, progress))
-    stages.run(2, lambda: fit.run(fit.Config(
-        run_dir=str(out), num_warmup=scale.num_warmup, num_samples=scale.num_samples,
-        seed=cfg.seed)))
-    stages.run(3, lambda: derive_thresholds.run(derive_thresholds.Config(
-        run_dir=str(out), risk=cfg.risk, confidence=cfg.confidence, seed=cfg.seed)))
-    evaluation = stages.run(4, lambda: evaluate.run(evaluate.Config(
-        run_dir=str(out), num_prompts=scale.evaluation_prompts, link=cfg.link), progress))
-    stages.run(5, lambda: sweep.run(sweep.Config(run_dir=str(out)), progress))
-    written = stages.run(6, lambda: report.run(report.Config(run_dir=str(out), link=cfg.link)))
-    summary = _headline(out, evaluation, cfg)
-    summary["stage_seconds"] = stages.seconds
-    summary["total_seconds"] = time.perf_counter() - stages.start
-    rd.write_json(out / rd.DEMO_FILE, console.json_ready(summary))
-    return Result(
-        run_dir=out, summary=summary, table=tables.summary_table(evaluation.summary),
-        report_html=written.html, report_markdown=written.markdown,
-        stage_seconds=stages.seconds,
+    return study.Config(
+        calibrate=calibrate.Config(
+            collect=collect.Config(
+                out=cfg.out, pair=cfg.pair, num_prompts=scale.calibration_prompts,
+                max_new_tokens=scale.max_new_tokens, batch_size=scale.batch_size,
+                seed=cfg.seed, dtype=cfg.dtype,
+            ),
+            num_warmup=scale.num_warmup, num_samples=scale.num_samples, risk=cfg.risk,
+            confidence=cfg.confidence,
+        ),
+        evaluation_prompts=scale.evaluation_prompts,
+        link=cfg.link,
     )
 
 
-def _pct(x: float | None) -> str:
-    text = console.number(None if x is None else 100 * x, ".1f")
-    return text if text == console.UNDEFINED else text + "%"
-
-
-def describe(result: Result) -> str:
-    """The text `uhlm demo` prints after the table."""
-    s = result.summary
-    interval = s["u_beta_pearson_interval"] or [float("nan")] * 2
-    named = ", ".join(f"{n} {t:.3f}" for n, t in s["thresholds"].items())
-    lines = [
-        f"Calibration: {s['calibration_tokens']} tokens; Pearson r(u, beta) = "
-        f"{s['u_beta_pearson']:.3f} [{interval[0]:.3f}, {interval[1]:.3f}].",
-        f"Thresholds (risk eps = {s['risk']}, confidence {s['confidence']}): {named}.",
-        f"Draft acceptance under HLM: {_pct(s['draft_acceptance_hlm'])}.",
-        *([f"Warning: {s['operating_threshold_validation']}."]
-          if s["operating_threshold_passed_validation"] is False else []),
-        f"U-HLM at the {s['operating_threshold']} threshold: skips "
-        f"{_pct(s['uhlm_skip_rate'])} of tokens, realised risk per token "
-        f"{s['uhlm_realised_risk_per_token']:.3f}, accuracy (MiniLM cosine) "
-        f"{s['uhlm_accuracy_pct_of_llm']:.1f}% of the LLM's (SLM only: "
-        f"{s['slm_only_accuracy_pct_of_llm']:.1f}%), correct answers "
-        f"{_pct(s['uhlm_correct_rate'])} (LLM only: {_pct(s['llm_only_correct_rate'])}), "
-        f"{s['uhlm_speedup_vs_hlm']:.2f}x HLM's "
-        f"throughput ({s['link']} link; bound 1/(1 - s) = {s['uhlm_speedup_bound']:.2f}x).",
-        s["accuracy"],
-        f"Report: {result.report_html} (and {result.report_markdown.name}, plots/).",
-        f"Done in {_clock(s['total_seconds'])}.",
-    ]
-    return "\n".join(lines)
+def run(cfg: Config, progress: bool = True) -> study.Result:
+    """Runs the study afresh into `cfg.out` and writes `demo.json`; see the module doc."""
+    result = study.run(study_config(cfg), progress, stream=sys.stdout, restart=_prepare_out)
+    summary = {**result.summary, "quick": cfg.quick}
+    rd.write_json(result.run_dir / rd.DEMO_FILE, console.json_ready(summary))
+    return dataclasses.replace(result, summary=summary)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -327,5 +181,5 @@ def main(args: argparse.Namespace) -> int:
     print()
     print(tables.format_table(result.table))
     print()
-    print(describe(result))
+    print(study.describe(result))
     return 0

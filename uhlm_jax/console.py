@@ -25,6 +25,7 @@ __all__ = [
     "INFINITE",
     "UNDEFINED",
     "LogProgress",
+    "clock",
     "json_ready",
     "json_text",
     "number",
@@ -157,16 +158,17 @@ class LogProgress:
         parts = [f"{done} {self.unit}"]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(f"{_clock(elapsed)} elapsed")
+        parts.append(f"{clock(elapsed)} elapsed")
         ran = self.n - self._start
         if self.total and ran > 0 and self.n < self.total:
-            parts.append(f"about {_clock(elapsed / ran * (self.total - self.n))} left")
+            parts.append(f"about {clock(elapsed / ran * (self.total - self.n))} left")
         parts += [f"{k}={v}" for k, v in self.postfix.items()]
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         print(f"{stamp} {self.desc}: {', '.join(parts)}", file=self.stream, flush=True)
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """`seconds` as m:ss, or h:mm:ss from an hour."""
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -151,18 +151,3 @@ def test_a_rerun_refuses_to_delete_files_the_user_added(tmp_path):
     demo._prepare_out(out)
     assert [p.name for p in out.iterdir()] == [rd.DEMO_MARKER]
 
-
-def test_stage_estimates_follow_the_measured_pace(monkeypatch, capsys):
-    # Given three stages expected to take 10, 10 and 20 s, taking 20, 10 and 5 s
-    clock = iter([0.0, 0.0, 0.0, 20.0, 20.0, 20.0, 30.0, 30.0, 30.0, 35.0])
-    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
-    stages = demo._Stages(["a", "b", "c"], (10.0, 10.0, 20.0), progress=True)
-    for i in range(3):
-        stages.run(i, lambda: None)
-    lines = capsys.readouterr().out.splitlines()
-    # Then the estimate starts at the expected total and follows the measured pace, which
-    # starts from 1 with the prior's weight: (20 + 60) / (10 + 60), then (30 + 60) / (20 + 60)
-    assert demo._PACE_PRIOR_S == 60.0
-    assert "about 0:40 left" in lines[0]
-    assert "elapsed 0:20, about 0:34 left" in lines[1]  # 30 s x 80/70
-    assert "elapsed 0:30, about 0:22 left" in lines[2]  # 20 s x 90/80
