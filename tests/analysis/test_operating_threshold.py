@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from analysis import demo, evaluate, report
+from analysis import evaluate, report, study
 from calibration import run_dir as rd
 from tests.helpers import write_synthetic_run
 
@@ -67,14 +67,13 @@ def test_evaluate_report_and_demo_name_the_same_operating_threshold(run_dir: Pat
     assert "Warning: the risk-bounded threshold FAILED its validation" in markdown
     assert "Thresholds that passed: risk-averse (u_th = 0.075)." in markdown
     assert "U-HLM, risk-bounded (u_th = 0.250, failed validation)" in markdown
-    # And the demo's summary names it too, with the warning
-    cfg = demo.Config(out=str(run_dir), pair="toy")
-    summary = demo._headline(run_dir, evaluation, cfg)
+    # And the study's (and so the demo's) summary names it too, with the warning
+    summary = study.headline(run_dir, "toy")
     assert summary["operating_threshold"] == "risk-bounded"
     assert summary["operating_threshold_passed_validation"] is False
-    result = demo.Result(run_dir=run_dir, summary={**summary, "total_seconds": 1.0},
-                         table=None, report_html=run_dir / rd.REPORT_HTML_FILE,
-                         report_markdown=run_dir / rd.REPORT_MARKDOWN_FILE, stage_seconds={})
-    text = demo.describe(result)
+    result = study.Result(run_dir=run_dir, summary={**summary, "total_seconds": 1.0},
+                          table=None, report_html=run_dir / rd.REPORT_HTML_FILE,
+                          report_markdown=run_dir / rd.REPORT_MARKDOWN_FILE, stage_seconds={})
+    text = study.describe(result)
     assert "U-HLM at the risk-bounded threshold" in text
     assert "Warning: the risk-bounded threshold FAILED its validation" in text
