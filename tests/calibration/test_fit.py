@@ -34,6 +34,8 @@ SD_RTOL = 0.2
 SVI_MEAN_SDS = 0.5
 SVI_SD_RTOL = 0.3
 R_HAT_MAX = 1.05
+# Divergent transitions tolerated in the short smoke-test chains (hierarchical funnels).
+DIVERGENCES_MAX = 20
 SMALL = {"num_warmup": 300, "num_samples": 300}
 # The pooled linear model's WAIC on the smoke test's fixture run, computed by the
 # hand-written WAIC that ArviZ replaced (elpd = lppd - p_waic over every NUTS draw;
@@ -202,6 +204,8 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
             "500",
             "--num-bootstrap",
             "50",
+            "--loo-unit",
+            "token",
             "--json",
         ]
     )
@@ -215,6 +219,8 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     assert on_disk["data"]["num_tokens"] == 300 and on_disk["data"]["num_prompts"] == 20
     comparison = on_disk["comparison"]
     assert comparison["best"] == "hurdle"  # the data are hurdle data
+    # Leaving out tokens compares the pooled models only, and fit.json says so
+    assert comparison["unit"] == "token" and on_disk["config"]["loo_unit"] == "token"
     assert [r["name"] for r in comparison["table"]] == ["hurdle", "linear"]
     # ArviZ's PSIS-LOO of the linear model agrees with the hand-written WAIC it replaced.
     linear = comparison["table"][1]
@@ -235,6 +241,10 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     assert len(view.predictive_mean_covered["hurdle"]) == len(on_disk["predictive_checks"])
     assert posterior.linear["slope"].shape == (400,)
     assert set(posterior.hurdle) == set(rejection.HURDLE_SITES)
+    # The prompt-effect models are fitted and saved beside the pooled ones
+    for name, sites in fit.MODEL_SITES.items():
+        assert set(posterior.draws(name)) == set(sites), name
+        assert on_disk[name]["nuts"]["divergences"] <= DIVERGENCES_MAX, name
 
 
 def test_fit_main_errors_exit_2_and_keep_files(tmp_path, capsys):
