@@ -28,9 +28,9 @@ posterior predictive checks in `u` bins (share of `β > 0` and mean `β`, observ
 against the 5-95% range of replicated data); a comparison of the two models by
 PSIS-LOO, with WAIC beside it (ArviZ `az.loo`, `az.waic`, `az.compare`), leaving out
 whole prompts by default (`--loo-unit`; `fit.json`'s `comparison.unit` and `grouping`
-say which), on the observed scale (the linear model scored as the law of `clip(β*, 0, 1)`, with point
-masses at 0 and 1, so both models give likelihoods with respect to the same
-measure); and Pearson and Spearman correlations of `u` and `β` with 95%
+say which), on the observed scale (the linear model scored as the law of
+`clip(β*, 0, 1)`, with point masses at 0 and 1, so all models give likelihoods with
+respect to the same measure); and Pearson and Spearman correlations of `u` and `β` with 95%
 bootstrap intervals that resample prompts.
 
 Outputs, written atomically into RUN_DIR: `posterior_linear.npz` (NUTS draws

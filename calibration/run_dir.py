@@ -411,7 +411,7 @@ class Fit(_FileView):
         measure: the uncertainty measure fitted.
         seed: the fit's seed, if recorded.
         correlations: `pearson`, `spearman` of `u` and `β`.
-        linear_prior: the linear model's prior, if recorded.
+        linear_prior, hurdle_prior: the models' priors, if recorded.
         nuts: `linear`, `hurdle` NUTS summaries.
         comparison: the models ranked by PSIS-LOO, if recorded.
         predictive_mean_covered: per model, whether each `u` bin's replicated range covers
@@ -424,6 +424,7 @@ class Fit(_FileView):
     seed: int | None = None
     correlations: Mapping[str, Correlation] = dataclasses.field(default_factory=dict)
     linear_prior: rejection.LinearPrior | None = None
+    hurdle_prior: rejection.HurdlePrior | None = None
     nuts: Mapping[str, NutsSummary] = dataclasses.field(default_factory=dict)
     comparison: ModelComparison | None = None
     predictive_mean_covered: Mapping[str, tuple[bool, ...]] = dataclasses.field(
@@ -470,6 +471,8 @@ class Fit(_FileView):
             seed=None if seed is None else int(seed),
             correlations=correlations,
             linear_prior=None if prior is None else rejection.LinearPrior(**prior),
+            hurdle_prior=None if (hp := _get(data, "hurdle", "prior")) is None
+            else rejection.HurdlePrior(**hp),
             nuts=nuts,
             comparison=comparison,
             predictive_mean_covered={
@@ -574,7 +577,7 @@ class Validation:
 # Learn-then-Test bounds the per-prompt risk, the others the risk per token.
 _VALIDATED_AS = {
     ThresholdName.LEARN_THEN_TEST: ("ltt", "exceed_frequency_per_prompt"),
-    ThresholdName.RISK_BOUNDED: ("posterior_linear", "exceed_frequency_per_token"),
+    ThresholdName.RISK_BOUNDED: ("risk_bounded", "exceed_frequency_per_token"),
     ThresholdName.RISK_PRONE: ("analytic_risk_prone", "exceed_frequency_per_token"),
     ThresholdName.RISK_AVERSE: ("analytic_risk_averse", "exceed_frequency_per_token"),
 }
@@ -673,7 +676,7 @@ class Thresholds(_FileView):
             risk_bounded_model=_get(data, "posterior", "risk_bounded", "model"),
             risk_bounded_by_model={
                 model: block
-                for model in ("linear", "hurdle")
+                for model in ("linear", "hurdle", "linear_prompt", "hurdle_prompt")
                 if (block := NamedThreshold.from_json(
                     _get(data, "posterior", model, "risk_bounded"))) is not None
             },
