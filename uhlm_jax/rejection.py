@@ -812,9 +812,7 @@ PROMPT_EFFECTS = {
 }
 
 
-def new_prompt_draws(
-    rng: np.random.Generator, draws: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
+def new_prompt_draws(rng: np.random.Generator, draws: dict[str, Any]) -> dict[str, Any]:
     """Posterior draws of the intercepts of a new prompt.
 
     Each draw's intercepts are shifted by a fresh prompt effect from the population,
@@ -824,10 +822,10 @@ def new_prompt_draws(
 
     Args:
       rng: the generator of the effects.
-      draws: site -> `(m,)` posterior draws.
+      draws: site -> `(m,)` posterior draws (NumPy or JAX arrays).
 
     Returns:
-      site -> `(m,)` draws, intercepts shifted.
+      site -> `(m,)` draws, intercepts shifted (float32 NumPy).
     """
     out = dict(draws)
     for sd, intercept in PROMPT_EFFECTS.items():
