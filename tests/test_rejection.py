@@ -11,7 +11,7 @@ from numpyro.infer import log_likelihood
 from numpyro.infer.util import log_density
 from scipy import stats as scipy_stats
 
-from tests.helpers import TRUE_HURDLE, hurdle_data, linear_data, synthetic_records
+from tests.helpers import TRUE_HURDLE, hurdle_beta, hurdle_data, linear_data, synthetic_records
 from uhlm_jax import rejection
 
 # float32 log densities of a few hundred tokens, relative.
