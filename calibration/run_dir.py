@@ -577,7 +577,7 @@ class Validation:
 # Learn-then-Test bounds the per-prompt risk, the others the risk per token.
 _VALIDATED_AS = {
     ThresholdName.LEARN_THEN_TEST: ("ltt", "exceed_frequency_per_prompt"),
-    ThresholdName.RISK_BOUNDED: ("risk_bounded", "exceed_frequency_per_token"),
+    ThresholdName.RISK_BOUNDED: ("posterior_linear", "exceed_frequency_per_token"),
     ThresholdName.RISK_PRONE: ("analytic_risk_prone", "exceed_frequency_per_token"),
     ThresholdName.RISK_AVERSE: ("analytic_risk_averse", "exceed_frequency_per_token"),
 }
@@ -708,15 +708,19 @@ class Thresholds(_FileView):
     def exceed_frequency(self, name: ThresholdName) -> float | None:
         """The share of validation splits in which threshold `name` exceeded `ε` (None
         without a validation of it): per prompt for Learn-then-Test, whose guarantee is
-        about the per-prompt risk, per token for the others. The split validation
-        refits only the linear posterior, so a risk-bounded threshold of another model
-        has none."""
-        if name is ThresholdName.RISK_BOUNDED and self.risk_bounded_model not in (
+        about the per-prompt risk, per token for the others. The risk-bounded threshold
+        in use is validated by refitting its model per split (`risk_bounded`); files
+        without that method validated only the linear posterior, so a risk-bounded
+        threshold of another model has none there."""
+        method, statistic = _VALIDATED_AS[name]
+        methods = {} if self.validation is None else self.validation.methods
+        if name is ThresholdName.RISK_BOUNDED and "risk_bounded" in methods:
+            method = "risk_bounded"
+        elif name is ThresholdName.RISK_BOUNDED and self.risk_bounded_model not in (
             None, "linear"
         ):
             return None
-        method, statistic = _VALIDATED_AS[name]
-        found = None if self.validation is None else self.validation.methods.get(method)
+        found = methods.get(method)
         return None if found is None else getattr(found, statistic)
 
     def passed_validation(self, name: ThresholdName) -> bool | None:
