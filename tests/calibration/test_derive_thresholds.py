@@ -147,7 +147,10 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
         if bounded["threshold"] is None:
             continue
         assert bounded["probability_within_risk"] >= 0.9
-        assert bounded["posterior_risk"]["interval"][1] <= 0.05 + 1e-6
+        # The pooled posteriors are narrow enough that even the 95% point is within ε; a
+        # new prompt's risk (prompt-effect models) is bounded only at the 90% point.
+        if model in ("linear", "hurdle"):
+            assert bounded["posterior_risk"]["interval"][1] <= 0.05 + 1e-6
     # A prompt-effect model's risk is a new prompt's: at least as uncertain as its pooled
     # twin's at every threshold
     for pooled in ("linear", "hurdle"):
