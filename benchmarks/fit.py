@@ -24,7 +24,15 @@ Measured, each as wall time:
 
 Writes (replaces) the "## NumPyro fit" section of benchmarks/RESULTS.md.
 
+With `--prompt-effects` it instead times the models with a random intercept per prompt
+(`linear_gaussian_prompts`, `hurdle_prompts`), NUTS as `uhlm fit` runs them, and the
+leave-one-prompt-out PSIS-LOO of all four models, at the demo's size (36 prompts,
+≈ 1 900 tokens, 2 chains × (500 + 500)) and at a real-pair study's size (100 prompts,
+6 000 tokens, 2 chains × (1000 + 1000)), each in a fresh process, and writes the
+"## NumPyro fit with prompt effects" section.
+
     .venv/bin/python -m benchmarks.fit [--tokens 100000] [--skip-per-token] [--no-write]
+    .venv/bin/python -m benchmarks.fit --prompt-effects [--no-write]
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ NUM_TOKENS = 100_000
 TARGET_S = 60.0
 TRUE = {"slope": 0.82, "intercept": -0.06, "sigma": 0.15}
 SECTION = "NumPyro fit"
+PROMPT_SECTION = "NumPyro fit with prompt effects"
+# (name, prompts, tokens per prompt, warmup = draws per chain) of --prompt-effects.
+PROMPT_SIZES = (("demo", 36, 53, 500), ("study", 100, 60, 1000))
 
 
 def _data(n: int, seed: int = 0):
@@ -187,6 +198,82 @@ def time_hurdle_and_job(n: int) -> dict:
     }
 
 
+def time_prompt_models(size: str) -> dict:
+    """Wall time of `uhlm fit`'s four NUTS fits and its comparison on hurdle records."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from calibration import fit
+    from tests.helpers import synthetic_records, write_run
+
+    _, prompts, tokens, iterations = next(s for s in PROMPT_SIZES if s[0] == size)
+    df = synthetic_records(np.random.default_rng(0), prompts, tokens)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_run(Path(tmp), df)
+        start = time.perf_counter()
+        result = fit.run(
+            fit.Config(run_dir=tmp, num_warmup=iterations, num_samples=iterations)
+        )
+        job_s = time.perf_counter() - start
+    s = result.summary
+    return {
+        "size": size,
+        "num_prompts": prompts,
+        "num_tokens": s["data"]["num_tokens"],
+        "iterations": iterations,
+        "job_s": job_s,
+        "nuts_s": {m: s[m]["nuts"]["seconds"] for m in fit.MODEL_SITES},
+        "leapfrog": {m: s[m]["nuts"]["mean_leapfrog_steps"] for m in fit.MODEL_SITES},
+        "divergences": {m: s[m]["nuts"]["divergences"] for m in fit.MODEL_SITES},
+        "max_r_hat": {
+            m: max(p["r_hat"] for p in s[m]["nuts"]["params"].values()) for m in fit.MODEL_SITES
+        },
+        "loo_s": s["comparison"]["seconds"],
+        "best": s["comparison"]["best"],
+    }
+
+
+def prompt_effects(write: bool) -> None:
+    load_before = os.getloadavg()
+    rows = [_child(f"prompts:{name}", 0) for name, *_ in PROMPT_SIZES]
+    load_after = os.getloadavg()
+    print(json.dumps(rows, indent=1))
+    if not write:
+        return
+    from benchmarks.results import machine, write_section
+
+    table = "\n".join(
+        f"| {r['size']} | {r['num_prompts']} | {r['num_tokens']:,} | 2 × ({r['iterations']} + "
+        f"{r['iterations']}) | "
+        + " | ".join(
+            f"{r['nuts_s'][m]:.1f} s ({r['leapfrog'][m]:.0f}, {r['divergences'][m]}, "
+            f"{r['max_r_hat'][m]:.3f})"
+            for m in ("linear_prompt", "hurdle_prompt")
+        )
+        + f" | {r['loo_s']:.1f} s | {r['job_s']:.1f} s | {r['best']} |"
+        for r in rows
+    )
+    body = f"""
+`benchmarks/fit.py --prompt-effects`; {machine()}; load average {load_before[0]:.1f} \
+before, {load_after[0]:.1f} after (the machine is shared and was loaded: times are upper \
+bounds).
+
+`uhlm fit` on synthetic hurdle records (`tests.helpers.synthetic_records`), each size in \
+a fresh process (compilation included). The models with a random intercept per prompt \
+run NUTS on per-prompt sufficient statistics (linear) and on tokens grouped by prompt and \
+`u` (hurdle); a cell gives the NUTS time (mean leapfrog steps, divergences, largest \
+r-hat). PSIS-LOO leaves out whole prompts, integrating the prompt effects out by adaptive \
+Gauss-Hermite quadrature.
+
+| size | prompts | tokens | chains × (warmup + draws) | linear_prompt NUTS | \
+hurdle_prompt NUTS | leave-one-prompt-out LOO, 4 models | `uhlm fit` total | best |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+{table}
+"""
+    write_section(PROMPT_SECTION, body)
+    print(f"wrote the '{PROMPT_SECTION}' section of benchmarks/RESULTS.md")
+
+
 def _child(kind: str, n: int, env_flags: str | None = None) -> dict:
     """Runs one measurement in a fresh interpreter, so compile time is honest."""
     env = dict(os.environ)
@@ -212,9 +299,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=NUM_TOKENS)
     parser.add_argument("--skip-per-token", action="store_true")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--prompt-effects", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n = args.tokens
+    if args.prompt_effects and not args.child:
+        prompt_effects(not args.no_write)
+        return
 
     if args.child:
         kind = args.child
@@ -224,6 +315,8 @@ def main() -> None:
             result = time_per_token_nuts(n)
         elif kind == "svi":
             result = time_svi(n)
+        elif kind.startswith("prompts:"):
+            result = time_prompt_models(kind.split(":")[1])
         else:
             result = time_hurdle_and_job(n)
         print(json.dumps(result))

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import math
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,6 +52,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.infer import MCMC, NUTS
 
 import uhlm_jax
 from calibration import fit, records
@@ -79,9 +81,17 @@ U_RANGE_TOL = 1e-5
 SPLIT_BATCH = 8
 # Posterior draws per batch for hurdle risk curves.
 DRAW_BATCH = 64
-METHODS = ("ltt", "posterior_linear", "analytic_risk_averse", "analytic_risk_prone")
+METHODS = (
+    "ltt", "posterior_linear", "risk_bounded", "analytic_risk_averse", "analytic_risk_prone"
+)
 # The posterior models, as `uhlm fit` names them.
-MODELS = ("linear", "hurdle")
+MODELS = tuple(fit.MODEL_SITES)
+# NUTS settings of the per-split refits of the model behind the risk-bounded threshold:
+# one short chain with a capped tree (the split-to-split spread of the realised risk
+# dwarfs the Monte Carlo error of 100 draws in P(R <= eps)).
+REFIT_WARMUP = 100
+REFIT_SAMPLES = 100
+REFIT_TREE_DEPTH = 6
 
 
 class ThresholdSource(enum.Enum):
@@ -118,6 +128,9 @@ class Config:
       calibration_share: share of prompts calibrating in each split.
       num_posterior_draws: most posterior draws used (thinned evenly).
       credible_mass: central mass of the credible intervals.
+      refit_splits: splits (the first ones) on which a risk-bounded threshold from a
+        NUTS-fitted model is refitted and validated; the pooled linear model's exact
+        posterior is refitted on every split.
       seed: seed of the splits, the bootstrap and the per-split posterior draws.
       plan_prompts: treat the run as a pilot and report, for each threshold, how many
         calibration prompts Learn-then-Test needs to certify it at `risk` and
@@ -137,6 +150,7 @@ class Config:
     calibration_share: float = 0.5
     num_posterior_draws: int = 1000
     credible_mass: float = 0.9
+    refit_splits: int = 20
     seed: int = 0
     plan_prompts: bool = False
     max_plan_prompts: int = 10_000
@@ -180,6 +194,7 @@ class Config:
         _int_at_least("grid_size", self.grid_size, 2)
         _int_at_least("num_splits", self.num_splits, 100)
         _int_at_least("num_posterior_draws", self.num_posterior_draws, 10)
+        _int_at_least("refit_splits", self.refit_splits, 1)
         _int_at_least("seed", self.seed, 0)
         _int_at_least("max_plan_prompts", self.max_plan_prompts, 1)
         if self.plan_prompts and self.run_dir is None:
@@ -332,12 +347,23 @@ def _bounded_summary(
     return out
 
 
-def _hurdle_curves(draws: dict[str, jnp.ndarray], u: np.ndarray, grid: jnp.ndarray) -> jnp.ndarray:
-    """`(m, p)` hurdle-model risk curves, tokens grouped by distinct `u` (exact)."""
-    values, counts = np.unique(u, return_counts=True)
-    values = jnp.asarray(values, jnp.float32)
-    counts = jnp.asarray(counts, jnp.float32)
+_PROMPT_MODELS = ("linear_prompt", "hurdle_prompt")
+_LINEAR_FAMILY = ("linear", "linear_prompt")
 
+
+@jax.jit
+def _linear_curves(
+    slope: jnp.ndarray, intercept: jnp.ndarray, sample: T.WeightedSample, grid: jnp.ndarray
+) -> jnp.ndarray:
+    return jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(
+        slope, intercept, sample, grid
+    )
+
+
+@jax.jit
+def _hurdle_curves(
+    draws: dict[str, jnp.ndarray], values: jnp.ndarray, counts: jnp.ndarray, grid: jnp.ndarray
+) -> jnp.ndarray:
     def curve(d):
         mean = T.hurdle_mean(
             d["positive_slope"],
@@ -348,7 +374,108 @@ def _hurdle_curves(draws: dict[str, jnp.ndarray], u: np.ndarray, grid: jnp.ndarr
         )
         return T.risk_curve(mean, values, grid, counts)
 
-    return jax.jit(lambda ds: jax.lax.map(curve, ds, batch_size=DRAW_BATCH))(draws)
+    return jax.lax.map(curve, draws, batch_size=DRAW_BATCH)
+
+
+def _risk_curves(
+    model: str,
+    draws: dict[str, Any],
+    u: np.ndarray,
+    grid: jnp.ndarray,
+    weight: np.ndarray | None = None,
+) -> jnp.ndarray:
+    """`(m, p)` risk curves of a model's draws over the (weighted) law of `u`.
+
+    Linear models: the exact `T.linear_risk_curve`. Hurdle models: `E[β | u]` on the
+    distinct values of `u`, weighted by their token counts (exact). Draws of a model with
+    prompt effects should carry a new prompt's intercepts (`rejection.new_prompt_draws`).
+    """
+    draws = {k: jnp.asarray(v, jnp.float32) for k, v in draws.items()}
+    weight = np.ones_like(u) if weight is None else weight
+    if model in _LINEAR_FAMILY:
+        sample = T.weighted_sample(jnp.asarray(u), jnp.asarray(weight, jnp.float32))
+        return _linear_curves(draws["slope"], draws["intercept"], sample, grid)
+    values, index = np.unique(u, return_inverse=True)
+    counts = np.bincount(index, weights=weight, minlength=values.size)
+    return _hurdle_curves(
+        {k: draws[k] for k in rejection.HURDLE_SITES},
+        jnp.asarray(values, jnp.float32),
+        jnp.asarray(counts, jnp.float32),
+        grid,
+    )
+
+
+def _masked_model(model: str, data: RunData, fitted: rd.Fit) -> tuple[Any, Any]:
+    """A NUTS-fitted model of `uhlm fit` on the prompts of a 0/1 mask:
+    `(model_fn, mask -> its statistics)`.
+
+    The likelihoods are sums of statistics linear in the token weights, so zeroing a
+    prompt's statistics removes its tokens exactly, at fixed shapes (each split refits
+    without recompiling). A masked prompt's effect keeps its prior.
+    """
+    hurdle_prior = fitted.hurdle_prior or rejection.HurdlePrior()
+    if model == "linear_prompt":
+        stats = rejection.prompt_linear_stats(data.u, data.beta, data.prompt, data.num_prompts)
+        weighted = ("n", "suu", "sub", "sbb")
+        return functools.partial(
+            rejection.linear_gaussian_prompts, prior=fitted.linear_prior or rejection.LinearPrior()
+        ), lambda mask: stats._replace(**{f: getattr(stats, f) * mask for f in weighted})
+    groups, group_prompt = rejection.hurdle_prompt_groups(data.u, data.beta, data.prompt)
+    summed = ("count", "positive", "sum_log_beta", "sum_log1m_beta")
+
+    def masked(mask: np.ndarray) -> rejection.HurdleGroups:
+        w = mask[group_prompt].astype(np.float32)
+        return groups._replace(**{f: getattr(groups, f) * w for f in summed})
+
+    if model == "hurdle_prompt":
+        return functools.partial(
+            rejection.hurdle_prompts,
+            group_prompt=jnp.asarray(group_prompt),
+            num_prompts=data.num_prompts,
+            prior=hurdle_prior,
+        ), masked
+    # The pooled hurdle needs only groups of equal u: the masked prompt groups summed.
+    values, u_group = np.unique(groups.u, return_inverse=True)
+
+    def masked_pooled(mask: np.ndarray) -> rejection.HurdleGroups:
+        per_prompt = masked(mask)
+        return rejection.HurdleGroups(
+            u=values,
+            **{f: np.bincount(u_group, weights=getattr(per_prompt, f), minlength=values.size)
+               .astype(np.float32) for f in summed},
+        )  # fmt: skip
+
+    return functools.partial(rejection.hurdle_grouped, prior=hurdle_prior), masked_pooled
+
+
+def _refit_thresholds(
+    cfg: Config, data: RunData, model: str, fitted: rd.Fit, masks: np.ndarray, grid: jnp.ndarray
+) -> np.ndarray:
+    """`(S,)` risk-bounded thresholds of `model` refitted by NUTS on each split's
+    calibration prompts (`REFIT_WARMUP` + `REFIT_SAMPLES`, one chain)."""
+    model_fn, masked = _masked_model(model, data, fitted)
+    mcmc = MCMC(
+        NUTS(model_fn, max_tree_depth=REFIT_TREE_DEPTH),
+        num_warmup=REFIT_WARMUP,
+        num_samples=REFIT_SAMPLES,
+        num_chains=1,
+        progress_bar=False,
+        jit_model_args=True,
+    )
+    key = jax.random.key(cfg.seed)
+    rng = np.random.default_rng((cfg.seed, 8))
+    eps, delta = jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
+    out = np.empty(len(masks))
+    for k, mask in enumerate(masks):
+        stats = jax.tree.map(jnp.asarray, masked(mask.astype(np.float32)))
+        mcmc.run(jax.random.fold_in(key, k), stats)
+        samples = mcmc.get_samples()
+        draws = rejection.new_prompt_draws(
+            rng, {s: np.asarray(samples[s]) for s in fit.MODEL_SITES[model]}
+        )
+        curves = _risk_curves(model, draws, data.u, grid, weight=mask[data.prompt])
+        out[k] = float(T.grid_threshold(grid, T.risk_bounded_index(curves, eps, delta)))
+    return out
 
 
 def _posterior(
@@ -357,7 +484,6 @@ def _posterior(
     best = _best_model(posterior.fit)
     u, beta = jnp.asarray(data.u), jnp.asarray(data.beta)
     linear = rejection.thin_draws(posterior.linear, cfg.num_posterior_draws)
-    hurdle_draws = rejection.thin_draws(posterior.hurdle, cfg.num_posterior_draws)
     num_draws = linear["slope"].shape[0]
     # Bayesian bootstrap of Δ over prompts, one Dirichlet weight vector per draw.
     tokens = np.bincount(data.prompt, minlength=data.num_prompts)
@@ -370,11 +496,19 @@ def _posterior(
     prone = np.asarray(jax.vmap(T.risk_prone)(linear["slope"], linear["intercept"], delta_draws))
     slope_draws = np.asarray(linear["slope"], np.float64)
     intercept_draws = np.asarray(linear["intercept"], np.float64)
-    sample = T.weighted_sample(u)
-    linear_curves = jax.jit(jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None)))(
-        linear["slope"], linear["intercept"], sample, grid
-    )
-    hurdle_curves = _hurdle_curves(hurdle_draws, data.u, grid)
+    new_prompt_rng = np.random.default_rng((cfg.seed, 7))
+    curves = {
+        model: _risk_curves(
+            model,
+            rejection.new_prompt_draws(
+                new_prompt_rng,
+                rejection.thin_draws(posterior.draws(model), cfg.num_posterior_draws),
+            ),
+            data.u,
+            grid,
+        )
+        for model in MODELS
+    }
     out = {
         "num_draws": num_draws,
         "credible_mass": cfg.credible_mass,
@@ -396,12 +530,22 @@ def _posterior(
                 "interval": _interval(np.asarray(delta_draws), cfg.credible_mass),
                 "method": "Bayesian bootstrap over prompts",
             },
-            "risk_bounded": _bounded_summary(linear_curves, grid, cfg, u, beta),
-            "curve": _curve_summary(linear_curves, cfg),
+            "risk_bounded": _bounded_summary(curves["linear"], grid, cfg, u, beta),
+            "curve": _curve_summary(curves["linear"], cfg),
         },
-        "hurdle": {
-            "risk_bounded": _bounded_summary(hurdle_curves, grid, cfg, u, beta),
-            "curve": _curve_summary(hurdle_curves, cfg),
+        **{
+            model: {
+                "risk_bounded": _bounded_summary(curves[model], grid, cfg, u, beta),
+                "curve": _curve_summary(curves[model], cfg),
+            }
+            for model in MODELS
+            if model != "linear"
+        },
+        "risk": {
+            model: "risk of a new prompt's tokens: a fresh prompt effect per posterior draw"
+            if model in _PROMPT_MODELS
+            else "risk per token, prompts pooled"
+            for model in MODELS
         },
     }
     out["model_choice"] = {
@@ -566,19 +710,22 @@ def _split_outcomes(xs, tokens: _Tokens, eps, delta):
     """Per split: thresholds of `METHODS` and their realised risks on the test prompts.
 
     `xs` holds per split the `(P,)` calibration mask, `(m,)` posterior draws of slope
-    and intercept, and the plug-in risk-averse and risk-prone thresholds.
+    and intercept, the refitted risk-bounded threshold of the model in use (NaN when
+    that model is the pooled linear one, whose exact posterior is computed here), and
+    the plug-in risk-averse and risk-prone thresholds.
     """
     u, beta, prompt, grid = tokens.u, tokens.beta, tokens.prompt, tokens.grid
     num_prompts = tokens.tokens_per_prompt.shape[0]
 
     def one_split(args):
-        mask, a, b, t_averse, t_prone = args
+        mask, a, b, t_refit, t_averse, t_prone = args
         cal_tokens = mask[prompt]
         test_tokens = 1.0 - cal_tokens
         test_prompts = 1.0 - mask
         t_posterior = T.risk_bounded_threshold(a, b, u, grid, eps, delta, cal_tokens)
         t_ltt = T.ltt_threshold(tokens.prompt_risks, grid, eps, delta, mask).threshold
-        thresholds = jnp.stack([t_ltt, t_posterior, t_averse, t_prone])
+        t_bounded = jnp.where(jnp.isnan(t_refit), t_posterior, t_refit)
+        thresholds = jnp.stack([t_ltt, t_posterior, t_bounded, t_averse, t_prone])
 
         def realised(t):
             skipped = (u <= t).astype(beta.dtype)
@@ -600,10 +747,16 @@ def _validation(
     data: RunData,
     prompt_risks: jnp.ndarray,
     grid: jnp.ndarray,
-    prior: rejection.LinearPrior,
+    fitted: rd.Fit,
 ) -> dict[str, Any]:
     p = data.num_prompts
+    prior = fitted.linear_prior or rejection.LinearPrior()
+    model = _best_model(fitted)
     masks = split_masks(cfg, p)
+    num_refit = len(masks) if model == "linear" else min(cfg.refit_splits, len(masks))
+    refit = np.full(len(masks), np.nan)
+    if model != "linear":
+        refit[:num_refit] = _refit_thresholds(cfg, data, model, fitted, masks[:num_refit], grid)
     num_cal = int(masks[0].sum())
     rng = np.random.default_rng((cfg.seed, 6))
     sums = masks @ _per_prompt_sums(data)  # (S, 6) over calibration prompts
@@ -634,6 +787,7 @@ def _validation(
         jnp.asarray(masks, jnp.float32),
         jnp.asarray(slope, jnp.float32),
         jnp.asarray(intercept, jnp.float32),
+        jnp.asarray(refit, jnp.float32),
         averse,
         prone,
     )
@@ -643,16 +797,19 @@ def _validation(
     )
     methods = {}
     for k, name in enumerate(METHODS):
-        t = thresholds[:, k]
+        # The refitted risk-bounded threshold exists on the first `num_refit` splits.
+        rows = slice(num_refit) if name == "risk_bounded" else slice(None)
+        t, token, prompt_mean = thresholds[rows, k], per_token[rows, k], per_prompt[rows, k]
         methods[name] = {
-            "exceed_frequency_per_token": float(np.mean(per_token[:, k] > cfg.risk)),
-            "exceed_frequency_per_prompt": float(np.mean(per_prompt[:, k] > cfg.risk)),
+            "num_splits": int(t.size),
+            "exceed_frequency_per_token": float(np.mean(token > cfg.risk)),
+            "exceed_frequency_per_prompt": float(np.mean(prompt_mean > cfg.risk)),
             "no_skip_frequency": float(np.mean(~np.isfinite(t))),
-            "mean_skip_rate": float(skip[:, k].mean()),
+            "mean_skip_rate": float(skip[rows, k].mean()),
             "thresholds": [_json_threshold(x) for x in t],
-            "realised_risk_per_token": [float(x) for x in per_token[:, k]],
-            "realised_risk_per_prompt": [float(x) for x in per_prompt[:, k]],
-            "skip_rate": [float(x) for x in skip[:, k]],
+            "realised_risk_per_token": [float(x) for x in token],
+            "realised_risk_per_prompt": [float(x) for x in prompt_mean],
+            "skip_rate": [float(x) for x in skip[rows, k]],
         }
     return {
         "num_splits": cfg.num_splits,
@@ -660,9 +817,16 @@ def _validation(
         "test_prompts": p - num_cal,
         "allowed_exceed_frequency": cfg.error_level,
         "posterior_per_split": "exact conjugate posterior of the linear-Gaussian model",
+        "risk_bounded_model": model,
+        "risk_bounded_per_split": "exact conjugate posterior"
+        if model == "linear"
+        else f"NUTS, 1 chain x ({REFIT_WARMUP} warmup + {REFIT_SAMPLES} draws), tree depth "
+        f"<= {REFIT_TREE_DEPTH}, on the first {num_refit} splits",
         "guarantee": {
             "ltt": "P(R <= eps) >= 1 - delta for the per-prompt risk of new prompts",
             "posterior_linear": "none beyond the model: linear link, independent tokens",
+            "risk_bounded": f"none beyond the {model} model (the one in use), refitted "
+            "per split",
             "analytic_risk_averse": "none (plug-in)",
             "analytic_risk_prone": "none (plug-in)",
         },
@@ -747,7 +911,7 @@ def from_run(cfg: Config) -> dict[str, Any]:
             data,
             prompt_risks,
             grid,
-            posterior.fit.linear_prior,
+            posterior.fit,
         ),
     }
 
@@ -867,7 +1031,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  {name:>22}: realised risk > {eps} in {m['exceed_frequency_per_token']:.3f} "
             f"(per token) / {m['exceed_frequency_per_prompt']:.3f} (per prompt) of "
-            f"{val['num_splits']} splits; mean skip rate {m['mean_skip_rate']:.3f}"
+            f"{m.get('num_splits', val['num_splits'])} splits; mean skip rate "
+            f"{m['mean_skip_rate']:.3f}"
         )
     return "\n".join(lines)
 

@@ -16,28 +16,37 @@ models the rejection probability `β` of a draft given the SLM's uncertainty `u`
   `m = σ(f·u + g)`. NUTS runs on tokens grouped by their value of `u`, which is
   exact and cheap for discrete measures such as temperature perturbation
   (`K + 1` distinct values).
+* **linear_prompt**, **hurdle_prompt** -- the same two models with a random intercept
+  per prompt (in both logits of the hurdle), non-centred, with half-normal priors on
+  the between-prompt sds. Tokens of one prompt are dependent; these models let the
+  posterior say so, and a new prompt's risk (`uhlm threshold`) draws a fresh prompt
+  effect from the fitted population. NUTS runs on per-prompt sufficient statistics
+  (linear) and on tokens grouped by prompt and `u` (hurdle), both exact.
 
 It reports r-hat, bulk and tail effective sample sizes (ArviZ) and divergences;
 posterior predictive checks in `u` bins (share of `β > 0` and mean `β`, observed
 against the 5-95% range of replicated data); a comparison of the two models by
-PSIS-LOO, with WAIC beside it (ArviZ `az.loo`, `az.waic`, `az.compare`), on the
-observed scale (the linear model scored as the law of `clip(β*, 0, 1)`, with point
-masses at 0 and 1, so both models give likelihoods with respect to the same
-measure); and Pearson and Spearman correlations of `u` and `β` with 95%
+PSIS-LOO, with WAIC beside it (ArviZ `az.loo`, `az.waic`, `az.compare`), leaving out
+whole prompts by default (`--loo-unit`; `fit.json`'s `comparison.unit` and `grouping`
+say which), on the observed scale (the linear model scored as the law of
+`clip(β*, 0, 1)`, with point masses at 0 and 1, so all models give likelihoods with
+respect to the same measure); and Pearson and Spearman correlations of `u` and `β` with 95%
 bootstrap intervals that resample prompts.
 
 Outputs, written atomically into RUN_DIR: `posterior_linear.npz` (NUTS draws
-`slope`, `intercept`, `sigma` shaped `(chains, draws)`, and SVI draws
-`svi_slope`, `svi_intercept`, `svi_sigma`), `posterior_hurdle.npz`
+`slope`, `intercept`, `sigma` shaped `(chains, draws)`, SVI draws
+`svi_slope`, `svi_intercept`, `svi_sigma`, and the prompt-effect model's draws
+prefixed `prompt_model_`, with `prompt_model_prompt_sd`), `posterior_hurdle.npz`
 (`positive_slope`, `positive_intercept`, `mean_slope`, `mean_intercept`,
-`concentration`) and the summary `fit.json`.
+`concentration`, and `prompt_model_...` with the two prompt sds) and the summary
+`fit.json`.
 
 Subsampling: with more than `max_tokens` tokens, whole prompts are drawn at
 random (seeded) until the budget is reached, so per-prompt structure is kept.
 
-Caveat: both models treat tokens as conditionally independent given `u`. Tokens
-of one prompt are dependent, so posterior intervals can be too narrow; the
-bootstrap intervals (over prompts) and the prompt-split validation of
+Caveat: the pooled models treat tokens as conditionally independent given `u`, so
+their posterior intervals are too narrow when prompts differ; the prompt-effect
+models, the bootstrap intervals (over prompts) and the prompt-split validation of
 `uhlm threshold --run` do not share this assumption.
 """
 
@@ -70,8 +79,10 @@ from uhlm_jax.threshold import BETA_POSITIVE_TOL
 from uhlm_jax.types import Array
 
 __all__ = [
+    "MODEL_SITES",
     "ChainMethod",
     "Config",
+    "LooUnit",
     "FitData",
     "NutsFit",
     "Posterior",
@@ -103,6 +114,23 @@ MIN_LOO_DRAWS = 100
 INTERVAL_MASS = 0.9
 # SVI learning rate: starts here, decays tenfold over the run.
 SVI_LEARNING_RATE = 0.01
+# The models `uhlm fit` compares, their sites, and the key prefix of the models with
+# prompt effects in the pooled model's npz file.
+MODEL_SITES = {
+    "linear": rejection.LINEAR_SITES,
+    "hurdle": rejection.HURDLE_SITES,
+    "linear_prompt": rejection.LINEAR_PROMPT_SITES,
+    "hurdle_prompt": rejection.HURDLE_PROMPT_SITES,
+}
+PROMPT_PREFIX = "prompt_model_"
+
+
+class LooUnit(enum.Enum):
+    """What PSIS-LOO leaves out when it compares the models."""
+
+    PROMPT = "prompt"  # a whole prompt: its tokens' log likelihoods summed (prompt effect
+    # integrated out for the models with prompt effects); tokens of a prompt are dependent
+    TOKEN = "token"  # one token; compares the pooled models only
 
 
 class ChainMethod(enum.Enum):
@@ -152,6 +180,8 @@ class Config:
       loo_draws: most posterior draws (over all chains, thinned evenly per chain) that
         score each token in PSIS-LOO and WAIC; the pointwise log likelihood takes
         `8 · tokens · loo_draws` bytes per model.
+      loo_unit: what PSIS-LOO leaves out (`LooUnit`): whole prompts (default, all four
+        models) or single tokens (the pooled models only).
       seed: seed of every random choice (NUTS, SVI, subsampling, bootstrap).
       linear_prior, hurdle_prior: the priors.
     """
@@ -167,6 +197,7 @@ class Config:
     num_bins: int = 10
     num_bootstrap: int = 1000
     loo_draws: int = 500
+    loo_unit: LooUnit = LooUnit.PROMPT
     seed: int = 0
     linear_prior: rejection.LinearPrior = rejection.LinearPrior()
     hurdle_prior: rejection.HurdlePrior = rejection.HurdlePrior()
@@ -188,6 +219,10 @@ class Config:
         _positive_int("num_bootstrap", self.num_bootstrap)
         _positive_int("loo_draws", self.loo_draws, MIN_LOO_DRAWS)
         _positive_int("seed", self.seed, 0)
+        if not isinstance(self.loo_unit, LooUnit):
+            raise ValueError(
+                f"loo_unit must be a LooUnit ({[m.value for m in LooUnit]}), got {self.loo_unit!r}"
+            )
         if self.chain_method is not None and not isinstance(self.chain_method, ChainMethod):
             raise ValueError(
                 f"chain_method must be a ChainMethod ({[m.value for m in ChainMethod]}) or "
@@ -393,11 +428,18 @@ def run_svi(
 
 
 class Posterior(NamedTuple):
-    """What `uhlm fit` saved: the summary (`fit.json`) and flattened posterior draws."""
+    """What `uhlm fit` saved: the summary (`fit.json`) and flattened posterior draws of
+    each model (`MODEL_SITES`)."""
 
     fit: rd.Fit
     linear: dict[str, np.ndarray]
     hurdle: dict[str, np.ndarray]
+    linear_prompt: dict[str, np.ndarray]
+    hurdle_prompt: dict[str, np.ndarray]
+
+    def draws(self, model: str) -> dict[str, np.ndarray]:
+        """The draws of the model `fit.json` names `model`."""
+        return getattr(self, model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,54 +448,83 @@ class Result:
 
     Attributes:
       summary: the content of `fit.json`.
-      linear: NUTS draws of the linear model, `(chains, draws)` per site.
+      draws: model -> NUTS draws, `(chains, draws)` per site (`MODEL_SITES`).
       svi: SVI draws of the linear model, `(draws,)` per site.
-      hurdle: NUTS draws of the hurdle model, `(chains, draws)` per site.
       fit_path: where `fit.json` was written.
     """
 
     summary: dict[str, Any]
-    linear: dict[str, np.ndarray]
+    draws: dict[str, dict[str, np.ndarray]]
     svi: dict[str, np.ndarray]
-    hurdle: dict[str, np.ndarray]
     fit_path: Path
 
 
-def compare(
-    cfg: Config, u: np.ndarray, beta: np.ndarray, models: dict[str, tuple]
-) -> dict[str, Any]:
-    """PSIS-LOO and WAIC of each model on the observed tokens, ranked (`fit.json`'s
-    `comparison`).
+# Per-token and per-prompt log likelihood of each model's draws.
+_TOKEN_LOGLIK = {
+    "linear": rejection.linear_pointwise_loglik,
+    "hurdle": rejection.hurdle_pointwise_loglik,
+}
+_PROMPT_LOGLIK = {
+    "linear": rejection.linear_prompt_loglik,
+    "hurdle": rejection.hurdle_prompt_loglik,
+    "linear_prompt": rejection.linear_prompt_loglik,
+    "hurdle_prompt": rejection.hurdle_prompt_loglik,
+}
+
+
+def compare(cfg: Config, data: FitData, fits: dict[str, NutsFit]) -> dict[str, Any]:
+    """PSIS-LOO and WAIC of each model, ranked (`fit.json`'s `comparison`).
 
     Each model's draws are thinned evenly per chain to at most `cfg.loo_draws` and
-    scored per token on the observed scale, then ranked by `rejection.compare_models`.
+    scored on the observed scale per `cfg.loo_unit`: per prompt (leave one prompt out:
+    the log likelihoods of a prompt's tokens summed, the prompt effect of the models that
+    have one integrated out by adaptive Gauss-Hermite quadrature) or per token (pooled
+    models only). Then `rejection.compare_models` ranks them.
 
     Args:
-      cfg: the fit's settings (`loo_draws`).
-      u, beta: `(n,)` the fitted tokens.
-      models: name -> (`NutsFit`, its sites, its per-draw pointwise log likelihood).
+      cfg: the fit's settings (`loo_draws`, `loo_unit`).
+      data: the fitted tokens.
+      fits: model name -> its `NutsFit`.
 
     Returns:
-      The criterion, the scale, the draws used, `table` (one row per model, best first:
-      elpd_loo, se, p_loo, elpd_diff, dse, weight, warning and WAIC) and `best`.
+      The criterion, the unit and grouping, the draws used, `table` (one row per model,
+      best first: elpd_loo, se, p_loo, elpd_diff, dse, weight, warning and WAIC) and
+      `best`.
     """
     start = time.perf_counter()
+    by_prompt = cfg.loo_unit is LooUnit.PROMPT
     scored = {}
-    for name, (nuts, sites, loglik) in models.items():
+    for name, nuts in fits.items():
+        if not by_prompt and name not in _TOKEN_LOGLIK:
+            continue
+        sites = MODEL_SITES[name]
         chains, draws = nuts.draws[sites[0]].shape
         step = max(1, math.ceil(chains * draws / cfg.loo_draws))
         thinned = nuts.inference.isel(draw=slice(None, None, step))
         kept = {s: thinned.posterior[s].values for s in sites}
-        thinned.add_groups(
-            log_likelihood={"beta": rejection.pointwise_log_likelihood(loglik, kept, u, beta)}
-        )
+        if by_prompt:
+            ll = rejection.prompt_log_likelihood(
+                _PROMPT_LOGLIK[name], kept, data.u, data.beta, data.prompt, data.num_prompts
+            )
+        else:
+            ll = rejection.pointwise_log_likelihood(_TOKEN_LOGLIK[name], kept, data.u, data.beta)
+        thinned.add_groups(log_likelihood={"beta": ll})
         scored[name] = thinned
     table = rejection.compare_models(scored)
+    grouping = (
+        "leave one prompt out: each prompt's token log likelihoods summed; the prompt "
+        f"effects integrated out by adaptive Gauss-Hermite ({rejection.QUADRATURE_NODES} "
+        "nodes)"
+        if by_prompt
+        else "leave one token out; pooled models only"
+    )
     return {
         "criterion": "PSIS-LOO",
         "scale": "observed beta in [0, 1]: the linear model is scored as the law of "
         "clip(beta*, 0, 1) (point masses at 0 and 1), the hurdle model as fitted",
-        "unit": "token",
+        "unit": cfg.loo_unit.value,
+        "grouping": grouping,
+        "num_observations": data.num_prompts if by_prompt else int(data.u.size),
         "num_draws": int(next(iter(scored.values())).posterior.sizes["draw"]) * cfg.num_chains,
         "table": [score._asdict() for score in table],
         "best": table[0].name,
@@ -461,9 +532,25 @@ def compare(
     }
 
 
-def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, dict]:
-    """Fits both models to prepared data; returns the summary and the three draw sets."""
-    linear_key, svi_key, hurdle_key = jax.random.split(jax.random.key(cfg.seed), 3)
+_PROMPT_MODELS = {
+    "linear_prompt": "beta ~ Normal(slope*u + intercept + prompt_sd*z_prompt, sigma), "
+    "z_prompt ~ Normal(0, 1)",
+    "hurdle_prompt": "the hurdle model with positive_intercept + positive_prompt_sd*z_prompt "
+    "and mean_intercept + mean_prompt_sd*w_prompt, z_prompt, w_prompt ~ Normal(0, 1)",
+}
+
+
+def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
+    """Fits the four models to prepared data.
+
+    Returns:
+      The summary, NUTS draws per model (`MODEL_SITES`, `(chains, draws)` each) and the
+      SVI draws of the linear model.
+    """
+    keys = dict(
+        zip(("linear", "svi", "hurdle", "linear_prompt", "hurdle_prompt"),
+            jax.random.split(jax.random.key(cfg.seed), 5), strict=True)
+    )  # fmt: skip
     u, beta = data.u, data.beta
     ls = rejection.least_squares(u, beta)
     init = {
@@ -473,16 +560,18 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
     }
     stats = rejection.linear_stats(u, beta)
     stats32 = rejection.LinearStats(*(jnp.float32(x) for x in stats))
-    linear = run_nuts(
+    fits = {}
+    fits["linear"] = run_nuts(
         rejection.linear_gaussian_stats,
         (stats32, cfg.linear_prior),
         rejection.LINEAR_SITES,
         cfg,
-        linear_key,
+        keys["linear"],
         init,
     )
-    linear_draws, linear_nuts = linear.draws, linear.diagnostics
-    svi_draws, svi_summary = run_svi(stats32, cfg, svi_key, init, cfg.num_chains * cfg.num_samples)
+    svi_draws, svi_summary = run_svi(
+        stats32, cfg, keys["svi"], init, cfg.num_chains * cfg.num_samples
+    )
     u64, beta64 = u.astype(np.float64), beta.astype(np.float64)
     exact = rejection.conjugate_posterior(
         u64.size,
@@ -494,27 +583,46 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
         cfg.linear_prior,
     )
     groups = rejection.HurdleGroups(*(jnp.asarray(x) for x in rejection.hurdle_groups(u, beta)))
-    hurdle = run_nuts(
+    fits["hurdle"] = run_nuts(
         rejection.hurdle_grouped,
         (groups, cfg.hurdle_prior),
         rejection.HURDLE_SITES,
         cfg,
-        hurdle_key,
+        keys["hurdle"],
         None,
     )
-    hurdle_draws, hurdle_nuts = hurdle.draws, hurdle.diagnostics
-    comparison = compare(
+    prompt_stats = rejection.LinearStats(
+        *(jnp.asarray(x) for x in
+          rejection.prompt_linear_stats(u, beta, data.prompt, data.num_prompts))
+    )  # fmt: skip
+    fits["linear_prompt"] = run_nuts(
+        rejection.linear_gaussian_prompts,
+        (prompt_stats, cfg.linear_prior),
+        rejection.LINEAR_PROMPT_SITES,
         cfg,
-        u,
-        beta,
-        {
-            "linear": (linear, rejection.LINEAR_SITES, rejection.linear_pointwise_loglik),
-            "hurdle": (hurdle, rejection.HURDLE_SITES, rejection.hurdle_pointwise_loglik),
-        },
+        keys["linear_prompt"],
+        init,
     )
+    prompt_groups, group_prompt = rejection.hurdle_prompt_groups(u, beta, data.prompt)
+    fits["hurdle_prompt"] = run_nuts(
+        rejection.hurdle_prompts,
+        (
+            rejection.HurdleGroups(*(jnp.asarray(x) for x in prompt_groups)),
+            jnp.asarray(group_prompt),
+            data.num_prompts,
+            cfg.hurdle_prior,
+        ),
+        rejection.HURDLE_PROMPT_SITES,
+        cfg,
+        keys["hurdle_prompt"],
+        None,
+    )
+    comparison = compare(cfg, data, fits)
+    draws = {name: nuts.draws for name, nuts in fits.items()}
     ppc = rejection.predictive_checks(
-        u, beta, linear_draws, hurdle_draws, cfg.num_bins, np.random.default_rng((cfg.seed, 3))
-    )
+        u, beta, draws["linear"], draws["hurdle"], cfg.num_bins,
+        np.random.default_rng((cfg.seed, 3)),
+    )  # fmt: skip
     correlation = rejection.correlations(
         u,
         beta,
@@ -541,7 +649,7 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
         "linear": {
             "model": "beta ~ Normal(slope*u + intercept, sigma)",
             "prior": dataclasses.asdict(cfg.linear_prior),
-            "nuts": linear_nuts,
+            "nuts": fits["linear"].diagnostics,
             "svi": svi_summary,
             "exact": exact.moments(),
         },
@@ -550,18 +658,28 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict, di
             "beta|beta>0 ~ Beta(m*concentration, (1-m)*concentration), "
             "m = sigmoid(mean_slope*u + mean_intercept)",
             "prior": dataclasses.asdict(cfg.hurdle_prior),
-            "nuts": hurdle_nuts,
+            "nuts": fits["hurdle"].diagnostics,
+        },
+        **{
+            name: {
+                "model": text,
+                "prior": dataclasses.asdict(
+                    cfg.linear_prior if name == "linear_prompt" else cfg.hurdle_prior
+                ),
+                "nuts": fits[name].diagnostics,
+            }
+            for name, text in _PROMPT_MODELS.items()
         },
         "comparison": comparison,
         "predictive_checks": ppc,
     }
-    return summary, linear_draws, svi_draws, hurdle_draws
+    return summary, draws, svi_draws
 
 
 def run(cfg: Config) -> Result:
     """Fits both models to the run's records and writes the draws and `fit.json`."""
     data = load_fit_data(cfg)
-    summary, linear_draws, svi_draws, hurdle_draws = fit_data(cfg, data)
+    summary, draws, svi_draws = fit_data(cfg, data)
     run_dir = Path(cfg.run_dir)
     summary = {
         "run_dir": str(run_dir),
@@ -571,8 +689,10 @@ def run(cfg: Config) -> Result:
             "numpyro": numpyro.__version__,
         },
         "config": {
-            **{k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("chain_method",)},
+            **{k: v for k, v in dataclasses.asdict(cfg).items()
+               if k not in ("chain_method", "loo_unit")},
             "chain_method": summary["linear"]["nuts"]["chain_method"],
+            "loo_unit": cfg.loo_unit.value,
             "run_dir": str(run_dir),
         },
         "files": {"linear": rd.LINEAR_POSTERIOR_FILE, "hurdle": rd.HURDLE_POSTERIOR_FILE},
@@ -581,18 +701,17 @@ def run(cfg: Config) -> Result:
     }
     rd.write_npz(
         run_dir / rd.LINEAR_POSTERIOR_FILE,
-        **linear_draws,
+        **draws["linear"],
         **{f"svi_{k}": v for k, v in svi_draws.items()},
+        **{PROMPT_PREFIX + k: v for k, v in draws["linear_prompt"].items()},
     )
-    rd.write_npz(run_dir / rd.HURDLE_POSTERIOR_FILE, **hurdle_draws)
+    rd.write_npz(
+        run_dir / rd.HURDLE_POSTERIOR_FILE,
+        **draws["hurdle"],
+        **{PROMPT_PREFIX + k: v for k, v in draws["hurdle_prompt"].items()},
+    )
     rd.write_json(run_dir / rd.FIT_FILE, summary)
-    return Result(
-        summary=summary,
-        linear=linear_draws,
-        svi=svi_draws,
-        hurdle=hurdle_draws,
-        fit_path=run_dir / rd.FIT_FILE,
-    )
+    return Result(summary=summary, draws=draws, svi=svi_draws, fit_path=run_dir / rd.FIT_FILE)
 
 
 def load_posterior(run_dir: str | Path) -> Posterior:
@@ -601,11 +720,18 @@ def load_posterior(run_dir: str | Path) -> Posterior:
     paths = [rd.require_file(run_dir, name) for name in
              (rd.FIT_FILE, rd.LINEAR_POSTERIOR_FILE, rd.HURDLE_POSTERIOR_FILE)]
     fitted = rd.Fit.from_json(rd.read_json(paths[0]))
-    with np.load(paths[1]) as f:
-        linear = {s: f[s].reshape(-1) for s in rejection.LINEAR_SITES}
-    with np.load(paths[2]) as f:
-        hurdle_draws = {s: f[s].reshape(-1) for s in rejection.HURDLE_SITES}
-    return Posterior(fit=fitted, linear=linear, hurdle=hurdle_draws)
+    draws = {}
+    for path, pooled in ((paths[1], "linear"), (paths[2], "hurdle")):
+        with np.load(path) as f:
+            for name, prefix in ((pooled, ""), (f"{pooled}_prompt", PROMPT_PREFIX)):
+                missing = [s for s in MODEL_SITES[name] if prefix + s not in f]
+                if missing:
+                    raise ValueError(
+                        f"{path} lacks the {name} model's draws {missing} (an older uhlm fit "
+                        "wrote it); rerun `uhlm fit RUN_DIR`"
+                    )
+                draws[name] = {s: f[prefix + s].reshape(-1) for s in MODEL_SITES[name]}
+    return Posterior(fit=fitted, **draws)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -623,13 +749,13 @@ def format_comparison(comparison: dict[str, Any]) -> list[str]:
     lines = [
         f"{comparison['criterion']} over {comparison['unit']}s "
         f"({comparison['num_draws']} draws per model); best: {comparison['best']}",
-        f"  {'model':<8}{'elpd_loo':>10}{'se':>8}{'elpd_diff':>11}{'dse':>8}{'weight':>8}"
+        f"  {'model':<14}{'elpd_loo':>10}{'se':>8}{'elpd_diff':>11}{'dse':>8}{'weight':>8}"
         f"{'p_loo':>8}{'elpd_waic':>11}  warning",
     ]
     for r in comparison["table"]:
         warning = "Pareto k > bound" if r["warning"] else "-"
         lines.append(
-            f"  {r['name']:<8}{r['elpd_loo']:>10.1f}{r['se']:>8.1f}{r['elpd_diff']:>11.1f}"
+            f"  {r['name']:<14}{r['elpd_loo']:>10.1f}{r['se']:>8.1f}{r['elpd_diff']:>11.1f}"
             f"{r['dse']:>8.1f}{r['weight']:>8.2f}{r['p_loo']:>8.1f}{r['elpd_waic']:>11.1f}  "
             f"{warning}"
         )
@@ -650,10 +776,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(f"{name:>9}: {c[name]['estimate']:.3f}  [{lo:.3f}, {hi:.3f}]")
     ls = summary["least_squares"]
     lines.append(f"least squares: slope {ls['slope']:.4f}  intercept {ls['intercept']:.4f}")
-    for model, block in (
-        ("linear NUTS", summary["linear"]["nuts"]),
-        ("hurdle NUTS", summary["hurdle"]["nuts"]),
-    ):
+    for name in MODEL_SITES:
+        model, block = f"{name} NUTS", summary[name]["nuts"]
         params = ", ".join(
             f"{k} {v['mean']:.4f}±{v['sd']:.4f} (r-hat {v['r_hat']:.3f}, ESS {v['ess']:.0f})"
             for k, v in block["params"].items()

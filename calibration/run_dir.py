@@ -411,7 +411,7 @@ class Fit(_FileView):
         measure: the uncertainty measure fitted.
         seed: the fit's seed, if recorded.
         correlations: `pearson`, `spearman` of `u` and `β`.
-        linear_prior: the linear model's prior, if recorded.
+        linear_prior, hurdle_prior: the models' priors, if recorded.
         nuts: `linear`, `hurdle` NUTS summaries.
         comparison: the models ranked by PSIS-LOO, if recorded.
         predictive_mean_covered: per model, whether each `u` bin's replicated range covers
@@ -424,6 +424,7 @@ class Fit(_FileView):
     seed: int | None = None
     correlations: Mapping[str, Correlation] = dataclasses.field(default_factory=dict)
     linear_prior: rejection.LinearPrior | None = None
+    hurdle_prior: rejection.HurdlePrior | None = None
     nuts: Mapping[str, NutsSummary] = dataclasses.field(default_factory=dict)
     comparison: ModelComparison | None = None
     predictive_mean_covered: Mapping[str, tuple[bool, ...]] = dataclasses.field(
@@ -470,6 +471,8 @@ class Fit(_FileView):
             seed=None if seed is None else int(seed),
             correlations=correlations,
             linear_prior=None if prior is None else rejection.LinearPrior(**prior),
+            hurdle_prior=None if (hp := _get(data, "hurdle", "prior")) is None
+            else rejection.HurdlePrior(**hp),
             nuts=nuts,
             comparison=comparison,
             predictive_mean_covered={
@@ -673,7 +676,7 @@ class Thresholds(_FileView):
             risk_bounded_model=_get(data, "posterior", "risk_bounded", "model"),
             risk_bounded_by_model={
                 model: block
-                for model in ("linear", "hurdle")
+                for model in ("linear", "hurdle", "linear_prompt", "hurdle_prompt")
                 if (block := NamedThreshold.from_json(
                     _get(data, "posterior", model, "risk_bounded"))) is not None
             },
@@ -705,15 +708,19 @@ class Thresholds(_FileView):
     def exceed_frequency(self, name: ThresholdName) -> float | None:
         """The share of validation splits in which threshold `name` exceeded `ε` (None
         without a validation of it): per prompt for Learn-then-Test, whose guarantee is
-        about the per-prompt risk, per token for the others. The split validation
-        refits only the linear posterior, so a risk-bounded threshold of another model
-        has none."""
-        if name is ThresholdName.RISK_BOUNDED and self.risk_bounded_model not in (
+        about the per-prompt risk, per token for the others. The risk-bounded threshold
+        in use is validated by refitting its model per split (`risk_bounded`); files
+        without that method validated only the linear posterior, so a risk-bounded
+        threshold of another model has none there."""
+        method, statistic = _VALIDATED_AS[name]
+        methods = {} if self.validation is None else self.validation.methods
+        if name is ThresholdName.RISK_BOUNDED and "risk_bounded" in methods:
+            method = "risk_bounded"
+        elif name is ThresholdName.RISK_BOUNDED and self.risk_bounded_model not in (
             None, "linear"
         ):
             return None
-        method, statistic = _VALIDATED_AS[name]
-        found = None if self.validation is None else self.validation.methods.get(method)
+        found = methods.get(method)
         return None if found is None else getattr(found, statistic)
 
     def passed_validation(self, name: ThresholdName) -> bool | None:

@@ -11,7 +11,7 @@ from numpyro.infer import log_likelihood
 from numpyro.infer.util import log_density
 from scipy import stats as scipy_stats
 
-from tests.helpers import TRUE_HURDLE, hurdle_data, linear_data, synthetic_records
+from tests.helpers import TRUE_HURDLE, hurdle_beta, hurdle_data, linear_data, synthetic_records
 from uhlm_jax import rejection
 
 # float32 log densities of a few hundred tokens, relative.
@@ -307,3 +307,150 @@ def test_pearson_and_spearman_match_numpy_and_scipy():
         np.corrcoef(np.repeat(x, w), np.repeat(y, w))[0, 1], rel=1e-12
     )
     assert math.isnan(rejection.pearson(np.ones(5), np.arange(5.0)))
+
+
+# --- prompt effects ----------------------------------------------------------------------
+
+
+def _prompt_data(num_prompts: int, tokens: int, prompt_sd: float, seed: int = 0):
+    """Linear data whose intercept varies by prompt with sd `prompt_sd`, β kept in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    prompt = np.repeat(np.arange(num_prompts), tokens)
+    u = rng.uniform(0.3, 0.7, prompt.size).astype(np.float32)
+    effect = prompt_sd * rng.standard_normal(num_prompts)
+    beta = 0.5 * u + 0.25 + effect[prompt] + 0.05 * rng.standard_normal(prompt.size)
+    return u, beta.astype(np.float32), prompt
+
+
+def test_linear_prompt_marginal_is_the_compound_symmetric_normal():
+    # Given tokens strictly inside (0, 1), where the observed-scale likelihood is Gaussian
+    u, beta, prompt = _prompt_data(4, 6, 0.05)
+    assert 0 < beta.min() and beta.max() < 1
+    params = {k: jnp.float32(v) for k, v in
+              {"slope": 0.45, "intercept": 0.3, "sigma": 0.06, "prompt_sd": 0.08}.items()}
+    # When the prompt effect is integrated out by adaptive quadrature
+    got = rejection.linear_prompt_loglik(
+        params, jnp.asarray(u), jnp.asarray(beta), jnp.asarray(prompt), 4
+    )
+    # Then each prompt's log likelihood is the multivariate normal with covariance
+    # σ² I + τ² 11ᵀ (a random intercept shared by the prompt's tokens)
+    for j in range(4):
+        sel = prompt == j
+        mean = 0.45 * u[sel] + 0.3
+        cov = 0.06**2 * np.eye(sel.sum()) + 0.08**2 * np.ones((sel.sum(),) * 2)
+        expected = scipy_stats.multivariate_normal(mean, cov).logpdf(beta[sel])
+        assert float(got[j]) == pytest.approx(expected, rel=LOG_DENSITY_RTOL)
+
+
+def test_hurdle_prompt_marginal_matches_brute_force_integration():
+    # Given hurdle tokens of three prompts and one draw with both prompt effects
+    rng = np.random.default_rng(5)
+    u = (rng.integers(0, 21, 60) / 20).astype(np.float32)
+    beta = hurdle_beta(rng, u, *TRUE_HURDLE.values()).astype(np.float32)
+    prompt = np.repeat(np.arange(3), 20)
+    params = {k: jnp.float32(v) for k, v in TRUE_HURDLE.items()}
+    params |= {"positive_prompt_sd": jnp.float32(0.7), "mean_prompt_sd": jnp.float32(0.4)}
+    # When the effects are integrated out by adaptive quadrature
+    got = rejection.hurdle_prompt_loglik(
+        params, jnp.asarray(u), jnp.asarray(beta), jnp.asarray(prompt), 3
+    )
+    # Then each part matches a fine Riemann sum over the standardised effect
+    x = np.linspace(-8, 8, 1601)
+    log_phi = scipy_stats.norm.logpdf(x)
+    for j in range(3):
+        sel = prompt == j
+        uj, bj = jnp.asarray(u[sel]), jnp.asarray(beta[sel])
+        total = 0.0
+        for part, sd in ((rejection.hurdle_positive_loglik, 0.7),
+                         (rejection.hurdle_value_loglik, 0.4)):
+            ll = np.array([float(jnp.sum(part(params, uj, bj, sd * xi))) for xi in x[::4]])
+            total += scipy_special_logsumexp(ll + log_phi[::4]) + np.log(x[4] - x[0])
+        assert float(got[j]) == pytest.approx(total, rel=LOG_DENSITY_RTOL)
+
+
+def scipy_special_logsumexp(x):
+    from scipy.special import logsumexp
+
+    return float(logsumexp(x))
+
+
+def test_pooled_prompt_loglik_is_the_sum_of_its_tokens():
+    # Given pooled draws (no prompt sd)
+    u, beta, prompt = _prompt_data(5, 7, 0.1)
+    draws = {"slope": np.full((1, 2), 0.5), "intercept": np.full((1, 2), 0.2),
+             "sigma": np.full((1, 2), 0.1)}
+    # When scored per prompt and per token
+    per_prompt = rejection.prompt_log_likelihood(
+        rejection.linear_prompt_loglik, draws, u, beta, prompt, 5
+    )
+    per_token = rejection.pointwise_log_likelihood(
+        rejection.linear_pointwise_loglik, draws, u, beta
+    )
+    # Then a prompt's value is the sum over its tokens
+    expected = np.stack([per_token[..., prompt == j].sum(-1) for j in range(5)], -1)
+    np.testing.assert_allclose(per_prompt, expected, rtol=LOG_DENSITY_RTOL)
+
+
+def test_prompt_model_likelihoods_are_the_per_token_ones_summed():
+    # Given tokens of 6 prompts and one draw of each prompt-effect model, with its z's
+    u, beta, prompt = _prompt_data(6, 5, 0.1)
+    beta = np.clip(beta, 0.01, 0.99)
+    z = np.linspace(-1.5, 1.5, 6).astype(np.float32)
+    linear = {"slope": 0.5, "intercept": 0.2, "sigma_sq": 0.01, "prompt_sd": 0.1, "prompt_z": z}
+    stats = rejection.LinearStats(
+        *(jnp.asarray(x) for x in rejection.prompt_linear_stats(u, beta, prompt, 6))
+    )
+    # When the sufficient-statistic model scores it
+    got, _ = log_density(rejection.linear_gaussian_prompts, (stats,), {}, linear)
+    # Then it equals the prior plus the per-token Normal log density with each prompt's
+    # intercept
+    mu = 0.5 * u + 0.2 + 0.1 * z[prompt]
+    expected = scipy_stats.norm.logpdf(beta, mu, 0.1).sum()
+    prior = rejection.LinearPrior()
+    expected += scipy_stats.invgamma.logpdf(0.01, prior.shape, scale=prior.rate)
+    expected += scipy_stats.norm.logpdf([0.5, 0.2], 0, prior.scale * 0.1).sum()
+    expected += scipy_stats.halfnorm.logpdf(0.1, scale=prior.prompt_scale)
+    expected += scipy_stats.norm.logpdf(z).sum()
+    assert float(got) == pytest.approx(expected, rel=LOG_DENSITY_RTOL)
+    # ... and the grouped hurdle with prompt effects equals the per-token hurdle
+    hb = hurdle_beta(np.random.default_rng(1), u, *TRUE_HURDLE.values()).astype(np.float32)
+    groups, group_prompt = rejection.hurdle_prompt_groups(u, hb, prompt)
+    hurdle = {k: jnp.float32(v) for k, v in TRUE_HURDLE.items()}
+    effects = {"positive_prompt_sd": 0.5, "mean_prompt_sd": 0.3,
+               "positive_prompt_z": z, "mean_prompt_z": -z}
+    grouped, _ = log_density(
+        rejection.hurdle_prompts,
+        (rejection.HurdleGroups(*(jnp.asarray(x) for x in groups)), jnp.asarray(group_prompt), 6),
+        {},
+        hurdle | effects,
+    )
+    shift_p, shift_m = 0.5 * z[prompt], -0.3 * z[prompt]
+    per_token = rejection.hurdle_positive_loglik(hurdle, u, hb, shift_p)
+    per_token += rejection.hurdle_value_loglik(hurdle, u, hb, shift_m)
+    hp = rejection.HurdlePrior()
+    pooled_prior = scipy_stats.norm.logpdf(
+        [TRUE_HURDLE[k] for k in rejection.HURDLE_SITES[:4]], 0, hp.logit_scale
+    ).sum()
+    pooled_prior += scipy_stats.lognorm.logpdf(
+        TRUE_HURDLE["concentration"], hp.concentration_log_sd, scale=hp.concentration_median
+    )
+    effect_prior = scipy_stats.halfnorm.logpdf([0.5, 0.3], scale=1.0).sum()
+    effect_prior += 2 * scipy_stats.norm.logpdf(z).sum()
+    assert float(grouped) == pytest.approx(
+        float(pooled_prior) + float(per_token.sum()) + effect_prior, rel=LOG_DENSITY_RTOL
+    )
+
+
+def test_new_prompt_draws_shift_intercepts_by_the_prompt_sd():
+    # Given 20 000 draws with a fixed intercept and prompt sd
+    m = 20_000
+    draws = {"slope": np.ones(m), "intercept": np.full(m, 0.1), "prompt_sd": np.full(m, 0.2)}
+    # When a new prompt's effect is drawn per draw
+    out = rejection.new_prompt_draws(np.random.default_rng(0), draws)
+    # Then the intercepts scatter with that sd around the population intercept (4 SE) ...
+    shifted = out["intercept"]
+    assert abs(shifted.mean() - 0.1) < 4 * 0.2 / math.sqrt(m)
+    assert abs(shifted.std() - 0.2) < 4 * 0.2 / math.sqrt(2 * m)
+    # ... and pooled draws are unchanged
+    pooled = {"slope": np.ones(3), "intercept": np.zeros(3)}
+    assert rejection.new_prompt_draws(np.random.default_rng(0), pooled) == pooled

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import arviz as az
@@ -45,14 +46,18 @@ from jax.scipy.stats import norm
 
 from uhlm_jax import threshold
 from uhlm_jax.threshold import BETA_POSITIVE_TOL
-from uhlm_jax.types import Array, Float
+from uhlm_jax.types import Array, ArrayLike, Float, Int
 
 __all__ = [
     "BETA_CLIP",
     "BOOTSTRAP_LEVEL",
+    "HURDLE_PROMPT_SITES",
     "HURDLE_SITES",
+    "LINEAR_PROMPT_SITES",
     "LINEAR_SITES",
     "PPC_DRAWS",
+    "PROMPT_EFFECTS",
+    "QUADRATURE_NODES",
     "ConjugatePosterior",
     "HurdleGroups",
     "HurdlePrior",
@@ -69,15 +74,26 @@ __all__ = [
     "hurdle_grouped",
     "hurdle_groups",
     "hurdle_pointwise_loglik",
+    "hurdle_positive_loglik",
+    "hurdle_prompt_groups",
+    "hurdle_prompt_loglik",
+    "hurdle_prompts",
+    "hurdle_value_loglik",
     "least_squares",
     "linear_gaussian",
+    "linear_gaussian_prompts",
     "linear_gaussian_stats",
     "linear_pointwise_loglik",
+    "linear_prompt_loglik",
     "linear_stats",
+    "log_marginal_over_effect",
+    "new_prompt_draws",
     "pearson",
     "plug_in_thresholds",
     "pointwise_log_likelihood",
     "predictive_checks",
+    "prompt_linear_stats",
+    "prompt_log_likelihood",
     "replicate_hurdle",
     "replicate_linear",
     "sample_conjugate",
@@ -94,6 +110,9 @@ HURDLE_SITES = (
     "mean_intercept",
     "concentration",
 )
+# ... and of the models with prompt effects (their per-prompt `z` are not kept).
+LINEAR_PROMPT_SITES = (*LINEAR_SITES, "prompt_sd")
+HURDLE_PROMPT_SITES = (*HURDLE_SITES, "positive_prompt_sd", "mean_prompt_sd")
 
 # Positive β are clipped into (0, 1) before the Beta log density, which is infinite at
 # β = 1 (an LLM probability that underflowed to 0) for concentrations below 1.
@@ -114,14 +133,17 @@ class LinearPrior:
     `σ² ~ InvGamma(shape, rate)`; `a, b | σ ~ Normal(0, scale·σ)` independently.
     The defaults put the prior median of `σ` near 0.2 with a heavy right tail and
     the prior sd of `a` and `b` near 2 for that `σ`: weak for `β, u ∈ [0, 1]`.
+    With prompt effects (`linear_gaussian_prompts`) the between-prompt sd of the
+    intercept is `τ ~ HalfNormal(prompt_scale)`.
     """
 
     scale: float = 10.0
     shape: float = 2.0
     rate: float = 0.05
+    prompt_scale: float = 0.5
 
     def __post_init__(self):
-        for name in ("scale", "shape", "rate"):
+        for name in ("scale", "shape", "rate", "prompt_scale"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"LinearPrior.{name} must be a finite number > 0, got {value!r}")
@@ -133,15 +155,18 @@ class HurdlePrior:
 
     Logistic slopes and intercepts `c, e, f, g ~ Normal(0, logit_scale)`;
     the Beta concentration `κ ~ LogNormal(log(concentration_median),
-    concentration_log_sd)`.
+    concentration_log_sd)`. With prompt effects (`hurdle_prompts`) the between-prompt
+    sds of the two logit intercepts are `~ HalfNormal(prompt_scale)`.
     """
 
     logit_scale: float = 5.0
     concentration_median: float = 5.0
     concentration_log_sd: float = 1.5
+    prompt_scale: float = 1.0
 
     def __post_init__(self):
-        for name in ("logit_scale", "concentration_median", "concentration_log_sd"):
+        for name in ("logit_scale", "concentration_median", "concentration_log_sd",
+                     "prompt_scale"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
                 raise ValueError(f"HurdlePrior.{name} must be a finite number > 0, got {value!r}")
@@ -215,6 +240,55 @@ def linear_gaussian_stats(stats: LinearStats, prior: LinearPrior = LinearPrior()
     numpyro.factor("beta", -0.5 * rss / sigma_sq - 0.5 * stats.n * jnp.log(2 * jnp.pi * sigma_sq))
 
 
+def prompt_linear_stats(
+    u: np.ndarray, beta: np.ndarray, prompt: np.ndarray, num_prompts: int
+) -> LinearStats:
+    """`LinearStats` of each prompt's tokens, `(P,)` per field, centred per prompt
+    (float64 sums, float32 storage; a prompt without tokens has all zeros)."""
+    u = np.asarray(u, np.float64)
+    beta = np.asarray(beta, np.float64)
+
+    def total(w: np.ndarray) -> np.ndarray:
+        return np.bincount(prompt, weights=w, minlength=num_prompts)
+
+    n = total(np.ones_like(u))
+    safe_n = np.maximum(n, 1.0)
+    u_mean, beta_mean = total(u) / safe_n, total(beta) / safe_n
+    uc, bc = u - u_mean[prompt], beta - beta_mean[prompt]
+    fields = (n, u_mean, beta_mean, total(uc * uc), total(uc * bc), total(bc * bc))
+    return LinearStats(*(x.astype(np.float32) for x in fields))
+
+
+def linear_gaussian_prompts(stats: LinearStats, prior: LinearPrior = LinearPrior()) -> None:
+    """The linear-Gaussian model with a random intercept per prompt (non-centred).
+
+    Prompt `j`'s tokens have `β ~ Normal(a·u + b + τ·z_j, σ)`, `z_j ~ Normal(0, 1)`,
+    with the between-prompt sd `τ ~ HalfNormal(prior.prompt_scale)` and the prior of
+    `linear_gaussian` on `a, b, σ`. The likelihood is written in each prompt's
+    sufficient statistics (`prompt_linear_stats`), as in `linear_gaussian_stats`.
+
+    Args:
+      stats: `LinearStats` with `(P,)` fields, one entry per prompt.
+      prior: the prior.
+    """
+    sigma_sq = numpyro.sample("sigma_sq", dist.InverseGamma(prior.shape, prior.rate))
+    sigma = numpyro.deterministic("sigma", jnp.sqrt(sigma_sq))
+    slope = numpyro.sample("slope", dist.Normal(0.0, prior.scale * sigma))
+    intercept = numpyro.sample("intercept", dist.Normal(0.0, prior.scale * sigma))
+    prompt_sd = numpyro.sample("prompt_sd", dist.HalfNormal(prior.prompt_scale))
+    with numpyro.plate("prompts", stats.n.shape[0]):
+        z = numpyro.sample("prompt_z", dist.Normal(0.0, 1.0))
+    offset = intercept + prompt_sd * z
+    rss = (
+        stats.sbb
+        - 2.0 * slope * stats.sub
+        + slope**2 * stats.suu
+        + stats.n * (stats.beta_mean - slope * stats.u_mean - offset) ** 2
+    )
+    log_norm = -0.5 * jnp.sum(stats.n) * jnp.log(2 * jnp.pi * sigma_sq)
+    numpyro.factor("beta", -0.5 * jnp.sum(rss) / sigma_sq + log_norm)
+
+
 def _hurdle_params(prior: HurdlePrior) -> tuple[Array, Array, Array, Array, Array]:
     s = prior.logit_scale
     c = numpyro.sample("positive_slope", dist.Normal(0.0, s))
@@ -277,30 +351,55 @@ class HurdleGroups(NamedTuple):
     sum_log1m_beta: Any
 
 
-def hurdle_groups(u: np.ndarray, beta: np.ndarray) -> HurdleGroups:
-    """`HurdleGroups` of a sample, summed in float64, stored as float32."""
-    values, group = np.unique(np.asarray(u, np.float32), return_inverse=True)
+def _grouped(key: np.ndarray, u: np.ndarray, beta: np.ndarray) -> tuple[HurdleGroups, np.ndarray]:
+    """`HurdleGroups` of the tokens sharing each value of `key`, and each group's first
+    token (float64 sums, float32 storage)."""
+    _, first, group = np.unique(key, return_index=True, return_inverse=True)
     beta = np.asarray(beta, np.float64)
     positive = beta > BETA_POSITIVE_TOL
     clipped = np.clip(beta, BETA_CLIP, 1 - BETA_CLIP)
-    g = values.size
+    g = first.size
 
     def total(w: np.ndarray) -> np.ndarray:
         return np.bincount(group, weights=w, minlength=g).astype(np.float32)
 
-    return HurdleGroups(
-        u=values.astype(np.float32),
+    groups = HurdleGroups(
+        u=np.asarray(u, np.float32)[first],
         count=total(np.ones_like(beta)),
         positive=total(positive.astype(np.float64)),
         sum_log_beta=total(np.where(positive, np.log(clipped), 0.0)),
         sum_log1m_beta=total(np.where(positive, np.log1p(-clipped), 0.0)),
     )
+    return groups, first
 
 
-def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> None:
-    """`hurdle` with its likelihood summed within groups of equal `u` (same density)."""
-    c, e, f, g, kappa = _hurdle_params(prior)
-    logits = c * groups.u + e
+def hurdle_groups(u: np.ndarray, beta: np.ndarray) -> HurdleGroups:
+    """`HurdleGroups` of a sample, summed in float64, stored as float32."""
+    return _grouped(np.asarray(u, np.float32), u, beta)[0]
+
+
+def hurdle_prompt_groups(
+    u: np.ndarray, beta: np.ndarray, prompt: np.ndarray
+) -> tuple[HurdleGroups, np.ndarray]:
+    """Tokens grouped by prompt and value of `u` (`hurdle_prompts`' exact statistics).
+
+    Args:
+      u, beta: `(n,)` tokens.
+      prompt: `(n,)` prompt index of each token.
+
+    Returns:
+      The `(g,)` groups and the `(g,)` int32 prompt of each group.
+    """
+    _, u_index = np.unique(np.asarray(u, np.float32), return_inverse=True)
+    prompt = np.asarray(prompt, np.int64)
+    groups, first = _grouped(prompt * (int(u_index.max()) + 1) + u_index, u, beta)
+    return groups, prompt[first].astype(np.int32)
+
+
+def _hurdle_group_factors(
+    groups: HurdleGroups, logits: Array, mean_logits: Array, kappa: Array
+) -> None:
+    """The hurdle likelihood of `groups`, given each group's two logits."""
     numpyro.factor(
         "positive",
         jnp.sum(
@@ -308,7 +407,7 @@ def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> 
             + (groups.count - groups.positive) * jax.nn.log_sigmoid(-logits)
         ),
     )
-    mean = jax.nn.sigmoid(f * groups.u + g)
+    mean = jax.nn.sigmoid(mean_logits)
     a, b = mean * kappa, (1 - mean) * kappa
     log_norm = (
         jax.scipy.special.gammaln(kappa)
@@ -325,6 +424,45 @@ def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> 
     )
 
 
+def hurdle_grouped(groups: HurdleGroups, prior: HurdlePrior = HurdlePrior()) -> None:
+    """`hurdle` with its likelihood summed within groups of equal `u` (same density)."""
+    c, e, f, g, kappa = _hurdle_params(prior)
+    _hurdle_group_factors(groups, c * groups.u + e, f * groups.u + g, kappa)
+
+
+def hurdle_prompts(
+    groups: HurdleGroups,
+    group_prompt: Int[Array, " g"],
+    num_prompts: int,
+    prior: HurdlePrior = HurdlePrior(),
+) -> None:
+    """The hurdle model with a random intercept per prompt in each logit (non-centred).
+
+    Prompt `j` has `P(β > 0 | u) = σ(c·u + e + s_p·z_j)` and Beta mean
+    `σ(f·u + g + s_m·w_j)`, with `z_j, w_j ~ Normal(0, 1)` and the between-prompt sds
+    `s_p, s_m ~ HalfNormal(prior.prompt_scale)`; the likelihood is summed within groups
+    of one prompt and one value of `u` (`hurdle_prompt_groups`), which is exact.
+
+    Args:
+      groups: `(g,)` groups of equal prompt and `u`.
+      group_prompt: `(g,)` prompt of each group, in `[0, num_prompts)`.
+      num_prompts: `P`, static.
+      prior: the prior.
+    """
+    c, e, f, g, kappa = _hurdle_params(prior)
+    positive_sd = numpyro.sample("positive_prompt_sd", dist.HalfNormal(prior.prompt_scale))
+    mean_sd = numpyro.sample("mean_prompt_sd", dist.HalfNormal(prior.prompt_scale))
+    with numpyro.plate("prompts", num_prompts):
+        z = numpyro.sample("positive_prompt_z", dist.Normal(0.0, 1.0))
+        w = numpyro.sample("mean_prompt_z", dist.Normal(0.0, 1.0))
+    _hurdle_group_factors(
+        groups,
+        c * groups.u + e + positive_sd * z[group_prompt],
+        f * groups.u + g + mean_sd * w[group_prompt],
+        kappa,
+    )
+
+
 # --- pointwise likelihoods and model comparison -------------------------------
 
 
@@ -335,15 +473,18 @@ def _beta_log_density(a: Array, b: Array, total: Array, x: Array) -> Array:
 
 
 def linear_pointwise_loglik(
-    params: dict[str, Array], u: Float[Array, " n"], beta: Float[Array, " n"]
+    params: dict[str, Array],
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    offset: Float[ArrayLike, "*n"] = 0.0,
 ) -> Float[Array, " n"]:
     """Per-token log likelihood of the linear model on the observed scale, one draw.
 
-    The observed `β = clip(β*, 0, 1)` of the latent `β* ~ Normal(a·u + b, σ)`:
+    The observed `β = clip(β*, 0, 1)` of the latent `β* ~ Normal(a·u + b + offset, σ)`:
     `log Φ(−μ/σ)` at `β = 0`, `log Φ((μ − 1)/σ)` at `β = 1`, the Normal log
-    density in between.
+    density in between. `offset` is a prompt's intercept effect (0 for the pooled model).
     """
-    mu = params["slope"] * u + params["intercept"]
+    mu = params["slope"] * u + params["intercept"] + offset
     sigma = params["sigma"]
     at_zero = beta <= BETA_POSITIVE_TOL
     at_one = beta >= 1 - BETA_CLIP
@@ -353,19 +494,188 @@ def linear_pointwise_loglik(
     )
 
 
+def hurdle_positive_loglik(
+    params: dict[str, Array],
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    offset: Float[ArrayLike, "*n"] = 0.0,
+) -> Float[Array, " n"]:
+    """Per-token log likelihood of the hurdle's first part, whether `β > 0`, one draw;
+    `offset` shifts the logit (a prompt's effect)."""
+    logits = params["positive_slope"] * u + params["positive_intercept"] + offset
+    return jnp.where(
+        beta > BETA_POSITIVE_TOL, jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
+    )
+
+
+def hurdle_value_loglik(
+    params: dict[str, Array],
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    offset: Float[ArrayLike, "*n"] = 0.0,
+) -> Float[Array, " n"]:
+    """Per-token log likelihood of the hurdle's second part, the Beta law of a positive
+    `β` (0 where `β = 0`), one draw; `offset` shifts the mean's logit."""
+    mean = jax.nn.sigmoid(params["mean_slope"] * u + params["mean_intercept"] + offset)
+    kappa = params["concentration"]
+    positive = beta > BETA_POSITIVE_TOL
+    value = jnp.where(positive, jnp.clip(beta, BETA_CLIP, 1 - BETA_CLIP), 0.5)
+    return jnp.where(
+        positive, _beta_log_density(mean * kappa, (1 - mean) * kappa, kappa, value), 0.0
+    )
+
+
 def hurdle_pointwise_loglik(
     params: dict[str, Array], u: Float[Array, " n"], beta: Float[Array, " n"]
 ) -> Float[Array, " n"]:
     """Per-token log likelihood of the hurdle model, one draw (as `hurdle` scores it)."""
-    logits = params["positive_slope"] * u + params["positive_intercept"]
-    mean = jax.nn.sigmoid(params["mean_slope"] * u + params["mean_intercept"])
-    kappa = params["concentration"]
-    positive = beta > BETA_POSITIVE_TOL
-    value = jnp.where(positive, jnp.clip(beta, BETA_CLIP, 1 - BETA_CLIP), 0.5)
-    beta_density = _beta_log_density(mean * kappa, (1 - mean) * kappa, kappa, value)
-    return jnp.where(
-        positive, jax.nn.log_sigmoid(logits) + beta_density, jax.nn.log_sigmoid(-logits)
+    return hurdle_positive_loglik(params, u, beta) + hurdle_value_loglik(params, u, beta)
+
+
+# Gauss-Hermite nodes of the integral over a prompt's effect, and Newton steps that
+# centre them on each prompt's mode (adaptive quadrature).
+QUADRATURE_NODES = 20
+NEWTON_STEPS = 8
+
+
+def log_marginal_over_effect(
+    token_loglik: Callable[[Array], Array],
+    prompt: Int[Array, " n"],
+    num_prompts: int,
+) -> Float[Array, " P"]:
+    """`log ∫ Π_{t ∈ j} p(β_t | x) φ(x) dx` for every prompt `j`, by adaptive
+    Gauss-Hermite quadrature.
+
+    A prompt's standardised effect `x ~ Normal(0, 1)` enters its tokens' likelihood
+    only through `token_loglik`. Newton steps find each prompt's mode `m` and curvature
+    `h` of `f(x) = Σ_t log p(β_t | x) − x²/2`; the nodes `m + t_q/√(−h)` then carry
+    `log ∫ e^f dx/√(2π) ≈ log s + logsumexp_q(log w_q + f(m + s t_q) + t_q²/2)`
+    (Liu & Pierce 1994), exact for a Gaussian `f` with `QUADRATURE_NODES ≥ 1`.
+
+    Args:
+      token_loglik: `(P,)` standardised effects -> `(n,)` per-token log likelihood,
+        each token reading its own prompt's effect.
+      prompt: `(n,)` prompt of each token.
+      num_prompts: `P`, static.
+
+    Returns:
+      `(P,)` log marginal likelihood of each prompt's tokens (0 for a prompt without
+      tokens).
+    """
+
+    def f(x: Array) -> Array:
+        per_prompt = jax.ops.segment_sum(token_loglik(x), prompt, num_segments=num_prompts)
+        return per_prompt - 0.5 * x**2
+
+    grad = jax.grad(lambda x: jnp.sum(f(x)))
+
+    def curvature(x: Array) -> tuple[Array, Array]:
+        # f is separable in the prompts, so its Hessian is diagonal: H·1 = diag(H).
+        g, h = jax.jvp(grad, (x,), (jnp.ones_like(x),))
+        return g, jnp.minimum(h, -1.0)  # the prior alone gives −1; guard non-concavity
+
+    def newton(x: Array, _) -> tuple[Array, None]:
+        g, h = curvature(x)
+        return x - jnp.clip(g / h, -2.0, 2.0), None
+
+    mode, _ = jax.lax.scan(newton, jnp.zeros(num_prompts), None, length=NEWTON_STEPS)
+    _, h = curvature(mode)
+    scale = 1.0 / jnp.sqrt(-h)
+    nodes, weights = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
+    log_w = jnp.asarray(np.log(weights / math.sqrt(2 * math.pi)) + nodes**2 / 2, jnp.float32)
+    at_nodes = jax.vmap(lambda t: f(mode + scale * t))(jnp.asarray(nodes, jnp.float32))
+    return jnp.log(scale) + jax.nn.logsumexp(at_nodes + log_w[:, None], axis=0)
+
+
+def linear_prompt_loglik(
+    params: dict[str, Array],
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    prompt: Int[Array, " n"],
+    num_prompts: int,
+) -> Float[Array, " P"]:
+    """Per-prompt log likelihood of a linear model, one draw, on the observed scale.
+
+    With a `prompt_sd` in `params` (`linear_gaussian_prompts`) the prompt's intercept
+    effect is integrated out (`log_marginal_over_effect`): the likelihood of a prompt
+    left out. Without it (`linear_gaussian`), the sum of its tokens' log likelihoods.
+    """
+    if "prompt_sd" not in params:
+        ll = linear_pointwise_loglik(params, u, beta)
+        return jax.ops.segment_sum(ll, prompt, num_segments=num_prompts)
+    return log_marginal_over_effect(
+        lambda x: linear_pointwise_loglik(params, u, beta, params["prompt_sd"] * x[prompt]),
+        prompt,
+        num_prompts,
     )
+
+
+def hurdle_prompt_loglik(
+    params: dict[str, Array],
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    prompt: Int[Array, " n"],
+    num_prompts: int,
+) -> Float[Array, " P"]:
+    """Per-prompt log likelihood of a hurdle model, one draw.
+
+    With prompt sds in `params` (`hurdle_prompts`) each of the two independent
+    effects is integrated out of its own part of the likelihood; without them, the sum
+    of the tokens' log likelihoods.
+    """
+    if "positive_prompt_sd" not in params:
+        ll = hurdle_pointwise_loglik(params, u, beta)
+        return jax.ops.segment_sum(ll, prompt, num_segments=num_prompts)
+    positive = log_marginal_over_effect(
+        lambda x: hurdle_positive_loglik(
+            params, u, beta, params["positive_prompt_sd"] * x[prompt]
+        ),
+        prompt,
+        num_prompts,
+    )
+    value = log_marginal_over_effect(
+        lambda x: hurdle_value_loglik(params, u, beta, params["mean_prompt_sd"] * x[prompt]),
+        prompt,
+        num_prompts,
+    )
+    return positive + value
+
+
+def prompt_log_likelihood(
+    loglik,
+    draws: dict[str, Array],
+    u: Float[Array, " n"],
+    beta: Float[Array, " n"],
+    prompt: Int[Array, " n"],
+    num_prompts: int,
+) -> np.ndarray:
+    """Every draw's per-prompt log likelihood: the `log_likelihood` group of a
+    leave-one-prompt-out PSIS-LOO.
+
+    Args:
+      loglik: `(params, u, beta, prompt, num_prompts) -> (P,)` for one draw, e.g.
+        `linear_prompt_loglik`.
+      draws: site -> `(chains, draws)` posterior draws.
+      u, beta: `(n,)` data; prompt: `(n,)` prompt of each token.
+      num_prompts: `P`.
+
+    Returns:
+      `(chains, draws, P)` float32.
+    """
+    chains, num_draws = np.shape(next(iter(draws.values())))
+    flat = {k: jnp.asarray(v, jnp.float32).reshape(-1) for k, v in draws.items()}
+    data = (
+        jnp.asarray(u, jnp.float32),
+        jnp.asarray(beta, jnp.float32),
+        jnp.asarray(prompt, jnp.int32),
+    )
+
+    def per_prompt(flat, data):
+        return jax.lax.map(lambda d: loglik(d, *data, num_prompts), flat)
+
+    # Draws are arguments, not closed-over constants, which XLA would try to fold.
+    ll = np.asarray(jax.jit(per_prompt)(flat, data))
+    return ll.reshape(chains, num_draws, num_prompts)
 
 
 def pointwise_log_likelihood(
@@ -492,6 +802,38 @@ def thin_draws(draws: dict[str, np.ndarray], num: int | None = None) -> dict[str
     total = next(iter(flat.values())).size
     index = np.linspace(0, total - 1, total if num is None else min(num, total)).astype(int)
     return {k: jnp.asarray(v[index], jnp.float32) for k, v in flat.items()}
+
+
+# The intercept site each prompt-effect sd shifts.
+PROMPT_EFFECTS = {
+    "prompt_sd": "intercept",
+    "positive_prompt_sd": "positive_intercept",
+    "mean_prompt_sd": "mean_intercept",
+}
+
+
+def new_prompt_draws(rng: np.random.Generator, draws: dict[str, Any]) -> dict[str, Any]:
+    """Posterior draws of the intercepts of a new prompt.
+
+    Each draw's intercepts are shifted by a fresh prompt effect from the population,
+    `sd_i · z_i` with `z_i ~ Normal(0, 1)` independently per draw and per effect, so a
+    risk computed per draw carries between-prompt variation as well as the uncertainty
+    about the population. Draws without prompt sds come back unchanged.
+
+    Args:
+      rng: the generator of the effects.
+      draws: site -> `(m,)` posterior draws (NumPy or JAX arrays).
+
+    Returns:
+      site -> `(m,)` draws, intercepts shifted (float32 NumPy).
+    """
+    out = dict(draws)
+    for sd, intercept in PROMPT_EFFECTS.items():
+        if sd in draws:
+            sd_draws = np.asarray(draws[sd], np.float32)
+            z = rng.standard_normal(sd_draws.shape).astype(np.float32)
+            out[intercept] = np.asarray(draws[intercept], np.float32) + sd_draws * z
+    return out
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

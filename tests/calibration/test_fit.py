@@ -34,6 +34,8 @@ SD_RTOL = 0.2
 SVI_MEAN_SDS = 0.5
 SVI_SD_RTOL = 0.3
 R_HAT_MAX = 1.05
+# Divergent transitions tolerated in the short smoke-test chains (hierarchical funnels).
+DIVERGENCES_MAX = 20
 SMALL = {"num_warmup": 300, "num_samples": 300}
 # The pooled linear model's WAIC on the smoke test's fixture run, computed by the
 # hand-written WAIC that ArviZ replaced (elpd = lppd - p_waic over every NUTS draw;
@@ -112,6 +114,83 @@ def test_nuts_recovers_the_hurdle_model():
         p = nuts["params"][site]
         assert abs(p["mean"] - truth) < RECOVERY_SDS * p["sd"], site
         assert p["r_hat"] < R_HAT_MAX, site
+
+
+TRUE_PROMPT_LINEAR = {"slope": 0.6, "intercept": 0.1, "sigma": 0.08, "prompt_sd": 0.12}
+# The threshold at which a new prompt's risk is compared, and its central mass.
+NEW_PROMPT_THRESHOLD = 0.5
+NEW_PROMPT_MASS = 0.9
+
+
+def prompt_linear_data(num_prompts: int, tokens: int, seed: int):
+    """β = a·u + b + α_prompt + σ·ε with α_prompt ~ Normal(0, τ), `TRUE_PROMPT_LINEAR`."""
+    rng = np.random.default_rng(seed)
+    t = TRUE_PROMPT_LINEAR
+    prompt = np.repeat(np.arange(num_prompts), tokens)
+    u = rng.uniform(0, 1, prompt.size).astype(np.float32)
+    effect = t["prompt_sd"] * rng.standard_normal(num_prompts)
+    noise = t["sigma"] * rng.standard_normal(prompt.size)
+    beta = t["slope"] * u + t["intercept"] + effect[prompt] + noise
+    return u, beta.astype(np.float32), prompt
+
+
+def _new_prompt_risk(slope, intercept, u, t):
+    """`(m,)` risk at threshold t of the linear model per draw, over the sample u."""
+    from uhlm_jax import threshold as T
+
+    sample = T.weighted_sample(jnp.asarray(u))
+    grid = jnp.asarray([t], jnp.float32)
+    curves = jax.vmap(T.linear_risk_curve, in_axes=(0, 0, None, None))(
+        jnp.asarray(slope, jnp.float32), jnp.asarray(intercept, jnp.float32), sample, grid
+    )
+    return np.asarray(curves[:, 0])
+
+
+def test_prompt_effects_are_recovered_and_widen_a_new_prompts_risk():
+    # Given 60 prompts x 10 tokens whose intercept varies by prompt with a known sd
+    u, beta, prompt = prompt_linear_data(60, 10, seed=11)
+    cfg = fit.Config(run_dir=".", **SMALL)
+    stats = rejection.LinearStats(
+        *(jnp.asarray(x) for x in rejection.prompt_linear_stats(u, beta, prompt, 60))
+    )
+    # When NUTS fits the model with prompt effects
+    draws, nuts, _ = fit.run_nuts(
+        rejection.linear_gaussian_prompts, (stats, cfg.linear_prior),
+        rejection.LINEAR_PROMPT_SITES, cfg, jax.random.key(3), None,
+    )  # fmt: skip
+    # Then every population parameter, the between-prompt sd included, is recovered
+    for site, truth in TRUE_PROMPT_LINEAR.items():
+        p = nuts["params"][site]
+        assert abs(p["mean"] - truth) < RECOVERY_SDS * p["sd"], site
+        assert p["r_hat"] < R_HAT_MAX, site
+    assert nuts["params"]["prompt_sd"]["interval"][0] > TRUE_PROMPT_LINEAR["prompt_sd"] / 2
+    # ... a new prompt's risk, with a fresh prompt effect per draw, spans the true spread
+    # of new prompts' risks, while the pooled model's interval is far too narrow for it.
+    t = TRUE_PROMPT_LINEAR
+    rng = np.random.default_rng(0)
+    truth_effects = t["prompt_sd"] * rng.standard_normal(4000)
+    true_risks = _new_prompt_risk(
+        np.full(4000, t["slope"]), t["intercept"] + truth_effects, u, NEW_PROMPT_THRESHOLD
+    )
+    tail = (1 - NEW_PROMPT_MASS) / 2
+    true_lo, true_hi = np.quantile(true_risks, [tail, 1 - tail])
+    new = rejection.new_prompt_draws(rng, {k: v.reshape(-1) for k, v in draws.items()})
+    hier = _new_prompt_risk(new["slope"], new["intercept"], u, NEW_PROMPT_THRESHOLD)
+    hier_lo, hier_hi = np.quantile(hier, [tail, 1 - tail])
+    u64, b64 = u.astype(np.float64), beta.astype(np.float64)
+    exact = rejection.conjugate_posterior(
+        u64.size, u64.sum(), b64.sum(), u64 @ u64, u64 @ b64, b64 @ b64
+    )
+    pooled_slope, pooled_intercept, _ = rejection.sample_conjugate(rng, exact, 4000)
+    pooled = _new_prompt_risk(pooled_slope, pooled_intercept, u, NEW_PROMPT_THRESHOLD)
+    pooled_lo, pooled_hi = np.quantile(pooled, [tail, 1 - tail])
+    true_width = true_hi - true_lo
+    # The prompt-effect interval's width matches within the error of τ's posterior
+    # (sd/τ ≈ 1/√(2·60) ≈ 0.09; 4 of those) ...
+    tau_rel_sd = 1 / math.sqrt(2 * 60)
+    assert abs((hier_hi - hier_lo) / true_width - 1) < RECOVERY_SDS * tau_rel_sd
+    # ... while the pooled one covers under a fifth of the spread of new prompts' risks.
+    assert (pooled_hi - pooled_lo) < 0.2 * true_width
 
 
 # --- records ---------------------------------------------------------------------------
@@ -202,6 +281,8 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
             "500",
             "--num-bootstrap",
             "50",
+            "--loo-unit",
+            "token",
             "--json",
         ]
     )
@@ -215,6 +296,8 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     assert on_disk["data"]["num_tokens"] == 300 and on_disk["data"]["num_prompts"] == 20
     comparison = on_disk["comparison"]
     assert comparison["best"] == "hurdle"  # the data are hurdle data
+    # Leaving out tokens compares the pooled models only, and fit.json says so
+    assert comparison["unit"] == "token" and on_disk["config"]["loo_unit"] == "token"
     assert [r["name"] for r in comparison["table"]] == ["hurdle", "linear"]
     # ArviZ's PSIS-LOO of the linear model agrees with the hand-written WAIC it replaced.
     linear = comparison["table"][1]
@@ -235,6 +318,10 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     assert len(view.predictive_mean_covered["hurdle"]) == len(on_disk["predictive_checks"])
     assert posterior.linear["slope"].shape == (400,)
     assert set(posterior.hurdle) == set(rejection.HURDLE_SITES)
+    # The prompt-effect models are fitted and saved beside the pooled ones
+    for name, sites in fit.MODEL_SITES.items():
+        assert set(posterior.draws(name)) == set(sites), name
+        assert on_disk[name]["nuts"]["divergences"] <= DIVERGENCES_MAX, name
 
 
 def test_fit_main_errors_exit_2_and_keep_files(tmp_path, capsys):
