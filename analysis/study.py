@@ -186,7 +186,7 @@ def _stages(cfg: Config, resume: bool) -> list[_Stage]:
         _Stage("fit", "fit uncertainty -> rejection probability (NumPyro NUTS, SVI, hurdle)",
                Work.STATISTICS,
                _files(rd.FIT_FILE, rd.LINEAR_POSTERIOR_FILE, rd.HURDLE_POSTERIOR_FILE),
-               lambda progress: fit.run(calib.fit_config())),
+               lambda progress: fit.run(calib.fit_config(), quiet=not progress)),
         _Stage("thresholds", "derive the risk-averse, risk-prone and risk-bounded thresholds",
                Work.STATISTICS, _files(rd.THRESHOLDS_FILE),
                lambda progress: derive_thresholds.run(calib.thresholds_config())),

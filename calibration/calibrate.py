@@ -63,7 +63,7 @@ class Result:
 
 def run(cfg: Config, progress: bool = True) -> Result:
     collected = collect.run(cfg.collect, progress)
-    fitted = fit.run(cfg.fit_config())
+    fitted = fit.run(cfg.fit_config(), quiet=not progress)
     derived = derive_thresholds.run(cfg.thresholds_config())
     return Result(collect=collected, fit=fitted, thresholds=derived)
 

@@ -540,8 +540,16 @@ _PROMPT_MODELS = {
 }
 
 
-def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
-    """Fits the four models to prepared data.
+# The steps of `fit_data`, in order, as its progress lines name them.
+FIT_STEPS = ("linear NUTS", "linear SVI", "hurdle NUTS", "linear_prompt NUTS",
+             "hurdle_prompt NUTS", "PSIS-LOO comparison", "checks and bootstrap")
+
+
+def fit_data(
+    cfg: Config, data: FitData, quiet: bool = True
+) -> tuple[dict[str, Any], dict, dict]:
+    """Fits the four models to prepared data, with a progress line per step (`FIT_STEPS`)
+    unless `quiet`.
 
     Returns:
       The summary, NUTS draws per model (`MODEL_SITES`, `(chains, draws)` each) and the
@@ -560,6 +568,13 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
     }
     stats = rejection.linear_stats(u, beta)
     stats32 = rejection.LinearStats(*(jnp.float32(x) for x in stats))
+    bar = console.progress(total=len(FIT_STEPS), desc="fit", unit="step", quiet=quiet)
+    steps = iter(FIT_STEPS)
+
+    def done() -> None:
+        bar.set_postfix(done=next(steps))
+        bar.update()
+
     fits = {}
     fits["linear"] = run_nuts(
         rejection.linear_gaussian_stats,
@@ -569,9 +584,11 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
         keys["linear"],
         init,
     )
+    done()
     svi_draws, svi_summary = run_svi(
         stats32, cfg, keys["svi"], init, cfg.num_chains * cfg.num_samples
     )
+    done()
     u64, beta64 = u.astype(np.float64), beta.astype(np.float64)
     exact = rejection.conjugate_posterior(
         u64.size,
@@ -591,6 +608,7 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
         keys["hurdle"],
         None,
     )
+    done()
     prompt_stats = rejection.LinearStats(
         *(jnp.asarray(x) for x in
           rejection.prompt_linear_stats(u, beta, data.prompt, data.num_prompts))
@@ -603,6 +621,7 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
         keys["linear_prompt"],
         init,
     )
+    done()
     prompt_groups, group_prompt = rejection.hurdle_prompt_groups(u, beta, data.prompt)
     fits["hurdle_prompt"] = run_nuts(
         rejection.hurdle_prompts,
@@ -617,7 +636,9 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
         keys["hurdle_prompt"],
         None,
     )
+    done()
     comparison = compare(cfg, data, fits)
+    done()
     draws = {name: nuts.draws for name, nuts in fits.items()}
     ppc = rejection.predictive_checks(
         u, beta, draws["linear"], draws["hurdle"], cfg.num_bins,
@@ -631,6 +652,8 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
         cfg.num_bootstrap,
         np.random.default_rng((cfg.seed, 2)),
     )
+    done()
+    bar.close()
     summary = {
         "measure": cfg.measure,
         "data": {
@@ -676,10 +699,11 @@ def fit_data(cfg: Config, data: FitData) -> tuple[dict[str, Any], dict, dict]:
     return summary, draws, svi_draws
 
 
-def run(cfg: Config) -> Result:
-    """Fits both models to the run's records and writes the draws and `fit.json`."""
+def run(cfg: Config, quiet: bool = True) -> Result:
+    """Fits the models to the run's records and writes the draws and `fit.json`; prints
+    a progress line per step unless `quiet`."""
     data = load_fit_data(cfg)
-    summary, draws, svi_draws = fit_data(cfg, data)
+    summary, draws, svi_draws = fit_data(cfg, data, quiet)
     run_dir = Path(cfg.run_dir)
     summary = {
         "run_dir": str(run_dir),
@@ -741,7 +765,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help={"chain_method": "how chains run (default: parallel if there is a device per "
               "chain, else vectorized)"},
     ))
-    cli_config.add_output_flags(parser)
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def format_comparison(comparison: dict[str, Any]) -> list[str]:
@@ -793,7 +817,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `uhlm fit`; returns the exit status."""
-    result = run(cli_config.config_from_args(Config, args))
+    result = run(cli_config.config_from_args(Config, args), quiet=args.quiet)
     if args.json:
         print(console.json_text(result.summary))
     else:

@@ -29,6 +29,7 @@ from jax import lax
 
 from uhlm_jax.models.cache import KVCache, init_cache
 from uhlm_jax.models.llama import ModelParams, decode, prefill
+from uhlm_jax.top_k import top_k_values
 from uhlm_jax.types import Array, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
@@ -71,9 +72,7 @@ def _sampling_logits(
     """The masked logits, their tempered form and whether to sample (`τ > 0`)."""
     logits = mask_unused_ids(jnp.asarray(logits, jnp.float32), num_ids)
     if top_k > 0:
-        # The barrier keeps XLA:CPU's partial top-k: with the values fused into their
-        # consumers it sorts the whole row, over 100× slower at V = 49152 and batch 32.
-        kth_largest = lax.optimization_barrier(lax.top_k(logits, top_k)[0])[..., -1:]
+        kth_largest = top_k_values(logits, top_k)[..., -1:]
         logits = jnp.where(logits >= kth_largest, logits, -jnp.inf)
     temperature = jnp.asarray(temperature, jnp.float32)
     # Guard the division: the sampled branch is discarded when temperature == 0.

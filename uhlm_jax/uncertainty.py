@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from uhlm_jax.top_k import top_k_values
 from uhlm_jax.types import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 __all__ = [
@@ -192,9 +193,7 @@ def top_m_log_prob_bracket(
     if not 1 <= top_m < vocab:
         raise ValueError(f"top_m={top_m} must be in [1, {vocab - 1}] for vocabulary size {vocab}.")
     shifted = logits - jnp.max(logits)
-    # The barrier keeps XLA:CPU's partial top-k (about V comparisons): with the values fused
-    # into their consumers it falls back to sorting the whole row, 40× slower at V = 49152.
-    top = jax.lax.optimization_barrier(jax.lax.top_k(shifted, top_m + 1)[0])
+    top = top_k_values(shifted, top_m + 1)
     head, cut = top[:top_m], top[top_m]
     inverse = 1.0 / theta
     log_head = jnp.log(jnp.sum(jnp.exp(head[None, :] * inverse[:, None]), axis=-1))
@@ -491,9 +490,7 @@ class TopTwoMargin:
         """Returns float32 `[]` in `[0, 1]`; `key`, `logits` and `draft` are ignored."""
         del key
         _, log_q, _ = _check_inputs(logits, log_q, draft)
-        # The barrier keeps XLA:CPU's partial top-k: with the values fused into their
-        # consumers it sorts the whole row, over 100× slower at V = 49152 when batched.
-        first, second = jax.lax.optimization_barrier(jax.lax.top_k(log_q, 2)[0])
+        first, second = top_k_values(log_q, 2)
         # q_(1) − q_(2) = q_(1) · (1 − exp(log q_(2) − log q_(1))), free of cancellation.
         margin = jnp.exp(first) * -jnp.expm1(second - first)
         return jnp.clip(1.0 - margin, 0.0, 1.0)

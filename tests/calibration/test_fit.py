@@ -293,6 +293,10 @@ def test_fit_job_smoke_writes_and_reloads(tmp_path, capsys):
     assert printed == on_disk
     assert "cover 20 of the 24 prompts" in on_disk["records_warning"]
     assert on_disk["records_warning"] + "\n" in err
+    # A progress line per step, each with the time so far (stderr is not a terminal here)
+    lines = [line for line in err.splitlines() if " fit: " in line]
+    assert [line.split("done=")[1] for line in lines] == list(fit.FIT_STEPS)
+    assert all("elapsed" in line for line in lines) and "left" in lines[0]
     assert on_disk["data"]["num_tokens"] == 300 and on_disk["data"]["num_prompts"] == 20
     comparison = on_disk["comparison"]
     assert comparison["best"] == "hurdle"  # the data are hurdle data
