@@ -64,7 +64,7 @@ class Result:
 def run(cfg: Config, progress: bool = True) -> Result:
     collected = collect.run(cfg.collect, progress)
     fitted = fit.run(cfg.fit_config(), quiet=not progress)
-    derived = derive_thresholds.run(cfg.thresholds_config())
+    derived = derive_thresholds.run(cfg.thresholds_config(), quiet=not progress)
     return Result(collect=collected, fit=fitted, thresholds=derived)
 
 

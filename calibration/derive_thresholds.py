@@ -449,10 +449,12 @@ def _masked_model(model: str, data: RunData, fitted: rd.Fit) -> tuple[Any, Any]:
 
 
 def _refit_thresholds(
-    cfg: Config, data: RunData, model: str, fitted: rd.Fit, masks: np.ndarray, grid: jnp.ndarray
+    cfg: Config, data: RunData, model: str, fitted: rd.Fit, masks: np.ndarray, grid: jnp.ndarray,
+    quiet: bool,
 ) -> np.ndarray:
     """`(S,)` risk-bounded thresholds of `model` refitted by NUTS on each split's
-    calibration prompts (`REFIT_WARMUP` + `REFIT_SAMPLES`, one chain)."""
+    calibration prompts (`REFIT_WARMUP` + `REFIT_SAMPLES`, one chain), with progress
+    unless `quiet`."""
     model_fn, masked = _masked_model(model, data, fitted)
     mcmc = MCMC(
         NUTS(model_fn, max_tree_depth=REFIT_TREE_DEPTH),
@@ -466,7 +468,9 @@ def _refit_thresholds(
     rng = np.random.default_rng((cfg.seed, 8))
     eps, delta = jnp.float32(cfg.risk), jnp.float32(cfg.error_level)
     out = np.empty(len(masks))
-    for k, mask in enumerate(masks):
+    splits = console.progress(masks, desc=f"threshold: refit {model} by NUTS", unit="split",
+                              quiet=quiet)
+    for k, mask in enumerate(splits):
         stats = jax.tree.map(jnp.asarray, masked(mask.astype(np.float32)))
         mcmc.run(jax.random.fold_in(key, k), stats)
         samples = mcmc.get_samples()
@@ -748,6 +752,7 @@ def _validation(
     prompt_risks: jnp.ndarray,
     grid: jnp.ndarray,
     fitted: rd.Fit,
+    quiet: bool,
 ) -> dict[str, Any]:
     p = data.num_prompts
     prior = fitted.linear_prior or rejection.LinearPrior()
@@ -756,7 +761,8 @@ def _validation(
     num_refit = len(masks) if model == "linear" else min(cfg.refit_splits, len(masks))
     refit = np.full(len(masks), np.nan)
     if model != "linear":
-        refit[:num_refit] = _refit_thresholds(cfg, data, model, fitted, masks[:num_refit], grid)
+        refit[:num_refit] = _refit_thresholds(cfg, data, model, fitted, masks[:num_refit], grid,
+                                              quiet)
     num_cal = int(masks[0].sum())
     rng = np.random.default_rng((cfg.seed, 6))
     sums = masks @ _per_prompt_sums(data)  # (S, 6) over calibration prompts
@@ -860,8 +866,9 @@ def prompt_plan(cfg: Config) -> dict[str, Any]:
     }
 
 
-def from_run(cfg: Config) -> dict[str, Any]:
-    """Everything `thresholds.json` holds, computed from a run directory."""
+def from_run(cfg: Config, quiet: bool = True) -> dict[str, Any]:
+    """Everything `thresholds.json` holds, computed from a run directory (progress lines
+    of the longest step unless `quiet`)."""
     run_dir = rd.require_run_dir(cfg.run_dir)
     df = records.read_records(run_dir)
     posterior, measure = _ensure_fit(cfg, run_dir)
@@ -912,17 +919,19 @@ def from_run(cfg: Config) -> dict[str, Any]:
             prompt_risks,
             grid,
             posterior.fit,
+            quiet,
         ),
     }
 
 
-def run(cfg: Config) -> Result:
-    """Computes the thresholds; in run mode writes `RUN_DIR/thresholds.json` atomically."""
+def run(cfg: Config, quiet: bool = True) -> Result:
+    """Computes the thresholds; in run mode writes `RUN_DIR/thresholds.json` atomically
+    (with progress lines unless `quiet`)."""
     if cfg.source is ThresholdSource.ANALYTIC:
         return Result(summary=analytic(cfg), path=None)
     if cfg.source is ThresholdSource.PLAN:
         return Result(summary=prompt_plan(cfg), path=None)
-    summary = from_run(cfg)
+    summary = from_run(cfg, quiet)
     path = Path(cfg.run_dir) / rd.THRESHOLDS_FILE
     rd.write_json(path, summary)
     return Result(summary=summary, path=path)
@@ -933,7 +942,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli_config.add_arguments(parser, Config, cli_config.Flags(
         names={"run_dir": "run", "num_splits": "splits"},
     ))
-    cli_config.add_output_flags(parser)
+    cli_config.add_output_flags(parser, quiet=True)
 
 
 def _fmt(t: float | None) -> str:
@@ -1039,7 +1048,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """Runs `uhlm threshold`; returns the exit status."""
-    result = run(cli_config.config_from_args(Config, args))
+    result = run(cli_config.config_from_args(Config, args), quiet=args.quiet)
     if args.json:
         print(console.json_text(result.summary))
     else:

@@ -116,7 +116,8 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     assert printed == summary
     assert summary["measure"] == "temperature_perturbation"
     assert "cover 240 of the 241 prompts" in summary["records_warning"]
-    assert err == summary["records_warning"] + "\n"
+    warning, *progress = err.splitlines()
+    assert warning == summary["records_warning"]
     assert summary["data"] == {
         "num_tokens": 2880,
         "num_prompts": 240,
@@ -168,8 +169,11 @@ def test_run_mode_writes_thresholds_json(fitted_run, capsys):
     assert np.all(np.diff(within) <= 0) and within[0] == 1.0
     validation = summary["validation"]
     assert validation["num_splits"] == 100 and validation["calibration_prompts"] == 120
-    # The validation refits the model whose threshold is in use
+    # The validation refits the model whose threshold is in use, a progress line per split
     assert validation["risk_bounded_model"] == choice["model"]
+    refits = REFIT_SPLITS if choice["model"] != "linear" else 0
+    assert len(progress) == refits
+    assert all(f"threshold: refit {choice['model']} by NUTS" in line for line in progress)
     for method in th.METHODS:
         m = validation["methods"][method]
         splits = REFIT_SPLITS if method == "risk_bounded" and choice["model"] != "linear" else 100
