@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import math
 import sys
@@ -59,7 +60,10 @@ def number(x: float | None, fmt: str = ".3f") -> str:
 
 
 def json_ready(obj: Any) -> Any:
-    """`obj` with NumPy values as Python ones and non-finite floats as None."""
+    """`obj` with NumPy values as Python ones, enum members as their values and
+    non-finite floats as None."""
+    if isinstance(obj, enum.Enum):
+        return json_ready(obj.value)
     if isinstance(obj, dict):
         return {str(k): json_ready(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

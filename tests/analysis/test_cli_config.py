@@ -17,6 +17,7 @@ import pytest
 
 from analysis import cli
 from calibration import collect, train_draft
+from calibration.fit import LooUnit
 from tests.helpers import write_synthetic_run
 from uhlm_jax import cli_config, console
 
@@ -243,6 +244,10 @@ def test_json_text_and_number_show_undefined_values_one_way():
     assert [console.number(x) for x in (None, float("nan"), float("inf"), 0.5)] == [
         "—", "—", "∞", "0.500"
     ]
+
+
+def test_json_text_writes_an_enum_member_as_its_value():
+    assert _strict(console.json_text({"loo_unit": LooUnit.PROMPT})) == {"loo_unit": "prompt"}
 
 
 # ----------------------------------------------------------------------- progress
