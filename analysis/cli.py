@@ -16,8 +16,15 @@ import argparse
 import errno
 import importlib
 import sys
+import warnings
 
 from uhlm_jax.cli_config import CONFIG_KEY
+
+# ArviZ 0.23 announces its coming 1.0 refactor once a day, on first import: noise for a
+# user of this tool, which pins arviz<1. Set before any job module imports arviz.
+warnings.filterwarnings(
+    "ignore", message=r"\s*ArviZ is undergoing a major refactor", category=FutureWarning
+)
 
 # subcommand -> (job module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
