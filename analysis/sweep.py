@@ -120,8 +120,7 @@ class Config:
         slm_model, slm_device, llm_model, llm_device: the cost profile (independent of
             the models that made the records).
         cost_profile_name: `named` prices `slm_model` and `llm_model`; `pair` prices the
-            pair recorded in the run's `config.json`, with its V on the uplink
-            (`calibration.run_dir.RunConfig.pair_profile`).
+            pair recorded in the run's `config.json`, with its V on the uplink.
         chunk_size: grid points per vectorized chunk (bounds memory).
         rollout_thresholds: U-HLM thresholds to also run as real rollouts.
         rollout_modes: other modes to run as real rollouts.

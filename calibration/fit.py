@@ -349,6 +349,17 @@ class NutsFit(NamedTuple):
     inference: az.InferenceData
 
 
+def _global_latent_sites(model, model_args: tuple) -> tuple[str, ...]:
+    """The model's latent sites outside every plate: the block NUTS adapts a dense mass
+    matrix over. Per-prompt effects stay diagonal, because a dense matrix over hundreds of
+    them, estimated from a few hundred warmup draws, adapts badly and deepens every tree."""
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(model, 0)).get_trace(*model_args)
+    return tuple(
+        name for name, site in trace.items()
+        if site["type"] == "sample" and not site["is_observed"] and not site["cond_indep_stack"]
+    )
+
+
 def run_nuts(
     model, model_args: tuple, sites: tuple[str, ...], cfg: Config, key: Array, init: dict | None
 ) -> NutsFit:
@@ -356,7 +367,7 @@ def run_nuts(
     method = cfg.chain_method or default_chain_method(cfg.num_chains)
     kernel = NUTS(
         model,
-        dense_mass=True,
+        dense_mass=[_global_latent_sites(model, model_args)],
         init_strategy=init_to_value(values=init) if init else numpyro.infer.init_to_median,
     )
     mcmc = MCMC(

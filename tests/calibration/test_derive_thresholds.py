@@ -291,7 +291,8 @@ def test_measure_mismatch_is_an_error_and_keeps_files(fitted_run, capsys):
 @pytest.mark.slow
 def test_run_mode_fits_first_when_fit_is_missing(tmp_path, capsys):
     write_run(tmp_path, synthetic_records(np.random.default_rng(8), 16, 16))
-    assert th.main(parse(["--run", str(tmp_path), "--json"])) == 0
+    argv = ["--run", str(tmp_path), "--json", "--refit-splits", str(REFIT_SPLITS)]
+    assert th.main(parse(argv)) == 0
     summary = json.loads(capsys.readouterr().out)
     assert (tmp_path / rd.FIT_FILE).is_file() and (tmp_path / rd.THRESHOLDS_FILE).is_file()
     assert summary["ltt"]["num_prompts"] == 16
