@@ -54,6 +54,8 @@ class Scale:
         max_new_tokens: tokens per reply at most.
         batch_size: prompts per calibration batch.
         num_warmup, num_samples: NUTS warmup and draws per chain.
+        refit_splits: validation splits on which a NUTS model's risk-bounded threshold
+            is refitted.
     """
 
     calibration_prompts: int
@@ -62,10 +64,11 @@ class Scale:
     batch_size: int
     num_warmup: int
     num_samples: int
+    refit_splits: int
 
 
-FULL = Scale(36, 36, 64, 36, 500, 500)
-QUICK = Scale(4, 4, 12, 4, 100, 100)
+FULL = Scale(36, 36, 64, 36, 500, 500, 20)
+QUICK = Scale(4, 4, 12, 4, 100, 100, 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +152,7 @@ def study_config(cfg: Config) -> study.Config:
                 seed=cfg.seed, dtype=cfg.dtype,
             ),
             num_warmup=scale.num_warmup, num_samples=scale.num_samples, risk=cfg.risk,
-            confidence=cfg.confidence,
+            confidence=cfg.confidence, refit_splits=scale.refit_splits,
         ),
         evaluation_prompts=scale.evaluation_prompts,
         link=cfg.link,

@@ -24,6 +24,8 @@ class Config:
         num_samples: NUTS draws per chain.
         risk: `ε`, the tolerated expected rejection risk of skipping, in (0, 1).
         confidence: `1 − δ`, in (0, 1).
+        refit_splits: validation splits on which the risk-bounded threshold of a NUTS
+            model is refitted.
     """
 
     collect: collect.Config
@@ -31,6 +33,7 @@ class Config:
     num_samples: int = 500
     risk: float = 0.05
     confidence: float = 0.9
+    refit_splits: int = derive_thresholds.Config.refit_splits
 
     def fit_config(self) -> fit.Config:
         return fit.Config(
@@ -45,6 +48,7 @@ class Config:
             run_dir=self.collect.out,
             risk=self.risk,
             confidence=self.confidence,
+            refit_splits=self.refit_splits,
             seed=self.collect.seed,
         )
 

@@ -46,3 +46,13 @@ def _type_checks(request):
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_compiled_programs():
+    """Drops JAX's compiled programs after each test module. A worker that keeps every
+    program of a thousand tests grows past 7 GB and its memory maps toward the kernel's
+    limit; XLA then crashes inside a later compilation. Modules share almost no programs,
+    so little is recompiled."""
+    yield
+    jax.clear_caches()

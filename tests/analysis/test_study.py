@@ -18,7 +18,7 @@ from calibration.prompts import embedded_prompts_path
 
 # The toy study's size, as the study's flags and as the individual commands'.
 SHARED = ["--pair", "toy", "--max-new-tokens", "6", "--batch-size", "4",
-          "--num-warmup", "50", "--num-samples", "50"]
+          "--num-warmup", "50", "--num-samples", "50", "--refit-splits", "2"]
 STUDY = ["study", *SHARED, "--calibration-prompts", "4", "--evaluation-prompts", "3"]
 STAGES = ("collect", "fit", "thresholds", "evaluate", "sweep", "report")
 # The files each stage writes, as the run directory's module names them.
