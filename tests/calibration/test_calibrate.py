@@ -13,8 +13,8 @@ def test_calibrate_writes_records_fit_and_thresholds(tmp_path, capsys):
     status = cli_main(
         [
             "calibrate", "--pair", "toy", "--num-prompts", "4", "--max-new-tokens", "6",
-            "--batch-size", "4", "--num-warmup", "50", "--num-samples", "50", "--out", str(out),
-            "--json",
+            "--batch-size", "4", "--num-warmup", "50", "--num-samples", "50", "--refit-splits", "2",
+            "--out", str(out), "--json",
         ]
     )  # fmt: skip
     assert status == 0
@@ -24,6 +24,6 @@ def test_calibrate_writes_records_fit_and_thresholds(tmp_path, capsys):
         assert (out / name).is_file()
     assert list((out / "records").glob("shard-*.parquet"))
     # The threshold job reads the run directory back.
-    assert cli_main(["threshold", "--run", str(out), "--json"]) == 0
+    assert cli_main(["threshold", "--run", str(out), "--json", "--refit-splits", "2"]) == 0
     thresholds = json.loads(capsys.readouterr().out)
     assert thresholds["mode"] == "run" and thresholds["measure"] == "temperature_perturbation"
