@@ -537,8 +537,9 @@ def _spread_overlapping(fig, ax, artists: list) -> int:
     """Sets markers closer than `MIN_MARKER_GAP_PT` side by side, in display space.
 
     Each entry of `artists` is the list of artists of one point (marker, error bars);
-    they move together by a horizontal offset in points, so data values and axis
-    limits are unchanged. Returns how many points were moved.
+    they move together by a horizontal offset in points, so data values are unchanged;
+    the x limits widen where a moved marker would leave the axes. Returns how many
+    points were moved.
     """
     fig.canvas.draw()
     points_per_px = 72.0 / fig.dpi
@@ -559,8 +560,24 @@ def _spread_overlapping(fig, ax, artists: list) -> int:
             offset = offset_copy(ax.transData, fig=fig, x=shift, y=0.0, units="points")
             for artist in artists[k]:
                 artist.set_transform(offset)
+            xy[k, 0] += shift
             moved += 1
+    if moved:
+        _keep_inside_x(fig, ax, xy[:, 0] / points_per_px)
     return moved
+
+
+def _keep_inside_x(fig, ax, x_px: np.ndarray) -> None:
+    """Widens `ax`'s x limits so that markers at display x `x_px` (pixels, under the
+    current limits) stay at least one marker gap inside the axes."""
+    box = ax.get_window_extent()
+    pad = MIN_MARKER_GAP_PT * fig.dpi / 72.0
+    left = max(0.0, box.x0 + pad - float(x_px.min()))
+    right = max(0.0, float(x_px.max()) + pad - box.x1)
+    if left or right:
+        to_data = ax.transData.inverted()
+        (x0, _), (x1, _) = to_data.transform([(box.x0 - left, box.y0), (box.x1 + right, box.y0)])
+        ax.set_xlim(x0, x1)
 
 
 def evaluated_modes(

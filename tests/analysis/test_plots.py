@@ -363,27 +363,34 @@ def _marker_points(fig) -> list[np.ndarray]:
 
 def test_evaluated_modes_sets_coinciding_points_apart(figures, tmp_path):
     # Rand-HLM and U-HLM risk-bounded share every coordinate, and so do SLM-only and
-    # U-HLM risk-prone (it skipped everything): each pair would draw as one marker.
+    # U-HLM risk-prone (it skipped everything), and HLM and U-HLM risk-averse (it skipped
+    # nothing, at the slowest throughput): each pair would draw as one marker.
     summary = pd.DataFrame(
         {
-            "mode": ["llm_only", "slm_only", "hlm", "uhlm", "uhlm", "rand_hlm"],
-            "label": ["LLM only", "SLM only", "HLM", "U-HLM, rb", "U-HLM, rp", "Rand-HLM"],
-            "threshold_name": [None, None, None, "risk-bounded", "risk-prone", None],
-            "accuracy": [0.85, 0.79, 0.86, 0.83, 0.79, 0.83],
-            "accuracy_se": [0.01] * 6,
-            "correct_rate": [0.6, 0.3, 0.62, 0.45, 0.3, 0.45],
-            "correct_rate_se": [0.07] * 6,
-            "llm_nll": [2.2, 5.1, 2.1, 2.6, 5.1, 2.6],
-            "llm_nll_se": [0.2] * 6,
-            "throughput_tokens_per_s": [150.0, 37.0, 20.8, 21.9, 37.0, 21.9],
+            "mode": ["llm_only", "slm_only", "hlm", "uhlm", "uhlm", "uhlm", "rand_hlm"],
+            "label": ["LLM only", "SLM only", "HLM", "U-HLM, ra", "U-HLM, rb", "U-HLM, rp",
+                      "Rand-HLM"],
+            "threshold_name": [None, None, None, "risk-averse", "risk-bounded", "risk-prone",
+                               None],
+            "accuracy": [0.85, 0.79, 0.86, 0.86, 0.83, 0.79, 0.83],
+            "accuracy_se": [0.01] * 7,
+            "correct_rate": [0.6, 0.3, 0.62, 0.62, 0.45, 0.3, 0.45],
+            "correct_rate_se": [0.07] * 7,
+            "llm_nll": [2.2, 5.1, 2.1, 2.1, 2.6, 5.1, 2.6],
+            "llm_nll_se": [0.2] * 7,
+            "throughput_tokens_per_s": [150.0, 37.0, 20.8, 20.8, 21.9, 37.0, 21.9],
         }
     )
     plots.evaluated_modes(summary, tmp_path / "m.png", operating=OPERATING)
     fig = figures[0]
-    for xy in _marker_points(fig):
+    for ax, xy in zip(fig.axes, _marker_points(fig), strict=False):
         assert len(xy) == len(summary)
         for a, b in itertools.combinations(xy, 2):
             assert np.hypot(*(a - b)) >= plots.MIN_MARKER_GAP_PT
+        # HLM, the leftmost point, is moved further left, and its whole marker stays inside
+        box = ax.get_window_extent().get_points() * 72.0 / fig.dpi
+        half = plots.MIN_MARKER_GAP_PT / 2
+        assert np.all((xy[:, 0] > box[0, 0] + half) & (xy[:, 0] < box[1, 0] - half))
     assert "set side by side" in fig.get_suptitle()
     texts = _legend_texts(fig)
     assert "U-HLM, rb — operating point" in texts
