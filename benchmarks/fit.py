@@ -255,13 +255,13 @@ def prompt_effects(write: bool) -> None:
     )
     body = f"""
 `benchmarks/fit.py --prompt-effects`; {machine()}; load average {load_before[0]:.1f} \
-before, {load_after[0]:.1f} after (the machine is shared and was loaded: times are upper \
-bounds).
+before, {load_after[0]:.1f} after.
 
 `uhlm fit` on synthetic hurdle records (`tests.helpers.synthetic_records`), each size in \
 a fresh process (compilation included). The models with a random intercept per prompt \
 run NUTS on per-prompt sufficient statistics (linear) and on tokens grouped by prompt and \
-`u` (hurdle); a cell gives the NUTS time (mean leapfrog steps, divergences, largest \
+`u` (hurdle), with a dense mass matrix over the global parameters and a diagonal one over \
+the prompt effects; a cell gives the NUTS time (mean leapfrog steps, divergences, largest \
 r-hat). PSIS-LOO leaves out whole prompts, integrating the prompt effects out by adaptive \
 Gauss-Hermite quadrature.
 
