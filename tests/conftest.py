@@ -50,9 +50,9 @@ def _type_checks(request):
 
 @pytest.fixture(scope="module", autouse=True)
 def _drop_compiled_programs():
-    """Drops JAX's compiled programs after each test module. A worker that keeps every
-    program of a thousand tests grows past 7 GB and its memory maps toward the kernel's
-    limit; XLA then crashes inside a later compilation. Modules share almost no programs,
-    so little is recompiled."""
+    """Drops JAX's compiled programs after each test module. An xdist worker that kept
+    every program of a thousand tests grew past 7 GB, and XLA then crashed (segfault)
+    inside a later compilation; with this, workers stay near 4 GB. Modules share almost
+    no programs, so little is recompiled."""
     yield
     jax.clear_caches()

@@ -337,3 +337,21 @@ def test_fit_main_errors_exit_2_and_keep_files(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "measure 'margin'" in err
     assert json.loads((tmp_path / rd.FIT_FILE).read_text()) == {"previous": True}
+
+
+def test_nuts_adapts_a_dense_mass_matrix_over_the_global_sites_only():
+    # Given hurdle records of 5 prompts
+    df = synthetic_records(np.random.default_rng(0), 5, 6)
+    u = df["u_temperature_perturbation"].to_numpy(np.float32)
+    beta = df["beta"].to_numpy(np.float32)
+    _, prompt = np.unique(df["prompt_id"], return_inverse=True)
+    pooled = rejection.HurdleGroups(*(jnp.asarray(x) for x in rejection.hurdle_groups(u, beta)))
+    groups, group_prompt = rejection.hurdle_prompt_groups(u, beta, prompt)
+    per_prompt = (rejection.HurdleGroups(*(jnp.asarray(x) for x in groups)),
+                  jnp.asarray(group_prompt), 5, rejection.HurdlePrior())
+    # Then the pooled model's block holds every latent site, and the prompt-effect model's
+    # holds all but the per-prompt effects (which get a diagonal mass matrix)
+    block = fit._global_latent_sites
+    assert block(rejection.hurdle_grouped, (pooled, rejection.HurdlePrior())) == (
+        rejection.HURDLE_SITES)
+    assert block(rejection.hurdle_prompts, per_prompt) == rejection.HURDLE_PROMPT_SITES
