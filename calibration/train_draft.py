@@ -16,8 +16,9 @@ draft's normed exit-block output to the teacher's final hidden state (closed for
 `least_squares_adapter`). The loss is the mean over reply positions (those the draft is
 used on) of `KL(p || q)`, teacher `p` and draft `q` at temperature 1, minimised with AdamW
 (warm-up, cosine decay, gradient clipping); the output head runs only on those positions.
-Orbax checkpoints in `workdir` let an interrupted run resume where it stopped; the
-sampled sequences and their hidden states are cached there too.
+Orbax checkpoints in `workdir` let an interrupted run continue where it stopped
+(`--resume`) to the same head as an uninterrupted run; the sampled sequences and their
+hidden states are cached there too.
 
 Acceptance is measured on the full model's replies to the held-out prompts (splits other
 than `train`): the mean over reply positions of `1 − TV(p, q)`, the expected acceptance of
@@ -66,7 +67,15 @@ from uhlm_jax.models.llama import ModelParams, output_logits
 from uhlm_jax.models.registry import DType
 from uhlm_jax.models.tokenizer import Tokenizer
 from uhlm_jax.sampling import ReplyConfig, generate_replies, pad_rows, padded_length
-from uhlm_jax.speculative import total_variation
+from uhlm_jax.speculative import rejection_probability, total_variation
+from uhlm_jax.threshold import (
+    PaperRule,
+    paper_threshold,
+    risk_bounded_index,
+    risk_curve,
+    threshold_grid,
+)
+from uhlm_jax.uncertainty import TemperaturePerturbation
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 TRAIN_SPLIT = "train"
@@ -98,12 +107,16 @@ class AdapterInit(enum.Enum):
 class Divergence(enum.Enum):
     """The distillation loss per position, teacher `p`, draft `q`.
 
-    KL: `KL(p || q) = Σ_v p_v (log p_v − log q_v)` (forward KL, mass-covering).
-    TV: `TV(p, q) = ½ Σ_v |p_v − q_v|`, one minus the acceptance that is measured.
+    KL: `KL(p || q) = Σ_v p_v (log p_v − log q_v)` (forward KL, mass-covering: the draft
+        is pushed to be uncertain where the full model is).
+    TV: `TV(p, q) = ½ Σ_v |p_v − q_v|`, one minus the acceptance that is measured; it
+        rewards matching the mode and leaves the draft's confidence elsewhere free.
+    KL_TV: `KL(p || q) + TV(p, q)`.
     """
 
     KL = "kl"
     TV = "tv"
+    KL_TV = "kl+tv"
 
     def __str__(self) -> str:
         return self.value
@@ -141,6 +154,9 @@ class Config:
         max_heldout: use at most this many held-out prompts (None: all).
         max_train_prompts: use at most this many training prompts (None: all).
         dtype: parameter dtype of the full model (and so of the draft).
+        resume: continue the interrupted (or finished) run of these settings from its
+            last checkpoint in `workdir`; without it, a run whose checkpoints exist stops
+            with a message instead of silently continuing.
     """
 
     model: str = DEFAULT_MODEL
@@ -167,6 +183,7 @@ class Config:
     max_heldout: int | None = None
     max_train_prompts: int | None = None
     dtype: DType = "float32"
+    resume: bool = False
 
     def __post_init__(self):
         positive = (
@@ -265,6 +282,7 @@ class Result:
     acceptance_initial: Acceptance
     acceptance_least_squares: Acceptance | None
     acceptance_trained: Acceptance
+    link: Link
     flops_fraction: float
     train_tokens: int
     data_s: float
@@ -481,10 +499,9 @@ def distillation_loss(
     draft = draft.reshape(-1, draft.shape[-1])[index]
     log_q = jax.nn.log_softmax(output_logits(params, draft), axis=-1)
     log_p = jax.nn.log_softmax(output_logits(params, final), axis=-1)
-    if divergence is Divergence.TV:
-        loss = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
-    else:
-        loss = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    tv = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+    loss = {Divergence.TV: tv, Divergence.KL: kl, Divergence.KL_TV: kl + tv}[divergence]
     return jnp.sum(loss * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
@@ -539,6 +556,175 @@ def measure_acceptance(
         counts.extend(weights.sum(axis=1).tolist())
     mean, se = clustered_mean(np.asarray(sums), np.asarray(counts))
     return Acceptance(mean=mean, se=se, tokens=int(np.sum(counts)), sequences=len(sums))
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """How well the draft's uncertainty predicts rejection, on held-out sequences.
+
+    At every reply position the draft drafts `d ~ q` (temperature 1), the full model's
+    rejection probability of it is `β = max(0, 1 − p_d/q_d)` and `u` is U-HLM's
+    temperature-perturbation uncertainty of the draft (`K = 20`, `θ_max = 2`), the
+    quantities a calibration run records, here on the full model's replies (teacher
+    forcing) instead of the hybrid's own. Intervals are percentile intervals of a
+    bootstrap over sequences (tokens of one reply are not independent).
+
+    Attributes:
+        r, r_se, r_interval: Pearson correlation of `u` and `β`, its bootstrap standard
+            error and 90% interval.
+        slope, slope_se, slope_interval, intercept, intercept_se, intercept_interval:
+            least squares `β ≈ a·u + b`, likewise.
+        risk_averse: the paper's risk-averse threshold `−b/a`, clipped to [0, 1]
+            (NaN if `a ≤ 0`).
+        risk_averse_skip: the share of tokens with `u` at or below it.
+        risk_bounded: the largest grid threshold whose per-token risk is at most
+            `risk` in a share ≥ `confidence` of the bootstrap draws (−1: none).
+        risk_bounded_skip: the share of tokens it skips.
+        tokens, sequences: what was measured.
+    """
+
+    r: float
+    r_se: float
+    r_interval: tuple[float, float]
+    slope: float
+    slope_se: float
+    slope_interval: tuple[float, float]
+    intercept: float
+    intercept_se: float
+    intercept_interval: tuple[float, float]
+    risk_averse: float
+    risk_averse_skip: float
+    risk_bounded: float
+    risk_bounded_skip: float
+    tokens: int
+    sequences: int
+
+
+def _link_batch(
+    head: ExitHead,
+    params: ModelParams,
+    hidden: Float[Array, "b t h"],
+    final: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+    key: Array,
+) -> tuple[Float[Array, "b t"], Float[Array, "b t"]]:
+    """`(u, β)` at every position of a batch (see `Link`)."""
+    logits = exit_logits(params, head, hidden, lengths)
+    rows, columns, vocab = logits.shape
+    final = final.reshape(rows * columns, -1)
+    keys = jax.random.split(key, rows * columns)
+    measure = TemperaturePerturbation()
+
+    def one(inputs):
+        key, logits, final = inputs
+        log_q = jax.nn.log_softmax(logits)
+        log_p = jax.nn.log_softmax(output_logits(params, final))
+        draft_key, measure_key = jax.random.split(key)
+        draft = jax.random.categorical(draft_key, log_q)
+        u = measure(measure_key, logits, log_q, draft)
+        return u, rejection_probability(log_q, log_p, draft)
+
+    # In slices of positions: the K tempered sums over the vocabulary of every position
+    # at once would not fit in memory.
+    u, beta = jax.lax.map(one, (keys, logits.reshape(-1, vocab), final), batch_size=64)
+    return u.reshape(rows, columns), beta.reshape(rows, columns)
+
+
+_link_batch_jit = jax.jit(_link_batch)
+
+
+def _weighted_line(
+    u: np.ndarray, beta: np.ndarray, weight: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted least-squares slope, intercept and Pearson r; one per row of `weight`."""
+    total = weight.sum(axis=-1)
+    mu, mb = weight @ u / total, weight @ beta / total
+    cuu = weight @ (u * u) / total - mu**2
+    cub = weight @ (u * beta) / total - mu * mb
+    cbb = weight @ (beta * beta) / total - mb**2
+    with np.errstate(divide="ignore", invalid="ignore"):  # constant u or β: NaN
+        slope = cub / cuu
+        return slope, mb - slope * mu, cub / np.sqrt(cuu * cbb)
+
+
+def link_samples(
+    params: ModelParams,
+    head: ExitHead,
+    sequences: Sequences,
+    features: Features,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(u, β, sequence index)` at every reply position of `sequences` (see `Link`)."""
+    u, beta, owner = [], [], []
+    n = len(sequences.tokens)
+    for start in range(0, n, _FEATURE_BATCH):
+        index = range(start, min(n, start + _FEATURE_BATCH))
+        lengths = [len(sequences.tokens[i]) for i in index]
+        t = padded_length(max(lengths), _PAD_MULTIPLE)
+        batch_u, batch_beta = _link_batch_jit(
+            head,
+            params,
+            jnp.asarray(pad_rows([features.hidden[i] for i in index], t)),
+            jnp.asarray(pad_rows([features.final[i] for i in index], t)),
+            jnp.asarray(lengths, jnp.int32),
+            jax.random.fold_in(jax.random.key(seed), start),
+        )
+        keep = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t) > 0
+        u.append(np.asarray(batch_u)[keep])
+        beta.append(np.asarray(batch_beta)[keep])
+        owner.append(np.broadcast_to(np.asarray(index)[:, None], keep.shape)[keep])
+    return tuple(np.concatenate(x) for x in (u, beta, owner))
+
+
+def measure_link(
+    params: ModelParams,
+    head: ExitHead,
+    sequences: Sequences,
+    features: Features,
+    seed: int = 0,
+    risk: float = 0.05,
+    confidence: float = 0.9,
+    num_bootstrap: int = 1000,
+    grid_size: int = 101,
+) -> Link:
+    """The `Link` of `head` over the reply positions of `sequences`."""
+    u, beta, owner = link_samples(params, head, sequences, features, seed)
+    n = len(sequences.tokens)
+    u64, beta64 = u.astype(np.float64), beta.astype(np.float64)
+
+    slope, intercept, r = _weighted_line(u64, beta64, np.ones((1, len(u))))
+    counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), num_bootstrap)
+    weight = counts[:, owner].astype(np.float64)
+    draws = np.stack(_weighted_line(u64, beta64, weight))
+    (slope_lo, intercept_lo, r_lo), (slope_hi, intercept_hi, r_hi) = (
+        np.percentile(draws, q, axis=1) for q in (5.0, 95.0)
+    )
+    slope_se, intercept_se, r_se = np.std(draws, axis=1, ddof=1)
+
+    paper = paper_threshold(PaperRule.RISK_AVERSE, float(slope[0]), float(intercept[0]))
+    grid = threshold_grid(grid_size)
+    curves = jax.vmap(risk_curve, in_axes=(None, None, None, 0))(
+        jnp.asarray(beta), jnp.asarray(u), grid, jnp.asarray(weight, jnp.float32)
+    )
+    index = int(risk_bounded_index(curves, jnp.float32(risk), jnp.float32(1.0 - confidence)))
+    bounded = float(grid[index]) if index >= 0 else -1.0
+    return Link(
+        r=float(r[0]),
+        r_se=float(r_se),
+        r_interval=(float(r_lo), float(r_hi)),
+        slope=float(slope[0]),
+        slope_se=float(slope_se),
+        slope_interval=(float(slope_lo), float(slope_hi)),
+        intercept=float(intercept[0]),
+        intercept_se=float(intercept_se),
+        intercept_interval=(float(intercept_lo), float(intercept_hi)),
+        risk_averse=paper.threshold,
+        risk_averse_skip=float(np.mean(u <= paper.threshold)),
+        risk_bounded=bounded,
+        risk_bounded_skip=float(np.mean(u <= bounded)),
+        tokens=len(u),
+        sequences=n,
+    )
 
 
 _exit_hidden_jit = jax.jit(exit_hidden)
@@ -836,6 +1022,26 @@ def _finished(cfg: Config, directory: str, num_sequences: int) -> bool:
     return latest is not None and latest >= stop
 
 
+def _check_resume(cfg: Config, directory: str) -> None:
+    """Raises ValueError unless `--resume` matches whether `directory` holds checkpoints."""
+    import orbax.checkpoint as ocp
+
+    latest = None
+    if os.path.isdir(directory):
+        with ocp.CheckpointManager(os.path.abspath(directory)) as manager:
+            latest = manager.latest_step()
+    if latest is not None and not cfg.resume:
+        raise ValueError(
+            f"{directory} holds a run with these settings, stopped at step {latest}; pass "
+            "--resume to continue it, or delete that folder to start over."
+        )
+    if latest is None and cfg.resume:
+        raise ValueError(
+            f"Cannot resume: {directory} holds no checkpoint of a run with these settings; "
+            "drop --resume."
+        )
+
+
 def sidecar_path(output: str) -> str:
     """The JSON file written next to an exit-head file."""
     return os.path.splitext(output)[0] + ".json"
@@ -852,9 +1058,10 @@ def run(cfg: Config, progress: bool = True) -> Result:
             f"Config.exit_layer={cfg.exit_layer} must be below the model's "
             f"{params.config.num_layers} layers."
         )
+    checkpoints = checkpoint_dir(cfg)
+    _check_resume(cfg, checkpoints)
     start = time.perf_counter()
     train, heldout = load_sequences(cfg, params, model.tokenizer, progress)
-    checkpoints = checkpoint_dir(cfg)
     least_squares = cfg.adapter_init is AdapterInit.LEAST_SQUARES
     settings = sequence_settings(cfg)
     if _finished(cfg, checkpoints, len(train.tokens)) and not least_squares:
@@ -885,12 +1092,13 @@ def run(cfg: Config, progress: bool = True) -> Result:
     stored, _ = load_exit_head(cfg.output, params.config, params.dtype)
     trained = measure_acceptance(params, stored, heldout, heldout_features)
     heldout_splits = [p.split for p in train_and_heldout(cfg.prompts)[1][: cfg.max_heldout]]
-    by_split = {}
+    link = measure_link(params, stored, heldout, heldout_features, cfg.seed)
+    by_split, link_by_split = {}, {}
     for split in sorted(set(heldout_splits)):
         index = [i for i, s in enumerate(heldout_splits) if s == split]
-        by_split[split] = dataclasses.asdict(
-            measure_acceptance(params, stored, *subset(heldout, heldout_features, index))
-        )
+        part = subset(heldout, heldout_features, index)
+        by_split[split] = dataclasses.asdict(measure_acceptance(params, stored, *part))
+        link_by_split[split] = dataclasses.asdict(measure_link(params, stored, *part, cfg.seed))
     result = Result(
         exit_layer=cfg.exit_layer,
         steps=steps,
@@ -898,6 +1106,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         acceptance_initial=initial,
         acceptance_least_squares=fitted,
         acceptance_trained=trained,
+        link=link,
         flops_fraction=draft_flops_fraction(params.config, cfg.exit_layer),
         train_tokens=int(sum(len(x) for x in train.tokens)),
         data_s=data_s,
@@ -908,8 +1117,8 @@ def run(cfg: Config, progress: bool = True) -> Result:
     config["adapter_init"] = cfg.adapter_init.value
     config["divergence"] = cfg.divergence.value
     config["prompts"] = os.path.basename(cfg.prompts)
-    config.pop("workdir")
-    config.pop("output")
+    for name in ("workdir", "output", "resume"):
+        config.pop(name)
     sidecar = {
         "exit_layer": cfg.exit_layer,
         "storage_dtype": "float16",
@@ -920,11 +1129,15 @@ def run(cfg: Config, progress: bool = True) -> Result:
         "acceptance_by_split": by_split,
         "acceptance_untrained": initial.mean,
         "acceptance_least_squares": None if fitted is None else fitted.mean,
+        "link": dataclasses.asdict(link),
+        "link_by_split": link_by_split,
         "flops_fraction": result.flops_fraction,
         "measurement": (
             "mean of 1 - TV(p, q) over the reply positions of the full model's replies to the "
             "prompts outside the train split (temperature-1 distributions; replies sampled at "
-            "`temperature` with seed + 1)"
+            "`temperature` with seed + 1); link: u (temperature perturbation, K = 20) and "
+            "beta of a token drafted from q at each of those positions, with a bootstrap "
+            "over replies (calibration.train_draft.Link)"
         ),
         "train_config": config,
         "steps": steps,
@@ -933,7 +1146,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         "train_s": round(train_s, 1),
     }
     with open(sidecar_path(cfg.output), "w") as f:
-        json.dump(sidecar, f, indent=2)
+        json.dump(console.json_ready(sidecar), f, indent=2)
         f.write("\n")
     return result
 
@@ -958,9 +1171,25 @@ def main(args: argparse.Namespace) -> int:
         f"exit layer {result.exit_layer}: {result.flops_fraction:.1%} of the full model's FLOPs\n"
         f"acceptance 1-TV on {a1.tokens} held-out tokens: untrained {a0.mean:.3f} ± {a0.se:.3f}, "
         f"{fitted_text}trained {a1.mean:.3f} ± {a1.se:.3f}\n"
+        f"{_link_text(result.link)}\n"
         f"{result.steps} steps on {result.train_tokens} tokens in {result.train_s:.0f} s "
         f"(data {result.data_s:.0f} s); final {cfg.divergence.value} loss "
         f"{console.number(result.final_loss)}\n"
         f"wrote {result.output} and {sidecar_path(result.output)}"
     )
     return 0
+
+
+def _link_text(link: Link) -> str:
+    def bounded(t: float) -> str:
+        return "none" if t < 0 else f"{t:.2f}"
+
+    return (
+        f"uncertainty vs rejection: r = {link.r:.2f} ± {link.r_se:.2f}, "
+        f"beta ≈ {link.slope:.2f}·u {'+' if link.intercept >= 0 else '−'} "
+        f"{abs(link.intercept):.2f} (intercept 90% interval "
+        f"[{link.intercept_interval[0]:.2f}, {link.intercept_interval[1]:.2f}]); "
+        f"risk-averse threshold {console.number(link.risk_averse, '.2f')} skips "
+        f"{link.risk_averse_skip:.0%}, risk-bounded {bounded(link.risk_bounded)} skips "
+        f"{link.risk_bounded_skip:.0%}"
+    )

@@ -16,6 +16,7 @@ from calibration import train_draft
 from uhlm_jax.models import early_exit as ee
 from uhlm_jax.models.llama import forward
 from uhlm_jax.models.registry import load_model
+from uhlm_jax.uncertainty import exact_fractions
 
 # KL and acceptance of two float32 evaluations of the same network.
 EXACT_ATOL = 1e-4
@@ -142,10 +143,9 @@ def test_distillation_loss_matches_the_divergence_of_forward_logits(toy, diverge
 
     log_p = _log_softmax64(forward(params, tokens, lengths))
     log_q = _log_softmax64(forward(ee.build_draft(params, head), tokens, lengths))
-    if divergence is train_draft.Divergence.KL:
-        per_position = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
-    else:
-        per_position = 0.5 * np.sum(np.abs(np.exp(log_p) - np.exp(log_q)), axis=-1)
+    kl = np.sum(np.exp(log_p) * (log_p - log_q), axis=-1)
+    tv = 0.5 * np.sum(np.abs(np.exp(log_p) - np.exp(log_q)), axis=-1)
+    per_position = {"kl": kl, "tv": tv, "kl+tv": kl + tv}[divergence.value]
     expected = np.sum(per_position * weights) / np.sum(weights)
     assert float(loss) == pytest.approx(expected, rel=KL_RTOL)
     assert expected > 0
@@ -242,21 +242,36 @@ def test_cli_smoke_run_writes_the_head_and_its_json(prompts_file, tmp_path, toy,
         sidecar = json.load(f)
     assert sidecar["acceptance"] == result["acceptance_trained"]["mean"]
     assert sidecar["storage_dtype"] == "float16"
+    assert set(sidecar["link_by_split"]) == {"calibration", "evaluation"}
+    assert sidecar["link"]["tokens"] == result["acceptance_trained"]["tokens"]
 
 
-def test_interrupted_run_resumes_to_the_same_head(prompts_file, tmp_path, toy):
+def test_interrupted_run_resumes_to_the_same_head(prompts_file, tmp_path, toy, capsys):
     # Given one uninterrupted run of 4 steps,
     whole = train_draft.run(_config(prompts_file, tmp_path / "a", toy), progress=False)
-    # and one stopped after a step and then restarted in the same workdir,
+    # and one stopped after a step,
     first = train_draft.run(_config(prompts_file, tmp_path / "b", toy, max_steps=1), progress=False)
     assert first.steps == 1
     initial, _ = ee.load_exit_head(first.output, toy.params.config)
-    assert os.listdir(train_draft.checkpoint_dir(_config(prompts_file, tmp_path / "b", toy)))
-    resumed = train_draft.run(_config(prompts_file, tmp_path / "b", toy), progress=False)
+    checkpoints = train_draft.checkpoint_dir(_config(prompts_file, tmp_path / "b", toy))
+    assert os.listdir(checkpoints)
+    # a rerun without --resume stops with a one-line error that names the fix,
+    cfg = _config(prompts_file, tmp_path / "b", toy)
+    argv = ["train-draft", "--model", TOY, "--prompts", prompts_file,
+            "--exit-layer", str(cfg.exit_layer), "--samples-per-prompt", "1",
+            "--max-new-tokens", "6", "--epochs", "2", "--batch-size", "2",
+            "--warmup-steps", "1", "--checkpoint-every", "1", "--workdir", cfg.workdir,
+            "--output", cfg.output, "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "stopped at step 1" in err and "--resume" in err and len(err.splitlines()) == 1
+    # and `uhlm train-draft --resume` continues it,
+    assert cli_main([*argv, "--resume", "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
     # then both reach the same head (optimizer state and data order were restored).
-    assert whole.steps == resumed.steps == 4
+    assert whole.steps == resumed["steps"] == 4
     a, _ = ee.load_exit_head(whole.output, toy.params.config)
-    b, _ = ee.load_exit_head(resumed.output, toy.params.config)
+    b, _ = ee.load_exit_head(resumed["output"], toy.params.config)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     changed = [
@@ -264,3 +279,73 @@ def test_interrupted_run_resumes_to_the_same_head(prompts_file, tmp_path, toy):
         for x, y in zip(jax.tree.leaves(initial), jax.tree.leaves(a), strict=True)
     ]
     assert any(changed)
+
+
+def test_resume_without_checkpoints_is_refused(prompts_file, tmp_path, toy):
+    with pytest.raises(ValueError, match="drop --resume"):
+        train_draft.run(_config(prompts_file, tmp_path, toy, resume=True), progress=False)
+
+
+def test_weighted_line_matches_least_squares_on_repeated_rows():
+    # Integer weights are repeated rows: the weighted line is numpy's unweighted fit of
+    # the expanded data.
+    rng = np.random.default_rng(0)
+    u, beta = rng.random(30), rng.random(30)
+    counts = rng.integers(0, 4, size=(3, 30))
+    slope, intercept, r = train_draft._weighted_line(u, beta, counts.astype(np.float64))
+    for k in range(3):
+        x, y = np.repeat(u, counts[k]), np.repeat(beta, counts[k])
+        expected_slope, expected_intercept = np.polyfit(x, y, 1)
+        assert slope[k] == pytest.approx(expected_slope, rel=1e-9)
+        assert intercept[k] == pytest.approx(expected_intercept, rel=1e-9)
+        assert r[k] == pytest.approx(np.corrcoef(x, y)[0, 1], rel=1e-9)
+
+
+# Seeds of the draft draws averaged in the link test.
+LINK_SEEDS = 16
+# Two-sided test at about the 0.01% level.
+LINK_Z = 4.0
+
+
+def test_link_samples_rejection_averages_to_the_total_variation(toy):
+    # Given a perturbed draft of the toy model and random sequences,
+    params = toy.params
+    exit_layer = params.config.num_layers - 2
+    head = ee.init_exit_head(params, exit_layer)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 200, size=n).astype(np.int32) for n in (40, 33, 50, 27)]
+    sequences = train_draft.Sequences(tokens=rows, prompt_lengths=[5, 4, 6, 3])
+    features = train_draft.compute_features(params, sequences, [exit_layer], progress=False)
+    features = features[exit_layer]
+    acceptance = train_draft.measure_acceptance(params, head, sequences, features)
+    # when tokens are drafted from q and rejected with probability β = max(0, 1 − p/q),
+    means = []
+    for seed in range(LINK_SEEDS):
+        u, beta, owner = train_draft.link_samples(params, head, sequences, features, seed)
+        assert len(u) == acceptance.tokens and sorted(set(owner)) == [0, 1, 2, 3]
+        # (u is a share of K = 20 re-draws, stored exactly)
+        np.testing.assert_array_equal(u, exact_fractions(20)[np.rint(u * 20).astype(int)])
+        means.append(beta.mean())
+    # then E[β] = TV(p, q), one minus the acceptance, within the draws' standard error.
+    se = np.std(means, ddof=1) / np.sqrt(LINK_SEEDS)
+    assert abs(1.0 - np.mean(means) - acceptance.mean) <= LINK_Z * se
+    # and the summary's numbers are those of its samples.
+    link = train_draft.measure_link(params, head, sequences, features, seed=0)
+    u, beta, _ = train_draft.link_samples(params, head, sequences, features, 0)
+    assert link.r == pytest.approx(np.corrcoef(u, beta)[0, 1], rel=1e-6)
+    assert link.intercept_interval[0] <= link.intercept <= link.intercept_interval[1]
+    assert link.risk_averse_skip == pytest.approx(np.mean(u <= link.risk_averse))
+
+
+def test_a_draft_equal_to_the_model_is_never_rejected(toy):
+    params = toy.params
+    head = ee.init_exit_head(params, params.config.num_layers - 1)
+    rows = [np.array([1, 5, 9, 2, 7, 3, 3], np.int32), np.array([3, 4, 6, 8], np.int32)]
+    sequences = train_draft.Sequences(tokens=rows, prompt_lengths=[2, 1])
+    features = train_draft.compute_features(
+        params, sequences, [params.config.num_layers - 1], progress=False
+    )[params.config.num_layers - 1]
+    link = train_draft.measure_link(params, head, sequences, features)
+    # β = 0 everywhere: zero risk, so the risk-bounded threshold skips every token.
+    assert link.intercept == pytest.approx(0.0, abs=EXACT_ATOL)
+    assert link.risk_bounded == 1.0 and link.risk_bounded_skip == 1.0
