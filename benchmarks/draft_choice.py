@@ -23,12 +23,14 @@ committed exit head, measured again here. It writes the "Early-exit draft" secti
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 
 from benchmarks.results import machine, write_section
 from calibration import train_draft
+from uhlm_jax import console
 from uhlm_jax.models import early_exit as ee
 from uhlm_jax.models.registry import load_model
 
@@ -83,6 +85,9 @@ def main() -> None:
             flops=ee.draft_flops_fraction(params.config, exit_layer),
             untrained=untrained,
             fitted=fitted,
+            fitted_link=train_draft.measure_link(
+                params, head, heldout, heldout_features[exit_layer]
+            ),
             fit_s=fit_s,
             trained=None,
         )
@@ -135,6 +140,26 @@ def _embedded_row(params, heldout, base) -> str:
     )
 
 
+def _link_cells(link: dict | None) -> str:
+    """`r | slope | intercept | skip at risk-averse | skip at risk-bounded` cells."""
+    if link is None:
+        return "– | – | – | – | –"
+
+    def interval(name: str) -> str:
+        lo, hi = link[f"{name}_interval"]
+        return f"{link[name]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    averse, bounded = link["risk_averse"], link["risk_bounded"]
+    averse_cell = "–" if averse is None else f"{link['risk_averse_skip']:.0%} (u ≤ {averse:.2f})"
+    bounded_cell = (
+        "none" if bounded < 0 else f"{link['risk_bounded_skip']:.0%} (u ≤ {bounded:.2f})"
+    )
+    return (
+        f"{interval('r')} | {interval('slope')} | {interval('intercept')} "
+        f"| {averse_cell} | {bounded_cell}"
+    )
+
+
 def _run_rows(paths) -> list[str]:
     """Table rows of finished train-draft runs, from their sidecar JSONs."""
     rows = []
@@ -145,13 +170,12 @@ def _run_rows(paths) -> list[str]:
         fitted = s.get("acceptance_least_squares")
         train_s = s.get("train_s")
         rows.append(
-            f"| {s['exit_layer']} | {s['flops_fraction']:.1%} | {c.get('adapter_init')} "
-            f"| {c['epochs']} | {c['batch_size']} | {c['learning_rate']} | {s['steps']} "
-            f"| {s['acceptance_untrained']:.3f} "
+            f"| {s['exit_layer']} | {s['flops_fraction']:.1%} | {c.get('divergence', 'kl')} "
+            f"| {c['samples_per_prompt']} | {s['train_tokens']} | {c['epochs']} "
+            f"| {s['steps']} | {'–' if train_s is None else f'{train_s:.0f} s'} "
             f"| {'–' if fitted is None else f'{fitted:.3f}'} "
             f"| {s['acceptance']:.3f} ± {s['acceptance_se']:.3f} "
-            f"| {c.get('divergence', 'kl')} "
-            f"| {'–' if train_s is None else f'{train_s:.0f} s'} |"
+            f"| {_link_cells(s.get('link'))} |"
         )
     return rows
 
@@ -175,11 +199,13 @@ def _table(rows, run_rows, embedded, base, train, heldout, data_s) -> str:
         f"{data_s:.0f} s.",
         "",
         "| L | draft layers | FLOPs vs full | acceptance untrained | least squares "
-        "| fit time | trained |",
-        "|---|---|---|---|---|---|---|",
+        "| fit time | trained | least squares: r(u, β) | slope | intercept "
+        "| skip, risk-averse | skip, risk-bounded |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         u, f, t = r["untrained"], r["fitted"], r["trained"]
+        fitted_link = console.json_ready(dataclasses.asdict(r["fitted_link"]))
         trained = "–" if t is None else (
             f"{t.mean:.3f} ± {t.se:.3f} ({r['steps']} steps, KL {r['loss']:.2f}, "
             f"{r['train_s']:.0f} s)"
@@ -187,18 +213,26 @@ def _table(rows, run_rows, embedded, base, train, heldout, data_s) -> str:
         lines.append(
             f"| {r['exit_layer']} | {r['exit_layer'] + 1} | {r['flops']:.1%} "
             f"| {u.mean:.3f} ± {u.se:.3f} | {f.mean:.3f} ± {f.se:.3f} | {r['fit_s']:.0f} s "
-            f"| {trained} |"
+            f"| {trained} | {_link_cells(fitted_link)} |"
         )
     if run_rows:
         lines += [
             "",
-            "`uhlm train-draft` runs (adapter init, then distillation with the stated loss "
-            "over the reply positions; AdamW, warm-up and cosine decay), as stated in their "
-            "JSON files:",
+            "`uhlm train-draft` runs (least-squares adapter, then distillation with the "
+            "stated loss over the reply positions; AdamW, warm-up and cosine decay), as "
+            "stated in their JSON files. Acceptance as above; r(u, β), the least-squares "
+            "line `β ≈ a·u + b` (90% intervals of a bootstrap over replies) and the skip "
+            "shares are measured by `train_draft.measure_link` on the same held-out "
+            "replies: at each reply position a token is drafted from q, β is its "
+            "rejection probability and u its temperature-perturbation uncertainty (K = 20, "
+            "θ_max = 2). Risk-averse: the paper's `−b/a`, clipped to [0, 1]; risk-bounded: "
+            "the largest threshold whose per-token risk is ≤ 0.05 in ≥ 90% of the "
+            "bootstrap draws.",
             "",
-            "| L | FLOPs | adapter init | epochs | batch | peak lr | steps | untrained "
-            "| least squares | trained | loss | train time |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| L | FLOPs | loss | replies per prompt | training tokens | epochs | steps "
+            "| train time | least squares | trained | r(u, β) | slope | intercept "
+            "| skip, risk-averse | skip, risk-bounded |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *run_rows,
         ]
     lines += [

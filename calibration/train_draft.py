@@ -682,14 +682,24 @@ def measure_link(
     sequences: Sequences,
     features: Features,
     seed: int = 0,
+) -> Link:
+    """The `Link` of `head` over the reply positions of `sequences`."""
+    return summarize_link(*link_samples(params, head, sequences, features, seed), seed=seed)
+
+
+def summarize_link(
+    u: np.ndarray,
+    beta: np.ndarray,
+    owner: np.ndarray,
+    seed: int = 0,
     risk: float = 0.05,
     confidence: float = 0.9,
     num_bootstrap: int = 1000,
     grid_size: int = 101,
 ) -> Link:
-    """The `Link` of `head` over the reply positions of `sequences`."""
-    u, beta, owner = link_samples(params, head, sequences, features, seed)
-    n = len(sequences.tokens)
+    """The `Link` of `link_samples`' output (`owner`: each token's sequence)."""
+    _, owner = np.unique(owner, return_inverse=True)
+    n = int(owner.max()) + 1
     u64, beta64 = u.astype(np.float64), beta.astype(np.float64)
 
     slope, intercept, r = _weighted_line(u64, beta64, np.ones((1, len(u))))
@@ -940,6 +950,15 @@ def sequence_settings(cfg: Config) -> dict[str, Any]:
     return settings
 
 
+def heldout_settings(cfg: Config) -> dict[str, Any]:
+    """What determines the held-out sequences: not the training data's size, so runs with
+    more training replies are measured on the same held-out replies."""
+    settings = sequence_settings(cfg)
+    for name in ("samples_per_prompt", "max_train_prompts"):
+        settings.pop(name)
+    return {**settings, "part": "heldout"}
+
+
 def load_sequences(cfg: Config, params: ModelParams, tokenizer: Tokenizer, progress: bool = True):
     """Training and held-out sequences, sampled once and cached in `cfg.workdir`.
 
@@ -967,7 +986,7 @@ def load_sequences(cfg: Config, params: ModelParams, tokenizer: Tokenizer, progr
     heldout = cached_sequences(
         cfg.workdir,
         "heldout",
-        {**settings, "part": "heldout"},
+        heldout_settings(cfg),
         lambda: sample_sequences(
             params,
             tokenizer,
@@ -1072,7 +1091,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
             progress,
         )  # fmt: skip
     heldout_features = cached_features(
-        cfg.workdir, "heldout", {**settings, "part": "heldout"}, params, heldout, cfg.exit_layer,
+        cfg.workdir, "heldout", heldout_settings(cfg), params, heldout, cfg.exit_layer,
         progress,
     )  # fmt: skip
     data_s = time.perf_counter() - start
@@ -1092,13 +1111,17 @@ def run(cfg: Config, progress: bool = True) -> Result:
     stored, _ = load_exit_head(cfg.output, params.config, params.dtype)
     trained = measure_acceptance(params, stored, heldout, heldout_features)
     heldout_splits = [p.split for p in train_and_heldout(cfg.prompts)[1][: cfg.max_heldout]]
-    link = measure_link(params, stored, heldout, heldout_features, cfg.seed)
+    u, beta, owner = link_samples(params, stored, heldout, heldout_features, cfg.seed)
+    link = summarize_link(u, beta, owner, cfg.seed)
     by_split, link_by_split = {}, {}
     for split in sorted(set(heldout_splits)):
         index = [i for i, s in enumerate(heldout_splits) if s == split]
         part = subset(heldout, heldout_features, index)
         by_split[split] = dataclasses.asdict(measure_acceptance(params, stored, *part))
-        link_by_split[split] = dataclasses.asdict(measure_link(params, stored, *part, cfg.seed))
+        tokens = np.isin(owner, index)
+        link_by_split[split] = dataclasses.asdict(
+            summarize_link(u[tokens], beta[tokens], owner[tokens], cfg.seed)
+        )
     result = Result(
         exit_layer=cfg.exit_layer,
         steps=steps,

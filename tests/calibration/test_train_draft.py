@@ -349,3 +349,11 @@ def test_a_draft_equal_to_the_model_is_never_rejected(toy):
     # β = 0 everywhere: zero risk, so the risk-bounded threshold skips every token.
     assert link.intercept == pytest.approx(0.0, abs=EXACT_ATOL)
     assert link.risk_bounded == 1.0 and link.risk_bounded_skip == 1.0
+
+
+def test_heldout_replies_do_not_depend_on_the_training_data_size(prompts_file, tmp_path, toy):
+    cfg = _config(prompts_file, tmp_path, toy)
+    more = _config(prompts_file, tmp_path, toy, samples_per_prompt=8, max_train_prompts=2)
+    assert train_draft.heldout_settings(cfg) == train_draft.heldout_settings(more)
+    longer = _config(prompts_file, tmp_path, toy, max_new_tokens=7)
+    assert train_draft.heldout_settings(cfg) != train_draft.heldout_settings(longer)

@@ -298,14 +298,15 @@ def test_embedded_draft_shares_the_first_layers_bit_exactly():
             np.testing.assert_array_equal(a, b)
 
 
-# Two-sided test of the stated acceptance at about the 0.3% level.
+# Two-sided test of each stated estimate (acceptance, r, intercept) at about the 0.3% level.
 ACCEPTANCE_Z = 3.0
 EVALUATION_PROMPTS = 12
 
 
 @pytest.mark.slow
-def test_committed_head_reproduces_the_stated_acceptance():
-    # Given the acceptance on the evaluation prompts stated next to the committed head,
+def test_committed_head_reproduces_the_stated_acceptance_and_link():
+    # Given the acceptance, r(u, β) and intercept on the evaluation prompts stated next to
+    # the committed head,
     from calibration import train_draft
     from calibration.prompts import embedded_prompts_path, read_prompts
     from uhlm_jax.models.registry import load_model
@@ -331,7 +332,14 @@ def test_committed_head_reproduces_the_stated_acceptance():
         progress=False,
     )
     features = train_draft.compute_features(model.params, replies, [head.exit_layer], False)
-    got = train_draft.measure_acceptance(model.params, head, replies, features[head.exit_layer])
-    # then the two estimates agree within their standard errors.
+    features = features[head.exit_layer]
+    got = train_draft.measure_acceptance(model.params, head, replies, features)
+    link = train_draft.measure_link(model.params, head, replies, features, settings["seed"])
+    # then the estimates agree within their standard errors.
     tolerance = ACCEPTANCE_Z * math.hypot(got.se, stated["se"])
     assert abs(got.mean - stated["mean"]) <= tolerance, (got, stated)
+    stated_link = meta["link_by_split"]["evaluation"]
+    for name in ("r", "intercept"):
+        se = math.hypot(getattr(link, f"{name}_se"), stated_link[f"{name}_se"])
+        tolerance = ACCEPTANCE_Z * se
+        assert abs(getattr(link, name) - stated_link[name]) <= tolerance, (name, link, stated_link)
