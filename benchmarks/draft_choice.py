@@ -94,11 +94,9 @@ def main() -> None:
         if not args.no_train:
             # The same folder as `uhlm train-draft` with these settings: a rerun resumes.
             checkpoints = train_draft.checkpoint_dir(cfg)
-            start = time.perf_counter()
-            head, steps, loss = train_draft.train_head(
+            head, steps, loss, train_s = train_draft.train_head(
                 cfg, params, head, train, train_features[exit_layer], checkpoints
             )
-            train_s = time.perf_counter() - start
             ee.save_exit_head(cfg.output, head, params.config)
             stored, _ = ee.load_exit_head(cfg.output, params.config)
             trained = train_draft.measure_acceptance(

@@ -51,6 +51,7 @@ import optax
 from jaxtyping import Array, Float, Int
 
 from calibration.prompts import Prompt, embedded_prompts_path, read_prompts
+from calibration.run_dir import write_json
 from uhlm_jax import cli_config, console
 from uhlm_jax.files import AtomicFile
 from uhlm_jax.models.early_exit import (
@@ -86,6 +87,8 @@ _SAMPLE_BATCH = 36
 _FEATURE_BATCH = 4
 # The loss positions of a training batch are padded to a multiple of this.
 _COLUMN_MULTIPLE = 128
+# Next to a run's checkpoints: optimiser seconds spent up to each checkpointed step.
+_SECONDS_FILE = "train_seconds.json"
 
 
 class AdapterInit(enum.Enum):
@@ -529,8 +532,20 @@ def _reply_weights(lengths: Sequence[int], prompt_lengths: Sequence[int], t: int
     return ((columns >= start) & (columns < stop)).astype(np.float32)
 
 
+def _batch_starts(n: int, desc: str, progress: bool):
+    """Start indices of the measurement batches, with a progress line when asked."""
+    return console.progress(
+        range(0, n, _FEATURE_BATCH), desc=desc, unit="batch", quiet=not progress
+    )
+
+
 def measure_acceptance(
-    params: ModelParams, head: ExitHead, sequences: Sequences, features: Features
+    params: ModelParams,
+    head: ExitHead,
+    sequences: Sequences,
+    features: Features,
+    progress: bool = False,
+    desc: str = "acceptance",
 ) -> Acceptance:
     """Mean `1 − TV(p, q)` over the reply positions of `sequences`.
 
@@ -538,7 +553,7 @@ def measure_acceptance(
     """
     sums, counts = [], []
     n = len(sequences.tokens)
-    for start in range(0, n, _FEATURE_BATCH):
+    for start in _batch_starts(n, desc, progress):
         index = range(start, min(n, start + _FEATURE_BATCH))
         lengths = [len(sequences.tokens[i]) for i in index]
         t = padded_length(max(lengths), _PAD_MULTIPLE)
@@ -604,30 +619,31 @@ def _link_batch(
     head: ExitHead,
     params: ModelParams,
     hidden: Float[Array, "b t h"],
-    final: Float[Array, "b t h"],
     lengths: Int[Array, " b"],
+    index: Int[Array, " n"],
+    final: Float[Array, "n h"],
     key: Array,
-) -> tuple[Float[Array, "b t"], Float[Array, "b t"]]:
-    """`(u, β)` at every position of a batch (see `Link`)."""
-    logits = exit_logits(params, head, hidden, lengths)
-    rows, columns, vocab = logits.shape
-    final = final.reshape(rows * columns, -1)
-    keys = jax.random.split(key, rows * columns)
+) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
+    """`(u, β)` at the `n` flat columns `index` of a batch (see `Link`); `final` holds the
+    teacher's hidden states at those columns."""
+    draft = exit_hidden(params, head, hidden, lengths)
+    draft = draft.reshape(-1, draft.shape[-1])[index]
+    keys = jax.random.split(key, index.shape[0])
     measure = TemperaturePerturbation()
 
     def one(inputs):
-        key, logits, final = inputs
+        key, draft, final = inputs
+        logits = output_logits(params, draft)
         log_q = jax.nn.log_softmax(logits)
         log_p = jax.nn.log_softmax(output_logits(params, final))
         draft_key, measure_key = jax.random.split(key)
-        draft = jax.random.categorical(draft_key, log_q)
-        u = measure(measure_key, logits, log_q, draft)
-        return u, rejection_probability(log_q, log_p, draft)
+        token = jax.random.categorical(draft_key, log_q)
+        u = measure(measure_key, logits, log_q, token)
+        return u, rejection_probability(log_q, log_p, token)
 
     # In slices of positions: the K tempered sums over the vocabulary of every position
     # at once would not fit in memory.
-    u, beta = jax.lax.map(one, (keys, logits.reshape(-1, vocab), final), batch_size=64)
-    return u.reshape(rows, columns), beta.reshape(rows, columns)
+    return jax.lax.map(one, (keys, draft, final), batch_size=64)
 
 
 _link_batch_jit = jax.jit(_link_batch)
@@ -653,26 +669,31 @@ def link_samples(
     sequences: Sequences,
     features: Features,
     seed: int = 0,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`(u, β, sequence index)` at every reply position of `sequences` (see `Link`)."""
     u, beta, owner = [], [], []
     n = len(sequences.tokens)
-    for start in range(0, n, _FEATURE_BATCH):
+    for start in _batch_starts(n, "uncertainty and rejection", progress):
         index = range(start, min(n, start + _FEATURE_BATCH))
         lengths = [len(sequences.tokens[i]) for i in index]
         t = padded_length(max(lengths), _PAD_MULTIPLE)
+        reply = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t)
+        columns, weights = _loss_columns(reply)
+        final = pad_rows([features.final[i] for i in index], t)
         batch_u, batch_beta = _link_batch_jit(
             head,
             params,
             jnp.asarray(pad_rows([features.hidden[i] for i in index], t)),
-            jnp.asarray(pad_rows([features.final[i] for i in index], t)),
             jnp.asarray(lengths, jnp.int32),
+            jnp.asarray(columns),
+            jnp.asarray(final.reshape(-1, final.shape[-1])[columns]),
             jax.random.fold_in(jax.random.key(seed), start),
         )
-        keep = _reply_weights(lengths, [sequences.prompt_lengths[i] for i in index], t) > 0
+        keep = weights > 0
         u.append(np.asarray(batch_u)[keep])
         beta.append(np.asarray(batch_beta)[keep])
-        owner.append(np.broadcast_to(np.asarray(index)[:, None], keep.shape)[keep])
+        owner.append(start + columns[keep] // t)
     return tuple(np.concatenate(x) for x in (u, beta, owner))
 
 
@@ -866,7 +887,9 @@ def train_head(
     `features` may be None when that checkpoint already holds the last step.
 
     Returns:
-        The trained head, the number of steps done in total, and the last step's loss.
+        The trained head, the number of steps done in total, the last step's loss, and
+        the seconds spent in optimiser steps over all sessions of the run (an
+        interrupted run's earlier sessions are read from `checkpoint_dir`).
     """
     import orbax.checkpoint as ocp
     batches = _batches(cfg, len(sequences.tokens))
@@ -893,6 +916,9 @@ def train_head(
             latest, args=ocp.args.StandardRestore({"head": head, "opt_state": opt_state})
         )
         head, opt_state, done = state["head"], state["opt_state"], int(latest)
+    seconds_path = os.path.join(checkpoint_dir, _SECONDS_FILE)
+    seconds = _training_seconds(seconds_path, done)
+    started = time.perf_counter()
     stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
     loss = float("nan")
     bar = console.progress(
@@ -923,10 +949,28 @@ def train_head(
             manager.save(
                 step + 1, args=ocp.args.StandardSave({"head": head, "opt_state": opt_state})
             )
+            _record_seconds(seconds_path, step + 1, seconds + time.perf_counter() - started)
     bar.close()
     manager.wait_until_finished()
     manager.close()
-    return head, stop, loss
+    return head, stop, loss, seconds + time.perf_counter() - started
+
+
+def _training_seconds(path: str, step: int) -> float:
+    """Optimiser seconds spent up to checkpoint `step` by earlier sessions (0 if unknown)."""
+    if step == 0 or not os.path.isfile(path):
+        return 0.0
+    with open(path) as f:
+        return float(json.load(f).get(str(step), 0.0))
+
+
+def _record_seconds(path: str, step: int, seconds: float) -> None:
+    recorded = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            recorded = json.load(f)
+    recorded[str(step)] = round(seconds, 1)
+    write_json(path, recorded)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1097,21 +1141,32 @@ def run(cfg: Config, progress: bool = True) -> Result:
     data_s = time.perf_counter() - start
 
     head = init_exit_head(params, cfg.exit_layer, cfg.source_layer)
-    initial = measure_acceptance(params, head, heldout, heldout_features)
+    initial = measure_acceptance(
+        params, head, heldout, heldout_features, progress, "acceptance, untrained"
+    )
     start = time.perf_counter()
     fitted = None
     if least_squares:
         head = least_squares_adapter(params, head, train, train_features, cfg.ridge)
-        fitted = measure_acceptance(params, head, heldout, heldout_features)
-    head, steps, loss = train_head(cfg, params, head, train, train_features, checkpoints, progress)
-    train_s = time.perf_counter() - start
+        fitted = measure_acceptance(
+            params, head, heldout, heldout_features, progress, "acceptance, least squares"
+        )
+    fit_s = time.perf_counter() - start
+    head, steps, loss, optimiser_s = train_head(
+        cfg, params, head, train, train_features, checkpoints, progress
+    )
+    train_s = fit_s + optimiser_s
 
     os.makedirs(os.path.dirname(os.path.abspath(cfg.output)), exist_ok=True)
     save_exit_head(cfg.output, head, params.config, metadata={"base_model": cfg.model})
     stored, _ = load_exit_head(cfg.output, params.config, params.dtype)
-    trained = measure_acceptance(params, stored, heldout, heldout_features)
+    trained = measure_acceptance(
+        params, stored, heldout, heldout_features, progress, "acceptance, trained"
+    )
     heldout_splits = [p.split for p in train_and_heldout(cfg.prompts)[1][: cfg.max_heldout]]
-    u, beta, owner = link_samples(params, stored, heldout, heldout_features, cfg.seed)
+    u, beta, owner = link_samples(
+        params, stored, heldout, heldout_features, cfg.seed, progress
+    )
     link = summarize_link(u, beta, owner, cfg.seed)
     by_split, link_by_split = {}, {}
     for split in sorted(set(heldout_splits)):
@@ -1168,9 +1223,7 @@ def run(cfg: Config, progress: bool = True) -> Result:
         "final_loss": loss if math.isfinite(loss) else None,
         "train_s": round(train_s, 1),
     }
-    with open(sidecar_path(cfg.output), "w") as f:
-        json.dump(console.json_ready(sidecar), f, indent=2)
-        f.write("\n")
+    write_json(sidecar_path(cfg.output), console.json_ready(sidecar))
     return result
 
 

@@ -268,8 +268,14 @@ def test_interrupted_run_resumes_to_the_same_head(prompts_file, tmp_path, toy, c
     # and `uhlm train-draft --resume` continues it,
     assert cli_main([*argv, "--resume", "--json"]) == 0
     resumed = json.loads(capsys.readouterr().out)
-    # then both reach the same head (optimizer state and data order were restored).
+    # then both reach the same head (optimizer state and data order were restored),
     assert whole.steps == resumed["steps"] == 4
+    # and the training time counts both sessions.
+    with open(os.path.join(checkpoints, "train_seconds.json")) as f:
+        seconds = {int(step): value for step, value in json.load(f).items()}
+    assert sorted(seconds) == [1, 2, 3, 4]
+    assert all(seconds[k] <= seconds[k + 1] for k in (1, 2, 3))
+    assert resumed["train_s"] >= seconds[4]
     a, _ = ee.load_exit_head(whole.output, toy.params.config)
     b, _ = ee.load_exit_head(resumed["output"], toy.params.config)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
