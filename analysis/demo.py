@@ -67,7 +67,7 @@ class Scale:
     refit_splits: int
 
 
-FULL = Scale(36, 36, 64, 36, 500, 500, 20)
+FULL = Scale(36, 30, 64, 36, 500, 500, 10)
 QUICK = Scale(4, 4, 12, 4, 100, 100, 2)
 
 

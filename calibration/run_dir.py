@@ -712,7 +712,11 @@ class Thresholds(_FileView):
         in use is validated by refitting its model per split (`risk_bounded`); files
         without that method validated only the linear posterior, so a risk-bounded
         threshold of another model has none there."""
-        method, statistic = _VALIDATED_AS[name]
+        found = self._validation_of(name)
+        return None if found is None else getattr(found, _VALIDATED_AS[name][1])
+
+    def _validation_of(self, name: ThresholdName) -> MethodValidation | None:
+        method = _VALIDATED_AS[name][0]
         methods = {} if self.validation is None else self.validation.methods
         if name is ThresholdName.RISK_BOUNDED and "risk_bounded" in methods:
             method = "risk_bounded"
@@ -720,8 +724,7 @@ class Thresholds(_FileView):
             None, "linear"
         ):
             return None
-        found = methods.get(method)
-        return None if found is None else getattr(found, statistic)
+        return methods.get(method)
 
     def passed_validation(self, name: ThresholdName) -> bool | None:
         """Whether threshold `name` held its risk level out of sample: it exceeded `ε` in
@@ -745,9 +748,11 @@ class Thresholds(_FileView):
         per = "per prompt" if name is ThresholdName.LEARN_THEN_TEST else "per token"
         outcome = "passed" if passed else "FAILED"
         eps = "ε" if self.risk is None else f"ε = {self.risk:g}"
+        # A refitted model is validated on fewer splits than the others.
+        splits = len(self._validation_of(name).realised_risk_per_token) or val.num_splits
         return (
             f"the {name} threshold {outcome} its validation: realised risk {per} exceeded "
-            f"{eps} in {self.exceed_frequency(name):.0%} of {val.num_splits} "
+            f"{eps} in {self.exceed_frequency(name):.0%} of {splits} "
             f"prompt splits (allowed: δ = {val.allowed_exceed_frequency:.0%})"
         )
 

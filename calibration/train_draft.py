@@ -14,8 +14,9 @@ block) and a trainable final RMSNorm in front of the shared output head
 The adapter in front of the shared output head starts as the least-squares map from the
 draft's normed exit-block output to the teacher's final hidden state (closed form; see
 `least_squares_adapter`). The loss is the mean over reply positions (those the draft is
-used on) of `KL(p || q)`, teacher `p` and draft `q` at temperature 1, minimised with AdamW
-(warm-up, cosine decay, gradient clipping); the output head runs only on those positions.
+used on) of a divergence of teacher `p` and draft `q` at temperature 1 (`Divergence`:
+forward KL, TV or their sum), minimised with AdamW (warm-up, cosine decay, gradient
+clipping); the output head runs only on those positions.
 Orbax checkpoints in `workdir` let an interrupted run continue where it stopped
 (`--resume`) to the same head as an uninterrupted run; the sampled sequences and their
 hidden states are cached there too.
@@ -24,7 +25,9 @@ Acceptance is measured on the full model's replies to the held-out prompts (spli
 than `train`): the mean over reply positions of `1 − TV(p, q)`, the expected acceptance of
 speculative verification, with a standard error clustered by reply. It is measured for
 the initial head and for the trained head as written to `output` (float16), and stored
-next to it in a JSON file.
+next to it in a JSON file, together with how well the draft's uncertainty predicts the
+full model's rejection on the same replies (`Link`: r(u, β), the line `β ≈ a·u + b` and
+the skip shares of two thresholds), the statistics a calibration run of the pair fits.
 
 Reproduce the embedded head with
 `uhlm train-draft --output uhlm_jax/data/smollm2_exit_head.safetensors`.
@@ -164,15 +167,15 @@ class Config:
 
     model: str = DEFAULT_MODEL
     prompts: str = dataclasses.field(default_factory=embedded_prompts_path)
-    exit_layer: int = 10
+    exit_layer: int = 19
     source_layer: int | None = None
     adapter_init: AdapterInit = AdapterInit.LEAST_SQUARES
     ridge: float = 1e-4
-    divergence: Divergence = Divergence.TV
-    samples_per_prompt: int = 2
+    divergence: Divergence = Divergence.KL
+    samples_per_prompt: int = 8
     max_new_tokens: int = 128
     temperature: float = 0.8
-    epochs: int = 6
+    epochs: int = 3
     batch_size: int = 4
     learning_rate: float = 5e-4
     norm_lr_multiplier: float = 1.0

@@ -213,7 +213,9 @@ def _thresholds(ltt=None, bounded=0.45, prone=0.8, averse=0.1, exceed=None, delt
             "num_splits": 200, "calibration_prompts": 10, "test_prompts": 10,
             "allowed_exceed_frequency": delta,
             "methods": {m: {"exceed_frequency_per_token": t, "exceed_frequency_per_prompt": p,
-                            "realised_risk_per_token": [0.01, 0.07]}
+                            # a refitted model is validated on the first few splits only
+                            "realised_risk_per_token": [0.01, 0.07] * (
+                                2 if m == "risk_bounded" else 100)}
                         for m, (t, p) in exceed.items()},
         }
     return data
@@ -232,7 +234,7 @@ def test_thresholds_view_reads_every_threshold(tmp_path):
     assert view.risk_bounded_by_model == {
         "linear": view.risk_bounded, "hurdle": rd.NamedThreshold(None, None)}
     assert view.ltt.threshold == 0.3 and view.ltt_certified
-    assert view.validation.methods["ltt"].realised_risk_per_token == (0.01, 0.07)
+    assert view.validation.methods["ltt"].realised_risk_per_token == (0.01, 0.07) * 100
     assert view.named() == {"risk-averse": 0.1, "risk-prone": 0.8, "risk-bounded": 0.45,
                             "Learn-then-Test": 0.3}
     # Missing sections read as absent
@@ -282,6 +284,12 @@ def test_validation_judges_ltt_per_prompt_and_the_others_per_token():
     assert op.note == ("the risk-bounded threshold FAILED its validation: realised risk per "
                        "token exceeded ε = 0.05 in 40% of 200 prompt splits (allowed: δ = 10%)")
     assert op.describe().startswith("risk-bounded (u_th = 0.450); the risk-bounded threshold")
+    # A risk-bounded threshold whose model was refitted on 4 splits is judged on those.
+    th = rd.Thresholds.from_json(
+        _thresholds(exceed={**exceed, "risk_bounded": (0.25, 0.0)}, model="hurdle"))
+    assert th.failed_validation(rd.ThresholdName.RISK_BOUNDED)
+    assert th.validation_note(rd.ThresholdName.RISK_BOUNDED).endswith(
+        "exceeded ε = 0.05 in 25% of 4 prompt splits (allowed: δ = 10%)")
     # The split validation refits only the linear posterior: a risk-bounded threshold from
     # the hurdle model has none.
     th = rd.Thresholds.from_json(_thresholds(exceed=exceed, model="hurdle"))
