@@ -573,6 +573,9 @@ class Validation:
     methods: Mapping[str, MethodValidation]
 
 
+# Tolerance of comparing an exceedance share k/n with δ.
+_SHARE_MARGIN = 1e-9
+
 # The validation method of each named threshold, and the risk its guarantee is about:
 # Learn-then-Test bounds the per-prompt risk, the others the risk per token.
 _VALIDATED_AS = {
@@ -733,7 +736,9 @@ class Thresholds(_FileView):
         allowed = None if self.validation is None else self.validation.allowed_exceed_frequency
         if exceed is None or allowed is None:
             return None
-        return exceed <= allowed
+        # δ = 1 − confidence carries rounding error (1 − 0.9 = 0.0999…) and the share is
+        # k/n: a margin far below 1/n keeps "exactly δ" a pass.
+        return exceed <= allowed + _SHARE_MARGIN
 
     def failed_validation(self, name: ThresholdName) -> bool:
         """True when threshold `name` exceeded `ε` in more validation splits than `δ`."""

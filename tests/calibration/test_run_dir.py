@@ -284,6 +284,10 @@ def test_validation_judges_ltt_per_prompt_and_the_others_per_token():
     assert op.note == ("the risk-bounded threshold FAILED its validation: realised risk per "
                        "token exceeded ε = 0.05 in 40% of 200 prompt splits (allowed: δ = 10%)")
     assert op.describe().startswith("risk-bounded (u_th = 0.450); the risk-bounded threshold")
+    # δ = 1 − 0.9 is 0.0999… in floating point; exceeding in exactly 10% of splits passes.
+    th = rd.Thresholds.from_json(_thresholds(exceed={"posterior_linear": (0.1, 0.0)},
+                                             delta=1 - 0.9))
+    assert th.passed_validation(rd.ThresholdName.RISK_BOUNDED) is True
     # A risk-bounded threshold whose model was refitted on 4 splits is judged on those.
     th = rd.Thresholds.from_json(
         _thresholds(exceed={**exceed, "risk_bounded": (0.25, 0.0)}, model="hurdle"))
