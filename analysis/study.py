@@ -206,14 +206,14 @@ def _stages(cfg: Config, resume: bool) -> list[_Stage]:
 # Seconds of each stage on the embedded pair on two idle cores: (fixed, per token) where
 # the stage generates tokens (calibration tokens for collect, evaluation prompts times
 # reply length for evaluate), fitted to the demo's two sizes (fit and thresholds: the full
-# demo's, with its 20 NUTS refits). The estimate follows the
+# demo's, with its 10 NUTS refits). The estimate follows the
 # measured pace as stages end (`Stages`), so another pair's speed is learnt from its own.
 _LOAD_SECONDS = 5.0
 _SECONDS = {
-    "collect": (11.0, 0.019),
-    "fit": (55.0, 0.0),
-    "thresholds": (100.0, 0.0),
-    "evaluate": (47.0, 0.051),
+    "collect": (11.0, 0.0095),
+    "fit": (57.0, 0.0),
+    "thresholds": (54.0, 0.0),
+    "evaluate": (47.0, 0.034),
     "sweep": (4.0, 0.0),
     "report": (5.0, 0.0),
 }
