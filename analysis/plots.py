@@ -638,7 +638,9 @@ def evaluated_modes(
     return _save(fig, path)
 
 
-def risk_legend_label(name: str, exceed: float, no_skip: float = 0.0) -> str:
+def risk_legend_label(
+    name: str, exceed: float, no_skip: float = 0.0, splits: int | None = None
+) -> str:
     """Legend entry of one method in `risk_histograms`.
 
     A split where the method skipped nothing has realised risk 0, which is not a success
@@ -648,10 +650,13 @@ def risk_legend_label(name: str, exceed: float, no_skip: float = 0.0) -> str:
         name: the method.
         exceed: share of splits whose realised risk exceeds `ε`.
         no_skip: share of splits in which the method skipped nothing.
+        splits: how many splits the method was validated on, when it differs from the
+            other methods' (a model refitted on the first few splits only).
     """
     if no_skip >= 1.0:
         return f"{_pretty(name)}: skipped nothing in every split (no risk taken, no saving)"
-    label = f"{_pretty(name)}: exceeds ε in {exceed:.0%} of splits"
+    of = "splits" if splits is None else f"{splits} splits"
+    label = f"{_pretty(name)}: exceeds ε in {exceed:.0%} of {of}"
     return label + (f"; skipped nothing in {no_skip:.0%}" if no_skip > 0 else "")
 
 
@@ -686,13 +691,15 @@ def risk_histograms(
     fig, ax = _figure()
     values = [np.asarray(v, np.float64) for v in realised.values()]
     bins = risk_bins(np.concatenate(values) if values else np.zeros(0), eps)
+    most_splits = max((v.size for v in values), default=0)
     styles = ("-", "--", "-.", ":", (0, (5, 1)))
     for k, ((name, v), colour) in enumerate(
         zip(realised.items(), _THRESHOLD_COLOURS, strict=False)
     ):
         v = np.asarray(v, np.float64)
         exceed = float(np.mean(v > eps)) if v.size else float("nan")
-        label = risk_legend_label(name, exceed, float(no_skip.get(name, 0.0)))
+        label = risk_legend_label(name, exceed, float(no_skip.get(name, 0.0)),
+                                  v.size if v.size < most_splits else None)
         # Step outlines, so methods piled on the same bin stay visible.
         ax.hist(v, bins=bins, histtype="step", lw=2.2 - 0.3 * k, ls=styles[k % len(styles)],
                 color=colour, label=label)

@@ -180,6 +180,10 @@ def test_risk_histogram_legend_marks_methods_that_skipped_nothing(tmp_path):
         "exceeds ε in 2% of splits; skipped nothing in 25%"
     )
     assert plots.risk_legend_label("ltt", 0.02).endswith("exceeds ε in 2% of splits")
+    # A model refitted on fewer splits than the others says on how many.
+    assert plots.risk_legend_label("risk_bounded", 0.1, 0.0, 10).endswith(
+        "exceeds ε in 10% of 10 splits"
+    )
     _check(
         plots.risk_histograms(
             {"ltt": np.zeros(100), "analytic_risk_prone": np.full(100, 0.08)},
