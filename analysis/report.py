@@ -865,7 +865,7 @@ def _validation_cell(th: rd.Thresholds, name: rd.ThresholdName) -> str | None:
     passed = th.passed_validation(name)
     if passed is None:
         return None
-    exceed = f"exceeds ε in {th.exceed_frequency(name):.0%} of splits"
+    exceed = f"exceeds ε in {th.exceed_frequency(name):.0%} of {th.validated_splits(name)} splits"
     if passed:
         return f"passed ({exceed})"
     return f"FAILED ({exceed}; allowed δ = {th.validation.allowed_exceed_frequency:.0%})"

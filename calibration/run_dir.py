@@ -718,6 +718,14 @@ class Thresholds(_FileView):
         found = self._validation_of(name)
         return None if found is None else getattr(found, _VALIDATED_AS[name][1])
 
+    def validated_splits(self, name: ThresholdName) -> int | None:
+        """How many splits threshold `name` was validated on (None without a validation):
+        a model refitted per split is validated on the first few only."""
+        found = self._validation_of(name)
+        if found is None:
+            return None
+        return len(found.realised_risk_per_token) or self.validation.num_splits
+
     def _validation_of(self, name: ThresholdName) -> MethodValidation | None:
         method = _VALIDATED_AS[name][0]
         methods = {} if self.validation is None else self.validation.methods
@@ -753,11 +761,9 @@ class Thresholds(_FileView):
         per = "per prompt" if name is ThresholdName.LEARN_THEN_TEST else "per token"
         outcome = "passed" if passed else "FAILED"
         eps = "ε" if self.risk is None else f"ε = {self.risk:g}"
-        # A refitted model is validated on fewer splits than the others.
-        splits = len(self._validation_of(name).realised_risk_per_token) or val.num_splits
         return (
             f"the {name} threshold {outcome} its validation: realised risk {per} exceeded "
-            f"{eps} in {self.exceed_frequency(name):.0%} of {splits} "
+            f"{eps} in {self.exceed_frequency(name):.0%} of {self.validated_splits(name)} "
             f"prompt splits (allowed: δ = {val.allowed_exceed_frequency:.0%})"
         )
 

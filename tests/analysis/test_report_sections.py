@@ -264,9 +264,9 @@ def test_a_threshold_that_failed_validation_is_flagged_where_it_is_shown(written
     assert "| U-HLM, risk-bounded (u_th = 0.250, failed validation) |" in md
     assert "At the operating threshold (which failed its validation) U-HLM skips" in md
     # The thresholds table
-    assert ("| P(R ≤ 0.05 \\| data) ≥ 0.9 under the linear model | FAILED (exceeds ε in 45% "
-            "of splits; allowed δ = 10%) |") in md
-    assert "| none (plug-in) | passed (exceeds ε in 2% of splits) |" in md
+    assert ("| P(R ≤ 0.05 \\| data) ≥ 0.9 under the linear model | FAILED (exceeds ε in 45% of "
+            f"{SPLITS} splits; allowed δ = 10%) |") in md
+    assert f"| none (plug-in) | passed (exceeds ε in 2% of {SPLITS} splits) |" in md
     # The figures that mark it
     assert calls["u_beta"]["thresholds"]["risk-bounded (failed validation)"] == 0.25
     assert calls["throughput_vs_snr"]["threshold_label"] == "u_th = 0.250, failed validation"
