@@ -476,6 +476,19 @@ def cached_features(
 # Loss, acceptance and training.
 
 
+def _draft_states_at(
+    params: ModelParams,
+    head: ExitHead,
+    hidden: Float[Array, "b t h"],
+    lengths: Int[Array, " b"],
+    index: Int[Array, " n"],
+) -> Float[Array, "n h"]:
+    """The draft's final hidden states at the flat columns `index` of `b · t`: the exit
+    block runs on every column (attention needs them), the output head need not."""
+    draft = exit_hidden(params, head, hidden, lengths)
+    return draft.reshape(-1, draft.shape[-1])[index]
+
+
 def distillation_loss(
     head: ExitHead,
     params: ModelParams,
@@ -501,8 +514,7 @@ def distillation_loss(
         weights: `[n]` position weights (0 for padding entries of `index`).
         divergence: the loss per position (static).
     """
-    draft = exit_hidden(params, head, hidden, lengths)
-    draft = draft.reshape(-1, draft.shape[-1])[index]
+    draft = _draft_states_at(params, head, hidden, lengths, index)
     log_q = jax.nn.log_softmax(output_logits(params, draft), axis=-1)
     log_p = jax.nn.log_softmax(output_logits(params, final), axis=-1)
     tv = 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
@@ -629,8 +641,7 @@ def _link_batch(
 ) -> tuple[Float[Array, " n"], Float[Array, " n"]]:
     """`(u, β)` at the `n` flat columns `index` of a batch (see `Link`); `final` holds the
     teacher's hidden states at those columns."""
-    draft = exit_hidden(params, head, hidden, lengths)
-    draft = draft.reshape(-1, draft.shape[-1])[index]
+    draft = _draft_states_at(params, head, hidden, lengths, index)
     keys = jax.random.split(key, index.shape[0])
     measure = TemperaturePerturbation()
 
